@@ -1,0 +1,133 @@
+"""Errors raised by cq.
+
+Every message says what was expected, what was received, and what to do about it. Catch `CqError` to catch
+them all; the subclasses name the failing operation (flax style: <Object><Problem>Error).
+"""
+
+from __future__ import annotations
+
+
+__all__ = [
+    "CqError",
+    "CheckpointError",
+    "CheckpointKeyMismatchError",
+    "CheckpointFormatError",
+    "UnsafeCheckpointError",
+    "ConfigError",
+    "StrategyNotRegisteredError",
+    "ScheduleInvalidError",
+    "StepNotSetError",
+    "StepCountMismatchError",
+    "CacheEmptyError",
+    "CachePointError",
+    "InputShapeError",
+    "TraceBudgetError",
+]
+
+
+class CqError(Exception):
+    """Base class of every error cq raises on purpose."""
+
+
+class ConfigError(CqError, ValueError):
+    """A strategy, preset or model configuration holds an invalid value.
+
+    Example: ``Uniform(interval=0)`` -> "interval must be >= 1, got 0".
+    """
+
+
+class CheckpointError(CqError):
+    """Base class for checkpoint loading problems."""
+
+
+class CheckpointKeyMismatchError(CheckpointError, KeyError):
+    """A state dict does not fit the model: missing keys, unexpected keys or wrong shapes.
+
+    The message lists the offending keys (first 20 of each kind) so a wrong preset or a wrong key layout
+    (original vs diffusers) is visible at once. Fix: pick the preset that matches the checkpoint, or pass
+    ``format="diffusers"`` / ``format="original"``.
+    """
+
+    def __init__(
+        self,
+        *,
+        missing: list[str] = (),
+        unexpected: list[str] = (),
+        shape_mismatch: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = (),
+        hint: str = "",
+    ):
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.shape_mismatch = list(shape_mismatch)
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing key(s): {_head(self.missing)}")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected key(s): {_head(self.unexpected)}")
+        if self.shape_mismatch:
+            shown = [f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in self.shape_mismatch[:20]]
+            parts.append(f"{len(self.shape_mismatch)} shape mismatch(es): {shown}")
+        message = "checkpoint does not match the model; " + "; ".join(parts)
+        if hint:
+            message += f". {hint}"
+        super().__init__(message)
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return self.args[0]
+
+
+class CheckpointFormatError(CheckpointError, ValueError):
+    """The file is not a readable checkpoint (truncated, wrong format, or no state dict inside)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The pickle asks to run code that `torch.load(weights_only=True)` refuses.
+
+    Fix: convert the file to safetensors, or pass ``trust_pickle=True`` if, and only if, you trust its source.
+    """
+
+
+class StrategyNotRegisteredError(CqError, KeyError):
+    """`from_dict` or the CLI met a strategy name no registry knows."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class ScheduleInvalidError(CqError, ValueError):
+    """A cache schedule returned a mask that breaks the contract (length, first step refreshed)."""
+
+
+class StepNotSetError(CqError, RuntimeError):
+    """A per-step module was called outside `cq.step_scope(step)`.
+
+    Call the model through `CompressedUNet.forward(x, t, cond, step=i)` (the samplers do), which sets the step.
+    """
+
+
+class StepCountMismatchError(CqError, ValueError):
+    """A model fitted for T sampling steps was asked to run with a different number of steps."""
+
+
+class CacheEmptyError(CqError, RuntimeError):
+    """A shallow (cached) forward was requested but no feature is in the cache for that point."""
+
+
+class CachePointError(CqError, KeyError):
+    """A cache point name that the UNet does not expose."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class InputShapeError(CqError, ValueError):
+    """A tensor passed to a model or sampler has the wrong shape or dtype."""
+
+
+class TraceBudgetError(CqError, ValueError):
+    """A trace would need more memory than the budget the caller allowed."""
+
+
+def _head(keys: list[str], n: int = 20) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")

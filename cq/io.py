@@ -1,0 +1,45 @@
+"""Atomic file writes: a saved artifact is either complete or absent, never partial."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+__all__ = ["atomic_path", "save_safetensors"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is renamed over ``path`` (``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (made contiguous, on CPU) to a safetensors file atomically."""
+    from safetensors.torch import save_file
+
+    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(data, str(tmp), metadata=metadata)
+
+
+def atomic_torch_save(obj: object, path: str | Path, save: Callable[..., None] = torch.save) -> None:
+    """``torch.save`` through a temporary file (for resumable training state)."""
+    with atomic_path(path) as tmp:
+        save(obj, tmp)

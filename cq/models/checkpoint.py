@@ -1,0 +1,142 @@
+"""Reading state dicts from checkpoint files safely (``weights_only=True`` pickles, safetensors, diffusers folders)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import CheckpointFormatError, UnsafeCheckpointError
+
+
+__all__ = ["read_state_dict", "read_diffusers_folder", "extract_state_dict"]
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class _LightningCheckpointStub:
+    """Stands in for ``pytorch_lightning...ModelCheckpoint`` objects found in old LDM/SD ``.ckpt`` files.
+
+    Allow-listed under that foreign name only, so ``weights_only=True`` loading still refuses any other code.
+    """
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+_SAFE_FOREIGN_GLOBALS = [
+    (_LightningCheckpointStub, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+]
+
+
+def read_state_dict(path: str | Path, *, ema: bool = True, trust_pickle: bool = False) -> dict[str, Tensor]:
+    """Read the tensors of a checkpoint file or diffusers folder into a flat ``{key: tensor}`` dict (on CPU).
+
+    Args:
+        path: ``.safetensors``, a pickle (``.ckpt/.pt/.pth/.bin``, loaded with ``weights_only=True``) or a folder
+            holding ``diffusion_pytorch_model.safetensors`` / ``.bin``.
+        ema: prefer EMA weights when the file holds both (ddim training lists, ``{"ema": ...}`` dicts).
+        trust_pickle: allow arbitrary pickled objects (``weights_only=False``); only for files you trust.
+
+    Raises:
+        CheckpointFormatError: missing, truncated or unrecognised file.
+        UnsafeCheckpointError: the pickle references code that ``weights_only=True`` refuses.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointFormatError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        return read_diffusers_folder(path)[0]
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        return extract_state_dict(_read_pickle(path, trust_pickle), ema=ema, source=path)
+    raise CheckpointFormatError(
+        f"unrecognised checkpoint suffix {path.suffix!r} for {path}; expected .safetensors, "
+        f"{', '.join(PICKLE_SUFFIXES)} or a diffusers folder"
+    )
+
+
+def read_diffusers_folder(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Weights and ``config.json`` of a diffusers model folder (or of its ``unet/`` sub-folder)."""
+    path = Path(path)
+    if not (path / "config.json").exists() and (path / "unet" / "config.json").exists():
+        path = path / "unet"
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise CheckpointFormatError(f"{path} is a folder but holds no diffusers config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointFormatError(f"{config_file} is not valid JSON: {e}") from None
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        if (path / name).exists():
+            return read_state_dict(path / name), config
+    raise CheckpointFormatError(f"{path} holds no diffusion_pytorch_model.safetensors or .bin")
+
+
+def extract_state_dict(obj: Any, *, ema: bool = True, source: Any = "checkpoint") -> dict[str, Tensor]:
+    """Find the model state dict inside the containers checkpoints come in.
+
+    Handled: a bare ``{key: tensor}`` dict; ``{"state_dict": ...}`` (Lightning); ``{"ema": ..., "model": ...}``;
+    the ddim training list ``[model, optimizer, epoch, step, ema]``. A ``module.`` prefix (DataParallel) is dropped.
+    """
+    if isinstance(obj, list | tuple):
+        candidates = [o for o in obj if _is_tensor_dict(o)]
+        if not candidates:
+            raise CheckpointFormatError(f"{source}: a list with no state dict inside")
+        # ddim's training checkpoints put the EMA state last (index 4)
+        obj = candidates[-1] if ema and len(obj) >= 5 and _is_tensor_dict(obj[4]) else candidates[0]
+    elif isinstance(obj, dict) and not _is_tensor_dict(obj):
+        keys = (("ema", "ema_state_dict", "state_dict", "model") if ema else ("state_dict", "model", "ema"))
+        found = next((obj[k] for k in keys if k in obj and isinstance(obj[k], dict)), None)
+        if found is None:
+            raise CheckpointFormatError(
+                f"{source}: no state dict found; top-level keys are {sorted(map(str, obj))[:20]}"
+            )
+        obj = found
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise CheckpointFormatError(f"{source}: the state dict holds no tensors")
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
+    return tensors
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointFormatError(f"{path} is not a readable safetensors file ({e}); is it truncated?") from None
+
+
+def _read_pickle(path: Path, trust_pickle: bool) -> Any:
+    try:
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_SAFE_FOREIGN_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "weights_only" in text or "Unsupported global" in text or "not an allowed global" in text:
+            raise UnsafeCheckpointError(
+                f"{path} contains pickled objects that weights_only loading refuses ({text.splitlines()[0][:200]}). "
+                "Convert it to .safetensors, or pass trust_pickle=True only if you trust where the file came from"
+            ) from None
+        raise CheckpointFormatError(f"{path} is not a readable PyTorch checkpoint: {text[:200]}") from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointFormatError(f"{path} is not a readable PyTorch checkpoint (truncated?): {e}") from None

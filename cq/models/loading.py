@@ -1,0 +1,142 @@
+"""`build` and `load`: cq UNets from presets, checkpoint files and diffusers folders."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CheckpointFormatError, CheckpointKeyMismatchError, ConfigError
+from ..sampling.noise import NoiseSchedule
+from .checkpoint import read_diffusers_folder, read_state_dict
+from .convert import ddpm_config_from_diffusers, ddpm_from_diffusers, looks_like_diffusers_ddpm
+from .ddpm import DDPMConfig, DDPMUNet
+from .presets import PRESETS, Preset, get_preset
+
+
+__all__ = ["build", "load", "load_weights", "embedded_weights_path"]
+
+KeyFormat = Literal["auto", "original", "diffusers"]
+
+
+def build(preset: str | Preset, *, seed: int | None = None) -> nn.Module:
+    """A randomly initialised UNet of ``preset`` (for benchmarks and tests), in eval mode.
+
+    The model carries ``noise_schedule`` and ``preset`` attributes the samplers and the CLI read.
+    """
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet = _construct(p.config)
+    else:
+        unet = _construct(p.config)
+    unet.noise_schedule = p.noise
+    unet.preset = p
+    return unet.eval()
+
+
+def load(
+    preset_or_path: str | Path,
+    *,
+    path: str | Path | None = None,
+    format: KeyFormat = "auto",
+    ema: bool = True,
+    trust_pickle: bool = False,
+) -> nn.Module:
+    """Load a cq UNet with real weights, in eval mode.
+
+    Args:
+        preset_or_path: a preset name (``"demo"``, ``"cifar10"``, ...) or a diffusers model folder.
+        path: weights for the preset: ``.ckpt/.pt/.pth/.bin`` (``weights_only=True``), ``.safetensors`` or a
+            diffusers folder. Not needed for presets with embedded weights (``"demo"``).
+        format: key layout of the file; ``"auto"`` detects original vs diffusers keys.
+        ema: prefer EMA weights when the file holds both.
+        trust_pickle: allow pickles with arbitrary objects (only for files you trust).
+
+    Raises:
+        CheckpointKeyMismatchError: the weights do not fit the preset (lists missing/unexpected/mis-shaped keys).
+        CheckpointFormatError, UnsafeCheckpointError: unreadable or unsafe files.
+
+    Example:
+        >>> unet = cq.models.load("demo")
+        >>> unet = cq.models.load("cifar10", path="ema_diffusion_cifar10_model/model-790000.ckpt")
+    """
+    key = str(preset_or_path)
+    if key in PRESETS:
+        p = get_preset(key)
+        if path is None:
+            if p.embedded is None:
+                raise ConfigError(
+                    f"preset {key!r} ships no weights; pass path=... to its checkpoint ({p.source}), "
+                    f"or use cq.models.build({key!r}) for a randomly initialised model"
+                )
+            path = embedded_weights_path(p)
+        unet = build(p)
+        load_weights(unet, read_state_dict(path, ema=ema, trust_pickle=trust_pickle), format=format)
+        return unet
+    folder = Path(preset_or_path)
+    if folder.is_dir():
+        state, config = read_diffusers_folder(folder)
+        p = Preset(name=folder.name, family="ddpm", config=ddpm_config_from_diffusers(config),
+                   noise=_diffusers_noise_schedule(folder), source=str(folder))
+        unet = build(p)
+        load_weights(unet, state, format="diffusers")
+        return unet
+    if folder.exists():
+        raise ConfigError(
+            f"{folder} is a weights file; say which architecture it is: cq.models.load(<preset>, path={str(folder)!r}) "
+            f"with a preset from {sorted(PRESETS)}"
+        )
+    raise ConfigError(f"{key!r} is neither a preset ({sorted(PRESETS)}) nor an existing diffusers folder")
+
+
+def load_weights(unet: nn.Module, state: dict[str, Tensor], *, format: KeyFormat = "auto") -> None:
+    """Copy ``state`` into ``unet`` after key conversion; every key and shape must match exactly."""
+    if format not in ("auto", "original", "diffusers"):
+        raise ConfigError(f"format must be 'auto', 'original' or 'diffusers', got {format!r}")
+    if isinstance(unet, DDPMUNet):
+        if format == "diffusers" or (format == "auto" and looks_like_diffusers_ddpm(state)):
+            state = ddpm_from_diffusers(state, len(unet.config.ch_mult), unet.config.num_res_blocks)
+    expected = unet.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [(k, tuple(state[k].shape), tuple(expected[k].shape))
+              for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        hint = f"model preset: {getattr(getattr(unet, 'preset', None), 'name', '?')}; is this the right preset?"
+        raise CheckpointKeyMismatchError(missing=missing, unexpected=unexpected, shape_mismatch=shapes, hint=hint)
+    with torch.no_grad():
+        for k, v in state.items():
+            expected[k].copy_(v)
+
+
+def embedded_weights_path(preset: Preset) -> Path:
+    ref = resources.files("cq.models") / "weights" / (preset.embedded or "")
+    path = Path(str(ref))
+    if not path.exists():
+        raise CheckpointFormatError(
+            f"embedded weights {path} are missing from this installation; reinstall cq or run `cq train` to make them"
+        )
+    return path
+
+
+def _construct(config: object) -> nn.Module:
+    if isinstance(config, DDPMConfig):
+        return DDPMUNet(config)
+    raise ConfigError(f"no model family for config {type(config).__name__}")
+
+
+def _diffusers_noise_schedule(folder: Path) -> NoiseSchedule:
+    """Noise schedule from a diffusers ``scheduler_config.json`` next to the model, or the DDPM default."""
+    for candidate in (folder / "scheduler" / "scheduler_config.json", folder.parent / "scheduler" / "scheduler_config.json",
+                      folder / "scheduler_config.json"):
+        if candidate.exists():
+            cfg = json.loads(candidate.read_text())
+            return NoiseSchedule(kind=cfg.get("beta_schedule", "linear"), beta_start=cfg.get("beta_start", 1e-4),
+                                 beta_end=cfg.get("beta_end", 0.02), num_timesteps=cfg.get("num_train_timesteps", 1000))
+    return NoiseSchedule()

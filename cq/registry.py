@@ -1,0 +1,147 @@
+"""Per-kind registries of strategies, used for `to_dict` / `from_dict`, the CLI and test sweeps.
+
+Python users never need a registry: they construct strategies directly (``Uniform(interval=5)``). A registry maps
+the names found in saved recipes and on the command line back to classes. Registration is explicit and greppable::
+
+    @SCHEDULES.register("uniform")
+    @dataclass(frozen=True, kw_only=True)
+    class Uniform(Schedule): ...
+
+Serialised form: ``{"kind": "schedule", "type": "uniform", "version": 1, **fields}``; nested strategies are
+serialised recursively, tuples become lists and come back as tuples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .errors import ConfigError, StrategyNotRegisteredError
+
+
+__all__ = ["Registry", "to_dict", "from_dict", "registry", "SCHEDULES", "CACHERS", "QUANTIZERS", "CORRECTORS", "RECIPES"]
+
+T = TypeVar("T", bound=type)
+
+
+class Registry:
+    """A name -> class table for one kind of strategy (schedule, cacher, quantizer, corrector, ...)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._classes: dict[str, type] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Class decorator adding ``cls`` under ``name``; a duplicate name raises."""
+
+        def add(cls: T) -> T:
+            if name in self._classes and self._classes[name] is not cls:
+                raise ConfigError(f"{self.kind} name {name!r} is already registered by {self._classes[name].__qualname__}")
+            if not dataclasses.is_dataclass(cls):
+                raise ConfigError(f"{cls.__qualname__} must be a dataclass to be registered as a {self.kind}")
+            self._classes[name] = cls
+            cls.registry_kind = self.kind
+            cls.registry_name = name
+            return cls
+
+        return add
+
+    def get(self, name: str) -> type:
+        try:
+            return self._classes[name]
+        except KeyError:
+            raise StrategyNotRegisteredError(
+                f"unknown {self.kind} {name!r}; registered: {sorted(self._classes)}"
+            ) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
+
+    def classes(self) -> list[type]:
+        return [self._classes[n] for n in self.names()]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._classes
+
+
+SCHEDULES = Registry("schedule")
+CACHERS = Registry("cacher")
+QUANTIZERS = Registry("quantizer")
+CORRECTORS = Registry("corrector")
+RECIPES = Registry("recipe")
+_BY_KIND = {r.kind: r for r in (SCHEDULES, CACHERS, QUANTIZERS, CORRECTORS, RECIPES)}
+
+
+def registry(kind: str) -> Registry:
+    """The registry of one kind ("schedule", "cacher", "quantizer", "corrector", "recipe")."""
+    try:
+        return _BY_KIND[kind]
+    except KeyError:
+        raise StrategyNotRegisteredError(f"unknown strategy kind {kind!r}; known: {sorted(_BY_KIND)}") from None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Serialise a registered strategy (recursively) to plain JSON-able data."""
+    cls = type(obj)
+    if not hasattr(cls, "registry_name"):
+        raise ConfigError(f"{cls.__qualname__} is not a registered strategy; register it to serialise it")
+    out: dict[str, Any] = {"kind": cls.registry_kind, "type": cls.registry_name, "version": getattr(cls, "VERSION", 1)}
+    for f in dataclasses.fields(obj):
+        if f.init:
+            out[f.name] = _encode(getattr(obj, f.name))
+    return out
+
+
+def from_dict(data: dict[str, Any]) -> Any:
+    """Inverse of `to_dict`. Unknown names raise `StrategyNotRegisteredError`, unknown fields `ConfigError`."""
+    data = dict(data)
+    kind, name, version = data.pop("kind"), data.pop("type"), data.pop("version", 1)
+    cls = registry(kind).get(name)
+    if version > getattr(cls, "VERSION", 1):
+        raise ConfigError(f"{kind} {name!r} was saved by a newer cq (version {version} > {getattr(cls, 'VERSION', 1)})")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{kind} {name!r} has no field(s) {unknown}; known fields: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _decode(v, hints.get(k)) for k, v in data.items()})
+
+
+def _encode(value: Any) -> Any:
+    if hasattr(type(value), "registry_name") and dataclasses.is_dataclass(value):
+        return to_dict(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple | list):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _encode(v) for k, v in value.items()}
+    return value
+
+
+def _decode(value: Any, hint: Any) -> Any:
+    if isinstance(value, dict) and "kind" in value and "type" in value:
+        return from_dict(value)
+    if isinstance(value, list):
+        items = [_decode(v, _item_hint(hint)) for v in value]
+        return tuple(items) if _wants_tuple(hint) else items
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return hint(value)
+    return value
+
+
+def _wants_tuple(hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return True
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_wants_tuple(a) for a in typing.get_args(hint))
+    return hint is tuple or origin is None and hint is not list
+
+
+def _item_hint(hint: Any) -> Any:
+    args = typing.get_args(hint)
+    return args[0] if args else None

@@ -1,0 +1,101 @@
+"""DDIM sampling (Song et al. 2021, Eq. 12), as in ermongroup/ddim ``generalized_steps``.
+
+The loop index ``i`` (0 = noisiest) is passed to the model as ``step=i``; one model call per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, InputShapeError
+from .adapter import check_step_aware
+from .noise import NoiseSchedule, Spacing, ddim_timesteps
+
+
+__all__ = ["ddim", "StepInfo", "resolve_noise_schedule"]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a sampler reports to its ``callback`` after each step (k-diffusion style)."""
+
+    step: int  # sampler step, 0 = noisiest
+    t: int  # model timestep of this step
+    x: Tensor  # x_t fed to the model
+    eps: Tensor  # model output
+    x0_pred: Tensor  # predicted x_0
+    x_next: Tensor  # x after the step
+
+
+def resolve_noise_schedule(model: Any, noise: NoiseSchedule | None) -> NoiseSchedule:
+    noise = noise if noise is not None else getattr(model, "noise_schedule", None)
+    if noise is None:
+        raise ConfigError(
+            f"no noise schedule: pass noise=NoiseSchedule(...) or use a model with a `noise_schedule` attribute "
+            f"(models from cq.models.load carry one); got {type(model).__name__}"
+        )
+    return noise
+
+
+@torch.no_grad()
+def ddim(
+    model: Callable[..., Tensor],
+    x: Tensor,
+    *,
+    steps: int,
+    cond: Any = None,
+    eta: float = 0.0,
+    spacing: Spacing = "uniform",
+    noise: NoiseSchedule | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Run DDIM from ``x`` (= x_T) and return x_0.
+
+    Args:
+        model: called as ``model(x, t, cond, step=i)``; wrap plain networks in `FullPrecision`.
+        x: initial noise ``[B, ...]``.
+        steps: number of sampler steps (= model calls).
+        cond: conditioning passed through to the model unchanged.
+        eta: 0 is deterministic DDIM, 1 is DDPM-like ancestral noise.
+        spacing: timestep convention, see `ddim_timesteps`.
+        noise: the model's noise schedule; default ``model.noise_schedule``.
+        callback: called with a `StepInfo` after every step.
+        generator: source of the ancestral noise when ``eta > 0``.
+        progress: show a tqdm bar.
+    """
+    if eta < 0:
+        raise ConfigError(f"eta must be >= 0, got {eta}")
+    if not torch.is_floating_point(x):
+        raise InputShapeError(f"x must be a floating-point tensor, got {x.dtype}")
+    check_step_aware(model)
+    noise = resolve_noise_schedule(model, noise)
+    seq = ddim_timesteps(noise.num_timesteps, steps, spacing)
+    abar = noise.alphas_cumprod()
+    final = abar[0] if spacing == "ldm" else torch.tensor(1.0, dtype=torch.float64)
+    alphas = [abar[t] for t in seq]
+    alphas_next = [final, *alphas[:-1]]  # alpha of the step each one lands on
+
+    n = x.shape[0]
+    for i in tqdm(range(steps), desc="ddim", disable=not progress, leave=False):
+        k = steps - 1 - i  # walk the sequence from the end
+        t = seq[k]
+        at, an = alphas[k].item(), alphas_next[k].item()
+        eps = model(x, torch.full((n,), t, dtype=torch.long, device=x.device), cond, step=i)
+        x0 = (x - eps * (1 - at) ** 0.5) / at**0.5
+        c1 = eta * ((1 - at / an) * (1 - an) / (1 - at)) ** 0.5
+        c2 = max((1 - an) - c1**2, 0.0) ** 0.5
+        x_next = an**0.5 * x0 + c2 * eps
+        if c1 > 0:
+            x_next = x_next + c1 * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        if callback is not None:
+            callback(StepInfo(step=i, t=t, x=x, eps=eps, x0_pred=x0, x_next=x_next))
+        x = x_next
+    return x

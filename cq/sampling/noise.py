@@ -1,0 +1,82 @@
+"""Noise schedules (betas) and the timestep sequences of the original samplers.
+
+``linear``: ``linspace(beta_start, beta_end, T)`` (Ho et al.; the ddim code's "linear").
+``quad`` / ``scaled_linear``: ``linspace(sqrt(beta_start), sqrt(beta_end), T)**2`` -- the ddim code calls it
+"quad", LDM calls it "linear", diffusers "scaled_linear"; both names are accepted because both are in use.
+Betas are computed in float64, as the originals do, and only cast when used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+
+
+__all__ = ["NoiseSchedule", "ddim_timesteps", "Spacing"]
+
+Spacing = Literal["uniform", "quad", "ldm", "linspace"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoiseSchedule:
+    """Discrete-time variance schedule of a diffusion model (T training timesteps)."""
+
+    kind: Literal["linear", "quad", "scaled_linear"] = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    num_timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "quad", "scaled_linear"):
+            raise ConfigError(f"NoiseSchedule.kind must be 'linear', 'quad' or 'scaled_linear', got {self.kind!r}")
+        if self.num_timesteps < 1:
+            raise ConfigError(f"NoiseSchedule.num_timesteps must be >= 1, got {self.num_timesteps}")
+        if not 0.0 < self.beta_start <= self.beta_end < 1.0:
+            raise ConfigError(
+                f"NoiseSchedule needs 0 < beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}"
+            )
+
+    def betas(self) -> Tensor:
+        """``[T]`` float64 betas."""
+        if self.kind == "linear":
+            b = np.linspace(self.beta_start, self.beta_end, self.num_timesteps, dtype=np.float64)
+        else:
+            b = np.linspace(self.beta_start**0.5, self.beta_end**0.5, self.num_timesteps, dtype=np.float64) ** 2
+        return torch.from_numpy(b)
+
+    def alphas_cumprod(self) -> Tensor:
+        """``[T]`` float64 cumulative products of ``1 - beta``."""
+        return torch.cumprod(1.0 - self.betas(), dim=0)
+
+
+def ddim_timesteps(num_timesteps: int, steps: int, spacing: Spacing = "uniform") -> list[int]:
+    """Timesteps visited by DDIM, in increasing order (the sampler walks them from the last to the first).
+
+    * ``uniform``: ``range(0, T, T // steps)`` (ermongroup/ddim ``--skip_type uniform``); exact only when
+      ``steps`` divides ``T``, otherwise the ddim code would take more steps than asked and cq raises.
+    * ``quad``: ``int(linspace(0, sqrt(0.8 T), steps) ** 2)`` (ddim ``--skip_type quad``, CacheQuant's CIFAR default).
+    * ``ldm``: ``range(0, T, T // steps) + 1`` (CompVis LDM ``make_ddim_timesteps``; the last step lands on
+      ``alphas_cumprod[0]``, not 1).
+    * ``linspace``: ``round(linspace(0, T - 1, steps))``, exactly ``steps`` distinct values for any ``steps <= T``.
+    """
+    if steps < 1 or steps > num_timesteps:
+        raise ConfigError(f"steps must be in [1, {num_timesteps}], got {steps}")
+    if spacing in ("uniform", "ldm"):
+        seq = list(range(0, num_timesteps, num_timesteps // steps))
+        if len(seq) != steps:
+            raise ConfigError(
+                f"spacing={spacing!r} gives {len(seq)} timesteps for steps={steps} (T={num_timesteps} is not a "
+                f"multiple of steps); pick steps dividing {num_timesteps} or use spacing='linspace'"
+            )
+        return [s + 1 for s in seq] if spacing == "ldm" else seq
+    if spacing == "quad":
+        return [int(s) for s in np.linspace(0, np.sqrt(num_timesteps * 0.8), steps) ** 2]
+    if spacing == "linspace":
+        return [int(s) for s in np.round(np.linspace(0, num_timesteps - 1, steps))]
+    raise ConfigError(f"spacing must be 'uniform', 'quad', 'ldm' or 'linspace', got {spacing!r}")

@@ -1,0 +1,249 @@
+"""`trace`: one full-precision, no-cache sampling run, recorded for the strategies that fit on it.
+
+What is recorded, per sampler step ``i``: the model input ``x_t``, the timestep ``t``, the conditioning and the
+features entering the requested cache points. Only ``keep`` of the ``num_samples`` trajectories are stored,
+and they are the *same* trajectories at every step, so step-to-step feature distances (DPS) and (stale, fresh)
+feature pairs (DEC) compare like with like. Statistics over all trajectories can be streamed through
+``observers`` without storing anything.
+
+Memory (``Trace.estimate_bytes``), with ``k = min(keep, num_samples)`` and ``T = steps``::
+
+    bytes = T * k * itemsize * (numel(x) + numel(cond) + sum_p numel(feature_p))  +  k * 4 * numel(x)
+
+(the last term is the final fp32 samples ``x0`` of the kept trajectories). ``max_bytes`` is checked after the
+first model call, when the feature shapes are known, before anything is stored.
+
+Features come through the UNet's explicit `CacheView` slot (no forward hooks are needed for named points).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .cache.view import CacheView
+from .errors import ConfigError, InputShapeError, TraceBudgetError
+from .sampling.ddim import ddim
+from .sampling.noise import NoiseSchedule
+
+
+__all__ = ["Trace", "trace", "seeded_noise"]
+
+Observer = Callable[[int, Tensor, Tensor, Any, dict[str, Tensor]], None]
+
+
+@dataclass
+class Trace:
+    """Recorded full-precision trajectories (tensors are on CPU).
+
+    Attributes:
+        timesteps: ``[T]`` model timestep of each sampler step (step 0 = noisiest).
+        x: ``[T, k, *sample]`` model input at each step for the kept trajectories.
+        cond: ``[T, k, *cond]`` conditioning, or None for unconditional models.
+        features: point -> ``[T, k, *feature]`` feature entering that cache point (full, no-cache forward).
+        x0: ``[k, *sample]`` final samples of the kept trajectories (fp32).
+        sample_ids: which of the ``num_samples`` trajectories were kept (their seeds are ``seed + id``).
+        sampler: sampler settings used (name, steps, spacing, eta, seed, num_samples).
+    """
+
+    timesteps: Tensor
+    x: Tensor
+    cond: Tensor | None
+    features: dict[str, Tensor]
+    x0: Tensor
+    sample_ids: Tensor
+    sampler: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    @property
+    def points(self) -> tuple[str, ...]:
+        return tuple(self.features)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.x, self.x0, *self.features.values()] + ([self.cond] if self.cond is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @staticmethod
+    def estimate_bytes(
+        *,
+        steps: int,
+        keep: int,
+        sample_shape: Sequence[int],
+        feature_shapes: dict[str, Sequence[int]],
+        cond_shape: Sequence[int] | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> int:
+        """Bytes a trace of these sizes stores (the formula in the module docstring)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        per_step = math.prod(sample_shape) + sum(math.prod(s) for s in feature_shapes.values())
+        if cond_shape is not None:
+            per_step += math.prod(cond_shape)
+        return steps * keep * itemsize * per_step + keep * 4 * math.prod(sample_shape)
+
+
+def seeded_noise(sample_shape: Sequence[int], seeds: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
+    """``[len(seeds), *sample_shape]`` standard normal noise, each row drawn from its own seed (edm2 style).
+
+    A sample depends only on its seed, not on the batch it was drawn in.
+    """
+    rows = [torch.randn(tuple(sample_shape), generator=torch.Generator().manual_seed(int(s)), dtype=dtype)
+            for s in seeds]
+    return torch.stack(rows) if rows else torch.empty((0, *sample_shape), dtype=dtype)
+
+
+class _Recorder(nn.Module):
+    """Sampler-facing adapter: runs the full UNet, stores the kept rows of each call, feeds the observers."""
+
+    def __init__(self, unet: nn.Module, owner: _TraceBuilder, keep_rows: Tensor):
+        super().__init__()
+        self.unet = unet
+        self.owner = owner
+        self.keep_rows = keep_rows
+        self.noise_schedule = getattr(unet, "noise_schedule", None)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Any = None, *, step: int) -> Tensor:
+        view = CacheView.full(record=self.owner.points)
+        eps = self.unet(x, t, cond, cache=view)
+        missing = set(self.owner.points) - set(view.features)
+        if missing:
+            raise ConfigError(f"the UNet did not pass cache point(s) {sorted(missing)} during a full forward")
+        for observer in self.owner.observers:
+            observer(step, x, t, cond, view.features)
+        self.owner.store(step, t, x, cond, view.features, self.keep_rows)
+        return eps
+
+
+class _TraceBuilder:
+    """Pre-allocated storage filled batch by batch (internal to `trace`)."""
+
+    def __init__(self, *, steps, keep, points, observers, dtype, max_bytes):
+        self.steps, self.keep, self.points = steps, keep, tuple(points)
+        self.observers, self.dtype, self.max_bytes = list(observers), dtype, max_bytes
+        self.offset = 0  # index of the first kept row of the current batch in the storage
+        self.x = self.cond = None
+        self.features: dict[str, Tensor] = {}
+        self.timesteps = torch.full((steps,), -1, dtype=torch.long)
+
+    def allocate(self, x: Tensor, cond: Any, features: dict[str, Tensor]) -> None:
+        cond_shape = tuple(cond.shape[1:]) if isinstance(cond, Tensor) else None
+        need = Trace.estimate_bytes(steps=self.steps, keep=self.keep, sample_shape=x.shape[1:],
+                                    feature_shapes={p: f.shape[1:] for p, f in features.items()},
+                                    cond_shape=cond_shape, dtype=self.dtype)
+        if self.max_bytes is not None and need > self.max_bytes:
+            raise TraceBudgetError(
+                f"trace would store {need / 2**20:.1f} MiB > max_bytes={self.max_bytes / 2**20:.1f} MiB "
+                f"(steps={self.steps}, keep={self.keep}, points={list(self.points)}); lower keep or record fewer points"
+            )
+        self.x = torch.empty((self.steps, self.keep, *x.shape[1:]), dtype=self.dtype)
+        if cond_shape is not None:
+            self.cond = torch.empty((self.steps, self.keep, *cond_shape), dtype=cond.dtype)
+        self.features = {p: torch.empty((self.steps, self.keep, *f.shape[1:]), dtype=self.dtype)
+                         for p, f in features.items()}
+
+    def store(self, step, t, x, cond, features, rows) -> None:
+        if self.x is None:
+            self.allocate(x, cond, features)
+        self.timesteps[step] = int(t[0])
+        if len(rows) == 0:
+            return
+        dst = slice(self.offset, self.offset + len(rows))
+        self.x[step, dst] = x[rows].to(self.dtype).cpu()
+        if self.cond is not None:
+            self.cond[step, dst] = cond[rows].cpu()
+        for p, f in features.items():
+            self.features[p][step, dst] = f[rows].to(self.dtype).cpu()
+
+
+@torch.no_grad()
+def trace(
+    unet: nn.Module,
+    sampler: Callable[..., Tensor] = ddim,
+    *,
+    steps: int,
+    num_samples: int,
+    points: Sequence[str] = (),
+    keep: int | None = None,
+    batch_size: int = 32,
+    cond: Tensor | None = None,
+    seed: int = 0,
+    noise: NoiseSchedule | None = None,
+    dtype: torch.dtype = torch.float32,
+    max_bytes: int | None = None,
+    observers: Sequence[Observer] = (),
+    progress: bool = True,
+    **sampler_kwargs: Any,
+) -> Trace:
+    """Sample ``num_samples`` trajectories with the full-precision ``unet`` and record them.
+
+    Args:
+        unet: a cq UNet (takes ``cache=``); it is run as is, in full precision, without caching.
+        sampler: a cq sampler (`cq.sampling.ddim`); ``sampler_kwargs`` (spacing, eta, ...) go to it.
+        steps: sampler steps.
+        num_samples: trajectories to run; trajectory ``i`` starts from noise seeded with ``seed + i``.
+        points: cache points whose features are recorded (see ``unet.cache_points()``).
+        keep: trajectories stored at every step (default: all); the rest only feed ``observers``.
+        batch_size: trajectories sampled together.
+        cond: ``[num_samples, ...]`` conditioning, or None.
+        seed: base seed of the initial noise (and of the sampler's noise when ``eta > 0``).
+        noise: the model's noise schedule (default ``unet.noise_schedule``).
+        dtype: storage dtype of x and features (float16 halves the memory).
+        max_bytes: refuse (`TraceBudgetError`) a trace that would store more than this.
+        observers: ``fn(step, x, t, cond, features)`` called for every batch (for streamed statistics).
+        progress: show a progress bar over batches.
+    """
+    if num_samples < 1 or batch_size < 1:
+        raise ConfigError(f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
+    keep = num_samples if keep is None else keep
+    if not 0 <= keep <= num_samples:
+        raise ConfigError(f"keep must be in [0, num_samples={num_samples}], got {keep}")
+    known = set(unet.cache_points()) if hasattr(unet, "cache_points") else set()
+    unknown = [p for p in points if p not in known]
+    if unknown:
+        raise ConfigError(f"unknown cache point(s) {unknown}; the UNet exposes {sorted(known)}")
+    if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != num_samples):
+        raise InputShapeError(f"cond must be a tensor with first dimension num_samples={num_samples}")
+    if not hasattr(unet, "sample_shape"):
+        raise ConfigError(f"{type(unet).__name__} has no `sample_shape`; trace needs a cq UNet")
+    sample_shape = tuple(unet.sample_shape)
+
+    # The same `keep` trajectories, spread evenly over the run, are stored at every step.
+    kept = torch.linspace(0, num_samples - 1, keep).round().long().unique() if keep else torch.zeros(0, dtype=torch.long)
+    builder = _TraceBuilder(steps=steps, keep=len(kept), points=points, observers=observers, dtype=dtype,
+                            max_bytes=max_bytes)
+    x0 = torch.empty((len(kept), *sample_shape), dtype=torch.float32)
+    device = next(unet.parameters()).device
+    batches = range(0, num_samples, batch_size)
+    for start in tqdm(batches, desc="trace", disable=not progress, unit="batch"):
+        ids = torch.arange(start, min(start + batch_size, num_samples))
+        rows = torch.nonzero(torch.isin(ids, kept)).flatten()
+        builder.offset = int(torch.searchsorted(kept, ids[0])) if len(kept) else 0
+        x = seeded_noise(sample_shape, [seed + int(i) for i in ids]).to(device)
+        batch_cond = cond[ids].to(device) if cond is not None else None
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        out = sampler(_Recorder(unet, builder, rows.to(device)), x, steps=steps, cond=batch_cond, noise=noise,
+                      generator=generator, **sampler_kwargs)
+        x0[builder.offset : builder.offset + len(rows)] = out[rows].float().cpu()
+    return Trace(
+        timesteps=builder.timesteps,
+        x=builder.x,
+        cond=builder.cond,
+        features=builder.features,
+        x0=x0,
+        sample_ids=kept,
+        sampler={"name": getattr(sampler, "__name__", str(sampler)), "steps": steps, "seed": seed,
+                 "num_samples": num_samples, **{k: v for k, v in sampler_kwargs.items() if _is_plain(v)}},
+    )
+
+
+def _is_plain(v: Any) -> bool:
+    return isinstance(v, int | float | str | bool) or v is None
