@@ -1,6 +1,10 @@
-"""Feature caching: the `CacheView` slot models expose, schedules and cachers."""
+"""Feature caching: the `CacheView` slot models expose, refresh schedules and cachers."""
 
+from .dps import DPS, dp_partition
+from .power import Power
+from .schedule import Schedule
+from .uniform import Uniform
 from .view import CacheView
 
 
-__all__ = ["CacheView"]
+__all__ = ["CacheView", "Schedule", "Uniform", "Power", "DPS", "dp_partition"]

@@ -14,7 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputShapeError
-from .adapter import check_step_aware
+from .adapter import check_step_aware, check_step_count
 from .noise import NoiseSchedule, Spacing, ddim_timesteps
 
 
@@ -76,6 +76,7 @@ def ddim(
     if not torch.is_floating_point(x):
         raise InputShapeError(f"x must be a floating-point tensor, got {x.dtype}")
     check_step_aware(model)
+    check_step_count(model, steps)
     noise = resolve_noise_schedule(model, noise)
     seq = ddim_timesteps(noise.num_timesteps, steps, spacing)
     abar = noise.alphas_cumprod()

@@ -1,0 +1,73 @@
+"""DeepCache (Ma, Fang, Wang, CVPR 2024): reuse the high-level feature entering one decoder block.
+
+At refresh steps the full UNet runs and the feature entering ``point`` is stored; at the other steps only the
+encoder prefix and the decoder suffix around ``point`` run, reading the stored feature. The default point is the
+shallowest one (``unet.cache_points()[-1]``): CacheQuant's and DeepCache-LDM's cut (``input_blocks[0]`` +
+``output_blocks[-1]``). DeepCache's DDPM ``--branch 2`` for CIFAR is ``point="up.1.block.2"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from ..errors import CachePointError, ConfigError, ScheduleInvalidError
+from ..registry import CACHERS
+from .cacher import Cacher, FeatureCache
+from .schedule import Schedule
+
+
+if TYPE_CHECKING:
+    from ..trace import Trace
+
+__all__ = ["DeepCache"]
+
+
+@CACHERS.register("deepcache")
+@dataclass(frozen=True, kw_only=True)
+class DeepCache(Cacher):
+    """Feature caching at one named point with a pluggable refresh schedule.
+
+    Args:
+        schedule: a `Schedule` (`Uniform`, `Power`, `DPS`, ...).
+        point: cache point name; None picks the UNet's shallowest point.
+
+    Example:
+        >>> cacher = DeepCache(schedule=DPS(interval=5)).fit(unet, trace)
+        >>> model = CompressedUNet(unet, cacher=cacher, num_steps=trace.steps)
+    """
+
+    schedule: Schedule
+    point: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.schedule, Schedule):
+            raise ConfigError(f"DeepCache.schedule must be a Schedule, got {type(self.schedule).__name__}")
+
+    def resolve_point(self, unet: nn.Module) -> str:
+        points = tuple(unet.cache_points())
+        if self.point is None:
+            return points[-1]
+        if self.point not in points:
+            raise CachePointError(f"unknown cache point {self.point!r}; this UNet exposes {list(points)}")
+        return self.point
+
+    def points(self, unet: nn.Module) -> tuple[str, ...]:
+        return (self.resolve_point(unet),)
+
+    def fit(self, unet: nn.Module, trace: Trace | None) -> DeepCache:
+        point = self.resolve_point(unet)
+        schedule = self.schedule
+        if schedule.needs_fit:
+            if trace is None or point not in trace.features:
+                raise ScheduleInvalidError(
+                    f"{type(schedule).__name__} is fitted on the features at {point!r}: pass a trace recorded with "
+                    f"points=[{point!r}] (cq.trace(unet, ..., points=cacher.points(unet)))"
+                )
+            schedule = schedule.fit(trace.features[point])
+        return replace(self, point=point, schedule=schedule)
+
+    def build(self, unet: nn.Module, num_steps: int) -> FeatureCache:
+        return FeatureCache(self.resolve_point(unet), self.schedule.refresh_mask(num_steps))

@@ -1,0 +1,57 @@
+"""`Schedule`: which sampling steps refresh the cache (run the full UNet) and which reuse it.
+
+A schedule is a frozen, validated value. ``refresh_mask(T)[i]`` is True when step ``i`` (0 = noisiest) runs the
+full network. Schedules that learn from data implement ``fit(features)`` and return a *new* fitted value.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from torch import Tensor
+
+from ..errors import ConfigError, ScheduleInvalidError
+
+
+__all__ = ["Schedule", "check_mask", "refresh_steps", "positive_int"]
+
+
+class Schedule(ABC):
+    """Base class of refresh schedules (register subclasses with ``@SCHEDULES.register(name)``)."""
+
+    VERSION: ClassVar[int] = 1
+
+    @abstractmethod
+    def refresh_mask(self, num_steps: int) -> tuple[bool, ...]:
+        """``num_steps`` booleans, True = full forward (refresh); element 0 is always True."""
+
+    @property
+    def needs_fit(self) -> bool:
+        """True when `refresh_mask` needs `fit` first (data-driven schedules)."""
+        return False
+
+    def fit(self, features: Tensor) -> Schedule:
+        """Return a schedule fitted to per-step features ``[T, ...]``; data-free schedules return themselves."""
+        return self
+
+    def refreshes(self, num_steps: int) -> int:
+        return sum(self.refresh_mask(num_steps))
+
+
+def check_mask(mask: tuple[bool, ...], num_steps: int, owner: object) -> tuple[bool, ...]:
+    """Enforce the mask contract; raise `ScheduleInvalidError` naming the schedule otherwise."""
+    if len(mask) != num_steps:
+        raise ScheduleInvalidError(f"{owner!r}.refresh_mask({num_steps}) returned {len(mask)} entries; expected {num_steps}")
+    if num_steps and not mask[0]:
+        raise ScheduleInvalidError(f"{owner!r}.refresh_mask({num_steps}) does not refresh step 0 (nothing to reuse)")
+    return tuple(bool(m) for m in mask)
+
+
+def refresh_steps(mask: tuple[bool, ...]) -> tuple[int, ...]:
+    return tuple(i for i, m in enumerate(mask) if m)
+
+
+def positive_int(owner: str, name: str, value: object, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")

@@ -1,0 +1,70 @@
+"""`CompressedUNet`: a UNet run with caching (and, later, quantization and corrections) over a fixed step count.
+
+``forward(x, t, cond=None, *, step)`` is the only place the sampling step is written: it enters
+``step_scope(step)`` for per-step modules and asks the cache whether ``step`` refreshes or reuses. Nothing is
+counted; calling twice with the same step gives the same output. The model is tied to the step count its
+schedule was fitted for: samplers with another count are refused (`StepCountMismatchError`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from .cache.cacher import Cacher
+from .errors import StepCountMismatchError
+from .step import step_scope
+
+
+__all__ = ["CompressedUNet"]
+
+
+class CompressedUNet(nn.Module):
+    """A cq UNet plus what compresses it, for sampling with exactly ``num_steps`` steps.
+
+    Args:
+        unet: a cq UNet (exposes ``cache_points()`` and takes ``cache=``); not modified.
+        num_steps: sampler steps this model is fitted for.
+        cacher: a fitted `Cacher` (e.g. ``DeepCache(schedule=Uniform(interval=5))``), or None for no caching.
+
+    Example:
+        >>> model = CompressedUNet(unet, num_steps=50, cacher=DeepCache(schedule=Uniform(interval=5)))
+        >>> x0 = cq.sampling.ddim(model, noise, steps=50)
+    """
+
+    def __init__(self, unet: nn.Module, *, num_steps: int, cacher: Cacher | None = None):
+        super().__init__()
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise StepCountMismatchError(f"num_steps must be an int >= 1, got {num_steps!r}")
+        self.unet = unet
+        self.num_steps = num_steps
+        self.cacher = cacher
+        self.cache = cacher.build(unet, num_steps) if cacher is not None else None
+        self.noise_schedule = getattr(unet, "noise_schedule", None)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.unet.sample_shape)
+
+    def cache_points(self) -> tuple[str, ...]:
+        return tuple(self.unet.cache_points())
+
+    def refresh_mask(self) -> tuple[bool, ...]:
+        """Per step: True = full forward. All True without a cacher."""
+        return self.cache.mask if self.cache is not None else (True,) * self.num_steps
+
+    def forward(self, x: Tensor, t: Tensor, cond: Any = None, *, step: int) -> Tensor:
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < self.num_steps:
+            raise StepCountMismatchError(
+                f"step must be an int in [0, {self.num_steps}) for a model fitted for {self.num_steps} steps, "
+                f"got {step!r}"
+            )
+        with step_scope(step):
+            if self.cache is None:
+                return self.unet(x, t, cond)
+            return self.cache.run(self.unet, x, t, cond, step)
+
+    def extra_repr(self) -> str:
+        mask = self.refresh_mask()
+        return f"num_steps={self.num_steps}, refreshes={sum(mask)}, cacher={self.cacher!r}"

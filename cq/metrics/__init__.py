@@ -1,0 +1,7 @@
+"""Measurements: MAC counts and predicted speedups; errors against full precision."""
+
+from .error import psnr, sample_error
+from .macs import MacCount, count_macs, predicted_speedup, unet_macs
+
+
+__all__ = ["MacCount", "count_macs", "unet_macs", "predicted_speedup", "psnr", "sample_error"]

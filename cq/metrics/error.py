@@ -1,0 +1,28 @@
+"""Error of compressed samples against full-precision samples from the same noise."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+
+__all__ = ["sample_error", "psnr", "sqnr"]
+
+
+def sample_error(x: Tensor, reference: Tensor) -> dict[str, float]:
+    """MSE and PSNR (data range [-1, 1], peak-to-peak 2) of ``x`` against ``reference``."""
+    mse = float((x.float() - reference.float()).pow(2).mean())
+    return {"mse": mse, "psnr": psnr(mse)}
+
+
+def psnr(mse: float, data_range: float = 2.0) -> float:
+    """Peak signal-to-noise ratio in dB; ``inf`` when ``mse == 0``."""
+    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
+
+
+def sqnr(x: Tensor, reference: Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(|ref|^2 / |x - ref|^2)`` in dB (torchao convention)."""
+    noise = float((x.float() - reference.float()).pow(2).sum())
+    signal = float(reference.float().pow(2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
