@@ -25,8 +25,10 @@ def _demo(args: argparse.Namespace) -> int:
     steps = args.steps or unet.preset.sampling.get("steps", 50)
     spacing = unet.preset.sampling.get("spacing", "uniform")
     noise = seeded_noise(unet.sample_shape, range(args.seed, args.seed + args.num))
-    print(f"cq demo: model={args.model} ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params), "
-          f"DDIM {steps} steps ({spacing}), {args.num} samples, {torch.get_num_threads()} threads")
+    print(
+        f"cq demo: model={args.model} ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params), "
+        f"DDIM {steps} steps ({spacing}), {args.num} samples, {torch.get_num_threads()} threads"
+    )
     start = time.perf_counter()
     x0 = ddim(FullPrecision(unet), noise, steps=steps, spacing=spacing, progress=True)
     seconds = time.perf_counter() - start

@@ -22,7 +22,17 @@ from typing import Any, TypeVar
 from .errors import ConfigError, StrategyNotRegisteredError
 
 
-__all__ = ["Registry", "to_dict", "from_dict", "registry", "SCHEDULES", "CACHERS", "QUANTIZERS", "CORRECTORS", "RECIPES"]
+__all__ = [
+    "Registry",
+    "to_dict",
+    "from_dict",
+    "registry",
+    "SCHEDULES",
+    "CACHERS",
+    "QUANTIZERS",
+    "CORRECTORS",
+    "RECIPES",
+]
 
 T = TypeVar("T", bound=type)
 
@@ -39,7 +49,9 @@ class Registry:
 
         def add(cls: T) -> T:
             if name in self._classes and self._classes[name] is not cls:
-                raise ConfigError(f"{self.kind} name {name!r} is already registered by {self._classes[name].__qualname__}")
+                raise ConfigError(
+                    f"{self.kind} name {name!r} is already registered by {self._classes[name].__qualname__}"
+                )
             if not dataclasses.is_dataclass(cls):
                 raise ConfigError(f"{cls.__qualname__} must be a dataclass to be registered as a {self.kind}")
             self._classes[name] = cls
@@ -101,7 +113,9 @@ def from_dict(data: dict[str, Any]) -> Any:
     kind, name, version = data.pop("kind"), data.pop("type"), data.pop("version", 1)
     cls = registry(kind).get(name)
     if version > getattr(cls, "VERSION", 1):
-        raise ConfigError(f"{kind} {name!r} was saved by a newer cq (version {version} > {getattr(cls, 'VERSION', 1)})")
+        raise ConfigError(
+            f"{kind} {name!r} was saved by a newer cq (version {version} > {getattr(cls, 'VERSION', 1)})"
+        )
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:

@@ -96,8 +96,9 @@ def seeded_noise(sample_shape: Sequence[int], seeds: Sequence[int], dtype: torch
 
     A sample depends only on its seed, not on the batch it was drawn in.
     """
-    rows = [torch.randn(tuple(sample_shape), generator=torch.Generator().manual_seed(int(s)), dtype=dtype)
-            for s in seeds]
+    rows = [
+        torch.randn(tuple(sample_shape), generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds
+    ]
     return torch.stack(rows) if rows else torch.empty((0, *sample_shape), dtype=dtype)
 
 
@@ -136,19 +137,26 @@ class _TraceBuilder:
 
     def allocate(self, x: Tensor, cond: Any, features: dict[str, Tensor]) -> None:
         cond_shape = tuple(cond.shape[1:]) if isinstance(cond, Tensor) else None
-        need = Trace.estimate_bytes(steps=self.steps, keep=self.keep, sample_shape=x.shape[1:],
-                                    feature_shapes={p: f.shape[1:] for p, f in features.items()},
-                                    cond_shape=cond_shape, dtype=self.dtype)
+        need = Trace.estimate_bytes(
+            steps=self.steps,
+            keep=self.keep,
+            sample_shape=x.shape[1:],
+            feature_shapes={p: f.shape[1:] for p, f in features.items()},
+            cond_shape=cond_shape,
+            dtype=self.dtype,
+        )
         if self.max_bytes is not None and need > self.max_bytes:
             raise TraceBudgetError(
                 f"trace would store {need / 2**20:.1f} MiB > max_bytes={self.max_bytes / 2**20:.1f} MiB "
-                f"(steps={self.steps}, keep={self.keep}, points={list(self.points)}); lower keep or record fewer points"
+                f"(steps={self.steps}, keep={self.keep}, points={list(self.points)}); "
+                "lower keep or record fewer points"
             )
         self.x = torch.empty((self.steps, self.keep, *x.shape[1:]), dtype=self.dtype)
         if cond_shape is not None:
             self.cond = torch.empty((self.steps, self.keep, *cond_shape), dtype=cond.dtype)
-        self.features = {p: torch.empty((self.steps, self.keep, *f.shape[1:]), dtype=self.dtype)
-                         for p, f in features.items()}
+        self.features = {
+            p: torch.empty((self.steps, self.keep, *f.shape[1:]), dtype=self.dtype) for p, f in features.items()
+        }
 
     def store(self, step, t, x, cond, features, rows) -> None:
         if self.x is None:
@@ -217,9 +225,12 @@ def trace(
     sample_shape = tuple(unet.sample_shape)
 
     # The same `keep` trajectories, spread evenly over the run, are stored at every step.
-    kept = torch.linspace(0, num_samples - 1, keep).round().long().unique() if keep else torch.zeros(0, dtype=torch.long)
-    builder = _TraceBuilder(steps=steps, keep=len(kept), points=points, observers=observers, dtype=dtype,
-                            max_bytes=max_bytes)
+    kept = (
+        torch.linspace(0, num_samples - 1, keep).round().long().unique() if keep else torch.zeros(0, dtype=torch.long)
+    )
+    builder = _TraceBuilder(
+        steps=steps, keep=len(kept), points=points, observers=observers, dtype=dtype, max_bytes=max_bytes
+    )
     x0 = torch.empty((len(kept), *sample_shape), dtype=torch.float32)
     device = next(unet.parameters()).device
     batches = range(0, num_samples, batch_size)
@@ -230,8 +241,15 @@ def trace(
         x = seeded_noise(sample_shape, [seed + int(i) for i in ids]).to(device)
         batch_cond = cond[ids].to(device) if cond is not None else None
         generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
-        out = sampler(_Recorder(unet, builder, rows.to(device)), x, steps=steps, cond=batch_cond, noise=noise,
-                      generator=generator, **sampler_kwargs)
+        out = sampler(
+            _Recorder(unet, builder, rows.to(device)),
+            x,
+            steps=steps,
+            cond=batch_cond,
+            noise=noise,
+            generator=generator,
+            **sampler_kwargs,
+        )
         x0[builder.offset : builder.offset + len(rows)] = out[rows].float().cpu()
     return Trace(
         timesteps=builder.timesteps,
@@ -240,8 +258,13 @@ def trace(
         features=builder.features,
         x0=x0,
         sample_ids=kept,
-        sampler={"name": getattr(sampler, "__name__", str(sampler)), "steps": steps, "seed": seed,
-                 "num_samples": num_samples, **{k: v for k, v in sampler_kwargs.items() if _is_plain(v)}},
+        sampler={
+            "name": getattr(sampler, "__name__", str(sampler)),
+            "steps": steps,
+            "seed": seed,
+            "num_samples": num_samples,
+            **{k: v for k, v in sampler_kwargs.items() if _is_plain(v)},
+        },
     )
 
 

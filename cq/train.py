@@ -102,12 +102,24 @@ def train(config: TrainConfig, out: str | Path, *, progress: bool = True) -> Pat
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % config.save_every == 0 or step == config.steps:
-            atomic_torch_save({"config": asdict(config), "model": model.state_dict(), "ema": ema.state_dict(),
-                               "opt": opt.state_dict(), "rng": gen.get_state(), "step": step,
-                               "elapsed": time.perf_counter() - t_start}, state_file)
+            atomic_torch_save(
+                {
+                    "config": asdict(config),
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict(),
+                    "opt": opt.state_dict(),
+                    "rng": gen.get_state(),
+                    "step": step,
+                    "elapsed": time.perf_counter() - t_start,
+                },
+                state_file,
+            )
     bar.close()
-    meta = {"cq_train_config": json.dumps(asdict(config)), "train_seconds": f"{time.perf_counter() - t_start:.0f}",
-            "dataset": "sklearn digits 8x8 -> bilinear 16x16, [-1, 1]"}
+    meta = {
+        "cq_train_config": json.dumps(asdict(config)),
+        "train_seconds": f"{time.perf_counter() - t_start:.0f}",
+        "dataset": "sklearn digits 8x8 -> bilinear 16x16, [-1, 1]",
+    }
     save_safetensors(ema.state_dict(), out, metadata=meta)
     return out
 

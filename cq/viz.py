@@ -25,8 +25,14 @@ def to_uint8_grid(images: Tensor, nrow: int = 8, padding: int = 2, scale: int = 
     return grid.permute(1, 2, 0).to(torch.uint8)
 
 
-def save_grid(images: Tensor | Sequence[Tensor], path: str | Path, *, nrow: int = 8, scale: int = 1,
-              labels: Sequence[str] | None = None) -> Path:
+def save_grid(
+    images: Tensor | Sequence[Tensor],
+    path: str | Path,
+    *,
+    nrow: int = 8,
+    scale: int = 1,
+    labels: Sequence[str] | None = None,
+) -> Path:
     """Save samples as a PNG grid; a list of batches becomes side-by-side panels (one per label)."""
     from PIL import Image, ImageDraw
 
@@ -34,8 +40,9 @@ def save_grid(images: Tensor | Sequence[Tensor], path: str | Path, *, nrow: int 
     grids = [to_uint8_grid(p, nrow=nrow, scale=scale).numpy() for p in panels]
     pics = [Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g).convert("RGB") for g in grids]
     top = 14 if labels else 0
-    canvas = Image.new("RGB", (sum(p.width for p in pics) + 8 * (len(pics) - 1), max(p.height for p in pics) + top),
-                       "white")
+    canvas = Image.new(
+        "RGB", (sum(p.width for p in pics) + 8 * (len(pics) - 1), max(p.height for p in pics) + top), "white"
+    )
     x = 0
     draw = ImageDraw.Draw(canvas)
     for i, pic in enumerate(pics):

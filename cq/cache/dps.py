@@ -73,7 +73,9 @@ def partition_cost(dist: Tensor, starts: tuple[int, ...]) -> float:
     return total
 
 
-def dp_partition(dist: Tensor, groups: int, min_len: int, max_len: int, last_min_len: int | None = None) -> tuple[int, ...]:
+def dp_partition(
+    dist: Tensor, groups: int, min_len: int, max_len: int, last_min_len: int | None = None
+) -> tuple[int, ...]:
     """Exact minimum-cost split of ``T = dist.shape[0]`` steps into ``groups`` contiguous groups.
 
     Group lengths lie in ``[min_len, max_len]``; the last group's lower bound is ``last_min_len`` (default
@@ -116,8 +118,9 @@ def dp_partition(dist: Tensor, groups: int, min_len: int, max_len: int, last_min
     return tuple(reversed(starts))
 
 
-def group_bounds(num_steps: int, interval: int | None, refreshes: int | None, min_len: int | None,
-                 max_len: int | None) -> tuple[int, int, int, int]:
+def group_bounds(
+    num_steps: int, interval: int | None, refreshes: int | None, min_len: int | None, max_len: int | None
+) -> tuple[int, int, int, int]:
     """``(K, min_len, max_len, last_min_len)`` for a DPS of these settings, relaxed to be feasible."""
     T = num_steps
     N = interval if interval is not None else math.ceil(T / refreshes)
@@ -170,8 +173,9 @@ class DPS(Schedule):
             raise ConfigError(f"DPS.min_len={self.min_len} exceeds DPS.max_len={self.max_len}")
         if self.distance not in ("l1", "l2", "mse"):
             raise ConfigError(f"DPS.distance must be 'l1', 'l2' or 'mse', got {self.distance!r}")
-        if self.steps and (self.steps[0] != 0 or list(self.steps) != sorted(set(self.steps))
-                           or self.steps[-1] >= self.num_steps):
+        if self.steps and (
+            self.steps[0] != 0 or list(self.steps) != sorted(set(self.steps)) or self.steps[-1] >= self.num_steps
+        ):
             raise ConfigError(f"DPS.steps must be increasing, start at 0 and stay below num_steps; got {self.steps}")
 
     @property

@@ -42,7 +42,9 @@ class Schedule(ABC):
 def check_mask(mask: tuple[bool, ...], num_steps: int, owner: object) -> tuple[bool, ...]:
     """Enforce the mask contract; raise `ScheduleInvalidError` naming the schedule otherwise."""
     if len(mask) != num_steps:
-        raise ScheduleInvalidError(f"{owner!r}.refresh_mask({num_steps}) returned {len(mask)} entries; expected {num_steps}")
+        raise ScheduleInvalidError(
+            f"{owner!r}.refresh_mask({num_steps}) returned {len(mask)} entries; expected {num_steps}"
+        )
     if num_steps and not mask[0]:
         raise ScheduleInvalidError(f"{owner!r}.refresh_mask({num_steps}) does not refresh step 0 (nothing to reuse)")
     return tuple(bool(m) for m in mask)

@@ -71,7 +71,9 @@ def count_macs(unet: nn.Module, x: Tensor, t: Tensor, cond: Any = None, *, cache
 
 
 @torch.no_grad()
-def unet_macs(unet: nn.Module, *, batch: int = 1, cond: Any = None, points: Sequence[str] | None = None) -> dict[str, int]:
+def unet_macs(
+    unet: nn.Module, *, batch: int = 1, cond: Any = None, points: Sequence[str] | None = None
+) -> dict[str, int]:
     """``{"full": F, point: S_point, ...}``: MACs of a full call and of a shallow call at each cache point."""
     points = tuple(unet.cache_points()) if points is None else tuple(points)
     device = next(unet.parameters()).device

@@ -93,7 +93,7 @@ def extract_state_dict(obj: Any, *, ema: bool = True, source: Any = "checkpoint"
         # ddim's training checkpoints put the EMA state last (index 4)
         obj = candidates[-1] if ema and len(obj) >= 5 and _is_tensor_dict(obj[4]) else candidates[0]
     elif isinstance(obj, dict) and not _is_tensor_dict(obj):
-        keys = (("ema", "ema_state_dict", "state_dict", "model") if ema else ("state_dict", "model", "ema"))
+        keys = ("ema", "ema_state_dict", "state_dict", "model") if ema else ("state_dict", "model", "ema")
         found = next((obj[k] for k in keys if k in obj and isinstance(obj[k], dict)), None)
         if found is None:
             raise CheckpointFormatError(

@@ -17,13 +17,25 @@ from .ddpm import DDPMConfig
 
 __all__ = ["ddpm_to_diffusers", "ddpm_from_diffusers", "ddpm_config_from_diffusers", "looks_like_diffusers_ddpm"]
 
-_RESNET = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
-           "nin_shortcut": "conv_shortcut"}
+_RESNET = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "temb_proj": "time_emb_proj",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "nin_shortcut": "conv_shortcut",
+}
 _ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_FIXED = {"temb.dense.0": "time_embedding.linear_1", "temb.dense.1": "time_embedding.linear_2",
-          "conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "conv_out",
-          "mid.block_1": "mid_block.resnets.0", "mid.attn_1": "mid_block.attentions.0",
-          "mid.block_2": "mid_block.resnets.1"}
+_FIXED = {
+    "temb.dense.0": "time_embedding.linear_1",
+    "temb.dense.1": "time_embedding.linear_2",
+    "conv_in": "conv_in",
+    "norm_out": "conv_norm_out",
+    "conv_out": "conv_out",
+    "mid.block_1": "mid_block.resnets.0",
+    "mid.attn_1": "mid_block.attentions.0",
+    "mid.block_2": "mid_block.resnets.1",
+}
 
 
 def _module_to_diffusers(module: str, num_levels: int) -> str:
@@ -115,9 +127,15 @@ def ddpm_config_from_diffusers(config: dict[str, Any]) -> DDPMConfig:
     Raises `ConfigError` when the config uses options the DDPM UNet does not have (another time embedding, a
     symmetric downsample pad, scale-shift norm...), naming the option.
     """
-    expected = {"flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 0, "act_fn": "silu",
-                "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
-                "mid_block_scale_factor": 1}
+    expected = {
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "downsample_padding": 0,
+        "act_fn": "silu",
+        "resnet_time_scale_shift": "default",
+        "time_embedding_type": "positional",
+        "mid_block_scale_factor": 1,
+    }
     for key, want in expected.items():
         if key in config and config[key] != want:
             raise ConfigError(f"diffusers config has {key}={config[key]!r}; the DDPM UNet needs {want!r}")
@@ -128,7 +146,9 @@ def ddpm_config_from_diffusers(config: dict[str, Any]) -> DDPMConfig:
     size = config["sample_size"]
     size = size[0] if isinstance(size, list | tuple) else size
     attn = tuple(size // 2**i for i, kind in enumerate(config["down_block_types"]) if kind.startswith("Attn"))
-    up_attn = tuple(size // 2**i for i, kind in enumerate(reversed(config["up_block_types"])) if kind.startswith("Attn"))
+    up_attn = tuple(
+        size // 2**i for i, kind in enumerate(reversed(config["up_block_types"])) if kind.startswith("Attn")
+    )
     if attn != up_attn:
         raise ConfigError(f"attention levels differ between down ({attn}) and up ({up_attn}) blocks")
     return DDPMConfig(

@@ -58,7 +58,8 @@ class DDPMConfig:
         for m in (1, *self.ch_mult):
             if (self.ch * m) % self.norm_groups:
                 raise ConfigError(
-                    f"DDPMConfig: channel count ch*mult={self.ch * m} is not divisible by norm_groups={self.norm_groups}"
+                    f"DDPMConfig: channel count ch*mult={self.ch * m} is not divisible by "
+                    f"norm_groups={self.norm_groups}"
                 )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"DDPMConfig.dropout must be in [0, 1), got {self.dropout}")
@@ -71,7 +72,9 @@ class DDPMConfig:
 class ResnetBlock(nn.Module):
     """GN-SiLU-conv, + temb projection, GN-SiLU-dropout-conv, residual with 1x1 ``nin_shortcut`` if channels change."""
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float, eps: float, groups: int):
+    def __init__(
+        self, in_channels: int, out_channels: int, temb_channels: int, dropout: float, eps: float, groups: int
+    ):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
@@ -276,7 +279,7 @@ class DDPMUNet(nn.Module):
             raise CachePointError(f"unknown cache point {point!r}; this UNet exposes {list(self.cache_points())}")
 
     def _skips_needed(self, point: str) -> int:
-        """How many skips (``hs[0..k]``, counted) the tail from ``point`` pops: a shallow call's head produces these."""
+        """How many skips (``hs[0..k]``) the tail from ``point`` pops: what a shallow call's head produces."""
         return self._num_skips - self._up_index[point]
 
     # ------------------------------------------------------------------------------------------------------------
@@ -296,7 +299,8 @@ class DDPMUNet(nn.Module):
             raise InputShapeError("DDPMUNet is unconditional: pass cond=None")
         if x.ndim != 4 or x.shape[1] != c.in_channels or x.shape[2] != c.resolution or x.shape[3] != c.resolution:
             raise InputShapeError(
-                f"DDPMUNet expects x of shape [B, {c.in_channels}, {c.resolution}, {c.resolution}], got {tuple(x.shape)}"
+                f"DDPMUNet expects x of shape [B, {c.in_channels}, {c.resolution}, {c.resolution}], "
+                f"got {tuple(x.shape)}"
             )
         if t.ndim == 0:
             t = t.expand(x.shape[0])

@@ -82,14 +82,20 @@ def load(
     folder = Path(preset_or_path)
     if folder.is_dir():
         state, config = read_diffusers_folder(folder)
-        p = Preset(name=folder.name, family="ddpm", config=ddpm_config_from_diffusers(config),
-                   noise=_diffusers_noise_schedule(folder), source=str(folder))
+        p = Preset(
+            name=folder.name,
+            family="ddpm",
+            config=ddpm_config_from_diffusers(config),
+            noise=_diffusers_noise_schedule(folder),
+            source=str(folder),
+        )
         unet = build(p)
         load_weights(unet, state, format="diffusers")
         return unet
     if folder.exists():
         raise ConfigError(
-            f"{folder} is a weights file; say which architecture it is: cq.models.load(<preset>, path={str(folder)!r}) "
+            f"{folder} is a weights file; say which architecture it is: "
+            f"cq.models.load(<preset>, path={str(folder)!r}) "
             f"with a preset from {sorted(PRESETS)}"
         )
     raise ConfigError(f"{key!r} is neither a preset ({sorted(PRESETS)}) nor an existing diffusers folder")
@@ -99,14 +105,17 @@ def load_weights(unet: nn.Module, state: dict[str, Tensor], *, format: KeyFormat
     """Copy ``state`` into ``unet`` after key conversion; every key and shape must match exactly."""
     if format not in ("auto", "original", "diffusers"):
         raise ConfigError(f"format must be 'auto', 'original' or 'diffusers', got {format!r}")
-    if isinstance(unet, DDPMUNet):
-        if format == "diffusers" or (format == "auto" and looks_like_diffusers_ddpm(state)):
-            state = ddpm_from_diffusers(state, len(unet.config.ch_mult), unet.config.num_res_blocks)
+    diffusers_keys = format == "diffusers" or (format == "auto" and looks_like_diffusers_ddpm(state))
+    if isinstance(unet, DDPMUNet) and diffusers_keys:
+        state = ddpm_from_diffusers(state, len(unet.config.ch_mult), unet.config.num_res_blocks)
     expected = unet.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    shapes = [(k, tuple(state[k].shape), tuple(expected[k].shape))
-              for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    shapes = [
+        (k, tuple(state[k].shape), tuple(expected[k].shape))
+        for k in sorted(set(state) & set(expected))
+        if state[k].shape != expected[k].shape
+    ]
     if missing or unexpected or shapes:
         hint = f"model preset: {getattr(getattr(unet, 'preset', None), 'name', '?')}; is this the right preset?"
         raise CheckpointKeyMismatchError(missing=missing, unexpected=unexpected, shape_mismatch=shapes, hint=hint)
@@ -133,10 +142,17 @@ def _construct(config: object) -> nn.Module:
 
 def _diffusers_noise_schedule(folder: Path) -> NoiseSchedule:
     """Noise schedule from a diffusers ``scheduler_config.json`` next to the model, or the DDPM default."""
-    for candidate in (folder / "scheduler" / "scheduler_config.json", folder.parent / "scheduler" / "scheduler_config.json",
-                      folder / "scheduler_config.json"):
+    for candidate in (
+        folder / "scheduler" / "scheduler_config.json",
+        folder.parent / "scheduler" / "scheduler_config.json",
+        folder / "scheduler_config.json",
+    ):
         if candidate.exists():
             cfg = json.loads(candidate.read_text())
-            return NoiseSchedule(kind=cfg.get("beta_schedule", "linear"), beta_start=cfg.get("beta_start", 1e-4),
-                                 beta_end=cfg.get("beta_end", 0.02), num_timesteps=cfg.get("num_train_timesteps", 1000))
+            return NoiseSchedule(
+                kind=cfg.get("beta_schedule", "linear"),
+                beta_start=cfg.get("beta_start", 1e-4),
+                beta_end=cfg.get("beta_end", 0.02),
+                num_timesteps=cfg.get("num_train_timesteps", 1000),
+            )
     return NoiseSchedule()

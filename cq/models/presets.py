@@ -34,8 +34,9 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="cifar10",
             family="ddpm",
-            config=DDPMConfig(resolution=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-                              dropout=0.1),
+            config=DDPMConfig(
+                resolution=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1
+            ),
             noise=_DDPM_NOISE,
             sampling={"steps": 100, "spacing": "quad", "eta": 0.0},
             source="ddim/pytorch_diffusion ema_diffusion_cifar10_model/model-790000.ckpt or google/ddpm-cifar10-32",
@@ -43,8 +44,9 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="church",
             family="ddpm",
-            config=DDPMConfig(resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
-                              attn_resolutions=(16,)),
+            config=DDPMConfig(
+                resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,)
+            ),
             noise=_DDPM_NOISE,
             sampling={"steps": 100, "spacing": "uniform", "eta": 0.0},
             source="ddim ema_diffusion_lsun_church_model/model-4432000.ckpt or google/ddpm-church-256",
@@ -52,8 +54,9 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="bedroom",
             family="ddpm",
-            config=DDPMConfig(resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
-                              attn_resolutions=(16,)),
+            config=DDPMConfig(
+                resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,)
+            ),
             noise=_DDPM_NOISE,
             sampling={"steps": 100, "spacing": "uniform", "eta": 0.0},
             source="ddim ema_diffusion_lsun_bedroom_model/model-2388000.ckpt or google/ddpm-bedroom-256",
@@ -61,8 +64,16 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="demo",
             family="ddpm",
-            config=DDPMConfig(resolution=16, in_channels=1, out_ch=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
-                              attn_resolutions=(8,), dropout=0.1),
+            config=DDPMConfig(
+                resolution=16,
+                in_channels=1,
+                out_ch=1,
+                ch=32,
+                ch_mult=(1, 2, 2),
+                num_res_blocks=2,
+                attn_resolutions=(8,),
+                dropout=0.1,
+            ),
             noise=_DDPM_NOISE,
             sampling={"steps": 50, "spacing": "uniform", "eta": 0.0},
             embedded="demo.safetensors",
