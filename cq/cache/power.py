@@ -50,6 +50,8 @@ class Power(Schedule):
 
     def refresh_mask(self, num_steps: int) -> tuple[bool, ...]:
         n = math.ceil(num_steps / self.interval)
+        if n >= num_steps:  # as many refreshes as steps: every step (int truncation would merge early ones)
+            return check_mask((True,) * num_steps, num_steps, self)
         steps = self._centered(num_steps, n) if self.center is not None else self._front(num_steps, n)
         hits = {0} | {s for s in steps if 0 <= s < num_steps}
         return check_mask(tuple(i in hits for i in range(num_steps)), num_steps, self)
