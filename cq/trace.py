@@ -154,8 +154,8 @@ class _TraceBuilder:
         self.x = torch.empty((self.steps, self.keep, *x.shape[1:]), dtype=self.dtype)
         if cond_shape is not None:
             self.cond = torch.empty((self.steps, self.keep, *cond_shape), dtype=cond.dtype)
-        self.features = {
-            p: torch.empty((self.steps, self.keep, *f.shape[1:]), dtype=self.dtype) for p, f in features.items()
+        self.features = {  # in the order the caller asked for
+            p: torch.empty((self.steps, self.keep, *features[p].shape[1:]), dtype=self.dtype) for p in self.points
         }
 
     def store(self, step, t, x, cond, features, rows) -> None:
@@ -202,7 +202,8 @@ def trace(
         keep: trajectories stored at every step (default: all); the rest only feed ``observers``.
         batch_size: trajectories sampled together.
         cond: ``[num_samples, ...]`` conditioning, or None.
-        seed: base seed of the initial noise (and of the sampler's noise when ``eta > 0``).
+        seed: base seed of the initial noise, drawn per trajectory (independent of batching); with ``eta > 0``
+            the sampler's noise is drawn per batch, so those traces also depend on ``batch_size``.
         noise: the model's noise schedule (default ``unet.noise_schedule``).
         dtype: storage dtype of x and features (float16 halves the memory).
         max_bytes: refuse (`TraceBudgetError`) a trace that would store more than this.

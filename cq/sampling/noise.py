@@ -74,7 +74,14 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: Spacing = "uniform")
                 f"spacing={spacing!r} gives {len(seq)} timesteps for steps={steps} (T={num_timesteps} is not a "
                 f"multiple of steps); pick steps dividing {num_timesteps} or use spacing='linspace'"
             )
-        return [s + 1 for s in seq] if spacing == "ldm" else seq
+        if spacing == "ldm":
+            if seq[-1] + 1 >= num_timesteps:
+                raise ConfigError(
+                    f"spacing='ldm' shifts timesteps by +1, so steps={steps} would reach t={seq[-1] + 1} >= "
+                    f"T={num_timesteps}; use fewer steps"
+                )
+            return [s + 1 for s in seq]
+        return seq
     if spacing == "quad":
         return [int(s) for s in np.linspace(0, np.sqrt(num_timesteps * 0.8), steps) ** 2]
     if spacing == "linspace":
