@@ -263,6 +263,19 @@ class DDPMUNet(nn.Module):
         self._check_point(point)
         return point
 
+    def concat_splits(self) -> dict[str, int]:
+        """Modules whose input is ``cat(h, skip)`` along channels -> channel count of ``h`` (where to split it).
+
+        These are ``conv1`` (after GroupNorm+SiLU, which keep channels aligned) and ``nin_shortcut`` of every
+        decoder block; for the block at a cache point, ``h`` is the cached feature (split-aware quantization,
+        Q-Diffusion Sec. 4.3; CacheQuant also splits ``conv1``).
+        """
+        splits = {}
+        for point, channels in self._cache_channels.items():
+            splits[f"{point}.conv1"] = channels
+            splits[f"{point}.nin_shortcut"] = channels
+        return splits
+
     @staticmethod
     def deepcache_branch_point(branch: int, num_res_blocks: int = 2) -> str:
         """The cache point of DeepCache's DDPM ``branch`` argument (``branch//3`` level, ``branch%3`` block).

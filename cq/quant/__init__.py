@@ -1,0 +1,22 @@
+"""Post-training quantization by module replacement: specs, fake-quant modules, strategies, calibration."""
+
+from .modules import ActQuantizer, QConv2d, QLinear, QMatMul, QuantizedWeight
+from .ptq4dm import PTQ4DM
+from .quantizer import CalibrationBatch, Quantizer, quantized_modules
+from .spec import QuantSpec
+from .uniform import Uniform
+
+
+__all__ = [
+    "QuantSpec",
+    "Quantizer",
+    "Uniform",
+    "PTQ4DM",
+    "QConv2d",
+    "QLinear",
+    "QMatMul",
+    "ActQuantizer",
+    "QuantizedWeight",
+    "CalibrationBatch",
+    "quantized_modules",
+]

@@ -1,0 +1,99 @@
+"""Uniform affine quantization: parameters from a range, fake quantization, and range searches.
+
+``q = clamp(round(x / scale) + zero_point, qmin, qmax)``, ``dq = (q - zero_point) * scale``. Ranges always
+include 0 (so 0 is exactly representable and zero padding stays exact), and zero points are integers inside
+``[qmin, qmax]`` -- unlike the reference search, which scores clamped parameters but stores unclamped ones
+(algorithms.md §8.3 trap 9).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .spec import QuantSpec
+
+
+__all__ = ["qparams", "quantize", "dequantize", "fake_quantize", "search_range", "lp_error", "reduce_dims"]
+
+_EPS = 1e-12
+
+
+def qparams(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """``(scale, zero_point)`` (float32, zero point integer-valued) for the range ``[lo, hi]``, widened to hold 0."""
+    lo = torch.minimum(lo.float(), torch.zeros_like(lo, dtype=torch.float32))
+    hi = torch.maximum(hi.float(), torch.zeros_like(hi, dtype=torch.float32))
+    if spec.symmetric:
+        scale = torch.maximum(hi, -lo) / spec.qmax
+        return scale.clamp_min(_EPS), torch.zeros_like(scale)
+    scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp_min(_EPS)
+    zero_point = (spec.qmin - lo / scale).round().clamp(spec.qmin, spec.qmax)
+    return scale, zero_point
+
+
+def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+    """Integer grid values (as float) ``clamp(round(x/scale) + zp, qmin, qmax)``."""
+    return (torch.round(x / scale) + zero_point).clamp(spec.qmin, spec.qmax)
+
+
+def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    return (q - zero_point) * scale
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+    """``dequantize(quantize(x))``: x rounded to the quantization grid, in x's dtype."""
+    return dequantize(quantize(x, scale, zero_point, spec), scale, zero_point).to(x.dtype)
+
+
+def reduce_dims(x: Tensor, per_channel: bool) -> tuple[int, ...]:
+    """Dimensions reduced to get a per-tensor (all) or per-output-channel (all but 0) statistic."""
+    return tuple(range(1, x.ndim)) if per_channel else tuple(range(x.ndim))
+
+
+def lp_error(x: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec, p: float | None = None) -> Tensor:
+    """``mean |x - fake_quantize(x)|^p`` per channel (per_channel) or as a scalar."""
+    scale, zp = qparams(lo, hi, spec)
+    shape = _param_shape(x, spec.per_channel)
+    err = (x - fake_quantize(x, scale.reshape(shape), zp.reshape(shape), spec)).abs().pow(p or spec.p)
+    return err.mean(dim=reduce_dims(x, spec.per_channel))
+
+
+def search_range(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """``(lo, hi)`` for ``x`` by ``spec.method``; per output channel (shape ``[C]``) or scalars.
+
+    The ``mse`` candidates include the min-max range itself (i = 0), so the search never ends with a larger
+    L_p error than min-max.
+    """
+    x = x.detach().float()
+    dims = reduce_dims(x, spec.per_channel)
+    if spec.method == "percentile" and spec.percentile < 1.0:
+        flat = x.reshape(x.shape[0], -1) if spec.per_channel else x.reshape(1, -1)
+        flat = _subsample(flat)
+        lo = torch.quantile(flat, 1 - spec.percentile, dim=1)
+        hi = torch.quantile(flat, spec.percentile, dim=1)
+        return (lo, hi) if spec.per_channel else (lo[0], hi[0])
+    lo, hi = x.amin(dim=dims), x.amax(dim=dims)
+    if spec.method in ("minmax", "percentile"):
+        return lo, hi
+    best_lo, best_hi = lo.clone(), hi.clone()
+    best_err = lp_error(x, lo, hi, spec)
+    for i in range(2, 80, 2):
+        shrink = 1 - 0.01 * i
+        cand_lo, cand_hi = lo * shrink, hi * shrink
+        err = lp_error(x, cand_lo, cand_hi, spec)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, cand_lo, best_lo)
+        best_hi = torch.where(better, cand_hi, best_hi)
+    return best_lo, best_hi
+
+
+def _param_shape(x: Tensor, per_channel: bool) -> tuple[int, ...]:
+    return (x.shape[0],) + (1,) * (x.ndim - 1) if per_channel else ()
+
+
+def _subsample(flat: Tensor, limit: int = 1 << 20) -> Tensor:
+    """At most ``limit`` evenly strided columns (``torch.quantile`` refuses inputs over 16M elements)."""
+    if flat.shape[1] <= limit:
+        return flat
+    return flat[:, :: -(-flat.shape[1] // limit)]

@@ -1,0 +1,104 @@
+"""Activation calibration through scoped observation hooks (quanto ``Calibration`` style).
+
+Inside ``with observe(model) as ranges:`` a forward pre-hook on every `ActQuantizer` records the range of the
+values reaching it, per sampling step for per-step quantizers, combining batches of the same step with an
+exponential moving average (momentum 0.9, as CacheQuant's ``update_quantize_range``). On exit the hooks are
+removed; `RangeTables.apply` then writes scales and zero points into the quantizers. Nothing is stored inside the
+modules while observing and no tensor is kept: memory is two floats per table entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..step import current_step
+from .affine import search_range
+from .modules import ActQuantizer
+
+
+__all__ = ["RangeTables", "observe", "SEARCH_ELEMENTS"]
+
+SEARCH_ELEMENTS = 1 << 16  # the range search runs on at most this many (strided) elements of a batch
+
+
+class RangeTables:
+    """Per quantizer: ``lo[n]``, ``hi[n]`` and which entries were observed."""
+
+    def __init__(self, momentum: float = 0.9):
+        self.momentum = momentum
+        self.lo: dict[str, Tensor] = {}
+        self.hi: dict[str, Tensor] = {}
+        self.seen: dict[str, Tensor] = {}
+        self.unobserved: list[str] = []  # set by `apply`: quantizers that saw no data
+
+    def update(self, name: str, quantizer: ActQuantizer, x: Tensor) -> None:
+        if name not in self.lo:
+            n = quantizer.num_tables
+            self.lo[name], self.hi[name] = torch.zeros(n), torch.zeros(n)
+            self.seen[name] = torch.zeros(n, dtype=torch.bool)
+        i = current_step() if quantizer.spec.per_step else 0
+        lo, hi = search_range(_strided(x), quantizer.spec)
+        lo, hi = lo.float().cpu(), hi.float().cpu()
+        if self.seen[name][i]:
+            m = self.momentum
+            lo, hi = m * self.lo[name][i] + (1 - m) * lo, m * self.hi[name][i] + (1 - m) * hi
+        self.lo[name][i], self.hi[name][i], self.seen[name][i] = lo, hi, True
+
+    def apply(self, model: nn.Module) -> list[str]:
+        """Write the ranges into the quantizers; unobserved steps copy the nearest observed earlier step (or the
+        nearest later one). Returns the names of quantizers never observed (they stay pass-through)."""
+        never = []
+        for name, quantizer in _quantizers(model):
+            if name not in self.seen or not bool(self.seen[name].any()):
+                never.append(name)
+                continue
+            seen = self.seen[name]
+            idx = _nearest_seen(seen)
+            quantizer.set_range(self.lo[name][idx], self.hi[name][idx])
+        self.unobserved = never
+        return never
+
+
+@contextlib.contextmanager
+def observe(model: nn.Module, tables: RangeTables | None = None) -> Iterator[RangeTables]:
+    """Record activation ranges at every `ActQuantizer` of ``model`` while the block runs."""
+    tables = tables if tables is not None else RangeTables()
+    handles = []
+    try:
+        for name, quantizer in _quantizers(model):
+            handles.append(
+                quantizer.register_forward_pre_hook(lambda mod, args, n=name: tables.update(n, mod, args[0]))
+            )
+        yield tables
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _quantizers(model: nn.Module) -> Iterator[tuple[str, ActQuantizer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, ActQuantizer):
+            yield name, module
+
+
+def _nearest_seen(seen: Tensor) -> Tensor:
+    """For each entry, the index of the nearest observed entry at or before it (else the first after it)."""
+    n = seen.shape[0]
+    idx = torch.arange(n)
+    last = torch.where(seen, idx, torch.full_like(idx, -1)).cummax(0).values
+    first_seen = int(idx[seen][0])
+    return torch.where(last >= 0, last, torch.full_like(idx, first_seen))
+
+
+def _strided(x: Tensor) -> Tensor:
+    flat = x.detach().reshape(-1)
+    if flat.numel() <= SEARCH_ELEMENTS:
+        return flat
+    step = -(-flat.numel() // SEARCH_ELEMENTS)
+    sample = flat[::step]
+    # keep the true extremes so min-max (and the first mse candidate) see the whole batch
+    return torch.cat([sample, flat.min()[None], flat.max()[None]])

@@ -1,0 +1,171 @@
+"""Fake-quant modules that replace ``nn.Conv2d``, ``nn.Linear`` and `MatMul`.
+
+Each module quantizes its weight (data-free, at construction) and its input activation(s) with an
+`ActQuantizer`. An activation quantizer passes values through until calibration gives it a range
+(``calibrated``); with ``per_step`` it holds one (scale, zero point) per sampling step and reads the step from
+`cq.step.current_step` -- never from a counter. Modules whose input is ``cat(cached, skip)`` get two activation
+quantizers split at the concat's channel boundary.
+
+Weights are quantized when the module is built (the search needs only the weight) and the float copy is
+dropped: ``weight_q`` (uint8/int8), ``weight_scale``, ``weight_zero_point`` are buffers, so ``state_dict()`` is
+the quantized checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import CqError
+from ..models.layers import MatMul
+from ..step import current_step
+from .affine import fake_quantize, qparams, search_range
+from .spec import QuantSpec
+
+
+__all__ = ["ActQuantizer", "QuantizedWeight", "QConv2d", "QLinear", "QMatMul", "QMODULES"]
+
+
+class ActQuantizer(nn.Module):
+    """Activation fake quantization with one parameter set, or one per sampling step (``spec.per_step``)."""
+
+    def __init__(self, spec: QuantSpec, num_steps: int):
+        super().__init__()
+        self.spec = spec
+        n = num_steps if spec.per_step else 1
+        self.register_buffer("scale", torch.ones(n))
+        self.register_buffer("zero_point", torch.zeros(n))
+        self.register_buffer("calibrated", torch.zeros(n, dtype=torch.bool))
+
+    @property
+    def num_tables(self) -> int:
+        return self.scale.shape[0]
+
+    def set_range(self, lo: Tensor, hi: Tensor) -> None:
+        """Set every table from ``[n]`` range bounds (``n`` = 1 or num_steps)."""
+        scale, zp = qparams(lo, hi, self.spec)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zp)
+        self.calibrated.fill_(True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        i = current_step() if self.spec.per_step else 0
+        if not bool(self.calibrated[i]):
+            return x
+        return fake_quantize(x, self.scale[i], self.zero_point[i], self.spec)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (
+            f"{'s' if s.symmetric else 'u'}int{s.bits}, {'per-step' if s.per_step else 'shared'} x"
+            f"{self.num_tables}, {s.method}"
+        )
+
+
+class QuantizedWeight(nn.Module):
+    """A weight quantized per output channel (or per tensor), stored as integers plus scales and zero points."""
+
+    def __init__(self, weight: Tensor, spec: QuantSpec):
+        super().__init__()
+        self.spec = spec
+        lo, hi = search_range(weight, spec)
+        scale, zp = qparams(lo, hi, spec)
+        shape = (-1,) + (1,) * (weight.ndim - 1) if spec.per_channel else ()
+        q = (torch.round(weight.detach().float() / scale.reshape(shape)) + zp.reshape(shape)).clamp(
+            spec.qmin, spec.qmax
+        )
+        self.register_buffer("weight_q", q.to(torch.int8 if spec.symmetric else torch.uint8))
+        self.register_buffer("weight_scale", scale.reshape(-1).clone())
+        self.register_buffer("weight_zero_point", zp.reshape(-1).clone())
+
+    def dequantized(self) -> Tensor:
+        shape = (-1,) + (1,) * (self.weight_q.ndim - 1) if self.spec.per_channel else ()
+        scale, zp = self.weight_scale.reshape(shape), self.weight_zero_point.reshape(shape)
+        return (self.weight_q.float() - zp) * scale
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (
+            f"{'s' if s.symmetric else 'u'}int{s.bits} {'per-channel' if s.per_channel else 'per-tensor'} {s.method}"
+        )
+
+
+class QConv2d(nn.Module):
+    """Fake-quant ``nn.Conv2d``: input activation(s) and weight quantized; ``split`` splits a concat input."""
+
+    def __init__(
+        self, conv: nn.Conv2d, weight_spec: QuantSpec, act_spec: QuantSpec, num_steps: int, split: int | None = None
+    ):
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise CqError(f"QConv2d supports zero padding only, got {conv.padding_mode!r}")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups, self.split = conv.dilation, conv.groups, split
+        self.weight = QuantizedWeight(conv.weight, weight_spec)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.act = ActQuantizer(act_spec, num_steps)
+        self.act_skip = ActQuantizer(act_spec, num_steps) if split else None
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        if self.act_skip is None:
+            return self.act(x)
+        return torch.cat([self.act(x[:, : self.split]), self.act_skip(x[:, self.split :])], dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(
+            self.quantize_input(x),
+            self.weight.dequantized(),
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}" + (
+            f", split={self.split}" if self.split else ""
+        )
+
+
+class QLinear(nn.Module):
+    """Fake-quant ``nn.Linear``."""
+
+    def __init__(
+        self, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec, num_steps: int, split: int | None = None
+    ):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = QuantizedWeight(linear.weight, weight_spec)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.act = ActQuantizer(act_spec, num_steps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.act(x), self.weight.dequantized(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class QMatMul(nn.Module):
+    """Fake-quant `MatMul` (attention q·kᵀ, softmax·v): both operands quantized."""
+
+    def __init__(
+        self,
+        matmul: MatMul,
+        weight_spec: QuantSpec | None,
+        act_spec: QuantSpec,
+        num_steps: int,
+        split: int | None = None,
+    ):
+        super().__init__()
+        self.act = ActQuantizer(act_spec, num_steps)
+        self.act_b = ActQuantizer(act_spec, num_steps)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.matmul(self.act(a), self.act_b(b))
+
+
+QMODULES: dict[type[nn.Module], type[nn.Module]] = {nn.Conv2d: QConv2d, nn.Linear: QLinear, MatMul: QMatMul}

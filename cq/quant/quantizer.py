@@ -1,0 +1,161 @@
+"""`Quantizer`: post-training quantization by module replacement, in three explicit phases.
+
+1. `prepare` (on a deep copy; the input UNet is untouched): every ``nn.Conv2d`` / ``nn.Linear`` / `MatMul` whose
+   fully-qualified name matches ``include`` and none of ``skip`` (fnmatch patterns) becomes a `QConv2d` /
+   `QLinear` / `QMatMul` with its weight quantized; concat inputs (``unet.concat_splits()``) get split activation
+   quantizers.
+2. `calibrate`: run the strategy's calibration batches from a full-precision `Trace` *on the cached model* --
+   refresh steps through the full network, cached steps through the shallow path fed with the full-precision
+   cached feature of their refresh step (CacheQuant §4.3) -- while scoped hooks record activation ranges.
+3. `convert`: write the ranges into the quantizers (unobserved steps take the nearest observed step).
+
+Strategies (`cq.quant.Uniform`, `cq.quant.PTQ4DM`) choose the specs and the calibration batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..cache.view import CacheView
+from ..errors import ConfigError
+from ..step import step_scope
+from .calibrate import RangeTables, observe
+from .modules import QMODULES, ActQuantizer
+from .spec import QuantSpec
+
+
+if TYPE_CHECKING:
+    from ..cache.cacher import Cacher
+    from ..trace import Trace
+
+__all__ = ["Quantizer", "CalibrationBatch", "quantized_modules"]
+
+
+@dataclass(frozen=True)
+class CalibrationBatch:
+    """One calibration call: trace step ``step``, trace rows ``rows``; ``source`` is the refresh step whose
+    full-precision cached feature feeds a shallow call (None: full call)."""
+
+    step: int
+    rows: Tensor
+    source: int | None = None
+
+
+class Quantizer(ABC):
+    """Base class of quantization strategies (register subclasses with ``@QUANTIZERS.register(name)``).
+
+    Subclasses are frozen dataclasses with ``include`` / ``skip`` pattern fields and implement `specs` and
+    `calibration_batches`.
+    """
+
+    VERSION: ClassVar[int] = 1
+    include: tuple[str, ...]
+    skip: tuple[str, ...]
+
+    @abstractmethod
+    def specs(self, name: str, module: nn.Module) -> tuple[QuantSpec | None, QuantSpec]:
+        """``(weight_spec, activation_spec)`` for the module ``name`` (weight spec None for `MatMul`)."""
+
+    @abstractmethod
+    def calibration_batches(
+        self, trace: Trace, mask: tuple[bool, ...], source: list[int]
+    ) -> Iterator[CalibrationBatch]:
+        """Which trace steps and rows calibrate the activations, given the cache's refresh ``mask`` and the
+        refresh step each step reuses (``source``)."""
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def selects(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.include) and not any(
+            fnmatch.fnmatchcase(name, p) for p in self.skip
+        )
+
+    def prepare(self, unet: nn.Module, num_steps: int) -> nn.Module:
+        """A deep copy of ``unet`` with the selected modules replaced by fake-quant modules (weights quantized)."""
+        model = copy.deepcopy(unet)
+        splits = model.concat_splits() if hasattr(model, "concat_splits") else {}
+        targets = [(name, m) for name, m in model.named_modules() if type(m) in QMODULES and self.selects(name)]
+        if not targets:
+            raise ConfigError(f"{type(self).__name__}: include={self.include} skip={self.skip} select no module")
+        for name, module in targets:
+            weight_spec, act_spec = self.specs(name, module)
+            qmodule = QMODULES[type(module)](module, weight_spec, act_spec, num_steps, split=splits.get(name))
+            _set_submodule(model, name, qmodule)
+        return model
+
+    @torch.no_grad()
+    def calibrate(
+        self, model: nn.Module, trace: Trace, *, cacher: Cacher | None = None, progress: bool = True
+    ) -> RangeTables:
+        """Record activation ranges on ``trace`` and write them into ``model``'s quantizers.
+
+        Returns the range tables: per quantizer which steps were observed (``seen``) and which quantizers saw no
+        data at all (``unobserved``; they stay pass-through)."""
+        num_steps = trace.steps
+        for name, module in model.named_modules():
+            if isinstance(module, ActQuantizer) and module.spec.per_step and module.num_tables != num_steps:
+                raise ConfigError(
+                    f"{name} has {module.num_tables} per-step tables but the trace has {num_steps} steps; "
+                    "prepare the model with the trace's step count"
+                )
+        point = None
+        if cacher is not None:
+            cache = cacher.build(model, num_steps)
+            mask, source, point = cache.mask, cache.source, cache.point
+            if point not in trace.features:
+                raise ConfigError(
+                    f"calibrating a cached model needs trace features at {point!r}; "
+                    f"record the trace with points=[{point!r}]"
+                )
+        else:
+            mask, source = (True,) * num_steps, list(range(num_steps))
+        device = next(model.parameters(), torch.empty(0)).device
+        batches = list(self.calibration_batches(trace, mask, source))
+        with observe(model, RangeTables()) as tables:
+            for batch in tqdm(batches, desc="calibrate", disable=not progress, unit="call"):
+                x = trace.x[batch.step, batch.rows].to(device=device, dtype=torch.float32)
+                t = trace.timesteps[batch.step].expand(x.shape[0]).to(device)
+                cond = trace.cond[batch.step, batch.rows].to(device) if trace.cond is not None else None
+                view = None
+                if batch.source is not None:
+                    feature = trace.features[point][batch.source, batch.rows].to(device=device, dtype=torch.float32)
+                    view = CacheView.shallow(point, feature)
+                with step_scope(batch.step):
+                    model(x, t, cond, cache=view)
+        tables.apply(model)
+        return tables
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        """Finish ``model`` after calibration (checks that no observation hook is left)."""
+        for name, module in model.named_modules():
+            if isinstance(module, ActQuantizer) and module._forward_pre_hooks:
+                raise ConfigError(f"{name} still has observation hooks; calibrate inside `with observe(...)` only")
+        return model
+
+    def quantize(
+        self, unet: nn.Module, trace: Trace, *, cacher: Cacher | None = None, progress: bool = True
+    ) -> nn.Module:
+        """prepare -> calibrate -> convert: a quantized copy of ``unet`` for ``trace.steps`` sampling steps."""
+        model = self.prepare(unet, trace.steps)
+        self.calibrate(model, trace, cacher=cacher, progress=progress)
+        return self.convert(model)
+
+
+def quantized_modules(model: nn.Module) -> dict[str, str]:
+    """``{name: class name}`` of every fake-quant module in ``model``."""
+    return {n: type(m).__name__ for n, m in model.named_modules() if type(m) in set(QMODULES.values())}
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
