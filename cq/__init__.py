@@ -1,9 +1,24 @@
 """cq: cache + quantize diffusion UNets without retraining (CacheQuant, Liu et al., CVPR 2025, in pure PyTorch)."""
 
 from . import errors, models, sampling
-from .models import build, load
+from .artifact import load
+from .compressed import CompressedUNet
+from .recipe import Recipe, cachequant, deepcache, naive, quant_only
 from .trace import Trace, trace
 
 
-__all__ = ["errors", "models", "sampling", "build", "load", "trace", "Trace"]
+__all__ = [
+    "errors",
+    "models",
+    "sampling",
+    "load",
+    "trace",
+    "Trace",
+    "Recipe",
+    "CompressedUNet",
+    "cachequant",
+    "deepcache",
+    "naive",
+    "quant_only",
+]
 __version__ = "0.1.0"

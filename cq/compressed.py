@@ -8,12 +8,13 @@ schedule was fitted for: samplers with another count are refused (`StepCountMism
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
 from .cache.cacher import Cacher
-from .errors import StepCountMismatchError
+from .errors import ConfigError, StepCountMismatchError
 from .step import step_scope
 
 
@@ -41,7 +42,22 @@ class CompressedUNet(nn.Module):
         self.num_steps = num_steps
         self.cacher = cacher
         self.cache = cacher.build(unet, num_steps) if cacher is not None else None
+        self.cache_correction: nn.Module | None = None
         self.noise_schedule = getattr(unet, "noise_schedule", None)
+
+    def set_cache_correction(self, correction: nn.Module) -> None:
+        """Install ``correction(feature, step)`` on the cached feature of shallow calls (DEC cache correction)."""
+        if self.cache is None:
+            raise ConfigError("a cache correction needs a cacher")
+        self.cache_correction = correction
+        self.cache.transform = self.cache_transform
+
+    @property
+    def cache_transform(self):  # noqa: ANN201 - a callable or None
+        """``fn(feature, step)`` applied to the cached feature before shallow calls, or None."""
+        if self.cache_correction is None:
+            return None
+        return lambda feature, step: self.cache_correction(feature, step)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -64,6 +80,12 @@ class CompressedUNet(nn.Module):
             if self.cache is None:
                 return self.unet(x, t, cond)
             return self.cache.run(self.unet, x, t, cond, step)
+
+    def save(self, path: str | Path) -> Path:
+        """Write this model (recipe JSON + tensors, one safetensors file, atomic); `cq.load` reads it back."""
+        from .artifact import save
+
+        return save(self, path)
 
     def extra_repr(self) -> str:
         mask = self.refresh_mask()

@@ -164,4 +164,4 @@ def test_predicted_speedup_formula(T, N, ratio):
     speedup = predicted_speedup(1.0, ratio, mask)
     K = sum(mask)
     assert speedup == pytest.approx(T / (K + (T - K) * ratio))
-    assert 1.0 <= speedup * (1 + 1e-12) and speedup <= 1 / ratio * (1 + 1e-12)
+    assert speedup * (1 + 1e-12) >= 1.0 and speedup <= 1 / ratio * (1 + 1e-12)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from importlib import resources
 from pathlib import Path
@@ -18,7 +19,7 @@ from .ddpm import DDPMConfig, DDPMUNet
 from .presets import PRESETS, Preset, get_preset
 
 
-__all__ = ["build", "load", "load_weights", "embedded_weights_path"]
+__all__ = ["build", "load", "load_weights", "embedded_weights_path", "describe_model", "build_from_description"]
 
 KeyFormat = Literal["auto", "original", "diffusers"]
 
@@ -122,6 +123,38 @@ def load_weights(unet: nn.Module, state: dict[str, Tensor], *, format: KeyFormat
     with torch.no_grad():
         for k, v in state.items():
             expected[k].copy_(v)
+
+
+def describe_model(unet: nn.Module) -> dict:
+    """JSON-able description from which `build_from_description` rebuilds the architecture (random weights)."""
+    if isinstance(unet, DDPMUNet):
+        noise = getattr(unet, "noise_schedule", None)
+        preset = getattr(unet, "preset", None)
+        return {
+            "family": "ddpm",
+            "config": dataclasses.asdict(unet.config),
+            "noise": dataclasses.asdict(noise) if noise is not None else None,
+            "preset": preset.name if preset is not None else None,
+        }
+    raise ConfigError(f"cannot describe a {type(unet).__name__} for saving; only cq UNets can be saved")
+
+
+def build_from_description(desc: dict) -> nn.Module:
+    """Inverse of `describe_model` (weights are random: load a state dict into the result)."""
+    if desc.get("family") != "ddpm":
+        raise ConfigError(f"unknown model family {desc.get('family')!r} in a saved model")
+    config = dict(desc["config"])
+    config = DDPMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    noise = NoiseSchedule(**desc["noise"]) if desc.get("noise") else None
+    name = desc.get("preset")
+    preset = PRESETS[name] if name in PRESETS and PRESETS[name].config == config else None
+    p = preset or Preset(name=name or "custom", family="ddpm", config=config, noise=noise or NoiseSchedule())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = build(p)
+    if noise is not None:
+        unet.noise_schedule = noise
+    return unet
 
 
 def embedded_weights_path(preset: Preset) -> Path:

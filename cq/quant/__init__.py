@@ -1,8 +1,9 @@
 """Post-training quantization by module replacement: specs, fake-quant modules, strategies, calibration."""
 
+from ..replay import CalibrationBatch
 from .modules import ActQuantizer, QConv2d, QLinear, QMatMul, QuantizedWeight
 from .ptq4dm import PTQ4DM
-from .quantizer import CalibrationBatch, Quantizer, quantized_modules
+from .quantizer import Quantizer, quantized_modules
 from .spec import QuantSpec
 from .uniform import Uniform
 

@@ -107,6 +107,7 @@ class QConv2d(nn.Module):
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         self.act = ActQuantizer(act_spec, num_steps)
         self.act_skip = ActQuantizer(act_spec, num_steps) if split else None
+        self.correction: nn.Module | None = None  # DEC: per-step affine of the cached half's output
 
     def quantize_input(self, x: Tensor) -> Tensor:
         if self.act_skip is None:
@@ -114,15 +115,14 @@ class QConv2d(nn.Module):
         return torch.cat([self.act(x[:, : self.split]), self.act_skip(x[:, self.split :])], dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(
-            self.quantize_input(x),
-            self.weight.dequantized(),
-            self.bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-        )
+        xq, w = self.quantize_input(x), self.weight.dequantized()
+        args = (self.stride, self.padding, self.dilation, self.groups)
+        if self.correction is None:
+            return F.conv2d(xq, w, self.bias, *args)
+        # Cached half corrected per step: a*(conv(xq_c, W_c) + bias) + b == conv(xq_c, a*W_c) + a*bias + b
+        c = self.split
+        cached = F.conv2d(xq[:, :c], w[:, :c], self.bias, *args)
+        return self.correction(cached, current_step()) + F.conv2d(xq[:, c:], w[:, c:], None, *args)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}" + (

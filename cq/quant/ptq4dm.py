@@ -20,7 +20,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..models.layers import MatMul
 from ..registry import QUANTIZERS
-from .quantizer import CalibrationBatch, Quantizer
+from ..replay import CalibrationBatch
+from .quantizer import Quantizer
 from .spec import QuantSpec
 
 

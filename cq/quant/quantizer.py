@@ -18,16 +18,13 @@ import copy
 import fnmatch
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch import nn
 
-from ..cache.view import CacheView
 from ..errors import ConfigError
-from ..step import step_scope
+from ..replay import CalibrationBatch, FeatureTransform, replay
 from .calibrate import RangeTables, observe
 from .modules import QMODULES, ActQuantizer
 from .spec import QuantSpec
@@ -38,16 +35,6 @@ if TYPE_CHECKING:
     from ..trace import Trace
 
 __all__ = ["Quantizer", "CalibrationBatch", "quantized_modules"]
-
-
-@dataclass(frozen=True)
-class CalibrationBatch:
-    """One calibration call: trace step ``step``, trace rows ``rows``; ``source`` is the refresh step whose
-    full-precision cached feature feeds a shallow call (None: full call)."""
-
-    step: int
-    rows: Tensor
-    source: int | None = None
 
 
 class Quantizer(ABC):
@@ -94,12 +81,19 @@ class Quantizer(ABC):
 
     @torch.no_grad()
     def calibrate(
-        self, model: nn.Module, trace: Trace, *, cacher: Cacher | None = None, progress: bool = True
+        self,
+        model: nn.Module,
+        trace: Trace,
+        *,
+        cacher: Cacher | None = None,
+        cache_transform: FeatureTransform | None = None,
+        progress: bool = True,
     ) -> RangeTables:
         """Record activation ranges on ``trace`` and write them into ``model``'s quantizers.
 
         Returns the range tables: per quantizer which steps were observed (``seen``) and which quantizers saw no
-        data at all (``unobserved``; they stay pass-through)."""
+        data at all (``unobserved``; they stay pass-through). ``cache_transform`` is applied to the
+        full-precision cached feature of shallow calls (CacheQuant calibrates with the cache correction on)."""
         num_steps = trace.steps
         for name, module in model.named_modules():
             if isinstance(module, ActQuantizer) and module.spec.per_step and module.num_tables != num_steps:
@@ -107,30 +101,16 @@ class Quantizer(ABC):
                     f"{name} has {module.num_tables} per-step tables but the trace has {num_steps} steps; "
                     "prepare the model with the trace's step count"
                 )
-        point = None
+        point, transform = None, None
         if cacher is not None:
             cache = cacher.build(model, num_steps)
             mask, source, point = cache.mask, cache.source, cache.point
-            if point not in trace.features:
-                raise ConfigError(
-                    f"calibrating a cached model needs trace features at {point!r}; "
-                    f"record the trace with points=[{point!r}]"
-                )
+            transform = cache_transform
         else:
             mask, source = (True,) * num_steps, list(range(num_steps))
-        device = next(model.parameters(), torch.empty(0)).device
-        batches = list(self.calibration_batches(trace, mask, source))
+        batches = self.calibration_batches(trace, mask, source)
         with observe(model, RangeTables()) as tables:
-            for batch in tqdm(batches, desc="calibrate", disable=not progress, unit="call"):
-                x = trace.x[batch.step, batch.rows].to(device=device, dtype=torch.float32)
-                t = trace.timesteps[batch.step].expand(x.shape[0]).to(device)
-                cond = trace.cond[batch.step, batch.rows].to(device) if trace.cond is not None else None
-                view = None
-                if batch.source is not None:
-                    feature = trace.features[point][batch.source, batch.rows].to(device=device, dtype=torch.float32)
-                    view = CacheView.shallow(point, feature)
-                with step_scope(batch.step):
-                    model(x, t, cond, cache=view)
+            replay(model, trace, batches, point=point, transform=transform, progress=progress, desc="calibrate")
         tables.apply(model)
         return tables
 
@@ -142,11 +122,17 @@ class Quantizer(ABC):
         return model
 
     def quantize(
-        self, unet: nn.Module, trace: Trace, *, cacher: Cacher | None = None, progress: bool = True
+        self,
+        unet: nn.Module,
+        trace: Trace,
+        *,
+        cacher: Cacher | None = None,
+        cache_transform: FeatureTransform | None = None,
+        progress: bool = True,
     ) -> nn.Module:
         """prepare -> calibrate -> convert: a quantized copy of ``unet`` for ``trace.steps`` sampling steps."""
         model = self.prepare(unet, trace.steps)
-        self.calibrate(model, trace, cacher=cacher, progress=progress)
+        self.calibrate(model, trace, cacher=cacher, cache_transform=cache_transform, progress=progress)
         return self.convert(model)
 
 

@@ -13,13 +13,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..models.layers import MatMul
 from ..registry import QUANTIZERS
-from .quantizer import CalibrationBatch, Quantizer
+from ..replay import CalibrationBatch, every_step
+from .quantizer import Quantizer
 from .spec import QuantSpec, ScaleMethod
 
 
@@ -72,7 +72,4 @@ class Uniform(Quantizer):
     def calibration_batches(
         self, trace: Trace, mask: tuple[bool, ...], source: list[int]
     ) -> Iterator[CalibrationBatch]:
-        keep = trace.x.shape[1]
-        for step, refresh in enumerate(mask):
-            n = min(self.refresh_samples if refresh else self.cached_samples, keep)
-            yield CalibrationBatch(step=step, rows=torch.arange(n), source=None if refresh else source[step])
+        yield from every_step(mask, source, self.refresh_samples, trace.x.shape[1], self.cached_samples)

@@ -1,0 +1,159 @@
+"""`Recipe`: cacher + quantizer + correctors, fitted in one fixed order (CacheQuant's pipeline, in code).
+
+``recipe.fit(unet, trace)`` returns a new `CompressedUNet`; the input UNet is not modified. Order:
+
+1. the cacher fits its schedule on the trace (DPS needs the features at its point);
+2. correctors that need only full-precision features (the DEC cache correction) are fitted;
+3. the quantizer calibrates on the *cached* model, with the cache correction active (CacheQuant's
+   "aftercacheadd" calibration);
+4. the remaining correctors (the DEC quantization correction) are fitted on the quantized cached model.
+
+Presets: `cachequant`, `deepcache`, `quant_only`, `naive`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, ClassVar
+
+from torch import nn
+
+from .artifact import fingerprint
+from .cache import DPS, Uniform
+from .cache.cacher import Cacher
+from .cache.deepcache import DeepCache
+from .compressed import CompressedUNet
+from .correct import CacheErrorCorrector, Corrector, QuantErrorCorrector
+from .errors import ConfigError
+from .quant import Quantizer
+from .quant import Uniform as UniformQuantizer
+from .registry import RECIPES
+
+
+if TYPE_CHECKING:
+    from .trace import Trace
+
+__all__ = ["Recipe", "cachequant", "deepcache", "quant_only", "naive", "parse_bits", "PRESET_RECIPES"]
+
+
+@RECIPES.register("recipe")
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """What compresses a UNet: a cacher, a quantizer and error correctors (each optional).
+
+    Example:
+        >>> recipe = Recipe(cacher=DeepCache(schedule=DPS(interval=5)), quantizer=cq.quant.Uniform(),
+        ...                 correctors=(CacheErrorCorrector(), QuantErrorCorrector()))
+        >>> trace = cq.trace(unet, steps=50, num_samples=32, points=recipe.points(unet))
+        >>> model = recipe.fit(unet, trace)
+    """
+
+    VERSION: ClassVar[int] = 1
+    cacher: Cacher | None = None
+    quantizer: Quantizer | None = None
+    correctors: tuple[Corrector, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.cacher is not None and not isinstance(self.cacher, Cacher):
+            raise ConfigError(f"Recipe.cacher must be a Cacher, got {type(self.cacher).__name__}")
+        if self.quantizer is not None and not isinstance(self.quantizer, Quantizer):
+            raise ConfigError(f"Recipe.quantizer must be a Quantizer, got {type(self.quantizer).__name__}")
+        if not isinstance(self.correctors, tuple) or not all(isinstance(c, Corrector) for c in self.correctors):
+            raise ConfigError("Recipe.correctors must be a tuple of Corrector values")
+        kinds = [type(c) for c in self.correctors]
+        if len(set(kinds)) != len(kinds):
+            raise ConfigError(f"Recipe.correctors repeats a corrector: {[k.__name__ for k in kinds]}")
+        if self.cacher is None and self.correctors:
+            raise ConfigError("DEC correctors correct cached features: the recipe needs a cacher")
+        if QuantErrorCorrector in kinds and self.quantizer is None:
+            raise ConfigError("QuantErrorCorrector corrects quantization error: the recipe needs a quantizer")
+
+    def points(self, unet: nn.Module) -> tuple[str, ...]:
+        """Cache points a trace must record for `fit`."""
+        return self.cacher.points(unet) if self.cacher is not None else ()
+
+    def fit(self, unet: nn.Module, trace: Trace, *, progress: bool = True) -> CompressedUNet:
+        """Fit every component on ``trace`` (recorded from ``unet`` in full precision) in the order above."""
+        missing = [p for p in self.points(unet) if p not in trace.features]
+        if missing:
+            raise ConfigError(f"the trace lacks features at {missing}; record it with points=recipe.points(unet)")
+        steps = trace.steps
+        cacher = self.cacher.fit(unet, trace) if self.cacher is not None else None
+        early = [c for c in self.correctors if isinstance(c, CacheErrorCorrector)]
+        late = [c for c in self.correctors if not isinstance(c, CacheErrorCorrector)]
+
+        cache_correction = None
+        if early:
+            fp_model = CompressedUNet(unet, num_steps=steps, cacher=cacher)
+            for corrector in early:
+                corrector.fit(fp_model, unet, trace, progress=progress)
+            cache_correction = fp_model.cache_correction
+
+        body = unet
+        if self.quantizer is not None:
+            transform = None if cache_correction is None else (lambda f, i: cache_correction(f, i))
+            body = self.quantizer.quantize(unet, trace, cacher=cacher, cache_transform=transform, progress=progress)
+
+        model = CompressedUNet(body, num_steps=steps, cacher=cacher)
+        if cache_correction is not None:
+            model.set_cache_correction(cache_correction)
+        for corrector in late:
+            corrector.fit(model, unet, trace, progress=progress)
+        model.recipe = replace(self, cacher=cacher)
+        model.base_fingerprint = fingerprint(unet)
+        return model
+
+    def build(self, unet: nn.Module, num_steps: int) -> CompressedUNet:
+        """The structure of a fitted model with identity corrections and unfitted tables (for loading saved
+        tensors into). The cacher must be fitted (its schedule part of the recipe)."""
+        body = self.quantizer.prepare(unet, num_steps) if self.quantizer is not None else unet
+        model = CompressedUNet(body, num_steps=num_steps, cacher=self.cacher)
+        for corrector in self.correctors:
+            corrector.attach(model)
+        model.recipe = self
+        return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets
+
+
+def parse_bits(bits: str) -> tuple[int, int]:
+    """``"w8a8"`` -> ``(8, 8)``; ``"w4a8"`` -> ``(4, 8)``."""
+    m = re.fullmatch(r"w(\d)a(\d)", bits.lower())
+    if not m:
+        raise ConfigError(f"bits must look like 'w8a8' or 'w4a8', got {bits!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _quantizer(bits: str) -> UniformQuantizer:
+    weight_bits, act_bits = parse_bits(bits)
+    return UniformQuantizer(weight_bits=weight_bits, act_bits=act_bits)
+
+
+def cachequant(interval: int = 5, bits: str = "w8a8", point: str | None = None) -> Recipe:
+    """CacheQuant: DPS schedule, per-step quantization on the cached model, both DEC corrections."""
+    return Recipe(
+        cacher=DeepCache(schedule=DPS(interval=interval), point=point),
+        quantizer=_quantizer(bits),
+        correctors=(CacheErrorCorrector(), QuantErrorCorrector()),
+    )
+
+
+def deepcache(interval: int = 5, point: str | None = None) -> Recipe:
+    """DeepCache alone: uniform refresh every ``interval`` steps, full precision."""
+    return Recipe(cacher=DeepCache(schedule=Uniform(interval=interval), point=point))
+
+
+def quant_only(bits: str = "w8a8") -> Recipe:
+    """Quantization alone (per-step activation tables), no caching."""
+    return Recipe(quantizer=_quantizer(bits))
+
+
+def naive(interval: int = 5, bits: str = "w8a8", point: str | None = None) -> Recipe:
+    """DeepCache (uniform) + quantization, without DPS or DEC: the baseline CacheQuant improves on."""
+    return Recipe(cacher=DeepCache(schedule=Uniform(interval=interval), point=point), quantizer=_quantizer(bits))
+
+
+PRESET_RECIPES = {"cachequant": cachequant, "deepcache": deepcache, "quant_only": quant_only, "naive": naive}
