@@ -98,7 +98,7 @@ def registry(kind: str) -> Registry:
 def to_dict(obj: Any) -> dict[str, Any]:
     """Serialise a registered strategy (recursively) to plain JSON-able data."""
     cls = type(obj)
-    if not hasattr(cls, "registry_name"):
+    if "registry_name" not in cls.__dict__:  # a subclass of a registered class is not registered itself
         raise ConfigError(f"{cls.__qualname__} is not a registered strategy; register it to serialise it")
     out: dict[str, Any] = {"kind": cls.registry_kind, "type": cls.registry_name, "version": getattr(cls, "VERSION", 1)}
     for f in dataclasses.fields(obj):
@@ -125,7 +125,7 @@ def from_dict(data: dict[str, Any]) -> Any:
 
 
 def _encode(value: Any) -> Any:
-    if hasattr(type(value), "registry_name") and dataclasses.is_dataclass(value):
+    if "registry_name" in type(value).__dict__ and dataclasses.is_dataclass(value):
         return to_dict(value)
     if isinstance(value, enum.Enum):
         return value.value
@@ -142,9 +142,20 @@ def _decode(value: Any, hint: Any) -> Any:
     if isinstance(value, list):
         items = [_decode(v, _item_hint(hint)) for v in value]
         return tuple(items) if _wants_tuple(hint) else items
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return hint(value)
+    enum_type = _enum_in(hint)
+    if enum_type is not None and not isinstance(value, enum.Enum):
+        return enum_type(value)
     return value
+
+
+def _enum_in(hint: Any) -> type[enum.Enum] | None:
+    """The Enum class in ``hint`` (``Mode`` or ``Mode | None``), if any."""
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return hint
+    for arg in typing.get_args(hint):
+        if isinstance(arg, type) and issubclass(arg, enum.Enum):
+            return arg
+    return None
 
 
 def _wants_tuple(hint: Any) -> bool:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pickle
+import re
+import struct
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -95,6 +99,8 @@ def extract_state_dict(obj: Any, *, ema: bool = True, source: Any = "checkpoint"
     elif isinstance(obj, dict) and not _is_tensor_dict(obj):
         keys = ("ema", "ema_state_dict", "state_dict", "model") if ema else ("state_dict", "model", "ema")
         found = next((obj[k] for k in keys if k in obj and isinstance(obj[k], dict)), None)
+        if found is None and any(isinstance(v, Tensor) for v in obj.values()):
+            found = obj  # a flat state dict with a few non-tensor entries (a step counter, say): drop those
         if found is None:
             raise CheckpointFormatError(
                 f"{source}: no state dict found; top-level keys are {sorted(map(str, obj))[:20]}"
@@ -131,12 +137,50 @@ def _read_pickle(path: Path, trust_pickle: bool) -> Any:
         with torch.serialization.safe_globals(_SAFE_FOREIGN_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        text = str(e)
-        if "weights_only" in text or "Unsupported global" in text or "not an allowed global" in text:
+        refused = _refused_global(str(e))
+        if refused:
             raise UnsafeCheckpointError(
-                f"{path} contains pickled objects that weights_only loading refuses ({text.splitlines()[0][:200]}). "
+                f"{path} contains pickled objects that weights_only loading refuses ({refused}). "
                 "Convert it to .safetensors, or pass trust_pickle=True only if you trust where the file came from"
             ) from None
-        raise CheckpointFormatError(f"{path} is not a readable PyTorch checkpoint: {text[:200]}") from None
-    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointFormatError(f"{path} is not a readable PyTorch checkpoint (truncated?): {e}") from None
+        raise CheckpointFormatError(
+            f"{path} is not a readable PyTorch checkpoint (truncated?): {_last_words(e)}"
+        ) from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, IndexError, KeyError, ValueError, struct.error) as e:
+        raise CheckpointFormatError(
+            f"{path} is not a readable PyTorch checkpoint (truncated?): {_last_words(e)}"
+        ) from None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _refused_global(text: str) -> str:
+    """The line of torch's weights_only error naming a refused global ("GLOBAL posix.system ..."), or ''."""
+    for line in _ANSI.sub("", text).splitlines():
+        m = re.search(r"GLOBAL (\S+)", line)
+        if m and _names_real_global(m.group(1)):
+            return line.strip()
+    return ""
+
+
+def _names_real_global(name: str) -> bool:
+    """Whether ``module.attribute`` names something that exists, found without importing or running anything.
+
+    A truncated pickle makes torch report fragments ("GLOBAL .", "GLOBAL torch._."): those are corruption, not
+    a refused payload. Either way the file is refused; this only picks the clearer error.
+    """
+    module_name, _, attribute = name.rpartition(".")
+    if not module_name or not attribute:
+        return False
+    module = sys.modules.get(module_name)
+    if module is not None:
+        return hasattr(module, attribute)
+    top = module_name.split(".")[0]
+    return bool(top) and top in sys.builtin_module_names or importlib.util.find_spec(top) is not None
+
+
+def _last_words(e: BaseException) -> str:
+    lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation"))]
+    return (useful or lines or [type(e).__name__])[0][:200]

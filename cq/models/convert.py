@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..errors import CheckpointFormatError, ConfigError
+from ..errors import CheckpointFormatError, CheckpointKeyMismatchError, ConfigError
 from .ddpm import DDPMConfig
 
 
@@ -91,15 +91,22 @@ def ddpm_from_diffusers(state: dict[str, Tensor], num_levels: int, num_res_block
     inverse = {}
     for module in _original_modules(num_levels, num_res_blocks):
         inverse[_module_to_diffusers(module, num_levels)] = module
-    out = {}
+    out, unknown = {}, []
     for key, value in state.items():
         module, leaf = _split(key)
         if module not in inverse:
-            raise CheckpointFormatError(f"no original DDPM name for diffusers key {key!r}")
+            unknown.append(key)
+            continue
         orig = inverse[module]
         if _is_attn_proj(orig) and leaf == "weight" and value.ndim == 2:
             value = value[:, :, None, None]
         out[f"{orig}.{leaf}"] = value
+    if unknown:
+        raise CheckpointKeyMismatchError(
+            unexpected=unknown,
+            hint=f"these diffusers keys have no place in a DDPM UNet with {num_levels} levels and "
+            f"{num_res_blocks} res blocks; is this the right preset?",
+        )
     return out
 
 
@@ -151,6 +158,17 @@ def ddpm_config_from_diffusers(config: dict[str, Any]) -> DDPMConfig:
     )
     if attn != up_attn:
         raise ConfigError(f"attention levels differ between down ({attn}) and up ({up_attn}) blocks")
+    head_dim = config.get("attention_head_dim", 8)  # UNet2DModel's default: 8 channels per head
+    attn_channels = [
+        c
+        for i, (c, kind) in enumerate(zip(channels, config["down_block_types"], strict=False))
+        if kind.startswith("Attn")
+    ]
+    if head_dim is not None and any(head_dim != c for c in attn_channels):
+        raise ConfigError(
+            f"diffusers config has attention_head_dim={head_dim}: multi-head attention over {attn_channels} channels; "
+            "the DDPM UNet has one head (google/ddpm-* configs set attention_head_dim null)"
+        )
     return DDPMConfig(
         resolution=size,
         in_channels=config.get("in_channels", 3),

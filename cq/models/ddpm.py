@@ -317,6 +317,13 @@ class DDPMUNet(nn.Module):
             )
         if t.ndim == 0:
             t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise InputShapeError(
+                f"t must be a scalar or have shape [{x.shape[0]}] (one per sample), got {tuple(t.shape)}"
+            )
+        if cache is not None:
+            for point in cache.record:
+                self._check_point(point)
         temb = ddpm_timestep_embedding(t, c.ch)
         temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))
 
@@ -327,6 +334,12 @@ class DDPMUNet(nn.Module):
         hs = self._encode(x, temb, head_len)
         if shallow:
             h = cache.cached()
+            want = (x.shape[0], self._cache_channels[cache.read])
+            if tuple(h.shape[:2]) != want:
+                raise InputShapeError(
+                    f"cached feature at {cache.read!r} has shape {tuple(h.shape)}; "
+                    f"expected [{want[0]}, {want[1]}, ...] (same batch as x)"
+                )
             start = self._up_index[cache.read]
         else:
             h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(hs[-1], temb)), temb)

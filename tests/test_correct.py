@@ -1,0 +1,242 @@
+"""DEC: the affine fit is per-channel least squares, identity on exact caches, never worse on its data;
+the quantization correction's fold is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import cq
+from cq.cache import Uniform as UniformSchedule
+from cq.cache.deepcache import DeepCache
+from cq.compressed import CompressedUNet
+from cq.correct import CacheErrorCorrector, ChannelAffine, ChannelMoments, QuantErrorCorrector, affine_fit
+from cq.errors import ConfigError
+from cq.models import DDPMConfig, DDPMUNet
+from cq.quant import Uniform as UniformQuantizer
+from cq.registry import CORRECTORS, from_dict, to_dict
+from cq.sampling import NoiseSchedule
+from cq.step import step_scope
+
+
+@st.composite
+def pairs(draw):
+    """Paired ``[B, C, H, W]`` tensors where y depends on x per channel, plus noise."""
+    b, c, h = draw(st.integers(1, 4)), draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    x = torch.randn(b, c, h, h, generator=g, dtype=torch.float64) * draw(st.floats(0.1, 10)) + draw(st.floats(-3, 3))
+    slope = torch.randn(1, c, 1, 1, generator=g, dtype=torch.float64)
+    y = slope * x + torch.randn(1, c, 1, 1, generator=g, dtype=torch.float64)
+    y = y + draw(st.floats(0, 2)) * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def fit(x: torch.Tensor, y: torch.Tensor, chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    m = ChannelMoments(1, x.shape[1])
+    for xs, ys in zip(x.chunk(chunks), y.chunk(chunks), strict=True):  # streamed in pieces
+        m.update(0, xs, ys)
+    a, b = affine_fit(m)
+    return a[0].double(), b[0].double()
+
+
+@given(data=pairs(), chunks=st.integers(1, 3))
+def test_affine_fit_equals_per_channel_lstsq(data, chunks):
+    x, y = data
+    a, b = fit(x, y, chunks=min(chunks, x.shape[0]))
+    for c in range(x.shape[1]):
+        xc, yc = x[:, c].reshape(-1), y[:, c].reshape(-1)
+        if float(xc.var(unbiased=False)) < 1e-9:
+            continue  # a constant x: any slope fits
+        design = torch.stack([xc, torch.ones_like(xc)], dim=1)
+        sol = torch.linalg.lstsq(design, yc[:, None]).solution.flatten()
+        assert float(a[c]) == pytest.approx(float(sol[0]), rel=1e-4, abs=1e-5)
+        assert float(b[c]) == pytest.approx(float(sol[1]), rel=1e-4, abs=1e-4 * (1 + float(yc.abs().max())))
+
+
+@given(data=pairs())
+def test_affine_fit_is_identity_when_x_equals_y(data):
+    x, _ = data
+    a, b = fit(x, x)
+    varying = x.transpose(0, 1).reshape(x.shape[1], -1).var(1, unbiased=False) > 1e-9
+    assert torch.allclose(a[varying], torch.ones_like(a[varying]), atol=1e-5)
+    assert torch.allclose(b, torch.zeros_like(b), atol=1e-4 * (1 + float(x.abs().max())))
+
+
+@given(data=pairs())
+def test_affine_fit_never_increases_mse_on_its_data(data):
+    x, y = data
+    a, b = fit(x, y)
+    corrected = a.reshape(1, -1, 1, 1) * x + b.reshape(1, -1, 1, 1)
+    before = (x - y).pow(2).mean(dim=(0, 2, 3))
+    after = (corrected - y).pow(2).mean(dim=(0, 2, 3))
+    assert bool((after <= before * (1 + 1e-5) + 1e-9).all())
+
+
+def test_affine_fit_defaults_for_missing_and_constant_data():
+    m = ChannelMoments(3, 2)
+    x = torch.full((2, 2, 3, 3), 4.0)
+    y = torch.full((2, 2, 3, 3), 6.0)
+    m.update(1, x, y)
+    a, b = affine_fit(m)
+    assert torch.equal(a[0], torch.ones(2)) and torch.equal(b[0], torch.zeros(2))  # no data: identity
+    assert torch.allclose(a[1], torch.ones(2)) and torch.allclose(b[1], torch.full((2,), 2.0))  # constant x
+
+
+def test_channel_affine_applies_the_step_row():
+    corr = ChannelAffine(3, 2)
+    corr.gain[1] = torch.tensor([2.0, -1.0])
+    corr.offset[1] = torch.tensor([0.5, 1.0])
+    h = torch.ones(1, 2, 2, 2)
+    out = corr(h, 1)
+    assert torch.equal(out[:, 0], torch.full((1, 2, 2), 2.5)) and torch.equal(out[:, 1], torch.zeros(1, 2, 2))
+    assert torch.equal(corr(h, 0), h) and corr.is_identity(0) and not corr.is_identity(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On a UNet
+
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def unet() -> DDPMUNet:
+    torch.manual_seed(0)
+    model = DDPMUNet(DDPMConfig(resolution=16, in_channels=1, out_ch=1, ch=32, ch_mult=(1, 2), attn_resolutions=(8,)))
+    model.noise_schedule = NoiseSchedule()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trace(unet):
+    return cq.trace(
+        unet, steps=STEPS, num_samples=8, points=[unet.cache_points()[-1]], spacing="linspace", progress=False
+    )
+
+
+@pytest.fixture(scope="module")
+def cacher(unet, trace):
+    return DeepCache(schedule=UniformSchedule(interval=3)).fit(unet, trace)
+
+
+def test_cache_correction_is_identity_at_refresh_steps_and_reduces_error(unet, trace, cacher):
+    model = CompressedUNet(unet, num_steps=STEPS, cacher=cacher)
+    CacheErrorCorrector().fit(model, unet, trace)
+    corr = model.cache_correction
+    point = cacher.point
+    feats = trace.features[point]
+    for step, refresh in enumerate(cacher.schedule.refresh_mask(STEPS)):
+        if refresh:
+            assert corr.is_identity(step)
+            continue
+        stale, fresh = feats[model.cache.source[step]], feats[step]
+        before = (stale - fresh).pow(2).mean()
+        after = (corr(stale, step) - fresh).pow(2).mean()
+        assert after <= before + 1e-7
+
+
+def test_cache_correction_is_applied_to_shallow_calls(unet, trace, cacher):
+    model = CompressedUNet(unet, num_steps=STEPS, cacher=cacher)
+    CacheErrorCorrector().fit(model, unet, trace)
+    x, t = trace.x[0, :2], trace.timesteps[0].expand(2)
+    model(x, t, step=0)
+    cached = model.cache.read(1, 2)
+    raw = model.cache._feature
+    assert torch.equal(cached, model.cache_correction(raw, 1))
+    assert not torch.equal(cached, raw)
+
+
+@pytest.fixture(scope="module")
+def quantized_model(unet, trace, cacher):
+    qunet = UniformQuantizer(refresh_samples=8, cached_samples=4).quantize(unet, trace, cacher=cacher, progress=False)
+    return CompressedUNet(qunet, num_steps=STEPS, cacher=cacher)
+
+
+def test_quant_correction_fold_is_exact(unet, trace, quantized_model):
+    model = quantized_model
+    QuantErrorCorrector(samples=4).fit(model, unet, trace)
+    targets = QuantErrorCorrector().targets(model)
+    assert set(targets) == {
+        f"{model.unet.cache_consumer(model.cache.point)}.conv1",
+        f"{model.unet.cache_consumer(model.cache.point)}.nin_shortcut",
+    }
+    for name, conv in targets.items():
+        c = conv.split
+        x = torch.randn(2, conv.in_channels, 16, 16)
+        for step in range(STEPS):
+            with step_scope(step):
+                out = conv(x)
+                xq = conv.quantize_input(x)
+            w = conv.weight.dequantized()
+            args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+            cached = torch.nn.functional.conv2d(xq[:, :c], w[:, :c], conv.bias, *args)
+            skip = torch.nn.functional.conv2d(xq[:, c:], w[:, c:], None, *args)
+            a = conv.correction.gain[step].reshape(1, -1, 1, 1)
+            b = conv.correction.offset[step].reshape(1, -1, 1, 1)
+            assert torch.allclose(out, a * cached + b + skip, atol=1e-5, rtol=1e-5), name
+            folded = torch.nn.functional.conv2d(
+                xq[:, :c], a.reshape(-1, 1, 1, 1) * w[:, :c], a.flatten() * conv.bias + b.flatten(), *args
+            )
+            assert torch.allclose(out, folded + skip, atol=1e-4, rtol=1e-5), name  # a*W and a*bias + b
+
+
+def test_quant_correction_reduces_the_cached_half_error(unet, trace, cacher):
+    """On its fitting data the corrected cached-half output is closer to full precision than the uncorrected."""
+    qunet = UniformQuantizer(weight_bits=4, refresh_samples=8, cached_samples=8).quantize(
+        unet, trace, cacher=cacher, progress=False
+    )
+    model = CompressedUNet(qunet, num_steps=STEPS, cacher=cacher)
+    corrector = QuantErrorCorrector(samples=8)
+    name, conv = next(iter(corrector.targets(model).items()))
+    ref_conv = unet.get_submodule(name)
+    captured = {}
+    handle = conv.register_forward_pre_hook(lambda m, a: captured.__setitem__(cq.step.current_step(), a[0]))
+    try:
+        from cq.replay import every_step, replay
+
+        replay(qunet, trace, every_step(model.cache.mask, model.cache.source, 8, 8), point=model.cache.point)
+    finally:
+        handle.remove()
+    corrector.fit(model, unet, trace)
+    c = conv.split
+    args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    for step, x in captured.items():
+        y = torch.nn.functional.conv2d(x[:, :c], ref_conv.weight[:, :c], conv.bias, *args)
+        with step_scope(step):
+            xq = conv.act(x[:, :c])
+        plain = torch.nn.functional.conv2d(xq, conv.weight.dequantized()[:, :c], conv.bias, *args)
+        corrected = conv.correction(plain, step)
+        assert (corrected - y).pow(2).mean() <= (plain - y).pow(2).mean() * (1 + 1e-5)
+
+
+def test_correctors_need_the_right_model(unet, trace):
+    plain = CompressedUNet(unet, num_steps=STEPS)
+    with pytest.raises(ConfigError, match="cacher"):
+        CacheErrorCorrector().fit(plain, unet, trace)
+    cached = CompressedUNet(unet, num_steps=STEPS, cacher=DeepCache(schedule=UniformSchedule(interval=2)))
+    with pytest.raises(ConfigError, match="quantize"):
+        QuantErrorCorrector().fit(cached, unet, trace)
+
+
+@given(
+    corrector=st.one_of(
+        st.builds(CacheErrorCorrector, chunk=st.integers(1, 64)),
+        st.builds(QuantErrorCorrector, samples=st.integers(1, 64)),
+    )
+)
+def test_correctors_round_trip(corrector):
+    assert from_dict(to_dict(corrector)) == corrector
+
+
+def test_registered_correctors():
+    assert set(CORRECTORS.names()) >= {"cache_error", "quant_error"}
