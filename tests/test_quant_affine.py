@@ -136,3 +136,13 @@ def test_grid_bounds(bits):
     assert QuantSpec(bits=bits).qmin == 0 and QuantSpec(bits=bits).qmax == 2**bits - 1
     sym = QuantSpec(bits=bits, symmetric=True)
     assert sym.qmin == -sym.qmax and sym.qmax == 2 ** (bits - 1) - 1
+
+
+@given(x=tensors(), bits=st.integers(2, 8), symmetric=st.booleans())
+def test_one_pass_search_equals_the_candidate_loop(x, bits, symmetric):
+    flat = x.reshape(-1)
+    per_tensor = QuantSpec(bits=bits, symmetric=symmetric, method="mse")
+    one_channel = QuantSpec(bits=bits, symmetric=symmetric, per_channel=True, method="mse")  # runs the loop
+    lo, hi = search_range(flat, per_tensor)
+    lo_loop, hi_loop = search_range(flat[None, :], one_channel)
+    assert torch.allclose(lo, lo_loop[0]) and torch.allclose(hi, hi_loop[0])

@@ -22,7 +22,10 @@ from .modules import ActQuantizer
 
 __all__ = ["RangeTables", "observe", "SEARCH_ELEMENTS"]
 
-SEARCH_ELEMENTS = 1 << 16  # the range search runs on at most this many (strided) elements of a batch
+# The range search runs on at most this many (strided) elements of a batch, plus its true extremes: the
+# clipping ratio it picks is a property of the distribution, which a few thousand values estimate well,
+# and calibration time is dominated by this search (~12 ms at 65k elements vs ~2 ms at 8k, per quantizer-step).
+SEARCH_ELEMENTS = 1 << 13
 
 
 class RangeTables:
