@@ -1,4 +1,4 @@
-"""The ``cq`` command: ``cq demo``, ``cq train``."""
+"""The ``cq`` command: ``demo``, ``fit``, ``sample``, ``report``, ``train``."""
 
 from __future__ import annotations
 
@@ -14,27 +14,204 @@ import torch
 __all__ = ["main"]
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _load_base(name: str, path: str | None):
     from .models import load
+
+    return load(name, path=path)
+
+
+def _trace_for(unet, recipe, steps: int, samples: int, seed: int, spacing: str, progress: bool = True):
+    from .trace import trace
+
+    return trace(
+        unet,
+        steps=steps,
+        num_samples=samples,
+        points=recipe.points(unet),
+        seed=seed,
+        spacing=spacing,
+        batch_size=min(samples, 64),
+        progress=progress,
+    )
+
+
+def _sampling_defaults(unet, steps: int | None) -> tuple[int, str]:
+    defaults = unet.preset.sampling if getattr(unet, "preset", None) else {}
+    steps = steps or defaults.get("steps", 50)
+    spacing = defaults.get("spacing", "uniform")
+    if spacing in ("uniform", "ldm") and unet.noise_schedule.num_timesteps % steps:
+        spacing = "linspace"  # uniform spacing needs steps dividing T
+    return steps, spacing
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cq demo
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .metrics import predicted_speedup, sample_error, unet_macs
+    from .recipe import cachequant, deepcache, naive, quant_only
     from .sampling import FullPrecision, ddim
     from .trace import seeded_noise
     from .viz import save_grid
 
-    torch.set_num_threads(args.threads) if args.threads else None
-    unet = load(args.model)
-    steps = args.steps or unet.preset.sampling.get("steps", 50)
-    spacing = unet.preset.sampling.get("spacing", "uniform")
-    noise = seeded_noise(unet.sample_shape, range(args.seed, args.seed + args.num))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unet = _load_base(args.model, None)
+    steps, spacing = _sampling_defaults(unet, args.steps)
+    n = args.interval
     print(
         f"cq demo: model={args.model} ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params), "
-        f"DDIM {steps} steps ({spacing}), {args.num} samples, {torch.get_num_threads()} threads"
+        f"DDIM {steps} steps ({spacing}), {args.num} samples, interval {n}, {torch.get_num_threads()} threads"
     )
+    noise = seeded_noise(unet.sample_shape, range(args.seed, args.seed + args.num))
+    recipes = {
+        "DeepCache": deepcache(n),
+        "W8A8": quant_only("w8a8"),
+        "DeepCache+W8A8 (naive)": naive(n, "w8a8"),
+        "CacheQuant": cachequant(n, "w8a8"),
+    }
+    if args.fp_only:
+        recipes = {}
+
     start = time.perf_counter()
-    x0 = ddim(FullPrecision(unet), noise, steps=steps, spacing=spacing, progress=True)
+    reference = ddim(FullPrecision(unet), noise, steps=steps, spacing=spacing)
+    fp_seconds = time.perf_counter() - start
+    print(f"full precision: {fp_seconds:.2f} s, {1000 * fp_seconds / args.num:.1f} ms per image")
+
+    trace = None
+    if recipes:
+        fit_start = time.perf_counter()
+        trace = _trace_for(unet, cachequant(n), steps, args.calib, seed=10_000, spacing=spacing, progress=False)
+        print(
+            f"trace: {args.calib} full-precision trajectories (seeds 10000+, not the evaluated ones), "
+            f"{time.perf_counter() - fit_start:.1f} s"
+        )
+    macs = unet_macs(unet)
+    rows = [["full precision", steps, "1.00x", "1.00x", "-", "-", f"{_mib(unet):.2f}", "-"]]
+    panels, labels = [reference], ["full precision"]
+    for label, recipe in recipes.items():
+        t0 = time.perf_counter()
+        model = recipe.fit(unet, trace, progress=False)
+        fit_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = ddim(model, noise, steps=steps, spacing=spacing)
+        seconds = time.perf_counter() - t0
+        point = model.cache.point if model.cache is not None else None
+        mask = model.refresh_mask()
+        mac = predicted_speedup(macs["full"], macs[point], mask) if point else 1.0
+        err = sample_error(out, reference)
+        rows.append(
+            [
+                label,
+                sum(mask),
+                f"{mac:.2f}x",
+                f"{fp_seconds / seconds:.2f}x",
+                f"{err['mse']:.2e}",
+                f"{err['psnr']:.1f}",
+                f"{_mib(model):.2f}",
+                f"{fit_s:.1f}",
+            ]
+        )
+        panels.append(out)
+        labels.append(label)
+    _print_table(
+        ["setting", "full calls", "MAC speedup", "wall-clock", "x0 MSE vs FP", "PSNR dB", "MiB", "fit s"], rows
+    )
+    if recipes:
+        print(
+            "wall-clock: quantized rows run fake quantization (float kernels), so they are not faster yet; "
+            "MiB counts tensors as stored (uint8 weights + fp32 scales)."
+        )
+    out = save_grid(panels, args.out, nrow=int(args.num**0.5 + 0.999), scale=args.scale, labels=labels)
+    print(f"wrote {out}")
+    return 0
+
+
+def _mib(module: torch.nn.Module) -> float:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values()) / 2**20
+
+
+def _print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cq fit / sample / report
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from .recipe import PRESET_RECIPES
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unet = _load_base(args.model, args.weights)
+    steps, spacing = _sampling_defaults(unet, args.steps)
+    kwargs = {}
+    if args.recipe != "quant_only":
+        kwargs["interval"] = args.interval
+    if args.recipe != "deepcache":
+        kwargs["bits"] = args.bits
+    recipe = PRESET_RECIPES[args.recipe](**kwargs)
+    print(f"cq fit: {args.recipe} {kwargs} on {args.model}, {steps} steps ({spacing})")
+    trace = _trace_for(unet, recipe, steps, args.samples, args.seed, spacing)
+    model = recipe.fit(unet, trace)
+    path = model.save(args.out)
+    print(model.report(reference=unet, trace=trace).summary())
+    print(f"wrote {path}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from .artifact import load
+    from .sampling import ddim
+    from .trace import seeded_noise
+    from .viz import save_grid
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load(args.path)
+    spacing = args.spacing or ("uniform" if model.noise_schedule.num_timesteps % model.num_steps == 0 else "linspace")
+    noise = seeded_noise(model.sample_shape, range(args.seed, args.seed + args.num))
+    start = time.perf_counter()
+    x0 = ddim(model, noise, steps=model.num_steps, spacing=spacing, progress=True)
     seconds = time.perf_counter() - start
     out = save_grid(x0, args.out, nrow=int(args.num**0.5 + 0.999), scale=args.scale)
-    print(f"full precision: {seconds:.2f} s total, {1000 * seconds / args.num:.1f} ms per image")
+    print(f"{args.num} samples, {model.num_steps} steps: {seconds:.2f} s ({1000 * seconds / args.num:.1f} ms/image)")
     print(f"wrote {out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .artifact import load
+
+    model = load(args.path)
+    reference = trace = None
+    if args.model:
+        from .trace import trace as record
+
+        reference = _load_base(args.model, args.weights)
+        spacing = "uniform" if reference.noise_schedule.num_timesteps % model.num_steps == 0 else "linspace"
+        trace = record(
+            reference,
+            steps=model.num_steps,
+            num_samples=args.samples,
+            seed=20_000,
+            spacing=spacing,
+            points=[model.cache.point] if model.cache is not None else [],
+            progress=False,
+        )
+    rep = model.report(reference=reference, trace=trace)
+    print(rep.summary())
+    if args.steps_table:
+        print(rep.table())
+    if args.plot:
+        print(f"wrote {rep.plot(args.plot)}")
     return 0
 
 
@@ -47,19 +224,57 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cq", description="Cache + quantize diffusion UNets (CacheQuant).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="sample the embedded demo model and write a grid")
+    demo = sub.add_parser("demo", help="compress the embedded demo model with each recipe; table + grid")
     demo.add_argument("--model", default="demo", help="preset with embedded weights (default: demo)")
     demo.add_argument("--num", type=int, default=64, help="number of samples")
     demo.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the preset's)")
+    demo.add_argument("--interval", type=int, default=5, help="cache interval N")
+    demo.add_argument("--calib", type=int, default=32, help="calibration trajectories")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG")
+    demo.add_argument("--scale", type=int, default=3, help="upscale factor of the PNG")
     demo.add_argument("--threads", type=int, default=None)
+    demo.add_argument("--fp-only", action="store_true", help="only sample the full-precision model")
     demo.add_argument("-o", "--out", default="cq_demo.png")
     demo.set_defaults(func=_demo)
+
+    fit = sub.add_parser("fit", help="fit a recipe on a model and save it")
+    fit.add_argument("--model", default="demo", help="model preset")
+    fit.add_argument("--weights", default=None, help="checkpoint file or diffusers folder for the preset")
+    fit.add_argument("--recipe", default="cachequant", choices=["cachequant", "deepcache", "quant_only", "naive"])
+    fit.add_argument("--interval", type=int, default=5)
+    fit.add_argument("--bits", default="w8a8")
+    fit.add_argument("--steps", type=int, default=None)
+    fit.add_argument("--samples", type=int, default=32, help="calibration trajectories")
+    fit.add_argument("--seed", type=int, default=10_000)
+    fit.add_argument("--threads", type=int, default=None)
+    fit.add_argument("-o", "--out", required=True, help="output file (.cq)")
+    fit.set_defaults(func=_fit)
+
+    sample = sub.add_parser("sample", help="sample a saved model into a grid")
+    sample.add_argument("path")
+    sample.add_argument("--num", type=int, default=64)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--spacing", default=None)
+    sample.add_argument("--scale", type=int, default=3)
+    sample.add_argument("--threads", type=int, default=None)
+    sample.add_argument("-o", "--out", default="cq_samples.png")
+    sample.set_defaults(func=_sample)
+
+    rep = sub.add_parser("report", help="per-step schedule, MACs, size; SQNR given the base model")
+    rep.add_argument("path")
+    rep.add_argument("--model", default=None, help="base model preset, to measure SQNR against")
+    rep.add_argument("--weights", default=None)
+    rep.add_argument("--samples", type=int, default=8)
+    rep.add_argument("--steps-table", action="store_true")
+    rep.add_argument("--plot", default=None, help="write the schedule / error plot here (PNG)")
+    rep.set_defaults(func=_report)
 
     from .train import TrainConfig
 

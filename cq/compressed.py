@@ -9,13 +9,18 @@ schedule was fitted for: samplers with another count are refused (`StepCountMism
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
 from .cache.cacher import Cacher
 from .errors import ConfigError, StepCountMismatchError
 from .step import step_scope
+
+
+if TYPE_CHECKING:
+    from .report import Report
+    from .trace import Trace
 
 
 __all__ = ["CompressedUNet"]
@@ -80,6 +85,12 @@ class CompressedUNet(nn.Module):
             if self.cache is None:
                 return self.unet(x, t, cond)
             return self.cache.run(self.unet, x, t, cond, step)
+
+    def report(self, *, reference: nn.Module | None = None, trace: Trace | None = None, samples: int = 8) -> Report:
+        """Per-step refresh/cached, MACs and (given the full-precision UNet and a trace) SQNR; see `cq.report`."""
+        from .report import report
+
+        return report(self, reference=reference, trace=trace, samples=samples)
 
     def save(self, path: str | Path) -> Path:
         """Write this model (recipe JSON + tensors, one safetensors file, atomic); `cq.load` reads it back."""

@@ -18,9 +18,16 @@ from torch import Tensor, nn
 
 from ..cache.view import CacheView
 from ..models.layers import MatMul
+from ..quant.modules import QConv2d, QLinear, QMatMul
+from ..step import step_scope
 
 
 __all__ = ["MacCount", "count_macs", "unet_macs", "predicted_speedup"]
+
+
+CONVS = (nn.Conv2d, QConv2d)
+LINEARS = (nn.Linear, QLinear)
+MATMULS = (MatMul, QMatMul)
 
 
 @dataclass
@@ -40,10 +47,10 @@ class MacCount:
 @contextlib.contextmanager
 def _counting(model: nn.Module, count: MacCount) -> Iterator[None]:
     def hook(name: str, module: nn.Module, inputs: tuple[Any, ...], out: Tensor) -> None:
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, CONVS):
             kh, kw = module.kernel_size
             macs, kind = out.numel() * (module.in_channels // module.groups) * kh * kw, "conv"
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, LINEARS):
             macs, kind = out.numel() * module.in_features, "linear"
         else:
             macs, kind = out.numel() * inputs[0].shape[-1], "matmul"
@@ -53,7 +60,7 @@ def _counting(model: nn.Module, count: MacCount) -> Iterator[None]:
     handles = []
     try:
         for name, module in model.named_modules():
-            if isinstance(module, nn.Conv2d | nn.Linear | MatMul):
+            if isinstance(module, CONVS + LINEARS + MATMULS):
                 handles.append(module.register_forward_hook(lambda m, i, o, n=name: hook(n, m, i, o)))
         yield
     finally:
@@ -80,9 +87,10 @@ def unet_macs(
     x = torch.randn((batch, *unet.sample_shape), device=device)
     t = torch.full((batch,), 500, device=device, dtype=torch.long)
     view = CacheView.full(record=points)
-    result = {"full": count_macs(unet, x, t, cond, cache=view).total}
-    for p in points:
-        result[p] = count_macs(unet, x, t, cond, cache=CacheView.shallow(p, view.features[p])).total
+    with step_scope(0):  # per-step quantized modules need a step; MACs do not depend on it
+        result = {"full": count_macs(unet, x, t, cond, cache=view).total}
+        for p in points:
+            result[p] = count_macs(unet, x, t, cond, cache=CacheView.shallow(p, view.features[p])).total
     return result
 
 

@@ -1,0 +1,190 @@
+"""`report`: what a compressed model does per step, what it costs, and how far it is from full precision.
+
+Per step: refresh or cached, MACs of the call, and -- given the full-precision UNet and a trace -- the SQNR of
+the model's output against full precision on the trace's inputs (teacher-forced: every step sees the recorded
+full-precision x_t; cached steps reuse the feature stored at their refresh step of the same replay). Summary:
+MAC speedup, parameter storage, which layers are quantized. `Report.plot` draws the schedule and the per-step
+error (matplotlib, the ``plot`` extra).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .metrics.error import sqnr
+from .metrics.macs import unet_macs
+from .quant.quantizer import quantized_modules
+
+
+if TYPE_CHECKING:
+    from .compressed import CompressedUNet
+    from .trace import Trace
+
+__all__ = ["Report", "StepReport", "report"]
+
+
+@dataclass(frozen=True)
+class StepReport:
+    step: int
+    refresh: bool
+    macs: int
+    sqnr_db: float | None = None
+
+
+@dataclass
+class Report:
+    """Per-step and summary figures of a `CompressedUNet` (see `report`)."""
+
+    steps: list[StepReport]
+    full_macs: int
+    model_bytes: int
+    reference_bytes: int | None
+    quantized_layers: int
+    float_layers: int
+    recipe: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_macs(self) -> int:
+        return sum(s.macs for s in self.steps)
+
+    @property
+    def mac_speedup(self) -> float:
+        return self.full_macs * len(self.steps) / self.total_macs
+
+    @property
+    def refreshes(self) -> int:
+        return sum(s.refresh for s in self.steps)
+
+    @property
+    def mean_sqnr_db(self) -> float | None:
+        values = [s.sqnr_db for s in self.steps if s.sqnr_db is not None and math.isfinite(s.sqnr_db)]
+        return sum(values) / len(values) if values else None
+
+    def summary(self) -> str:
+        lines = [
+            f"recipe: {self.recipe}" if self.recipe else "recipe: none",
+            f"steps: {len(self.steps)}, refreshes: {self.refreshes}, cached: {len(self.steps) - self.refreshes}",
+            f"MACs per run: {self.total_macs / 1e9:.3f} G vs {self.full_macs * len(self.steps) / 1e9:.3f} G full "
+            f"-> {self.mac_speedup:.2f}x fewer",
+            f"layers: {self.quantized_layers} quantized (fake-quant), {self.float_layers} float",
+            f"parameter storage: {self.model_bytes / 2**20:.2f} MiB"
+            + (
+                f" vs {self.reference_bytes / 2**20:.2f} MiB full precision "
+                f"({self.reference_bytes / self.model_bytes:.2f}x smaller)"
+                if self.reference_bytes
+                else ""
+            ),
+        ]
+        if self.mean_sqnr_db is not None:
+            lines.append(
+                f"SQNR vs full precision on the trace: mean {self.mean_sqnr_db:.1f} dB, "
+                f"min {min(s.sqnr_db for s in self.steps if s.sqnr_db is not None):.1f} dB"
+            )
+        return "\n".join(lines + self.notes)
+
+    def table(self) -> str:
+        rows = ["| step | call | GMACs | SQNR dB |", "|---|---|---|---|"]
+        for s in self.steps:
+            db = "-" if s.sqnr_db is None else f"{s.sqnr_db:.1f}"
+            rows.append(f"| {s.step} | {'full' if s.refresh else 'cached'} | {s.macs / 1e9:.4f} | {db} |")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def plot(self, path: str | Path) -> Path:
+        """Schedule (refresh steps) and per-step SQNR as a PNG."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise ConfigError("plotting needs matplotlib: pip install 'cq[plot]'") from None
+        from .io import atomic_path
+
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 4.5), sharex=True, gridspec_kw={"height_ratios": [1, 2]})
+        idx = [s.step for s in self.steps]
+        top.bar(
+            idx,
+            [1 if s.refresh else 0.35 for s in self.steps],
+            color=["tab:blue" if s.refresh else "tab:orange" for s in self.steps],
+            width=0.9,
+        )
+        top.set_yticks([])
+        top.set_title(
+            f"{self.refreshes} full calls (blue), {len(idx) - self.refreshes} cached (orange); "
+            f"{self.mac_speedup:.2f}x fewer MACs"
+        )
+        if any(s.sqnr_db is not None for s in self.steps):
+            bottom.plot(idx, [s.sqnr_db if s.sqnr_db is not None else float("nan") for s in self.steps], "k.-")
+            bottom.set_ylabel("SQNR vs FP (dB)")
+        bottom.set_xlabel("sampling step (0 = noisiest)")
+        fig.tight_layout()
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
+        return path
+
+
+@torch.no_grad()
+def report(
+    model: CompressedUNet, *, reference: nn.Module | None = None, trace: Trace | None = None, samples: int = 8
+) -> Report:
+    """Measure ``model``; with ``reference`` (the full-precision UNet) and ``trace``, also per-step SQNR."""
+    point = model.cache.point if model.cache is not None else None
+    macs = unet_macs(model.unet, points=[point] if point else [])
+    mask = model.refresh_mask()
+    sqnrs: list[float | None] = [None] * model.num_steps
+    if reference is not None and trace is not None:
+        if trace.steps != model.num_steps:
+            raise ConfigError(f"trace has {trace.steps} steps, the model {model.num_steps}")
+        n = min(samples, trace.x.shape[1])
+        for step in range(model.num_steps):
+            x = trace.x[step, :n].float()
+            t = trace.timesteps[step].expand(n)
+            cond = trace.cond[step, :n] if trace.cond is not None else None
+            sqnrs[step] = sqnr(model(x, t, cond, step=step), reference(x, t, cond))
+        if model.cache is not None:
+            model.cache.clear()
+    steps = [StepReport(i, r, macs["full"] if r else macs[point], sqnrs[i]) for i, r in enumerate(mask)]
+    q = quantized_modules(model.unet)
+    float_layers = sum(isinstance(m, nn.Conv2d | nn.Linear) for m in model.unet.modules())
+    recipe = getattr(model, "recipe", None)
+    return Report(
+        steps=steps,
+        full_macs=macs["full"],
+        model_bytes=_tensor_bytes(model),
+        reference_bytes=_tensor_bytes(reference) if reference is not None else None,
+        quantized_layers=len(q),
+        float_layers=float_layers,
+        recipe=_describe(recipe),
+        notes=["note: quantized layers run as fake quantization (float kernels) until converted to int8"] if q else [],
+    )
+
+
+def _tensor_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def _describe(recipe: object) -> str:
+    if recipe is None:
+        return ""
+    parts = []
+    if recipe.cacher is not None:
+        s = recipe.cacher.schedule
+        parts.append(f"{type(recipe.cacher).__name__}({type(s).__name__}, point={recipe.cacher.point})")
+    if recipe.quantizer is not None:
+        qz = recipe.quantizer
+        parts.append(f"{type(qz).__name__}(W{qz.weight_bits}A{qz.act_bits})")
+    parts += [type(c).__name__ for c in recipe.correctors]
+    return " + ".join(parts) or "none"
