@@ -21,6 +21,7 @@ from .compressed import CompressedUNet
 from .errors import CheckpointFormatError, ConfigError, StepCountMismatchError
 from .io import save_safetensors
 from .models.loading import build_from_description, describe_model
+from .quant.packing import pack_nibbles, unpack_nibbles
 from .registry import from_dict, to_dict
 
 
@@ -50,12 +51,46 @@ def _hash_tensor(h: Any, key: str, value: Tensor) -> None:
     h.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
 
 
+def _pack_low_bit_weights(model: nn.Module, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Weights of <= 4 bits go two codes per byte under ``<key>.packed4``; returns the tensors and their index."""
+    tensors, packed = {}, {}
+    for key, value in state.items():
+        if key.endswith(".weight_q"):
+            spec = model.get_submodule(key[: -len(".weight_q")]).spec
+            if spec.bits <= 4:
+                offset = -spec.qmin  # symmetric codes are signed; shift them to [0, 15]
+                tensors[key + ".packed4"] = pack_nibbles(value, offset)
+                packed[key] = {
+                    "shape": list(value.shape),
+                    "dtype": str(value.dtype).removeprefix("torch."),
+                    "offset": offset,
+                }
+                continue
+        tensors[key] = value
+    return tensors, packed
+
+
+def _unpack_low_bit_weights(tensors: dict[str, Tensor], packed: dict[str, Any]) -> dict[str, Tensor]:
+    out = dict(tensors)
+    for key, info in packed.items():
+        data = out.pop(key + ".packed4", None)
+        if data is None:
+            raise CheckpointFormatError(f"packed weight {key!r} is listed in the metadata but missing from the file")
+        out[key] = unpack_nibbles(data, tuple(info["shape"]), getattr(torch, info["dtype"]), info["offset"])
+    return out
+
+
 def save(model: CompressedUNet, path: str | Path) -> Path:
     """Write ``model`` (fitted by `Recipe.fit`) to ``path``."""
     recipe = getattr(model, "recipe", None)
     if recipe is None:
         raise ConfigError("only models fitted by Recipe.fit can be saved (they carry their recipe)")
-    tensors = {k: v for k, v in model.state_dict().items()}
+    if any("int8" in mode for mode in getattr(model, "execution", {}).values()):
+        raise ConfigError(
+            "save the model before to_int8(): int8 kernels hold prepacked weights; "
+            "cq.load(path, int8=True) converts again after loading"
+        )
+    tensors, packed = _pack_low_bit_weights(model, model.state_dict())
     metadata = {
         "cq_format": str(FORMAT_VERSION),
         "recipe": json.dumps(to_dict(recipe)),
@@ -63,19 +98,23 @@ def save(model: CompressedUNet, path: str | Path) -> Path:
         "num_steps": str(model.num_steps),
         "fingerprint": getattr(model, "base_fingerprint", ""),
         "checksum": _checksum(tensors),
+        "packed4": json.dumps(packed),
     }
     path = Path(path)
     save_safetensors(tensors, path, metadata=metadata)
     return path
 
 
-def load(path: str | Path, *, unet: nn.Module | None = None, num_steps: int | None = None) -> CompressedUNet:
+def load(
+    path: str | Path, *, unet: nn.Module | None = None, num_steps: int | None = None, int8: bool = False
+) -> CompressedUNet:
     """Rebuild a saved model.
 
     Args:
         path: a file written by `save` / `CompressedUNet.save`.
         unet: optionally, the full-precision UNet you expect the file was fitted on; a different one raises.
         num_steps: optionally, the step count you will sample with; a different one raises.
+        int8: convert the quantized layers to integer kernels after loading (`CompressedUNet.to_int8`).
 
     Raises:
         CheckpointFormatError: not a cq file, a newer format, or a checksum mismatch (corrupted file).
@@ -101,14 +140,17 @@ def load(path: str | Path, *, unet: nn.Module | None = None, num_steps: int | No
         )
     if _checksum(tensors) != metadata.get("checksum"):
         raise CheckpointFormatError(f"{path}: checksum mismatch, the file is corrupted")
+    tensors = _unpack_low_bit_weights(tensors, json.loads(metadata.get("packed4", "{}")))
     steps = int(metadata["num_steps"])
     if num_steps is not None and num_steps != steps:
         raise StepCountMismatchError(f"{path} was fitted for {steps} sampling steps, not {num_steps}; refit it")
     if unet is not None and metadata.get("fingerprint") and fingerprint(unet) != metadata["fingerprint"]:
         raise ConfigError(f"{path} was fitted on another base model than the one given (weights fingerprint differs)")
-    base = build_from_description(json.loads(metadata["model"]))
+    base = build_from_description(json.loads(metadata["model"]), device="meta")  # no float weights allocated
     recipe = from_dict(json.loads(metadata["recipe"]))
-    model = recipe.build(base, steps)
+    model = recipe.build(base, steps).to_empty(device="cpu")
     model.load_state_dict(tensors, strict=True)
     model.base_fingerprint = metadata.get("fingerprint", "")
+    if int8:
+        model.to_int8()
     return model.eval()

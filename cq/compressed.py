@@ -92,6 +92,17 @@ class CompressedUNet(nn.Module):
 
         return report(self, reference=reference, trace=trace, samples=samples)
 
+    def to_int8(self) -> dict[str, str]:
+        """Run quantized layers on integer kernels from now on (in place); returns each layer's execution mode.
+
+        The model computes the same function (up to float summation order). Save before converting, or load a
+        saved file with ``cq.load(path, int8=True)``.
+        """
+        from .quant.int8 import to_int8
+
+        self.execution = to_int8(self.unet)
+        return self.execution
+
     def save(self, path: str | Path) -> Path:
         """Write this model (recipe JSON + tensors, one safetensors file, atomic); `cq.load` reads it back."""
         from .artifact import save

@@ -12,7 +12,7 @@ __all__ = ["sample_error", "psnr", "sqnr"]
 
 def sample_error(x: Tensor, reference: Tensor) -> dict[str, float]:
     """MSE and PSNR (data range [-1, 1], peak-to-peak 2) of ``x`` against ``reference``."""
-    mse = float((x.float() - reference.float()).pow(2).mean())
+    mse = float((x.detach().float() - reference.detach().float()).pow(2).mean())
     return {"mse": mse, "psnr": psnr(mse)}
 
 
@@ -23,6 +23,7 @@ def psnr(mse: float, data_range: float = 2.0) -> float:
 
 def sqnr(x: Tensor, reference: Tensor) -> float:
     """Signal-to-quantization-noise ratio ``10 log10(|ref|^2 / |x - ref|^2)`` in dB (torchao convention)."""
-    noise = float((x.float() - reference.float()).pow(2).sum())
-    signal = float(reference.float().pow(2).sum())
+    x, reference = x.detach().float(), reference.detach().float()
+    noise = float((x - reference).pow(2).sum())
+    signal = float(reference.pow(2).sum())
     return math.inf if noise == 0 else 10 * math.log10(signal / noise)

@@ -15,7 +15,15 @@ from ..errors import CheckpointFormatError, CheckpointKeyMismatchError, ConfigEr
 from ..sampling.noise import NoiseSchedule
 from .checkpoint import read_diffusers_folder, read_state_dict
 from .convert import ddpm_config_from_diffusers, ddpm_from_diffusers, looks_like_diffusers_ddpm
+from .convert_ldm import (
+    LDM_UNET_PREFIX,
+    ldm_unet_config_from_diffusers,
+    ldm_unet_from_diffusers,
+    ldm_unet_state,
+    looks_like_diffusers_ldm_unet,
+)
 from .ddpm import DDPMConfig, DDPMUNet
+from .openai_unet import LDMUNet, LDMUNetConfig
 from .presets import PRESETS, Preset, get_preset
 
 
@@ -52,11 +60,14 @@ def load(
     """Load a cq UNet with real weights, in eval mode.
 
     Args:
-        preset_or_path: a preset name (``"demo"``, ``"cifar10"``, ...) or a diffusers model folder.
-        path: weights for the preset: ``.ckpt/.pt/.pth/.bin`` (``weights_only=True``), ``.safetensors`` or a
-            diffusers folder. Not needed for presets with embedded weights (``"demo"``).
+        preset_or_path: a preset name (``"demo"``, ``"cifar10"``, ``"sd-v1"``, ``"ldm-cin256-v2"``...) or a diffusers
+            model folder (``UNet2DModel`` / ``UNet2DConditionModel``, or a pipeline folder with ``unet/``).
+        path: weights for the preset: ``.ckpt/.pt/.pth/.bin`` (``weights_only=True``; Lightning ``.ckpt`` files of
+            LDM/SD included), ``.safetensors`` or a diffusers folder. Not needed for presets with embedded
+            weights (``"demo"``). For latent-diffusion presets a full CompVis checkpoint is fine: only its
+            ``model.diffusion_model.*`` part is read (`cq.pipelines.LatentDiffusion` loads the rest).
         format: key layout of the file; ``"auto"`` detects original vs diffusers keys.
-        ema: prefer EMA weights when the file holds both.
+        ema: prefer EMA weights when the file holds both (LDM: the ``model_ema.*`` copy).
         trust_pickle: allow pickles with arbitrary objects (only for files you trust).
 
     Raises:
@@ -66,6 +77,8 @@ def load(
     Example:
         >>> unet = cq.models.load("demo")
         >>> unet = cq.models.load("cifar10", path="ema_diffusion_cifar10_model/model-790000.ckpt")
+        >>> unet = cq.models.load("sd-v1", path="v1-5-pruned-emaonly.safetensors")
+        >>> unet = cq.models.load("ldm-cin256-v2", path="models/ldm/cin256-v2/model.ckpt")
     """
     key = str(preset_or_path)
     if key in PRESETS:
@@ -78,11 +91,26 @@ def load(
                 )
             path = embedded_weights_path(p)
         unet = build(p)
-        load_weights(unet, read_state_dict(path, ema=ema, trust_pickle=trust_pickle), format=format)
+        state = read_state_dict(path, ema=ema, trust_pickle=trust_pickle)
+        if isinstance(unet, LDMUNet):
+            state = ldm_unet_state(state, ema=ema)
+        load_weights(unet, state, format=format)
         return unet
     folder = Path(preset_or_path)
     if folder.is_dir():
         state, config = read_diffusers_folder(folder)
+        if _is_ldm_diffusers_config(config):
+            p = Preset(
+                name=folder.name,
+                family="ldm",
+                config=ldm_unet_config_from_diffusers(config),
+                noise=_diffusers_noise_schedule(folder),
+                sampling={"steps": 50, "spacing": "ldm", "eta": 0.0},
+                source=str(folder),
+            )
+            unet = build(p)
+            load_weights(unet, state, format="diffusers")
+            return unet
         p = Preset(
             name=folder.name,
             family="ddpm",
@@ -109,6 +137,11 @@ def load_weights(unet: nn.Module, state: dict[str, Tensor], *, format: KeyFormat
     diffusers_keys = format == "diffusers" or (format == "auto" and looks_like_diffusers_ddpm(state))
     if isinstance(unet, DDPMUNet) and diffusers_keys:
         state = ddpm_from_diffusers(state, len(unet.config.ch_mult), unet.config.num_res_blocks)
+    if isinstance(unet, LDMUNet):
+        if any(k.startswith(LDM_UNET_PREFIX) for k in state):  # a full LDM/SD checkpoint: its UNet part
+            state = ldm_unet_state(state, ema=False)
+        if format == "diffusers" or (format == "auto" and looks_like_diffusers_ldm_unet(state)):
+            state = ldm_unet_from_diffusers(state, unet.config)
     expected = unet.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -127,11 +160,11 @@ def load_weights(unet: nn.Module, state: dict[str, Tensor], *, format: KeyFormat
 
 def describe_model(unet: nn.Module) -> dict:
     """JSON-able description from which `build_from_description` rebuilds the architecture (random weights)."""
-    if isinstance(unet, DDPMUNet):
+    if isinstance(unet, DDPMUNet | LDMUNet):
         noise = getattr(unet, "noise_schedule", None)
         preset = getattr(unet, "preset", None)
         return {
-            "family": "ddpm",
+            "family": "ddpm" if isinstance(unet, DDPMUNet) else "ldm",
             "config": dataclasses.asdict(unet.config),
             "noise": dataclasses.asdict(noise) if noise is not None else None,
             "preset": preset.name if preset is not None else None,
@@ -139,17 +172,20 @@ def describe_model(unet: nn.Module) -> dict:
     raise ConfigError(f"cannot describe a {type(unet).__name__} for saving; only cq UNets can be saved")
 
 
-def build_from_description(desc: dict) -> nn.Module:
-    """Inverse of `describe_model` (weights are random: load a state dict into the result)."""
-    if desc.get("family") != "ddpm":
-        raise ConfigError(f"unknown model family {desc.get('family')!r} in a saved model")
+def build_from_description(desc: dict, *, device: str | torch.device | None = None) -> nn.Module:
+    """Inverse of `describe_model` (weights are random, or unallocated with ``device="meta"``: load a state dict
+    into the result)."""
+    family = desc.get("family")
+    config_types = {"ddpm": DDPMConfig, "ldm": LDMUNetConfig}
+    if family not in config_types:
+        raise ConfigError(f"unknown model family {family!r} in a saved model")
     config = dict(desc["config"])
-    config = DDPMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    config = config_types[family](**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
     noise = NoiseSchedule(**desc["noise"]) if desc.get("noise") else None
     name = desc.get("preset")
     preset = PRESETS[name] if name in PRESETS and PRESETS[name].config == config else None
-    p = preset or Preset(name=name or "custom", family="ddpm", config=config, noise=noise or NoiseSchedule())
-    with torch.random.fork_rng(devices=[]):
+    p = preset or Preset(name=name or "custom", family=family, config=config, noise=noise or NoiseSchedule())
+    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
         torch.manual_seed(0)
         unet = build(p)
     if noise is not None:
@@ -170,7 +206,17 @@ def embedded_weights_path(preset: Preset) -> Path:
 def _construct(config: object) -> nn.Module:
     if isinstance(config, DDPMConfig):
         return DDPMUNet(config)
+    if isinstance(config, LDMUNetConfig):
+        return LDMUNet(config)
     raise ConfigError(f"no model family for config {type(config).__name__}")
+
+
+def _is_ldm_diffusers_config(config: dict) -> bool:
+    """A diffusers UNet config of the LDM family: ``UNet2DConditionModel``, or a ``UNet2DModel`` with LDM's
+    cos-first timestep embedding (DDPM configs set ``flip_sin_to_cos: false``)."""
+    if config.get("_class_name") == "UNet2DConditionModel" or "cross_attention_dim" in config:
+        return True
+    return config.get("flip_sin_to_cos", True) is True and config.get("freq_shift", 0) == 0
 
 
 def _diffusers_noise_schedule(folder: Path) -> NoiseSchedule:

@@ -69,6 +69,13 @@ class QuantizedWeight(nn.Module):
     def __init__(self, weight: Tensor, spec: QuantSpec):
         super().__init__()
         self.spec = spec
+        if weight.is_meta:  # a skeleton to load a saved model into: integer buffers of the right shapes, no search
+            channels = weight.shape[0] if spec.per_channel else 1
+            dtype = torch.int8 if spec.symmetric else torch.uint8
+            self.register_buffer("weight_q", torch.empty(weight.shape, dtype=dtype, device="meta"))
+            self.register_buffer("weight_scale", torch.empty(channels, device="meta"))
+            self.register_buffer("weight_zero_point", torch.empty(channels, dtype=dtype, device="meta"))
+            return
         lo, hi = search_range(weight, spec)
         scale, zp = qparams(lo, hi, spec)
         shape = (-1,) + (1,) * (weight.ndim - 1) if spec.per_channel else ()
@@ -77,11 +84,12 @@ class QuantizedWeight(nn.Module):
         )
         self.register_buffer("weight_q", q.to(torch.int8 if spec.symmetric else torch.uint8))
         self.register_buffer("weight_scale", scale.reshape(-1).clone())
-        self.register_buffer("weight_zero_point", zp.reshape(-1).clone())
+        # zero points are integers in [qmin, qmax]: stored as such (1 byte per channel, not 4)
+        self.register_buffer("weight_zero_point", zp.reshape(-1).to(self.weight_q.dtype))
 
     def dequantized(self) -> Tensor:
         shape = (-1,) + (1,) * (self.weight_q.ndim - 1) if self.spec.per_channel else ()
-        scale, zp = self.weight_scale.reshape(shape), self.weight_zero_point.reshape(shape)
+        scale, zp = self.weight_scale.reshape(shape), self.weight_zero_point.reshape(shape).float()
         return (self.weight_q.float() - zp) * scale
 
     def extra_repr(self) -> str:
