@@ -1,0 +1,593 @@
+"""The LDM / Stable Diffusion UNet: a reimplementation of CompVis
+``ldm.modules.diffusionmodules.openaimodel.UNetModel`` (with ``ldm.modules.attention.SpatialTransformer``), the
+network of latent-diffusion (LDM-4/LDM-8) and SD v1.
+
+Attribute names reproduce the ``model.diffusion_model.*`` keys of the original checkpoints (``time_embed.0``,
+``input_blocks.{i}.{j}``, ``middle_block.{j}``, ``output_blocks.{i}.{j}``, ``out.2``, ``label_emb``), so the
+UNet part of an LDM/SD ``.ckpt`` loads with ``load_state_dict`` once the prefix is stripped. Numerics follow the
+original (ecosystem.md §A3): ``GroupNorm32`` (eps 1e-5, computed in fp32) in ResBlocks, legacy attention and the
+output head; GroupNorm eps 1e-6 in SpatialTransformer; cos-first timestep embedding with ``log(1e4)/half``;
+symmetric padding 1 in the stride-2 downsample conv; legacy ``QKVAttentionLegacy`` layout ``[head][q|k|v][dh]`` with
+``dh**-0.25`` applied to q and k each. Every attention matmul is a named `MatMul` module (``qk``, ``av``).
+
+Cache points (DeepCache, Ma et al. 2024; CacheQuant): the feature *entering* output block ``j``, named
+``"output_blocks.{j}"`` (before the concat with its skip). Output block ``j`` pops skip ``hs[N-1-j]`` (N input
+blocks), so a shallow call at that point runs only ``input_blocks[:N-j]`` and ``output_blocks[j:]``. The shallowest
+point, ``"output_blocks.{N-1}"`` (the output of ``output_blocks[-2]``), is CacheQuant's / DeepCache-LDM's cut: a
+shallow call runs ``time_embed``, ``input_blocks[0]``, ``output_blocks[-1]`` and ``out``.
+
+``cond``: the cross-attention context ``[B, L, context_dim]`` for SpatialTransformer models (SD: CLIP text
+features; cin256-v2: the class embedding from `cq.models.conditioners.ClassEmbedder`, L = 1); the class labels
+``[B]`` for ``num_classes`` models; None for unconditional ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..cache.view import CacheView
+from ..errors import CachePointError, ConfigError, InputShapeError
+from .layers import MatMul
+
+
+__all__ = ["LDMUNetConfig", "LDMUNet", "ldm_timestep_embedding"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LDMUNetConfig:
+    """Hyper-parameters of ``openaimodel.UNetModel`` (the ``unet_config.params`` of an LDM/SD yaml), same names.
+
+    ``attention_resolutions`` are downsampling factors (1 = full resolution), as in the yaml. Heads: a fixed
+    ``num_heads`` per attention layer, or ``num_head_channels`` channels per head (then ``num_heads = ch //
+    num_head_channels``); ``num_heads_upsample`` overrides the heads of the decoder's legacy attention blocks.
+    """
+
+    image_size: int  # default latent side (``sample_shape``); any multiple of 2**(levels-1) runs
+    in_channels: int
+    out_channels: int
+    model_channels: int
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = ()
+    channel_mult: tuple[int, ...] = (1, 2, 4, 8)
+    dropout: float = 0.0
+    conv_resample: bool = True
+    num_classes: int | None = None  # label-conditional models (label_emb); cond is then the labels [B]
+    num_heads: int = -1
+    num_head_channels: int = -1
+    num_heads_upsample: int = -1
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    use_spatial_transformer: bool = False
+    transformer_depth: int = 1
+    context_dim: int | None = None
+    norm_groups: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "in_channels", "out_channels", "model_channels", "num_res_blocks"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"LDMUNetConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.norm_groups < 1 or self.transformer_depth < 1:
+            raise ConfigError("LDMUNetConfig.norm_groups and transformer_depth must be >= 1")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ConfigError(
+                f"LDMUNetConfig.channel_mult must be a non-empty tuple of ints >= 1, got {self.channel_mult}"
+            )
+        if self.image_size % 2 ** (len(self.channel_mult) - 1):
+            raise ConfigError(
+                f"LDMUNetConfig.image_size={self.image_size} must be divisible by 2**(len(channel_mult)-1)="
+                f"{2 ** (len(self.channel_mult) - 1)}"
+            )
+        if self.use_spatial_transformer != (self.context_dim is not None):
+            raise ConfigError(
+                "LDMUNetConfig: use_spatial_transformer=True needs context_dim (the cross-attention width) and "
+                f"context_dim needs use_spatial_transformer; got {self.use_spatial_transformer}, {self.context_dim}"
+            )
+        if self.num_classes is not None and self.context_dim is not None:
+            raise ConfigError(
+                "LDMUNetConfig: a model conditioned on both class labels and a context is not supported "
+                "(cond carries one tensor); LDM class-conditional models condition through a context"
+            )
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ConfigError(f"LDMUNetConfig.num_classes must be >= 1 or None, got {self.num_classes}")
+        if self.num_heads == -1 and self.num_head_channels == -1:
+            raise ConfigError("LDMUNetConfig: set num_heads or num_head_channels (both are -1)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"LDMUNetConfig.dropout must be in [0, 1), got {self.dropout}")
+        for m in (1, *self.channel_mult):
+            ch = self.model_channels * m
+            if ch % self.norm_groups:
+                raise ConfigError(
+                    f"LDMUNetConfig: channel count model_channels*mult={ch} is not divisible by "
+                    f"norm_groups={self.norm_groups}"
+                )
+        attended = {self.model_channels * self.channel_mult[-1]}  # the middle block always attends
+        attended |= {
+            self.model_channels * m for i, m in enumerate(self.channel_mult) if 2**i in self.attention_resolutions
+        }
+        for ch in sorted(attended):
+            if self.num_head_channels != -1 and ch % self.num_head_channels:
+                raise ConfigError(
+                    f"LDMUNetConfig: {ch} attention channels are not a multiple of num_head_channels="
+                    f"{self.num_head_channels}"
+                )
+            for upsample in (False, True):
+                heads = self.heads(ch, upsample=upsample)
+                if heads < 1 or ch % heads:
+                    raise ConfigError(f"LDMUNetConfig: {ch} channels cannot be split into {heads} attention heads")
+
+    def heads(self, channels: int, *, upsample: bool = False) -> int:
+        """Attention heads of a layer with ``channels`` channels (openaimodel's head arithmetic, legacy or not)."""
+        if self.num_head_channels != -1:
+            return channels // self.num_head_channels
+        if upsample and not self.use_spatial_transformer and self.num_heads_upsample != -1:
+            return self.num_heads_upsample
+        return self.num_heads
+
+
+def ldm_timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """LDM ``timestep_embedding``: ``exp(-log(max_period) * arange(half) / half)``, then ``cat([cos, sin])``.
+
+    Equals diffusers' ``get_timestep_embedding(flip_sin_to_cos=True, downscale_freq_shift=0)`` (same op order).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Blocks (openaimodel.py: GroupNorm32, ResBlock, Downsample, Upsample, AttentionBlock + QKVAttentionLegacy;
+# attention.py: CrossAttention, GEGLU, FeedForward, BasicTransformerBlock, SpatialTransformer)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """``GroupNorm(32, C)`` (eps 1e-5) evaluated in fp32 and cast back (openaimodel ``normalization``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv ``op`` with symmetric padding 1, or 2x2 average pooling without a conv."""
+
+    def __init__(self, channels: int, use_conv: bool):
+        super().__init__()
+        if use_conv:
+            self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.use_conv = use_conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x) if self.use_conv else F.avg_pool2d(x, kernel_size=2, stride=2)
+
+
+class Upsample(nn.Module):
+    """Nearest x2, then an optional 3x3 ``conv``."""
+
+    def __init__(self, channels: int, use_conv: bool):
+        super().__init__()
+        if use_conv:
+            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.use_conv = use_conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class ResBlock(nn.Module):
+    """openaimodel ``ResBlock``: ``in_layers`` (GN-SiLU-conv), ``emb_layers`` (SiLU-Linear), ``out_layers``
+    (GN-SiLU-dropout-conv), ``skip_connection`` (1x1 conv when channels change, else identity).
+
+    ``use_scale_shift_norm``: the embedding gives (scale, shift) applied as ``GN(h) * (1 + scale) + shift``.
+    ``up`` / ``down``: the block also resamples (parameter-free nearest / average pooling) between the
+    ``in_layers`` norm-activation and conv, on both the residual and the skip path (``resblock_updown``).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float,
+        out_channels: int,
+        *,
+        use_scale_shift_norm: bool,
+        groups: int,
+        up: bool = False,
+        down: bool = False,
+    ):
+        super().__init__()
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(
+            GroupNorm32(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.updown = up or down
+        self.resample = Upsample(channels, False) if up else Downsample(channels, False) if down else None
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
+        )
+        self.out_layers = nn.Sequential(
+            GroupNorm32(groups, out_channels),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        if self.resample is not None:
+            h = self.resample(self.in_layers[1](self.in_layers[0](x)))
+            x = self.resample(x)
+            h = self.in_layers[2](h)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            for layer in self.out_layers[1:]:
+                h = layer(h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Legacy spatial self-attention: ``qkv`` Conv1d ``[3C, C, 1]`` laid out ``[head][q|k|v][dh]``, q and k each
+    scaled by ``dh**-0.25`` (``QKVAttentionLegacy``), ``proj_out`` Conv1d, residual."""
+
+    def __init__(self, channels: int, num_heads: int, groups: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = GroupNorm32(groups, channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+        self.qk = MatMul()
+        self.av = MatMul()
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(x))  # (B, 3C, T)
+        length, dh = qkv.shape[-1], c // self.num_heads
+        q, k, v = qkv.reshape(b * self.num_heads, 3 * dh, length).split(dh, dim=1)  # (BH, dh, T) each
+        scale = 1 / math.sqrt(math.sqrt(dh))
+        w = self.qk((q * scale).transpose(1, 2), k * scale)  # (BH, T_q, T_k)
+        w = torch.softmax(w.float(), dim=-1).type(w.dtype)
+        h = self.av(v, w.transpose(1, 2))  # (BH, dh, T_q)
+        h = self.proj_out(h.reshape(b, c, length))
+        return (x + h).reshape(b, c, *spatial)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of ``x`` over ``context`` (itself when None); ``to_q/k/v`` without bias, ``to_out.0``."""
+
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int, dropout: float):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads, self.scale = heads, dim_head**-0.5
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+        self.qk = MatMul()
+        self.av = MatMul()
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        b, n, inner = q.shape
+        heads = self.heads
+        q = q.reshape(b, n, heads, -1).transpose(1, 2)  # (B, H, N, dh)
+        k = k.reshape(b, k.shape[1], heads, -1).transpose(1, 2)  # (B, H, M, dh)
+        v = v.reshape(b, v.shape[1], heads, -1).transpose(1, 2)  # (B, H, M, dh)
+        sim = self.qk(q, k.transpose(-1, -2)) * self.scale  # (B, H, N, M)
+        out = self.av(sim.softmax(dim=-1), v)  # (B, H, N, dh)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, inner))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """``net.0`` = GEGLU (``net.0.proj``), ``net.1`` dropout, ``net.2`` the output Linear (mult 4)."""
+
+    def __init__(self, dim: int, dropout: float, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention (``attn1``), cross-attention (``attn2``), GEGLU feed-forward (``ff``)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float, context_dim: int | None):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout)
+        self.ff = FeedForward(dim, dropout)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, context: Tensor | None) -> Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm (eps 1e-6), 1x1 ``proj_in``, ``transformer_blocks`` over the H*W tokens, 1x1 ``proj_out``,
+    residual."""
+
+    def __init__(
+        self, channels: int, heads: int, dim_head: int, *, depth: int, dropout: float, context_dim: int, groups: int
+    ):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(inner, heads, dim_head, dropout, context_dim) for _ in range(depth)]
+        )
+        self.proj_out = nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x: Tensor, context: Tensor | None) -> Tensor:
+        b, _, hh, ww = x.shape
+        h = self.proj_in(self.norm(x))
+        c = h.shape[1]
+        h = h.reshape(b, c, hh * ww).transpose(1, 2)  # (B, HW, C)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        h = h.transpose(1, 2).reshape(b, c, hh, ww)
+        return self.proj_out(h) + x
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A block of layers: ResBlocks get the embedding, SpatialTransformers the context, the rest only ``x``."""
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None = None) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The UNet
+
+
+class LDMUNet(nn.Module):
+    """LDM ``openaimodel.UNetModel`` with named cache points.
+
+    Example:
+        >>> config = LDMUNetConfig(image_size=8, in_channels=4, out_channels=4, model_channels=32,
+        ...     channel_mult=(1, 2), attention_resolutions=(1,), num_heads=4, use_spatial_transformer=True,
+        ...     context_dim=32)
+        >>> unet = LDMUNet(config)
+        >>> eps = unet(torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32))
+    """
+
+    def __init__(self, config: LDMUNetConfig):
+        super().__init__()
+        self.config = c = config
+        mc = c.model_channels
+        emb_ch = 4 * mc
+        res = dict(dropout=c.dropout, use_scale_shift_norm=c.use_scale_shift_norm, groups=c.norm_groups)
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        if c.num_classes is not None:
+            self.label_emb = nn.Embedding(c.num_classes, emb_ch)
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, mc, 3, padding=1))])
+        skip_channels = [mc]
+        ch, ds = mc, 1
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_ch, out_channels=mult * mc, **res)]
+                ch = mult * mc
+                if ds in c.attention_resolutions:
+                    layers.append(self._attention(ch, upsample=False))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(c.channel_mult) - 1:
+                down = (
+                    ResBlock(ch, emb_ch, out_channels=ch, down=True, **res)
+                    if c.resblock_updown
+                    else Downsample(ch, c.conv_resample)
+                )
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                skip_channels.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_ch, out_channels=ch, **res),
+            self._attention(ch, upsample=False),
+            ResBlock(ch, emb_ch, out_channels=ch, **res),
+        )
+
+        self.output_blocks = nn.ModuleList()
+        self._cache_channels: dict[str, int] = {}
+        for level, mult in list(enumerate(c.channel_mult))[::-1]:
+            for i in range(c.num_res_blocks + 1):
+                self._cache_channels[f"output_blocks.{len(self.output_blocks)}"] = ch
+                skip = skip_channels.pop()
+                layers = [ResBlock(ch + skip, emb_ch, out_channels=mc * mult, **res)]
+                ch = mc * mult
+                if ds in c.attention_resolutions:
+                    layers.append(self._attention(ch, upsample=True))
+                if level and i == c.num_res_blocks:
+                    layers.append(
+                        ResBlock(ch, emb_ch, out_channels=ch, up=True, **res)
+                        if c.resblock_updown
+                        else Upsample(ch, c.conv_resample)
+                    )
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            GroupNorm32(c.norm_groups, ch), nn.SiLU(), nn.Conv2d(mc, c.out_channels, 3, padding=1)
+        )
+        self._num_blocks = len(self.input_blocks)
+
+    def _attention(self, ch: int, *, upsample: bool) -> nn.Module:
+        c = self.config
+        heads = c.heads(ch, upsample=upsample)
+        if c.use_spatial_transformer:
+            return SpatialTransformer(
+                ch,
+                heads,
+                ch // heads,
+                depth=c.transformer_depth,
+                dropout=c.dropout,
+                context_dim=c.context_dim,
+                groups=c.norm_groups,
+            )
+        return AttentionBlock(ch, heads, c.norm_groups)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """Shape of one input sample ``(C, H, W)`` at the configured ``image_size``."""
+        return (self.config.in_channels, self.config.image_size, self.config.image_size)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Cache points
+
+    def cache_points(self) -> tuple[str, ...]:
+        """The feature entering each output block, deepest first: ``"output_blocks.0"`` ...
+        ``"output_blocks.{N-1}"``."""
+        return tuple(self._cache_channels)
+
+    def cache_channels(self, point: str) -> int:
+        """Channels of the cached tensor at ``point`` (the ``h`` half of its consumer's ``cat(h, skip)``)."""
+        self._check_point(point)
+        return self._cache_channels[point]
+
+    def cache_consumer(self, point: str) -> str:
+        """Name of the ResBlock that consumes ``cat(cached, skip)`` at ``point`` (``"output_blocks.{j}.0"``)."""
+        self._check_point(point)
+        return f"{point}.0"
+
+    def concat_splits(self) -> dict[str, int]:
+        """Modules whose input is ``cat(h, skip)`` along channels -> channel count of ``h``.
+
+        These are ``in_layers.2`` (after GroupNorm+SiLU, which keep channel positions) and ``skip_connection`` of
+        the first ResBlock of every output block (CacheQuant splits both; Q-Diffusion Sec. 4.3).
+        """
+        splits = {}
+        for point, channels in self._cache_channels.items():
+            splits[f"{point}.0.in_layers.2"] = channels
+            splits[f"{point}.0.skip_connection"] = channels
+        return splits
+
+    def _check_point(self, point: str) -> None:
+        if point not in self._cache_channels:
+            raise CachePointError(f"unknown cache point {point!r}; this UNet exposes {list(self.cache_points())}")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Forward
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None, *, cache: CacheView | None = None) -> Tensor:
+        """Predict the noise ``eps(x_t, t, cond)``.
+
+        Args:
+            x: ``[B, in_channels, H, W]``, H and W multiples of ``2**(len(channel_mult)-1)``.
+            t: timesteps ``[B]`` (or a scalar) in 0..T-1.
+            cond: context ``[B, L, context_dim]`` (SpatialTransformer models), labels ``[B]`` (``num_classes``
+                models) or None (unconditional models).
+            cache: None for the original model; a `CacheView` to record features or run a shallow call.
+        """
+        c = self.config
+        factor = 2 ** (len(c.channel_mult) - 1)
+        if x.ndim != 4 or x.shape[1] != c.in_channels or x.shape[2] % factor or x.shape[3] % factor:
+            raise InputShapeError(
+                f"LDMUNet expects x of shape [B, {c.in_channels}, H, W] with H, W multiples of {factor}, "
+                f"got {tuple(x.shape)}"
+            )
+        batch = x.shape[0]
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise InputShapeError(f"t must be a scalar or have shape [{batch}] (one per sample), got {tuple(t.shape)}")
+        context = self._check_cond(cond, batch)
+        if cache is not None:
+            for point in cache.record:
+                self._check_point(point)
+
+        emb = self.time_embed(ldm_timestep_embedding(t, c.model_channels))
+        if c.num_classes is not None:
+            emb = emb + self.label_emb(cond)
+
+        shallow = cache is not None and cache.is_shallow
+        start = 0
+        if shallow:
+            self._check_point(cache.read)
+            start = int(cache.read.rpartition(".")[2])
+        hs = []
+        h = x
+        for block in self.input_blocks[: self._num_blocks - start]:
+            h = block(h, emb, context)
+            hs.append(h)
+        if shallow:
+            h = cache.cached()
+            want = (batch, self._cache_channels[cache.read])
+            if tuple(h.shape[:2]) != want:
+                raise InputShapeError(
+                    f"cached feature at {cache.read!r} has shape {tuple(h.shape)}; "
+                    f"expected [{want[0]}, {want[1]}, ...] (same batch as x)"
+                )
+        else:
+            h = self.middle_block(h, emb, context)
+        for j in range(start, len(self.output_blocks)):
+            if cache is not None:
+                cache.store(f"output_blocks.{j}", h)
+            h = self.output_blocks[j](torch.cat([h, hs.pop()], dim=1), emb, context)
+        return self.out(h)
+
+    def _check_cond(self, cond: Tensor | None, batch: int) -> Tensor | None:
+        """The context tensor for the transformer blocks (None for label and unconditional models)."""
+        c = self.config
+        if c.context_dim is not None:
+            if (
+                not isinstance(cond, Tensor)
+                or cond.ndim != 3
+                or cond.shape[0] != batch
+                or cond.shape[2] != c.context_dim
+            ):
+                got = tuple(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__
+                raise InputShapeError(
+                    f"this LDMUNet is conditioned by cross-attention: cond must be a context of shape "
+                    f"[{batch}, L, {c.context_dim}], got {got}"
+                )
+            return cond
+        if c.num_classes is not None:
+            if not isinstance(cond, Tensor) or cond.shape != (batch,) or torch.is_floating_point(cond):
+                got = (tuple(cond.shape), cond.dtype) if isinstance(cond, Tensor) else type(cond).__name__
+                raise InputShapeError(
+                    f"this LDMUNet is class-conditional: cond must be integer labels of shape [{batch}], got {got}"
+                )
+            return None
+        if cond is not None:
+            raise InputShapeError("this LDMUNet is unconditional: pass cond=None")
+        return None
