@@ -1,8 +1,33 @@
 """Self-contained UNets whose attribute names reproduce the original checkpoints, plus loaders and presets."""
 
+from .autoencoders import AutoencoderConfig, AutoencoderKL, VQModel
+from .clip_text import CLIPTextConfig, CLIPTextModel
+from .conditioners import ClassEmbedder, ConditionerConfig, TextConditioner
 from .ddpm import DDPMConfig, DDPMUNet
 from .loading import build, load, load_weights
+from .openai_unet import LDMUNet, LDMUNetConfig
 from .presets import PRESETS, Preset, get_preset
+from .tokenizer import CLIPTokenizer
 
 
-__all__ = ["DDPMConfig", "DDPMUNet", "build", "load", "load_weights", "PRESETS", "Preset", "get_preset"]
+__all__ = [
+    "DDPMConfig",
+    "DDPMUNet",
+    "LDMUNetConfig",
+    "LDMUNet",
+    "AutoencoderConfig",
+    "AutoencoderKL",
+    "VQModel",
+    "CLIPTextConfig",
+    "CLIPTextModel",
+    "CLIPTokenizer",
+    "ConditionerConfig",
+    "ClassEmbedder",
+    "TextConditioner",
+    "build",
+    "load",
+    "load_weights",
+    "PRESETS",
+    "Preset",
+    "get_preset",
+]

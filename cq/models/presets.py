@@ -7,7 +7,11 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..sampling.noise import NoiseSchedule
+from .autoencoders import AutoencoderConfig
+from .clip_text import CLIPTextConfig
+from .conditioners import ConditionerConfig
 from .ddpm import DDPMConfig
+from .openai_unet import LDMUNetConfig
 
 
 __all__ = ["Preset", "PRESETS", "get_preset"]
@@ -18,12 +22,18 @@ class Preset:
     """A named model: what to build, how it was trained to denoise, how it is usually sampled."""
 
     name: str
-    family: str  # "ddpm"
-    config: Any  # DDPMConfig
+    family: str  # "ddpm" | "ldm"
+    config: Any  # DDPMConfig | LDMUNetConfig
     noise: NoiseSchedule
     sampling: dict[str, Any] = field(default_factory=dict)  # default sampler kwargs (steps, spacing, eta)
     embedded: str | None = None  # file under cq/models/weights/ shipped with the package
     source: str = ""  # where the real weights come from
+    # latent diffusion only (family "ldm"):
+    autoencoder: AutoencoderConfig | None = None  # the first stage decoding latents into images
+    conditioner: ConditionerConfig | None = None  # labels/prompts -> cond (None: unconditional or label UNet)
+    scale_factor: float | None = 1.0  # latents are z * scale_factor; None: read it from the checkpoint
+    sampler: str = "ddim"  # default sampler ("ddim" | "plms")
+    guidance_scale: float = 1.0  # default classifier-free guidance scale (1: no guidance)
 
 
 _DDPM_NOISE = NoiseSchedule(kind="linear", beta_start=1e-4, beta_end=0.02, num_timesteps=1000)
@@ -81,6 +91,209 @@ PRESETS: dict[str, Preset] = {
         ),
     ]
 }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Latent diffusion (CompVis latent-diffusion configs, ecosystem.md §A3-A4). LDM's "linear" betas are
+# linspace(sqrt(b0), sqrt(b1), T)**2, i.e. kind "scaled_linear" here.
+
+_VQ_F4 = AutoencoderConfig(kind="vq", embed_dim=3, z_channels=3, n_embed=8192, ch=128, ch_mult=(1, 2, 4))
+_KL_F8 = AutoencoderConfig(kind="kl", embed_dim=4, z_channels=4, ch=128, ch_mult=(1, 2, 4, 4))
+_LDM4_NOISE = NoiseSchedule(kind="scaled_linear", beta_start=0.0015, beta_end=0.0195, num_timesteps=1000)
+_CHURCH_NOISE = NoiseSchedule(kind="scaled_linear", beta_start=0.0015, beta_end=0.0155, num_timesteps=1000)
+_SD_NOISE = NoiseSchedule(kind="scaled_linear", beta_start=0.00085, beta_end=0.012, num_timesteps=1000)
+_CLIP_L14 = CLIPTextConfig()
+
+# tiny versions: same structure (levels, attention kind, conditioning, autoencoder kind), 32 channels
+_TINY_KL = AutoencoderConfig(
+    kind="kl", embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16
+)
+_TINY_VQ = AutoencoderConfig(
+    kind="vq", embed_dim=3, z_channels=3, n_embed=64, ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16
+)
+_TINY_CLIP = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+LDM_PRESETS: list[Preset] = [
+    Preset(
+        name="ldm-cin256-v2",
+        family="ldm",
+        config=LDMUNetConfig(
+            image_size=64,
+            in_channels=3,
+            out_channels=3,
+            model_channels=192,
+            num_res_blocks=2,
+            attention_resolutions=(8, 4, 2),
+            channel_mult=(1, 2, 3, 5),
+            num_heads=1,
+            use_spatial_transformer=True,
+            transformer_depth=1,
+            context_dim=512,
+        ),
+        noise=_LDM4_NOISE,
+        sampling={"steps": 250, "spacing": "ldm", "eta": 0.0},
+        autoencoder=_VQ_F4,
+        conditioner=ConditionerConfig(kind="class_embedder", n_classes=1001, embed_dim=512, uncond_class=1000),
+        scale_factor=1.0,
+        guidance_scale=1.5,
+        source="CompVis latent-diffusion models/ldm/cin256-v2/model.ckpt (configs/latent-diffusion/cin256-v2.yaml)",
+    ),
+    Preset(
+        name="ldm-bedroom",
+        family="ldm",
+        config=LDMUNetConfig(
+            image_size=64,
+            in_channels=3,
+            out_channels=3,
+            model_channels=224,
+            num_res_blocks=2,
+            attention_resolutions=(8, 4, 2),
+            channel_mult=(1, 2, 3, 4),
+            num_head_channels=32,
+        ),
+        noise=_LDM4_NOISE,
+        sampling={"steps": 100, "spacing": "ldm", "eta": 0.0},
+        autoencoder=_VQ_F4,
+        scale_factor=1.0,
+        source="CompVis latent-diffusion models/ldm/lsun_beds256/model.ckpt (lsun_bedrooms-ldm-vq-4.yaml)",
+    ),
+    Preset(
+        name="ldm-church",
+        family="ldm",
+        config=LDMUNetConfig(
+            image_size=32,
+            in_channels=4,
+            out_channels=4,
+            model_channels=192,
+            num_res_blocks=2,
+            attention_resolutions=(1, 2, 4, 8),
+            channel_mult=(1, 2, 2, 4, 4),
+            num_heads=8,
+            use_scale_shift_norm=True,
+            resblock_updown=True,
+        ),
+        noise=_CHURCH_NOISE,
+        sampling={"steps": 100, "spacing": "ldm", "eta": 0.0},
+        autoencoder=_KL_F8,
+        scale_factor=None,  # scale_by_std: the checkpoint stores its `scale_factor` buffer
+        source="CompVis latent-diffusion models/ldm/lsun_churches256/model.ckpt (lsun_churches-ldm-kl-8.yaml)",
+    ),
+    Preset(
+        name="sd-v1",
+        family="ldm",
+        config=LDMUNetConfig(
+            image_size=64,
+            in_channels=4,
+            out_channels=4,
+            model_channels=320,
+            num_res_blocks=2,
+            attention_resolutions=(4, 2, 1),
+            channel_mult=(1, 2, 4, 4),
+            num_heads=8,
+            use_spatial_transformer=True,
+            transformer_depth=1,
+            context_dim=768,
+        ),
+        noise=_SD_NOISE,
+        sampling={"steps": 50, "spacing": "ldm", "eta": 0.0},
+        autoencoder=_KL_F8,
+        conditioner=ConditionerConfig(kind="clip_text", text=_CLIP_L14),
+        scale_factor=0.18215,
+        sampler="plms",
+        guidance_scale=7.5,
+        source="CompVis sd-v1-4.ckpt / v1-5-pruned-emaonly.{ckpt,safetensors} (v1-inference.yaml) "
+        "or a diffusers StableDiffusionPipeline folder",
+    ),
+    # tiny configs for tests and CPU demos (random weights; cq.pipelines.LatentDiffusion.build)
+    Preset(
+        name="tiny-sd",
+        family="ldm",
+        config=LDMUNetConfig(
+            image_size=8,
+            in_channels=4,
+            out_channels=4,
+            model_channels=32,
+            num_res_blocks=2,
+            attention_resolutions=(1,),
+            channel_mult=(1, 2),
+            num_heads=4,
+            use_spatial_transformer=True,
+            context_dim=32,
+        ),
+        noise=_SD_NOISE,
+        sampling={"steps": 10, "spacing": "ldm", "eta": 0.0},
+        autoencoder=_TINY_KL,
+        conditioner=ConditionerConfig(kind="clip_text", text=_TINY_CLIP),
+        scale_factor=0.18215,
+        sampler="plms",
+        guidance_scale=7.5,
+        source="random weights (structure of sd-v1)",
+    ),
+    Preset(
+        name="tiny-ldm-cin",
+        family="ldm",
+        config=LDMUNetConfig(
+            image_size=8,
+            in_channels=3,
+            out_channels=3,
+            model_channels=32,
+            num_res_blocks=2,
+            attention_resolutions=(2,),
+            channel_mult=(1, 2),
+            num_heads=1,
+            use_spatial_transformer=True,
+            context_dim=32,
+        ),
+        noise=_LDM4_NOISE,
+        sampling={"steps": 10, "spacing": "ldm", "eta": 0.0},
+        autoencoder=_TINY_VQ,
+        conditioner=ConditionerConfig(kind="class_embedder", n_classes=1001, embed_dim=32, uncond_class=1000),
+        scale_factor=1.0,
+        guidance_scale=1.5,
+        source="random weights (structure of ldm-cin256-v2)",
+    ),
+    Preset(
+        name="tiny-ldm-bedroom",
+        family="ldm",
+        config=LDMUNetConfig(
+            image_size=8,
+            in_channels=3,
+            out_channels=3,
+            model_channels=32,
+            num_res_blocks=2,
+            attention_resolutions=(2,),
+            channel_mult=(1, 2),
+            num_head_channels=16,
+        ),
+        noise=_LDM4_NOISE,
+        sampling={"steps": 10, "spacing": "ldm", "eta": 0.0},
+        autoencoder=_TINY_VQ,
+        scale_factor=1.0,
+        source="random weights (structure of ldm-bedroom)",
+    ),
+    Preset(
+        name="tiny-ldm-church",
+        family="ldm",
+        config=LDMUNetConfig(
+            image_size=8,
+            in_channels=4,
+            out_channels=4,
+            model_channels=32,
+            num_res_blocks=2,
+            attention_resolutions=(1, 2),
+            channel_mult=(1, 2),
+            num_heads=2,
+            use_scale_shift_norm=True,
+            resblock_updown=True,
+        ),
+        noise=_CHURCH_NOISE,
+        sampling={"steps": 10, "spacing": "ldm", "eta": 0.0},
+        autoencoder=_TINY_KL,
+        scale_factor=0.5,
+        source="random weights (structure of ldm-church)",
+    ),
+]
+PRESETS.update({p.name: p for p in LDM_PRESETS})
 
 
 def get_preset(name: str) -> Preset:
