@@ -1,11 +1,13 @@
 """Samplers sharing one signature: ``sampler(model, x, *, steps, cond=None, eta=0.0, callback=None, generator=None)``.
 
-Each calls ``model(x, t, cond, step=i)``; plain networks go through `FullPrecision`.
+Each calls ``model(x, t, cond, step=i)``; plain networks go through `FullPrecision`. ``step`` is the model-call
+index: DDIM makes one call per step; PLMS makes ``plms.num_calls(steps) = steps + 1`` (two at step 0).
 """
 
 from .adapter import FullPrecision
 from .ddim import StepInfo, ddim
 from .noise import NoiseSchedule, ddim_timesteps
+from .plms import plms
 
 
-__all__ = ["ddim", "FullPrecision", "NoiseSchedule", "StepInfo", "ddim_timesteps"]
+__all__ = ["ddim", "plms", "FullPrecision", "NoiseSchedule", "StepInfo", "ddim_timesteps"]
