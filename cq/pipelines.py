@@ -1,0 +1,394 @@
+"""Latent-diffusion pipelines: conditioning -> sampling latents with a cq sampler -> decoding with the first stage.
+
+* `ClassifierFreeGuidance`: a thin sampler-facing wrapper (Ho & Salimans 2022) that runs the wrapped model *once*
+  per call on the doubled batch ``[uncond; cond]`` and returns ``eps_u + s * (eps_c - eps_u)``, passing ``step=``
+  through. Wrapping a `CompressedUNet` therefore gives its cache one call per step with the doubled batch (and
+  its statistics pool both halves, as CacheQuant's do -- algorithms.md §8.3 trap 14). With ``scale == 1`` it
+  makes the conditional call only, as LDM's samplers do.
+* `LatentDiffusion`: UNet + first stage (+ conditioner) of one LDM/SD checkpoint, built from a preset with random
+  weights (`LatentDiffusion.build`, for the tiny presets) or loaded from a CompVis ``.ckpt``/``.safetensors``
+  (Lightning pickles are read with ``weights_only=True``) or a diffusers pipeline folder
+  (`LatentDiffusion.from_pretrained`). `LatentDiffusion.sample` draws latents with DDIM or PLMS and decodes
+  ``z / scale_factor``; the denoiser can be swapped for a `CompressedUNet` built around ``pipe.unet``.
+
+Example:
+    >>> pipe = LatentDiffusion.from_pretrained("ldm-cin256-v2", "models/ldm/cin256-v2/model.ckpt")
+    >>> images = pipe.sample(cond=torch.tensor([88, 207, 360, 387]), guidance_scale=1.5, steps=250, seed=0)
+    >>> sd = LatentDiffusion.from_pretrained("sd-v1", "stable-diffusion-v1-5")  # a diffusers folder
+    >>> images = sd.sample(cond=["a photo of a cat"], steps=50, seed=0)   # PLMS, scale 7.5 (preset defaults)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import CheckpointFormatError, ConfigError, InputShapeError
+from .models.autoencoders import build_autoencoder
+from .models.checkpoint import read_diffusers_folder, read_state_dict
+from .models.clip_text import CLIPTextConfig
+from .models.conditioners import ClassEmbedder, TextConditioner, build_conditioner
+from .models.convert_ldm import autoencoder_from_diffusers, clip_text_state, split_ldm_checkpoint
+from .models.loading import build, load_weights
+from .models.openai_unet import LDMUNet
+from .models.presets import Preset, get_preset
+from .models.tokenizer import CLIPTokenizer
+from .sampling.adapter import FullPrecision, check_step_aware
+from .sampling.ddim import StepInfo, ddim
+from .sampling.plms import plms
+
+
+__all__ = ["ClassifierFreeGuidance", "LatentDiffusion", "SAMPLERS"]
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddim": ddim, "plms": plms}
+
+
+class ClassifierFreeGuidance(nn.Module):
+    """``eps_u + scale * (eps_c - eps_u)`` from one call of ``model`` on ``[uncond; cond]``.
+
+    Args:
+        model: a sampler-facing model ``model(x, t, cond, step=i)`` (`FullPrecision(unet)`, a `CompressedUNet`).
+        scale: guidance scale ``s`` (1: conditional model only; LDM-4-G uses 1.5, SD 7.5).
+        uncond: the unconditional ``cond``, ``[1, ...]`` (broadcast over the batch) or ``[B, ...]``: the empty
+            prompt's context for SD, the context of class 1000 for cin256-v2, the label 1000 for label UNets.
+    """
+
+    def __init__(self, model: nn.Module, scale: float, uncond: Tensor):
+        super().__init__()
+        check_step_aware(model)
+        if not isinstance(uncond, Tensor):
+            raise ConfigError(f"uncond must be a tensor (the unconditional cond), got {type(uncond).__name__}")
+        self.model = model
+        self.scale = float(scale)
+        self.uncond = uncond
+
+    @property
+    def noise_schedule(self):  # noqa: ANN201 - whatever the wrapped model carries
+        return getattr(self.model, "noise_schedule", None)
+
+    @property
+    def num_steps(self) -> int | None:
+        """Step count of a fitted wrapped model (samplers check it), else None."""
+        return getattr(self.model, "num_steps", None)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None, *, step: int) -> Tensor:
+        if cond is None:
+            raise InputShapeError("classifier-free guidance needs the conditional cond")
+        if self.scale == 1.0:
+            return self.model(x, t, cond, step=step)
+        batch = x.shape[0]
+        uncond = self.uncond.to(cond.device)
+        if uncond.shape[0] == 1 and batch != 1:
+            uncond = uncond.expand(batch, *uncond.shape[1:])
+        if uncond.shape != cond.shape:
+            raise InputShapeError(
+                f"uncond has shape {tuple(self.uncond.shape)}, cond {tuple(cond.shape)}; they must match "
+                "(uncond may have batch 1)"
+            )
+        t = t.expand(batch) if t.ndim == 0 else t
+        out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]), step=step)
+        eps_u, eps_c = out.chunk(2)
+        return eps_u + self.scale * (eps_c - eps_u)
+
+
+class LatentDiffusion(nn.Module):
+    """An LDM / SD model: ``unet`` (`LDMUNet`), ``first_stage`` (`AutoencoderKL` / `VQModel`) and ``conditioner``
+    (`ClassEmbedder`, `TextConditioner` or None).
+
+    Args:
+        unet: the denoiser; its ``noise_schedule`` drives the samplers.
+        first_stage: decodes latents into images.
+        conditioner: turns labels/prompts into the UNet's ``cond``; None for unconditional and label UNets.
+        scale_factor: latents are ``z * scale_factor`` (SD 0.18215; cin256/bedrooms 1; churches: stored in the ckpt).
+        preset: where the defaults (sampler, steps, guidance scale) come from; default ``unet.preset``.
+    """
+
+    def __init__(
+        self,
+        unet: LDMUNet,
+        first_stage: nn.Module,
+        conditioner: nn.Module | None = None,
+        *,
+        scale_factor: float = 1.0,
+        preset: Preset | None = None,
+    ):
+        super().__init__()
+        if not isinstance(unet, LDMUNet):
+            raise ConfigError(f"LatentDiffusion needs an LDMUNet, got {type(unet).__name__}")
+        if scale_factor is None or not scale_factor > 0:
+            raise ConfigError(f"scale_factor must be > 0, got {scale_factor}")
+        self.unet = unet
+        self.first_stage = first_stage
+        self.conditioner = conditioner
+        self.scale_factor = float(scale_factor)
+        self.preset = preset if preset is not None else getattr(unet, "preset", None)
+
+    @property
+    def noise_schedule(self):  # noqa: ANN201
+        return self.unet.noise_schedule
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Construction
+
+    @classmethod
+    def build(
+        cls, preset: str | Preset, *, seed: int | None = None, tokenizer: CLIPTokenizer | None = None
+    ) -> LatentDiffusion:
+        """Random weights for every part (tests, demos, benchmarks), in eval mode."""
+        p = _ldm_preset(preset)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            unet = build(p)
+            first_stage = build_autoencoder(p.autoencoder)
+            conditioner = build_conditioner(p.conditioner, tokenizer) if p.conditioner is not None else None
+        scale = p.scale_factor if p.scale_factor is not None else 1.0
+        return cls(unet, first_stage, conditioner, scale_factor=scale, preset=p).eval()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        preset: str | Preset,
+        path: str | Path,
+        *,
+        tokenizer: CLIPTokenizer | str | Path | None = None,
+        ema: bool = True,
+        trust_pickle: bool = False,
+    ) -> LatentDiffusion:
+        """Load every part from one CompVis checkpoint or one diffusers pipeline folder.
+
+        Args:
+            preset: the architecture (``"sd-v1"``, ``"ldm-cin256-v2"``, ``"ldm-bedroom"``, ``"ldm-church"``...).
+            path: a CompVis ``.ckpt`` / ``.safetensors`` holding ``model.diffusion_model.*``,
+                ``first_stage_model.*`` and ``cond_stage_model.*``; or a diffusers folder with ``unet/``,
+                ``vae/`` and (SD) ``text_encoder/``, ``tokenizer/``.
+            tokenizer: SD's CLIP tokenizer: a `CLIPTokenizer`, a folder with ``vocab.json`` + ``merges.txt`` or
+                a ``bpe_simple_vocab_16e6.txt.gz``. CompVis checkpoints do not contain one; without it prompts
+                must be given as token ids. A diffusers folder's ``tokenizer/`` is used when present.
+            ema: use the EMA weights when the checkpoint holds both.
+            trust_pickle: allow arbitrary pickled objects (only for files you trust).
+        """
+        p = _ldm_preset(preset)
+        path = Path(path)
+        if not path.exists():
+            raise CheckpointFormatError(f"checkpoint not found: {path}")
+        if isinstance(tokenizer, str | Path):
+            tokenizer = _read_tokenizer(Path(tokenizer))
+        pipe = cls.build(p, tokenizer=tokenizer)
+        if path.is_dir():
+            scale = _load_diffusers_pipeline(pipe, path)
+        else:
+            parts = split_ldm_checkpoint(read_state_dict(path, ema=ema, trust_pickle=trust_pickle), ema=ema)
+            if not parts["unet"]:
+                raise CheckpointFormatError(
+                    f"{path} holds no model.diffusion_model.* keys: not a CompVis LDM/SD checkpoint "
+                    "(a bare UNet loads with cq.models.load(preset, path=...))"
+                )
+            load_weights(pipe.unet, parts["unet"])
+            _load_first_stage(pipe.first_stage, parts["first_stage"], source=path)
+            _load_conditioner(pipe.conditioner, parts["cond_stage"], source=path)
+            scale = parts["scale_factor"]
+        scale = scale if scale is not None else p.scale_factor
+        if scale is None:
+            raise CheckpointFormatError(
+                f"preset {p.name!r} reads its latent scale_factor from the checkpoint, but {path} holds none"
+            )
+        pipe.scale_factor = float(scale)
+        return pipe.eval()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Conditioning
+
+    def condition(self, cond: Any) -> Tensor | None:
+        """The UNet's ``cond`` for user conditioning: class labels, prompts (or token ids) or a ready context."""
+        c = self.unet.config
+        if c.context_dim is None and c.num_classes is None:
+            if cond is not None:
+                raise InputShapeError(f"preset {self._name} is unconditional: pass cond=None")
+            return None
+        if cond is None:
+            raise InputShapeError(f"preset {self._name} is conditional: pass cond (labels or prompts)")
+        if c.num_classes is not None:
+            return torch.as_tensor(cond, dtype=torch.long)
+        if isinstance(cond, Tensor) and torch.is_floating_point(cond):
+            return cond  # a ready context [B, L, D]
+        if self.conditioner is None:
+            raise ConfigError(f"preset {self._name} needs a conditioner to turn {type(cond).__name__} into a context")
+        return self.conditioner(cond)
+
+    def unconditional(self, batch: int) -> Tensor:
+        """The ``cond`` of the unconditional branch of classifier-free guidance (batch 1 is broadcast)."""
+        if self.conditioner is None or not hasattr(self.conditioner, "unconditional"):
+            raise ConfigError(f"preset {self._name} has no unconditional branch for classifier-free guidance")
+        return self.conditioner.unconditional(batch)
+
+    def denoiser(
+        self, cond: Tensor | None, *, guidance_scale: float = 1.0, model: nn.Module | None = None
+    ) -> nn.Module:
+        """The sampler-facing model: ``model`` (default `FullPrecision(self.unet)`), guided when the scale != 1."""
+        model = FullPrecision(self.unet) if model is None else model
+        if guidance_scale == 1.0 or cond is None:
+            return model
+        return ClassifierFreeGuidance(model, guidance_scale, self.unconditional(1))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Sampling
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int | None = None,
+        *,
+        cond: Any = None,
+        noise: Tensor | None = None,
+        seed: int = 0,
+        guidance_scale: float | None = None,
+        steps: int | None = None,
+        sampler: str | Callable[..., Tensor] | None = None,
+        eta: float | None = None,
+        model: nn.Module | None = None,
+        decode: bool = True,
+        callback: Callable[[StepInfo], None] | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Sample latents and (by default) decode them; images are about [-1, 1] (``(x.clamp(-1, 1) + 1) / 2``
+        gives [0, 1]).
+
+        Args:
+            num_samples: batch size (default: the length of ``cond`` or of ``noise``).
+            cond: class labels ``[B]``, prompts, token ids ``[B, 77]`` or a ready context; None if unconditional.
+            noise: initial latents ``x_T``; default standard normal, row ``i`` seeded with ``seed + i``.
+            guidance_scale, steps, sampler, eta: default to the preset's (``sampler`` "ddim" | "plms" | a
+                callable with the cq sampler signature).
+            model: the denoiser to sample with, e.g. a `CompressedUNet` around ``self.unet``; guidance wraps it.
+            decode: return images (True) or latents ``z`` (False; divide by ``scale_factor`` to decode).
+        """
+        from .trace import seeded_noise
+
+        p = self.preset
+        defaults = p.sampling if p is not None else {}
+        steps = steps or defaults.get("steps", 50)
+        eta = defaults.get("eta", 0.0) if eta is None else eta
+        spacing = defaults.get("spacing", "ldm")
+        guidance_scale = (p.guidance_scale if p is not None else 1.0) if guidance_scale is None else guidance_scale
+        sampler = sampler or (p.sampler if p is not None else "ddim")
+        if isinstance(sampler, str):
+            if sampler not in SAMPLERS:
+                raise ConfigError(f"unknown sampler {sampler!r}; known: {sorted(SAMPLERS)}")
+            sampler = SAMPLERS[sampler]
+        if isinstance(cond, str):
+            cond = [cond]
+        if num_samples is None:
+            num_samples = noise.shape[0] if noise is not None else len(cond) if cond is not None else 1
+        device = next(self.unet.parameters()).device
+        if noise is None:
+            noise = seeded_noise(self.unet.sample_shape, range(seed, seed + num_samples))
+        x = noise.to(device)
+        unet_cond = self.condition(cond)
+        if unet_cond is not None:
+            unet_cond = unet_cond.to(device)
+            if unet_cond.shape[0] != x.shape[0]:
+                raise InputShapeError(f"cond has batch {unet_cond.shape[0]} but {x.shape[0]} samples are drawn")
+        denoiser = self.denoiser(unet_cond, guidance_scale=guidance_scale, model=model)
+        z = sampler(
+            denoiser,
+            x,
+            steps=steps,
+            cond=unet_cond,
+            eta=eta,
+            spacing=spacing,
+            noise=self.unet.noise_schedule,
+            callback=callback,
+            generator=generator,
+            progress=progress,
+        )
+        return self.decode(z) if decode else z
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Images of latents ``z`` (``first_stage.decode(z / scale_factor)``; VQ decoding quantizes)."""
+        return self.first_stage.decode(z / self.scale_factor)
+
+    def encode(self, images: Tensor) -> Tensor:
+        """Latents ``z`` of images in [-1, 1] (the posterior mean for KL), scaled by ``scale_factor``."""
+        return self.first_stage.encode(images) * self.scale_factor
+
+    @property
+    def _name(self) -> str:
+        return repr(self.preset.name) if self.preset is not None else "(custom)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading helpers
+
+
+def _ldm_preset(preset: str | Preset) -> Preset:
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    if p.family != "ldm" or p.autoencoder is None:
+        raise ConfigError(f"preset {p.name!r} is not a latent-diffusion preset (family {p.family!r})")
+    return p
+
+
+def _read_tokenizer(path: Path) -> CLIPTokenizer:
+    if path.suffix == ".gz":
+        return CLIPTokenizer.from_bpe_gz(path)
+    return CLIPTokenizer.from_folder(path)
+
+
+def _load_first_stage(first_stage: nn.Module, state: dict[str, Tensor], *, source: Any) -> None:
+    if not state:
+        raise CheckpointFormatError(f"{source} holds no first_stage_model.* keys (the autoencoder)")
+    state = {k: v for k, v in state.items() if not k.startswith("loss.")}  # training-only discriminator/LPIPS
+    if any(".down_blocks." in k or ".up_blocks." in k for k in state):
+        c = first_stage.config
+        state = autoencoder_from_diffusers(state, len(c.ch_mult), c.num_res_blocks)
+    load_weights(first_stage, state)
+
+
+def _load_conditioner(conditioner: nn.Module | None, state: dict[str, Tensor], *, source: Any) -> None:
+    if conditioner is None:
+        return
+    if not state:
+        raise CheckpointFormatError(f"{source} holds no cond_stage_model.* keys (the conditioner)")
+    if isinstance(conditioner, TextConditioner):
+        load_weights(conditioner.transformer, clip_text_state(state))
+    elif isinstance(conditioner, ClassEmbedder):
+        load_weights(conditioner, state)
+
+
+def _load_diffusers_pipeline(pipe: LatentDiffusion, folder: Path) -> float | None:
+    """Fill ``pipe`` from a diffusers pipeline folder; returns the VAE's ``scaling_factor`` if it states one."""
+    for part in ("unet", "vae"):
+        if not (folder / part).is_dir():
+            raise CheckpointFormatError(f"{folder} is not a diffusers pipeline folder: no {part}/ sub-folder")
+    unet_state, _ = read_diffusers_folder(folder / "unet")
+    load_weights(pipe.unet, unet_state, format="diffusers")
+    vae_state, vae_config = read_diffusers_folder(folder / "vae")
+    c = pipe.first_stage.config
+    load_weights(pipe.first_stage, autoencoder_from_diffusers(vae_state, len(c.ch_mult), c.num_res_blocks))
+    conditioner = pipe.conditioner
+    if isinstance(conditioner, TextConditioner):
+        encoder = folder / "text_encoder"
+        weights = next(
+            (encoder / n for n in ("model.safetensors", "pytorch_model.bin") if (encoder / n).exists()), None
+        )
+        if weights is None:
+            raise CheckpointFormatError(f"{encoder} holds no model.safetensors or pytorch_model.bin")
+        config_file = encoder / "config.json"
+        if config_file.exists():
+            found = CLIPTextConfig.from_transformers(json.loads(config_file.read_text()))
+            if found != conditioner.transformer.config:
+                raise ConfigError(
+                    f"{config_file} describes {found}, the preset expects {conditioner.transformer.config}"
+                )
+        load_weights(conditioner.transformer, clip_text_state(read_state_dict(weights)))
+        if conditioner.tokenizer is None and (folder / "tokenizer" / "vocab.json").exists():
+            conditioner.tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
+    elif conditioner is not None:
+        raise ConfigError(f"a diffusers folder carries no {type(conditioner).__name__}; use a CompVis checkpoint")
+    return vae_config.get("scaling_factor")
