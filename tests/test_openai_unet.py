@@ -91,6 +91,21 @@ UNCOND_CONFIGS = {
         attention_head_dim=16,
         attn_norm_num_groups=32,
     ),
+    # churches' other half: no attention on the lowest level, whose upsampler is a ResBlock too
+    "church-bottom": dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64),
+        down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("ResnetUpsampleBlock2D", "AttnUpBlock2D"),
+        resnet_time_scale_shift="scale_shift",
+        downsample_type="resnet",
+        upsample_type="resnet",
+        attention_head_dim=16,
+        attn_norm_num_groups=32,
+    ),
     # the ecosystem.md §B config (8 channels per head at 32 and 64 channels)
     "lsun": dict(
         sample_size=16,
@@ -197,7 +212,7 @@ def test_legacy_attention_parity_with_diffusers(uncond_pair):
     name, unet, ref = uncond_pair
     c = unet.config
     assert not c.use_spatial_transformer
-    assert c.use_scale_shift_norm == c.resblock_updown == (name != "bedroom")
+    assert c.use_scale_shift_norm == c.resblock_updown == name.startswith(("church", "lsun"))
     assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in ref.parameters())
     x, t = _inputs(4, c.in_channels, c.image_size)
     with torch.no_grad():
@@ -374,6 +389,12 @@ def test_config_from_diffusers_rejects_per_level_heads_and_mismatched_levels():
         ldm_unet_config_from_diffusers({**lsun, "attn_norm_num_groups": None})
     with pytest.raises(ConfigError, match="upsample_type"):
         ldm_unet_config_from_diffusers({**lsun, "upsample_type": "conv"})
+    # diffusers' UpBlock2D upsamples with a conv whatever upsample_type says
+    bottom = {"_class_name": "UNet2DModel", **LSUN_COMMON, **UNCOND_CONFIGS["church-bottom"]}
+    with pytest.raises(ConfigError, match="ResnetUpsampleBlock2D"):
+        ldm_unet_config_from_diffusers({**bottom, "up_block_types": ("UpBlock2D", "AttnUpBlock2D")})
+    with pytest.raises(ConfigError, match="no LDM UNet counterpart"):
+        ldm_unet_config_from_diffusers({**lsun, "down_block_types": ("SkipDownBlock2D", "AttnDownBlock2D")})
 
 
 # ----------------------------------------------------------------------------------------------------------------

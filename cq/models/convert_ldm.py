@@ -349,6 +349,18 @@ def ldm_unet_config_from_diffusers(config: dict[str, Any]) -> LDMUNetConfig:
     for key, want in expected.items():
         if key in config and config[key] != want:
             raise ConfigError(f"diffusers config has {key}={config[key]!r}; the LDM UNet needs {want!r}")
+    down_types, up_types = list(config["down_block_types"]), list(config["up_block_types"])
+    known_down, known_up = (
+        ({"DownBlock2D", "CrossAttnDownBlock2D"}, {"UpBlock2D", "CrossAttnUpBlock2D"})
+        if conditional
+        else (
+            {"DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D"},
+            {"UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"},
+        )
+    )
+    unknown = sorted({*down_types} - known_down) + sorted({*up_types} - known_up)
+    if unknown:
+        raise ConfigError(f"diffusers block types {unknown} have no LDM UNet counterpart")
     channels = list(config["block_out_channels"])
     mc = channels[0]
     if any(ch % mc for ch in channels):
@@ -399,6 +411,19 @@ def ldm_unet_config_from_diffusers(config: dict[str, Any]) -> LDMUNetConfig:
         updown = {config.get("downsample_type", "conv"), config.get("upsample_type", "conv")}
         if len(updown) != 1 or not updown <= {"conv", "resnet"}:
             raise ConfigError(f"downsample_type/upsample_type {sorted(updown)}: need both 'conv' or both 'resnet'")
+        # the blocks that resample (all but the last of each list); diffusers' plain Down/UpBlock2D always
+        # resample with a conv, its Resnet*sampleBlock2D always with a ResBlock
+        resampling = down_types[:-1] + up_types[:-1]
+        if updown == {"resnet"}:
+            conv = [k for k in resampling if k in ("DownBlock2D", "UpBlock2D")]
+            if conv:
+                raise ConfigError(
+                    f"{conv} resample with a conv although downsample_type/upsample_type='resnet'; LDM's "
+                    "resblock_updown resamples with ResBlocks everywhere (use ResnetDownsampleBlock2D / "
+                    "ResnetUpsampleBlock2D there)"
+                )
+        elif any(k.startswith("Resnet") for k in down_types + up_types):
+            raise ConfigError("Resnet*sampleBlock2D blocks need downsample_type/upsample_type='resnet'")
         head_dim = config.get("attention_head_dim", 8)  # UNet2DModel: channels per head (None: one head)
         heads = dict(num_heads=1) if head_dim is None else dict(num_head_channels=head_dim)
         kwargs |= dict(
