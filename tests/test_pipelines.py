@@ -477,3 +477,13 @@ def test_artifact_round_trip_of_a_compressed_ldm(tmp_path):
     assert torch.equal(
         ddim(loaded, noise, steps=4, spacing="linspace"), ddim(model, noise, steps=4, spacing="linspace")
     )
+
+
+def test_tokenizer_from_a_path(diffusers_sd, tmp_path):
+    """CompVis checkpoints carry no tokenizer: pass its folder (vocab.json + merges.txt) or the gz merge list."""
+    folder = diffusers_sd[0]
+    source = LatentDiffusion.build("tiny-sd", seed=1)
+    path = tmp_path / "sd.safetensors"
+    save_file(_ldm_state(source), path)
+    pipe = LatentDiffusion.from_pretrained("tiny-sd", path, tokenizer=folder / "tokenizer")
+    assert torch.equal(pipe.conditioner.tokenize(["a cat"]), _byte_tokenizer()(["a cat"]))
