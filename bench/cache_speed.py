@@ -31,6 +31,7 @@ from cq.cache.deepcache import DeepCache  # noqa: E402
 from cq.cache.dps import distance_table, dp_partition  # noqa: E402
 from cq.compressed import CompressedUNet  # noqa: E402
 from cq.metrics import predicted_speedup, sample_error, unet_macs  # noqa: E402
+from cq.models.presets import sampling_defaults  # noqa: E402
 from cq.sampling import FullPrecision, ddim  # noqa: E402
 from cq.trace import seeded_noise  # noqa: E402
 
@@ -122,13 +123,11 @@ def planning(sizes: list[int], feature_numel: int) -> None:
 
 def quality(steps: int, intervals: list[int], num: int, calib: int) -> None:
     unet = cq.models.load("demo")
-    point = unet.cache_points()[-1]
-    spacing = unet.preset.sampling.get("spacing", "uniform")
-    trace = cq.trace(
-        unet, steps=steps, num_samples=calib, points=[point], seed=10_000, spacing=spacing, progress=False
-    )
+    point = unet.default_cache_point()
+    sampler = sampling_defaults(unet, steps)[1]
+    trace = cq.trace(unet, steps=steps, num_samples=calib, points=[point], seed=10_000, progress=False, **sampler)
     noise = seeded_noise(unet.sample_shape, range(num))
-    reference = ddim(FullPrecision(unet), noise, steps=steps, spacing=spacing)
+    reference = ddim(FullPrecision(unet), noise, steps=steps, **sampler)
     rows = []
     for n in intervals:
         k = math.ceil(steps / n)
@@ -143,12 +142,12 @@ def quality(steps: int, intervals: list[int], num: int, calib: int) -> None:
         for label, schedule in schedules.items():
             cacher = DeepCache(schedule=schedule, point=point).fit(unet, trace)
             model = CompressedUNet(unet, num_steps=steps, cacher=cacher)
-            err = sample_error(ddim(model, noise, steps=steps, spacing=spacing), reference)
+            err = sample_error(ddim(model, noise, steps=steps, **sampler), reference)
             rows.append([n, label, sum(model.refresh_mask()), f"{err['mse']:.5f}", f"{err['psnr']:.2f}"])
     print_table(
         ["N", "schedule", "refreshes", "x0 MSE", "x0 PSNR dB"],
         rows,
-        title=f"demo model, cache point {point}, DDIM {steps} steps ({spacing}), {num} samples; "
+        title=f"demo model, cache point {point}, DDIM {steps} steps {sampler}, {num} samples; "
         f"DPS fitted on {calib} other trajectories",
     )
 

@@ -26,6 +26,7 @@ from cq.cache import Uniform as UniformSchedule  # noqa: E402
 from cq.cache.deepcache import DeepCache  # noqa: E402
 from cq.compressed import CompressedUNet  # noqa: E402
 from cq.metrics import sample_error  # noqa: E402
+from cq.models.presets import sampling_defaults  # noqa: E402
 from cq.quant import PTQ4DM, Uniform  # noqa: E402
 from cq.sampling import FullPrecision, ddim  # noqa: E402
 from cq.trace import seeded_noise  # noqa: E402
@@ -43,14 +44,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(machine_line())
     unet = cq.models.load("demo")
-    spacing = unet.preset.sampling.get("spacing", "uniform")
-    point = unet.cache_points()[-1]
+    sampler = sampling_defaults(unet, args.steps)[1]
+    point = unet.default_cache_point()
     T, n = args.steps, args.interval
-    trace = cq.trace(
-        unet, steps=T, num_samples=args.calib, points=[point], seed=10_000, spacing=spacing, progress=False
-    )
+    trace = cq.trace(unet, steps=T, num_samples=args.calib, points=[point], seed=10_000, progress=False, **sampler)
     noise = seeded_noise(unet.sample_shape, range(args.num))
-    reference = ddim(FullPrecision(unet), noise, steps=T, spacing=spacing)
+    reference = ddim(FullPrecision(unet), noise, steps=T, **sampler)
     uniform_cache = DeepCache(schedule=UniformSchedule(interval=n), point=point).fit(unet, trace)
     dps_cache = DeepCache(schedule=DPS(interval=n), point=point).fit(unet, trace)
 
@@ -71,7 +70,7 @@ def main() -> None:
         unet_q = quantizer.quantize(unet, trace, cacher=cacher, progress=False) if quantizer else unet
         calib = time.perf_counter() - start
         model = CompressedUNet(unet_q, num_steps=T, cacher=cacher)
-        err = sample_error(ddim(model, noise, steps=T, spacing=spacing), reference)
+        err = sample_error(ddim(model, noise, steps=T, **sampler), reference)
         rows.append(
             [
                 label,
@@ -84,7 +83,7 @@ def main() -> None:
     print_table(
         ["setting", "refreshes", "x0 MSE", "x0 PSNR dB", "calibration s"],
         rows,
-        title=f"demo model, DDIM {T} steps ({spacing}), {args.num} samples vs full precision; "
+        title=f"demo model, DDIM {T} steps {sampler}, {args.num} samples vs full precision; "
         f"calibration on {args.calib} other trajectories, cache point {point}",
     )
 

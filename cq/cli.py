@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .models.presets import sampling_defaults
+
 
 __all__ = ["main"]
 
@@ -20,7 +22,7 @@ def _load_base(name: str, path: str | None):
     return load(name, path=path)
 
 
-def _trace_for(unet, recipe, steps: int, samples: int, seed: int, spacing: str, progress: bool = True):
+def _trace_for(unet, recipe, steps: int, samples: int, seed: int, sampler: dict, progress: bool = True):
     from .trace import trace
 
     return trace(
@@ -29,19 +31,10 @@ def _trace_for(unet, recipe, steps: int, samples: int, seed: int, spacing: str, 
         num_samples=samples,
         points=recipe.points(unet),
         seed=seed,
-        spacing=spacing,
+        **sampler,
         batch_size=min(samples, 64),
         progress=progress,
     )
-
-
-def _sampling_defaults(unet, steps: int | None) -> tuple[int, str]:
-    defaults = unet.preset.sampling if getattr(unet, "preset", None) else {}
-    steps = steps or defaults.get("steps", 50)
-    spacing = defaults.get("spacing", "uniform")
-    if spacing in ("uniform", "ldm") and unet.noise_schedule.num_timesteps % steps:
-        spacing = "linspace"  # uniform spacing needs steps dividing T
-    return steps, spacing
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -58,11 +51,11 @@ def _demo(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     unet = _load_base(args.model, None)
-    steps, spacing = _sampling_defaults(unet, args.steps)
+    steps, sampler = sampling_defaults(unet, args.steps)
     n = args.interval
     print(
         f"cq demo: model={args.model} ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params), "
-        f"DDIM {steps} steps ({spacing}), {args.num} samples, interval {n}, {torch.get_num_threads()} threads"
+        f"DDIM {steps} steps {sampler}, {args.num} samples, interval {n}, {torch.get_num_threads()} threads"
     )
     noise = seeded_noise(unet.sample_shape, range(args.seed, args.seed + args.num))
     recipes = {
@@ -75,14 +68,14 @@ def _demo(args: argparse.Namespace) -> int:
         recipes = {}
 
     start = time.perf_counter()
-    reference = ddim(FullPrecision(unet), noise, steps=steps, spacing=spacing)
+    reference = ddim(FullPrecision(unet), noise, steps=steps, **sampler)
     fp_seconds = time.perf_counter() - start
     print(f"full precision: {fp_seconds:.2f} s, {1000 * fp_seconds / args.num:.1f} ms per image")
 
     trace = None
     if recipes:
         fit_start = time.perf_counter()
-        trace = _trace_for(unet, cachequant(n), steps, args.calib, seed=10_000, spacing=spacing, progress=False)
+        trace = _trace_for(unet, cachequant(n), steps, args.calib, seed=10_000, sampler=sampler, progress=False)
         print(
             f"trace: {args.calib} full-precision trajectories (seeds 10000+, not the evaluated ones), "
             f"{time.perf_counter() - fit_start:.1f} s"
@@ -95,7 +88,7 @@ def _demo(args: argparse.Namespace) -> int:
         model = recipe.fit(unet, trace, progress=False)
         fit_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        out = ddim(model, noise, steps=steps, spacing=spacing)
+        out = ddim(model, noise, steps=steps, **sampler)
         seconds = time.perf_counter() - t0
         point = model.cache.point if model.cache is not None else None
         mask = model.refresh_mask()
@@ -151,15 +144,15 @@ def _fit(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     unet = _load_base(args.model, args.weights)
-    steps, spacing = _sampling_defaults(unet, args.steps)
+    steps, sampler = sampling_defaults(unet, args.steps)
     kwargs = {}
     if args.recipe != "quant_only":
         kwargs["interval"] = args.interval
     if args.recipe != "deepcache":
         kwargs["bits"] = args.bits
     recipe = PRESET_RECIPES[args.recipe](**kwargs)
-    print(f"cq fit: {args.recipe} {kwargs} on {args.model}, {steps} steps ({spacing})")
-    trace = _trace_for(unet, recipe, steps, args.samples, args.seed, spacing)
+    print(f"cq fit: {args.recipe} {kwargs} on {args.model}, {steps} steps {sampler}")
+    trace = _trace_for(unet, recipe, steps, args.samples, args.seed, sampler)
     model = recipe.fit(unet, trace)
     path = model.save(args.out)
     print(model.report(reference=unet, trace=trace).summary())
@@ -175,11 +168,13 @@ def _sample(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load(args.path)
-    spacing = args.spacing or ("uniform" if model.noise_schedule.num_timesteps % model.num_steps == 0 else "linspace")
+    model = load(args.path, int8=args.int8)
+    _, sampler = sampling_defaults(model.unet, model.num_steps)
+    if args.spacing:
+        sampler["spacing"] = args.spacing
     noise = seeded_noise(model.sample_shape, range(args.seed, args.seed + args.num))
     start = time.perf_counter()
-    x0 = ddim(model, noise, steps=model.num_steps, spacing=spacing, progress=True)
+    x0 = ddim(model, noise, steps=model.num_steps, progress=True, **sampler)
     seconds = time.perf_counter() - start
     out = save_grid(x0, args.out, nrow=int(args.num**0.5 + 0.999), scale=args.scale)
     print(f"{args.num} samples, {model.num_steps} steps: {seconds:.2f} s ({1000 * seconds / args.num:.1f} ms/image)")
@@ -196,13 +191,13 @@ def _report(args: argparse.Namespace) -> int:
         from .trace import trace as record
 
         reference = _load_base(args.model, args.weights)
-        spacing = "uniform" if reference.noise_schedule.num_timesteps % model.num_steps == 0 else "linspace"
+        _, sampler = sampling_defaults(reference, model.num_steps)
         trace = record(
             reference,
             steps=model.num_steps,
             num_samples=args.samples,
             seed=20_000,
-            spacing=spacing,
+            **sampler,
             points=[model.cache.point] if model.cache is not None else [],
             progress=False,
         )
@@ -262,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num", type=int, default=64)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--spacing", default=None)
+    sample.add_argument("--int8", action="store_true", help="run quantized layers on int8 kernels")
     sample.add_argument("--scale", type=int, default=3)
     sample.add_argument("--threads", type=int, default=None)
     sample.add_argument("-o", "--out", default="cq_samples.png")

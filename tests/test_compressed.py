@@ -100,14 +100,14 @@ def test_dps_cacher_needs_a_trace_with_its_point(unet):
 
 
 def test_deepcache_point_resolution(unet):
-    assert DeepCache(schedule=Uniform(interval=2)).resolve_point(unet) == unet.cache_points()[-1]
+    assert DeepCache(schedule=Uniform(interval=2)).resolve_point(unet) == unet.default_cache_point() == "up.1.block.2"
     with pytest.raises(CachePointError, match="up.9.block.0"):
         DeepCache(schedule=Uniform(interval=2), point="up.9.block.0").resolve_point(unet)
 
 
 def test_fitted_cacher_round_trips(unet):
     trace = cq.trace(
-        unet, steps=STEPS, num_samples=2, points=[unet.cache_points()[-1]], spacing="linspace", progress=False
+        unet, steps=STEPS, num_samples=2, points=[unet.default_cache_point()], spacing="linspace", progress=False
     )
     cacher = DeepCache(schedule=DPS(interval=3)).fit(unet, trace)
     again = from_dict(to_dict(cacher))

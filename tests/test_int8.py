@@ -126,7 +126,7 @@ def setup():
     unet.noise_schedule = cq.sampling.NoiseSchedule()
     unet.eval()
     trace = cq.trace(
-        unet, steps=6, num_samples=6, points=[unet.cache_points()[-1]], spacing="linspace", progress=False
+        unet, steps=6, num_samples=6, points=[unet.default_cache_point()], spacing="linspace", progress=False
     )
     return unet, trace
 
@@ -171,12 +171,14 @@ def test_int8_model_matches_fake_quant_and_reloads(setup, tmp_path):
 def wide():
     """Channel counts closer to real UNets (64/128): per-channel metadata is a realistic share of the file."""
     torch.manual_seed(0)
-    unet = cq.models.DDPMUNet(cq.models.DDPMConfig(resolution=16, in_channels=1, out_ch=1, ch=64, ch_mult=(1, 2),
-                                                   attn_resolutions=(8,)))
+    unet = cq.models.DDPMUNet(
+        cq.models.DDPMConfig(resolution=16, in_channels=1, out_ch=1, ch=64, ch_mult=(1, 2), attn_resolutions=(8,))
+    )
     unet.noise_schedule = cq.sampling.NoiseSchedule()
     unet.eval()
-    trace = cq.trace(unet, steps=6, num_samples=4, points=[unet.cache_points()[-1]], spacing="linspace",
-                     progress=False)
+    trace = cq.trace(
+        unet, steps=6, num_samples=4, points=[unet.default_cache_point()], spacing="linspace", progress=False
+    )
     return unet, trace
 
 

@@ -47,7 +47,7 @@ def unet() -> DDPMUNet:
 @pytest.fixture(scope="module")
 def trace(unet):
     return cq.trace(
-        unet, steps=STEPS, num_samples=8, points=[unet.cache_points()[-1]], spacing="linspace", progress=False
+        unet, steps=STEPS, num_samples=8, points=[unet.default_cache_point()], spacing="linspace", progress=False
     )
 
 

@@ -50,8 +50,9 @@ def unet() -> DDPMUNet:
 
 @pytest.fixture(scope="module")
 def trace(unet):
-    return cq.trace(unet, steps=STEPS, num_samples=6, points=[unet.cache_points()[-1]], spacing="linspace",
-                    progress=False)
+    return cq.trace(
+        unet, steps=STEPS, num_samples=6, points=[unet.default_cache_point()], spacing="linspace", progress=False
+    )
 
 
 def fast_recipe(name: str) -> Recipe:
@@ -181,10 +182,19 @@ def test_trace_must_hold_the_cache_point(unet):
     ("make", "match"),
     [
         (lambda: Recipe(correctors=(CacheErrorCorrector(),)), "needs a cacher"),
-        (lambda: Recipe(cacher=DeepCache(schedule=UniformSchedule(interval=2)), correctors=(QuantErrorCorrector(),)),
-         "needs a quantizer"),
-        (lambda: Recipe(cacher=DeepCache(schedule=UniformSchedule(interval=2)),
-                        correctors=(CacheErrorCorrector(), CacheErrorCorrector(chunk=3))), "repeats"),
+        (
+            lambda: Recipe(
+                cacher=DeepCache(schedule=UniformSchedule(interval=2)), correctors=(QuantErrorCorrector(),)
+            ),
+            "needs a quantizer",
+        ),
+        (
+            lambda: Recipe(
+                cacher=DeepCache(schedule=UniformSchedule(interval=2)),
+                correctors=(CacheErrorCorrector(), CacheErrorCorrector(chunk=3)),
+            ),
+            "repeats",
+        ),
         (lambda: Recipe(cacher=UniformSchedule(interval=2)), "Cacher"),
         (lambda: Recipe(correctors=[CacheErrorCorrector()]), "tuple"),
         (lambda: parse_bits("8bit"), "w8a8"),
@@ -195,8 +205,11 @@ def test_invalid_recipes_raise(make, match):
         make()
 
 
-schedules = st.one_of(st.builds(UniformSchedule, interval=st.integers(1, 9)),
-                      st.builds(Power, interval=st.integers(1, 9)), st.builds(DPS, interval=st.integers(1, 9)))
+schedules = st.one_of(
+    st.builds(UniformSchedule, interval=st.integers(1, 9)),
+    st.builds(Power, interval=st.integers(1, 9)),
+    st.builds(DPS, interval=st.integers(1, 9)),
+)
 recipes = st.builds(
     Recipe,
     cacher=st.builds(DeepCache, schedule=schedules, point=st.none() | st.just("up.0.block.2")),

@@ -26,8 +26,9 @@ def unet() -> DDPMUNet:
 
 @pytest.fixture(scope="module")
 def trace(unet):
-    return cq.trace(unet, steps=STEPS, num_samples=4, points=[unet.cache_points()[-1]], spacing="linspace",
-                    progress=False)
+    return cq.trace(
+        unet, steps=STEPS, num_samples=4, points=[unet.default_cache_point()], spacing="linspace", progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,9 @@ def test_report_counts_steps_and_macs(unet, trace):
     macs = unet_macs(unet, points=[model.cache.point])
     assert [s.refresh for s in rep.steps] == list(model.refresh_mask())
     assert all(s.macs == (macs["full"] if s.refresh else macs[model.cache.point]) for s in rep.steps)
-    assert rep.mac_speedup == pytest.approx(predicted_speedup(macs["full"], macs[model.cache.point],
-                                                              model.refresh_mask()))
+    assert rep.mac_speedup == pytest.approx(
+        predicted_speedup(macs["full"], macs[model.cache.point], model.refresh_mask())
+    )
     assert all(s.sqnr_db is None for s in rep.steps) and rep.mean_sqnr_db is None
 
 
@@ -70,8 +72,26 @@ def test_report_plot_writes_a_png(unet, trace, quantized, tmp_path):
 
 def test_cli_fit_sample_report(tmp_path, capsys):
     out = tmp_path / "demo.cq"
-    assert main(["fit", "--model", "demo", "--recipe", "cachequant", "--interval", "2", "--steps", "10",
-                 "--samples", "4", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--model",
+                "demo",
+                "--recipe",
+                "cachequant",
+                "--interval",
+                "2",
+                "--steps",
+                "10",
+                "--samples",
+                "4",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert out.exists()
     grid = tmp_path / "grid.png"
     assert main(["sample", str(out), "--num", "4", "-o", str(grid)]) == 0

@@ -2,8 +2,9 @@
 
 At refresh steps the full UNet runs and the feature entering ``point`` is stored; at the other steps only the
 encoder prefix and the decoder suffix around ``point`` run, reading the stored feature. The default point is the
-shallowest one (``unet.cache_points()[-1]``): CacheQuant's and DeepCache-LDM's cut (``input_blocks[0]`` +
-``output_blocks[-1]``). DeepCache's DDPM ``--branch 2`` for CIFAR is ``point="up.1.block.2"``.
+model's ``default_cache_point()``: for DDPM UNets DeepCache's ``--branch 2`` (``"up.1.block.2"`` for CIFAR, as in
+CacheQuant's CIFAR experiments); for LDM/SD UNets the shallowest point (``input_blocks[0]`` +
+``output_blocks[-1]``, CacheQuant's and DeepCache-LDM's cut).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class DeepCache(Cacher):
 
     Args:
         schedule: a `Schedule` (`Uniform`, `Power`, `DPS`, ...).
-        point: cache point name; None picks the UNet's shallowest point.
+        point: cache point name; None picks the UNet's ``default_cache_point()`` (DDPM: DeepCache's branch 2,
+            CacheQuant's CIFAR setting) or else its shallowest point (LDM/SD: CacheQuant's cut).
 
     Example:
         >>> cacher = DeepCache(schedule=DPS(interval=5)).fit(unet, trace)
@@ -49,7 +51,8 @@ class DeepCache(Cacher):
     def resolve_point(self, unet: nn.Module) -> str:
         points = tuple(unet.cache_points())
         if self.point is None:
-            return points[-1]
+            default = getattr(unet, "default_cache_point", None)
+            return default() if default is not None else points[-1]
         if self.point not in points:
             raise CachePointError(f"unknown cache point {self.point!r}; this UNet exposes {list(points)}")
         return self.point

@@ -253,6 +253,13 @@ class DDPMUNet(nn.Module):
         """Names of the cut points, deepest first: the feature entering each up block (``"up.{l}.block.{b}"``)."""
         return tuple(f"up.{level}.block.{b}" for level, b in self._up_order)
 
+    def default_cache_point(self) -> str:
+        """DeepCache's ``--branch 2`` cut (the one CacheQuant uses for DDPM CIFAR-10): the feature entering the
+        first decoder block of the second-highest resolution. Falls back to the shallowest point."""
+        if self.config.num_res_blocks == 2 and self.num_resolutions >= 2:
+            return self.deepcache_branch_point(2)
+        return self.cache_points()[-1]
+
     def cache_channels(self, point: str) -> int:
         """Channels of the cached tensor at ``point``: the split of the concat its consumer block sees."""
         self._check_point(point)

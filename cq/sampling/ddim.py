@@ -55,6 +55,7 @@ def ddim(
     noise: NoiseSchedule | None = None,
     callback: Callable[[StepInfo], None] | None = None,
     generator: torch.Generator | None = None,
+    clip_x0: bool = False,
     progress: bool = False,
 ) -> Tensor:
     """Run DDIM from ``x`` (= x_T) and return x_0.
@@ -69,6 +70,8 @@ def ddim(
         noise: the model's noise schedule; default ``model.noise_schedule``.
         callback: called with a `StepInfo` after every step.
         generator: source of the ancestral noise when ``eta > 0``.
+        clip_x0: clip the predicted x_0 to [-1, 1] and re-derive eps from it (the DDPM sampler's
+            ``clip_denoised``; the ddim code does not clip, so the default is off).
         progress: show a tqdm bar.
     """
     if eta < 0:
@@ -91,6 +94,9 @@ def ddim(
         at, an = alphas[k].item(), alphas_next[k].item()
         eps = model(x, torch.full((n,), t, dtype=torch.long, device=x.device), cond, step=i)
         x0 = (x - eps * (1 - at) ** 0.5) / at**0.5
+        if clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = (x - at**0.5 * x0) / (1 - at) ** 0.5
         c1 = eta * ((1 - at / an) * (1 - an) / (1 - at)) ** 0.5
         c2 = max((1 - an) - c1**2, 0.0) ** 0.5
         x_next = an**0.5 * x0 + c2 * eps
