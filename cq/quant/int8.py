@@ -98,7 +98,7 @@ class _Half(nn.Module):
             # sum over the window of the dequantized input (zero padding = code zp), times s*(z-128) per channel
             centered = xq.sum(1, keepdim=True, dtype=torch.float32).sub_(zp * xq.shape[1]).mul_(scale)
             window = F.conv2d(centered, self.box, None, self.stride, self.padding, self.dilation)
-            y = y - self.remainder.reshape(1, -1, 1, 1) * window
+            y.addcmul_(self.remainder.reshape(1, -1, 1, 1), window, value=-1.0)  # in place, in y's layout
         return y
 
 
@@ -149,7 +149,7 @@ class Int8Linear(nn.Module):
         )
         if self.remainder.numel():
             total = xq.sum(-1, keepdim=True, dtype=torch.float32).sub_(zp * xq.shape[-1]).mul_(scale)
-            y = y - self.remainder * total
+            y.addcmul_(self.remainder, total, value=-1.0)
         return y
 
     def extra_repr(self) -> str:
