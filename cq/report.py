@@ -158,7 +158,7 @@ def report(
             model.cache.clear()
     steps = [StepReport(i, r, macs["full"] if r else macs[point], sqnrs[i]) for i, r in enumerate(mask)]
     q = quantized_modules(model.unet)
-    float_layers = sum(isinstance(m, nn.Conv2d | nn.Linear) for m in model.unet.modules())
+    float_layers = sum(isinstance(m, nn.Conv2d | nn.Conv1d | nn.Linear) for m in model.unet.modules())
     recipe = getattr(model, "recipe", None)
     return Report(
         steps=steps,

@@ -196,7 +196,8 @@ def trace(
     Args:
         unet: a cq UNet (takes ``cache=``); it is run as is, in full precision, without caching.
         sampler: a cq sampler (`cq.sampling.ddim`); ``sampler_kwargs`` (spacing, eta, ...) go to it.
-        steps: sampler steps.
+        steps: sampler steps. The trace records one entry per model call (``sampler.num_calls(steps)`` when the
+            sampler defines it, e.g. PLMS: steps + 1), which is what a `CompressedUNet` counts as its steps.
         num_samples: trajectories to run; trajectory ``i`` starts from noise seeded with ``seed + i``.
         points: cache points whose features are recorded (see ``unet.cache_points()``).
         keep: trajectories stored at every step (default: all); the rest only feed ``observers``.
@@ -229,8 +230,10 @@ def trace(
     kept = (
         torch.linspace(0, num_samples - 1, keep).round().long().unique() if keep else torch.zeros(0, dtype=torch.long)
     )
+    # one record per model call: PLMS calls the model twice at its first step (sampler.num_calls)
+    calls = getattr(sampler, "num_calls", lambda s: s)(steps)
     builder = _TraceBuilder(
-        steps=steps, keep=len(kept), points=points, observers=observers, dtype=dtype, max_bytes=max_bytes
+        steps=calls, keep=len(kept), points=points, observers=observers, dtype=dtype, max_bytes=max_bytes
     )
     x0 = torch.empty((len(kept), *sample_shape), dtype=torch.float32)
     device = next(unet.parameters()).device

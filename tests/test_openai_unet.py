@@ -697,3 +697,23 @@ def test_cachequant_recipe_fits_a_tiny_ldm():
     assert consumer["output_blocks.5.0.in_layers.2"].split == 32
     x0 = cq.sampling.ddim(model, torch.randn(4, 4, 8, 8, generator=g), steps=steps, cond=context, spacing="linspace")
     assert x0.shape == (4, 4, 8, 8) and torch.isfinite(x0).all()
+
+
+def test_legacy_attention_conv1d_is_quantized_and_counted():
+    """LSUN LDMs project attention with Conv1d: quantized (QConv1d) and counted in MACs like FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import cq
+    from cq.metrics import count_macs
+    from cq.quant import quantized_modules
+
+    unet = cq.models.build("tiny-ldm-bedroom", seed=0)
+    x, t = torch.randn(1, *unet.sample_shape), torch.tensor([10])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(x, t)
+    assert count_macs(unet, x, t).total == counter.get_total_flops() // 2
+    trace = cq.trace(unet, steps=2, num_samples=2, spacing="linspace", progress=False)
+    model = cq.Recipe(quantizer=cq.quant.Uniform(refresh_samples=2)).fit(unet, trace, progress=False)
+    kinds = quantized_modules(model.unet)
+    conv1d = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv1d)]
+    assert conv1d and all(kinds[n] == "QConv1d" for n in conv1d)

@@ -321,3 +321,22 @@ def test_trace_needs_a_cq_unet():
     net = torch.nn.Linear(3, 3)
     with pytest.raises(ConfigError):
         trace(net, steps=2, num_samples=1, noise=NoiseSchedule(), progress=False)
+
+
+def test_plms_trace_records_every_model_call_and_fits_a_recipe(unet):
+    from cq.sampling.plms import num_calls, plms
+
+    recorded = trace(
+        unet, plms, steps=4, num_samples=2, points=[unet.default_cache_point()], spacing="linspace", progress=False
+    )
+    assert recorded.steps == num_calls(4) == 5
+    from cq.cache import DPS
+    from cq.cache.deepcache import DeepCache
+    from cq.correct import CacheErrorCorrector
+    from cq.recipe import Recipe
+
+    recipe = Recipe(cacher=DeepCache(schedule=DPS(interval=2)), correctors=(CacheErrorCorrector(),))
+    model = recipe.fit(unet, recorded, progress=False)
+    assert model.num_steps == 5
+    out = plms(model, seeded_noise(SAMPLE_SHAPE, range(2)), steps=4, spacing="linspace")
+    assert out.shape == (2, *SAMPLE_SHAPE) and bool(torch.isfinite(out).all())

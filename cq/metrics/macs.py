@@ -1,14 +1,16 @@
 """Multiply-accumulate counts of full and shallow (cached) UNet calls, and the speedup a schedule predicts.
 
-Counted: ``nn.Conv2d`` (out elements x in_ch/groups x kh x kw), ``nn.Linear`` (out elements x in_features) and
-the attention `MatMul` modules (out elements x inner dim) -- the same ops ``torch.utils.flop_counter`` counts
-(it reports 2 FLOPs per MAC), which the tests cross-check. Norms, activations, softmax and resampling are
-not counted (a few % of the work; DeepCache's and CacheQuant's counts leave them out too).
+Counted: ``nn.Conv2d`` / ``nn.Conv1d`` (out elements x in_ch/groups x kernel size), ``nn.Linear`` (out elements
+x in_features) and the attention `MatMul` modules (out elements x inner dim) -- the same ops
+``torch.utils.flop_counter`` counts (it reports 2 FLOPs per MAC), which the tests cross-check. Norms,
+activations, softmax and resampling are not counted (a few % of the work; DeepCache's and CacheQuant's counts
+leave them out too).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +20,7 @@ from torch import Tensor, nn
 
 from ..cache.view import CacheView
 from ..models.layers import MatMul
-from ..quant.modules import QConv2d, QLinear, QMatMul
+from ..quant.modules import QConv1d, QConv2d, QLinear, QMatMul
 from ..step import step_scope
 
 
@@ -26,6 +28,7 @@ __all__ = ["MacCount", "count_macs", "unet_macs", "predicted_speedup"]
 
 
 CONVS = (nn.Conv2d, QConv2d)
+CONV1DS = (nn.Conv1d, QConv1d)
 LINEARS = (nn.Linear, QLinear)
 MATMULS = (MatMul, QMatMul)
 
@@ -47,9 +50,9 @@ class MacCount:
 @contextlib.contextmanager
 def _counting(model: nn.Module, count: MacCount) -> Iterator[None]:
     def hook(name: str, module: nn.Module, inputs: tuple[Any, ...], out: Tensor) -> None:
-        if isinstance(module, CONVS):
-            kh, kw = module.kernel_size
-            macs, kind = out.numel() * (module.in_channels // module.groups) * kh * kw, "conv"
+        if isinstance(module, CONVS + CONV1DS):
+            kernel = math.prod(module.kernel_size)
+            macs, kind = out.numel() * (module.in_channels // module.groups) * kernel, "conv"
         elif isinstance(module, LINEARS):
             macs, kind = out.numel() * module.in_features, "linear"
         else:
@@ -60,7 +63,7 @@ def _counting(model: nn.Module, count: MacCount) -> Iterator[None]:
     handles = []
     try:
         for name, module in model.named_modules():
-            if isinstance(module, CONVS + LINEARS + MATMULS):
+            if isinstance(module, CONVS + CONV1DS + LINEARS + MATMULS):
                 handles.append(module.register_forward_hook(lambda m, i, o, n=name: hook(n, m, i, o)))
         yield
     finally:

@@ -1,7 +1,7 @@
 """Post-training quantization by module replacement: specs, fake-quant modules, strategies, calibration."""
 
 from ..replay import CalibrationBatch
-from .modules import ActQuantizer, QConv2d, QLinear, QMatMul, QuantizedWeight
+from .modules import ActQuantizer, QConv1d, QConv2d, QLinear, QMatMul, QuantizedWeight
 from .ptq4dm import PTQ4DM
 from .quantizer import Quantizer, quantized_modules
 from .spec import QuantSpec
@@ -14,6 +14,7 @@ __all__ = [
     "Uniform",
     "PTQ4DM",
     "QConv2d",
+    "QConv1d",
     "QLinear",
     "QMatMul",
     "ActQuantizer",

@@ -181,6 +181,8 @@ def to_int8(model: nn.Module) -> dict[str, str]:
                 status[name] = f"fake-quant (kernel refused: {str(e).splitlines()[0][:80]})"
         elif type(module).__name__ == "QMatMul":
             status[name] = "fake-quant (attention matmul: no int8 batched kernel)"
+        elif type(module).__name__ == "QConv1d":
+            status[name] = "fake-quant (Conv1d: not converted yet)"
     for name, new in swaps:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -204,6 +206,6 @@ def int8_layers(model: nn.Module) -> dict[str, int]:
     for module in model.modules():
         if isinstance(module, Int8Conv2d | Int8Linear):
             kinds["int8"] += 1
-        elif type(module).__name__ in ("QConv2d", "QLinear", "QMatMul"):
+        elif type(module).__name__ in ("QConv2d", "QConv1d", "QLinear", "QMatMul"):
             kinds["fake-quant"] += 1
     return kinds

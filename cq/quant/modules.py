@@ -24,7 +24,7 @@ from .affine import fake_quantize, qparams, search_range
 from .spec import QuantSpec
 
 
-__all__ = ["ActQuantizer", "QuantizedWeight", "QConv2d", "QLinear", "QMatMul", "QMODULES"]
+__all__ = ["ActQuantizer", "QuantizedWeight", "QConv2d", "QConv1d", "QLinear", "QMatMul", "QMODULES"]
 
 
 class ActQuantizer(nn.Module):
@@ -138,6 +138,31 @@ class QConv2d(nn.Module):
         )
 
 
+class QConv1d(nn.Module):
+    """Fake-quant ``nn.Conv1d`` (LDM's legacy attention ``qkv`` / ``proj_out``); runs as fake quantization."""
+
+    def __init__(
+        self, conv: nn.Conv1d, weight_spec: QuantSpec, act_spec: QuantSpec, num_steps: int, split: int | None = None
+    ):
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise CqError(f"QConv1d supports zero padding only, got {conv.padding_mode!r}")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self.weight = QuantizedWeight(conv.weight, weight_spec)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.act = ActQuantizer(act_spec, num_steps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv1d(
+            self.act(x), self.weight.dequantized(), self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+
+
 class QLinear(nn.Module):
     """Fake-quant ``nn.Linear``."""
 
@@ -176,4 +201,9 @@ class QMatMul(nn.Module):
         return torch.matmul(self.act(a), self.act_b(b))
 
 
-QMODULES: dict[type[nn.Module], type[nn.Module]] = {nn.Conv2d: QConv2d, nn.Linear: QLinear, MatMul: QMatMul}
+QMODULES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv2d: QConv2d,
+    nn.Conv1d: QConv1d,
+    nn.Linear: QLinear,
+    MatMul: QMatMul,
+}
