@@ -14,18 +14,9 @@ from cq.cache.deepcache import DeepCache
 from cq.compressed import CompressedUNet
 from cq.errors import CacheEmptyError, CachePointError, ScheduleInvalidError, StepCountMismatchError
 from cq.metrics import count_macs, predicted_speedup, unet_macs
-from cq.models import DDPMConfig, DDPMUNet
 from cq.registry import from_dict, to_dict
-from cq.sampling import FullPrecision, NoiseSchedule, ddim
+from cq.sampling import FullPrecision, ddim
 from cq.trace import seeded_noise
-
-
-@pytest.fixture(scope="module")
-def unet() -> DDPMUNet:
-    torch.manual_seed(0)
-    model = DDPMUNet(DDPMConfig(resolution=16, in_channels=1, out_ch=1, ch=32, ch_mult=(1, 2), attn_resolutions=(8,)))
-    model.noise_schedule = NoiseSchedule()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

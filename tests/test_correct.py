@@ -14,10 +14,8 @@ from cq.cache.deepcache import DeepCache
 from cq.compressed import CompressedUNet
 from cq.correct import CacheErrorCorrector, ChannelAffine, ChannelMoments, QuantErrorCorrector, affine_fit
 from cq.errors import ConfigError
-from cq.models import DDPMConfig, DDPMUNet
 from cq.quant import Uniform as UniformQuantizer
 from cq.registry import CORRECTORS, from_dict, to_dict
-from cq.sampling import NoiseSchedule
 from cq.step import step_scope
 
 
@@ -99,22 +97,6 @@ def test_channel_affine_applies_the_step_row():
 
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def unet() -> DDPMUNet:
-    torch.manual_seed(0)
-    model = DDPMUNet(DDPMConfig(resolution=16, in_channels=1, out_ch=1, ch=32, ch_mult=(1, 2), attn_resolutions=(8,)))
-    model.noise_schedule = NoiseSchedule()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -74,15 +74,6 @@ PARITY_ATOL = 1e-4
 TINY_CQ = DDPMConfig(resolution=16, ch=32, ch_mult=(1, 2), attn_resolutions=(8,))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is as fast, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _diffusers_unet(kwargs: dict, seed: int) -> nn.Module:
     from diffusers import UNet2DModel
 

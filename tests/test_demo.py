@@ -27,8 +27,9 @@ from cq.trace import seeded_noise
 def demo():
     unet = cq.models.load("demo")
     steps, sampler = sampling_defaults(unet)
-    trace = cq.trace(unet, steps=steps, num_samples=32, points=[unet.default_cache_point()], seed=10_000,
-                     progress=False, **sampler)
+    trace = cq.trace(
+        unet, steps=steps, num_samples=32, points=[unet.default_cache_point()], seed=10_000, progress=False, **sampler
+    )
     noise = seeded_noise(unet.sample_shape, range(32))
     reference = ddim(FullPrecision(unet), noise, steps=steps, **sampler)
     return unet, steps, sampler, trace, noise, reference

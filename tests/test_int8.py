@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_unet
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -119,12 +120,7 @@ def test_nibble_packing_refuses_wide_codes():
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    unet = cq.models.DDPMUNet(
-        cq.models.DDPMConfig(resolution=16, in_channels=1, out_ch=1, ch=32, ch_mult=(1, 2), attn_resolutions=(8,))
-    )
-    unet.noise_schedule = cq.sampling.NoiseSchedule()
-    unet.eval()
+    unet = tiny_unet()
     trace = cq.trace(
         unet, steps=6, num_samples=6, points=[unet.default_cache_point()], spacing="linspace", progress=False
     )
@@ -170,12 +166,7 @@ def test_int8_model_matches_fake_quant_and_reloads(setup, tmp_path):
 @pytest.fixture(scope="module")
 def wide():
     """Channel counts closer to real UNets (64/128): per-channel metadata is a realistic share of the file."""
-    torch.manual_seed(0)
-    unet = cq.models.DDPMUNet(
-        cq.models.DDPMConfig(resolution=16, in_channels=1, out_ch=1, ch=64, ch_mult=(1, 2), attn_resolutions=(8,))
-    )
-    unet.noise_schedule = cq.sampling.NoiseSchedule()
-    unet.eval()
+    unet = tiny_unet(ch=64)
     trace = cq.trace(
         unet, steps=6, num_samples=4, points=[unet.default_cache_point()], spacing="linspace", progress=False
     )

@@ -47,15 +47,6 @@ TINY_DIFFUSERS = dict(
 PARITY_ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small models: one intra-op thread is as fast, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def source() -> nn.Module:
     """A random model of the small preset whose weights the files below carry."""

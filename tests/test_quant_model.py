@@ -14,34 +14,17 @@ from cq.cache.deepcache import DeepCache
 from cq.compressed import CompressedUNet
 from cq.errors import ConfigError, StepNotSetError
 from cq.metrics.error import sqnr
-from cq.models import DDPMConfig, DDPMUNet
 from cq.models.layers import MatMul
 from cq.quant import PTQ4DM, ActQuantizer, QConv2d, QLinear, QMatMul, Uniform, quantized_modules
 from cq.quant.calibrate import observe
 from cq.quant.ptq4dm import ndtc_steps
 from cq.registry import QUANTIZERS, from_dict, to_dict
-from cq.sampling import FullPrecision, NoiseSchedule, ddim
+from cq.sampling import FullPrecision, ddim
 from cq.step import step_scope
 from cq.trace import seeded_noise
 
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def unet() -> DDPMUNet:
-    torch.manual_seed(0)
-    model = DDPMUNet(DDPMConfig(resolution=16, in_channels=1, out_ch=1, ch=32, ch_mult=(1, 2), attn_resolutions=(8,)))
-    model.noise_schedule = NoiseSchedule()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from conftest import tiny_unet
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,37 +16,16 @@ from cq.cache import Uniform as UniformSchedule
 from cq.cache.deepcache import DeepCache
 from cq.correct import CacheErrorCorrector, QuantErrorCorrector
 from cq.errors import CheckpointFormatError, ConfigError, StepCountMismatchError
-from cq.models import DDPMConfig, DDPMUNet
 from cq.quant import PTQ4DM, quantized_modules
 from cq.quant import Uniform as UniformQuantizer
 from cq.recipe import PRESET_RECIPES, Recipe, parse_bits
 from cq.registry import from_dict, to_dict
-from cq.sampling import NoiseSchedule, ddim
+from cq.sampling import ddim
 from cq.trace import seeded_noise
 
 
 STEPS = 6
 FAST = {"refresh_samples": 4, "cached_samples": 2}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def tiny_unet(seed: int = 0) -> DDPMUNet:
-    torch.manual_seed(seed)
-    model = DDPMUNet(DDPMConfig(resolution=16, in_channels=1, out_ch=1, ch=32, ch_mult=(1, 2), attn_resolutions=(8,)))
-    model.noise_schedule = NoiseSchedule()
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def unet() -> DDPMUNet:
-    return tiny_unet()
 
 
 @pytest.fixture(scope="module")

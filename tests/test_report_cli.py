@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import cq
 from cq.cli import main
 from cq.metrics import predicted_speedup, unet_macs
-from cq.models import DDPMConfig, DDPMUNet
 from cq.recipe import Recipe, deepcache
-from cq.sampling import NoiseSchedule
 
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def unet() -> DDPMUNet:
-    torch.manual_seed(0)
-    model = DDPMUNet(DDPMConfig(resolution=16, in_channels=1, out_ch=1, ch=32, ch_mult=(1, 2), attn_resolutions=(8,)))
-    model.noise_schedule = NoiseSchedule()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

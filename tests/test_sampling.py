@@ -20,15 +20,6 @@ T = 1000
 DIVISORS = [d for d in range(1, T + 1) if T % d == 0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: more threads only add contention on a loaded machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Betas
 

@@ -33,15 +33,6 @@ POINTS = ("up.1.block.2", "up.0.block.0")
 SEED = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small convolutions: more threads only add contention on a loaded machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def unet():
     with torch.random.fork_rng(devices=[]):
