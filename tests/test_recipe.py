@@ -212,3 +212,10 @@ def test_preset_recipes_round_trip(name):
 def test_bits_parse():
     assert parse_bits("w8a8") == (8, 8) and parse_bits("W4A8") == (4, 8)
     assert cq.cachequant(bits="w4a8").quantizer.weight_bits == 4
+
+
+def test_saved_files_get_ordinary_permissions(fitted, tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    path = fitted["deepcache"].save(tmp_path / "m.cq")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # like any new file, not a private temp file's 0o600
