@@ -23,8 +23,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     # created like any new file (mode 0o666 minus the umask), unlike mkstemp's 0o600
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         yield Path(tmp)
+        os.chmod(tmp, mode)  # some writers (safetensors) recreate the file as 0o600
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
