@@ -8,6 +8,7 @@ schedule was fitted for: samplers with another count are refused (`StepCountMism
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +59,7 @@ class CompressedUNet(nn.Module):
         self.cache.transform = self.cache_transform
 
     @property
-    def cache_transform(self):  # noqa: ANN201 - a callable or None
+    def cache_transform(self) -> Callable[[Tensor, int], Tensor] | None:
         """``fn(feature, step)`` applied to the cached feature before shallow calls, or None."""
         if self.cache_correction is None:
             return None

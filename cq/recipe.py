@@ -83,16 +83,15 @@ class Recipe:
         early = [c for c in self.correctors if isinstance(c, CacheErrorCorrector)]
         late = [c for c in self.correctors if not isinstance(c, CacheErrorCorrector)]
 
-        cache_correction = None
+        cache_correction, transform = None, None
         if early:
             fp_model = CompressedUNet(unet, num_steps=steps, cacher=cacher)
             for corrector in early:
                 corrector.fit(fp_model, unet, trace, progress=progress)
-            cache_correction = fp_model.cache_correction
+            cache_correction, transform = fp_model.cache_correction, fp_model.cache_transform
 
         body = unet
         if self.quantizer is not None:
-            transform = None if cache_correction is None else (lambda f, i: cache_correction(f, i))
             body = self.quantizer.quantize(unet, trace, cacher=cacher, cache_transform=transform, progress=progress)
 
         model = CompressedUNet(body, num_steps=steps, cacher=cacher)
