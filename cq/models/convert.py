@@ -7,6 +7,7 @@ ecosystem.md §A2. The maps are exact inverses; 1x1-conv attention weights ``[C,
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
@@ -91,6 +92,16 @@ def ddpm_from_diffusers(state: dict[str, Tensor], num_levels: int, num_res_block
     inverse = {}
     for module in _original_modules(num_levels, num_res_blocks):
         inverse[_module_to_diffusers(module, num_levels)] = module
+    return rename_from_diffusers(
+        state, inverse, _is_attn_proj, f"a DDPM UNet with {num_levels} levels and {num_res_blocks} res blocks"
+    )
+
+
+def rename_from_diffusers(
+    state: dict[str, Tensor], inverse: dict[str, str], is_attn_proj: Callable[[str], bool], model: str
+) -> dict[str, Tensor]:
+    """Rename diffusers keys through ``inverse`` (diffusers module -> original module); attention projections
+    get their 1x1-conv shape back. Keys with no original name raise `CheckpointKeyMismatchError`."""
     out, unknown = {}, []
     for key, value in state.items():
         module, leaf = _split(key)
@@ -98,14 +109,13 @@ def ddpm_from_diffusers(state: dict[str, Tensor], num_levels: int, num_res_block
             unknown.append(key)
             continue
         orig = inverse[module]
-        if _is_attn_proj(orig) and leaf == "weight" and value.ndim == 2:
+        if is_attn_proj(orig) and leaf == "weight" and value.ndim == 2:
             value = value[:, :, None, None]
         out[f"{orig}.{leaf}"] = value
     if unknown:
         raise CheckpointKeyMismatchError(
-            unexpected=unknown,
-            hint=f"these diffusers keys have no place in a DDPM UNet with {num_levels} levels and "
-            f"{num_res_blocks} res blocks; is this the right preset?",
+            unexpected=sorted(unknown),
+            hint=f"these diffusers keys have no place in {model}; is this the right preset?",
         )
     return out
 

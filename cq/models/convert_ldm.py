@@ -25,6 +25,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import CheckpointFormatError, CheckpointKeyMismatchError, ConfigError
+from .convert import rename_from_diffusers
 from .openai_unet import LDMUNetConfig
 
 
@@ -513,23 +514,9 @@ def autoencoder_from_diffusers(state: dict[str, Tensor], num_levels: int, num_re
             module = f"{side}.{name}"
             inverse[_ae_module_to_diffusers(module, num_levels)] = module
     inverse |= {m: m for m in _AE_TOP}
-    out, unknown = {}, []
-    for key, value in state.items():
-        module, _, leaf = key.rpartition(".")
-        if module not in inverse:
-            unknown.append(key)
-            continue
-        orig = inverse[module]
-        if _is_ae_attn_proj(orig) and leaf == "weight" and value.ndim == 2:
-            value = value[:, :, None, None]
-        out[f"{orig}.{leaf}"] = value
-    if unknown:
-        raise CheckpointKeyMismatchError(
-            unexpected=sorted(unknown),
-            hint=f"these diffusers keys have no place in an autoencoder with {num_levels} levels and "
-            f"{num_res_blocks} res blocks; is this the right preset?",
-        )
-    return out
+    return rename_from_diffusers(
+        state, inverse, _is_ae_attn_proj, f"an autoencoder with {num_levels} levels and {num_res_blocks} res blocks"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
