@@ -5,9 +5,11 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
+
+from cq.report import print_table  # noqa: F401 - re-exported for the bench scripts
 
 
 def machine_line() -> str:
@@ -31,20 +33,3 @@ def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int, war
             runs[name]()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str = "") -> None:
-    cells = [[_fmt(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    if title:
-        print(f"\n## {title}\n")
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in cells:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
-
-
-def _fmt(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.3e}"
-    return str(value)

@@ -32,10 +32,7 @@ FORMAT_VERSION = 1
 
 def fingerprint(unet: nn.Module) -> str:
     """SHA-256 over a model's state dict (sorted keys, shapes, dtypes and bytes)."""
-    h = hashlib.sha256()
-    for key, value in sorted(unet.state_dict().items()):
-        _hash_tensor(h, key, value)
-    return h.hexdigest()
+    return _checksum(unet.state_dict())
 
 
 def _checksum(tensors: dict[str, Tensor]) -> str:

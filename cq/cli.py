@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .models.presets import sampling_defaults
+from .report import print_table, tensor_bytes
 
 
 __all__ = ["main"]
@@ -81,7 +82,7 @@ def _demo(args: argparse.Namespace) -> int:
             f"{time.perf_counter() - fit_start:.1f} s"
         )
     macs = unet_macs(unet)
-    rows = [["full precision", steps, "1.00x", "1.00x", "-", "-", f"{_mib(unet):.2f}", "-"]]
+    rows = [["full precision", steps, "1.00x", "1.00x", "-", "-", f"{tensor_bytes(unet) / 2**20:.2f}", "-"]]
     panels, labels = [reference], ["full precision"]
     for label, recipe in recipes.items():
         t0 = time.perf_counter()
@@ -102,13 +103,13 @@ def _demo(args: argparse.Namespace) -> int:
                 f"{fp_seconds / seconds:.2f}x",
                 f"{err['mse']:.2e}",
                 f"{err['psnr']:.1f}",
-                f"{_mib(model):.2f}",
+                f"{tensor_bytes(model) / 2**20:.2f}",
                 f"{fit_s:.1f}",
             ]
         )
         panels.append(out)
         labels.append(label)
-    _print_table(
+    print_table(
         ["setting", "full calls", "MAC speedup", "wall-clock", "x0 MSE vs FP", "PSNR dB", "MiB", "fit s"], rows
     )
     if recipes:
@@ -119,19 +120,6 @@ def _demo(args: argparse.Namespace) -> int:
     out = save_grid(panels, args.out, nrow=int(args.num**0.5 + 0.999), scale=args.scale, labels=labels)
     print(f"wrote {out}")
     return 0
-
-
-def _mib(module: torch.nn.Module) -> float:
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values()) / 2**20
-
-
-def _print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in cells:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
 
 
 # ----------------------------------------------------------------------------------------------------------------

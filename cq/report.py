@@ -10,6 +10,7 @@ error (matplotlib, the ``plot`` extra).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from .compressed import CompressedUNet
     from .trace import Trace
 
-__all__ = ["Report", "StepReport", "report"]
+__all__ = ["Report", "StepReport", "report", "print_table", "tensor_bytes"]
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,8 @@ def report(
     return Report(
         steps=steps,
         full_macs=macs["full"],
-        model_bytes=_tensor_bytes(model),
-        reference_bytes=_tensor_bytes(reference) if reference is not None else None,
+        model_bytes=tensor_bytes(model),
+        reference_bytes=tensor_bytes(reference) if reference is not None else None,
         quantized_layers=len(q),
         float_layers=float_layers,
         recipe=_describe(recipe),
@@ -172,8 +173,27 @@ def report(
     )
 
 
-def _tensor_bytes(module: nn.Module) -> int:
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of a module's state dict as stored (integer codes count 1 byte, scales 4)."""
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str = "") -> None:
+    """Print a Markdown table (floats to 3 significant digits), with an optional ``## title``."""
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    if title:
+        print(f"\n## {title}\n")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.3e}"
+    return str(value)
 
 
 def _describe(recipe: object) -> str:

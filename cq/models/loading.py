@@ -185,9 +185,8 @@ def build_from_description(desc: dict, *, device: str | torch.device | None = No
     name = desc.get("preset")
     preset = PRESETS[name] if name in PRESETS and PRESETS[name].config == config else None
     p = preset or Preset(name=name or "custom", family=family, config=config, noise=noise or NoiseSchedule())
-    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
-        torch.manual_seed(0)
-        unet = build(p)
+    with torch.device(device or "cpu"):
+        unet = build(p, seed=0)
     if noise is not None:
         unet.noise_schedule = noise
     return unet
