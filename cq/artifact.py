@@ -82,7 +82,7 @@ def save(model: CompressedUNet, path: str | Path) -> Path:
     recipe = getattr(model, "recipe", None)
     if recipe is None:
         raise ConfigError("only models fitted by Recipe.fit can be saved (they carry their recipe)")
-    if any("int8" in mode for mode in getattr(model, "execution", {}).values()):
+    if any(mode.startswith("int8") for mode in getattr(model, "execution", {}).values()):
         raise ConfigError(
             "save the model before to_int8(): int8 kernels hold prepacked weights; "
             "cq.load(path, int8=True) converts again after loading"

@@ -93,15 +93,16 @@ class CompressedUNet(nn.Module):
 
         return report(self, reference=reference, trace=trace, samples=samples)
 
-    def to_int8(self) -> dict[str, str]:
+    def to_int8(self, backend: str = "auto") -> dict[str, str]:
         """Run quantized layers on integer kernels from now on (in place); returns each layer's execution mode.
 
-        The model computes the same function (up to float summation order). Save before converting, or load a
-        saved file with ``cq.load(path, int8=True)``.
+        ``backend``: ``"auto"`` picks by device (oneDNN on the CPU, ``torch._int_mm`` on CUDA; see
+        `cq.quant.int8.to_int8`). The model computes the same function (up to float summation order). Save
+        before converting, or load a saved file with ``cq.load(path, int8=True)``.
         """
         from .quant.int8 import to_int8
 
-        self.execution = to_int8(self.unet)
+        self.execution = to_int8(self.unet, backend)
         return self.execution
 
     def save(self, path: str | Path) -> Path:

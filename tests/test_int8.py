@@ -145,7 +145,7 @@ def test_int8_model_matches_fake_quant_and_reloads(setup, tmp_path):
     path = model.save(tmp_path / "m.cq")
     status = model.to_int8()
     assert int8_layers(model.unet)["int8"] > 0 and int8_layers(fake.unet)["int8"] == 0
-    assert all(v == "int8" or "matmul" in v for v in status.values())
+    assert all(v.startswith("int8") for v in status.values()), status
     # Per layer the two agree to float rounding (tests above); a 1-ulp difference can flip one activation code
     # downstream, so whole-network outputs agree to quantization-noise level: > 25 dB on this random net at
     # every step (measured 32-59 dB). Sample-level agreement is checked on the trained demo model.

@@ -1,6 +1,9 @@
 """Uniform affine quantization: parameters from a range, fake quantization, and range searches.
 
-``q = clamp(round(x / scale) + zero_point, qmin, qmax)``, ``dq = (q - zero_point) * scale``. Ranges always
+``q = clamp(floor((x + (zero_point + 1/2) * scale) * (1/scale)), qmin, qmax)`` -- ``round(x / scale) + zero_point``
+rounding half up, written as two exactly rounded elementwise ops (an add and a multiply, no division, no fused
+multiply-add) so that `cq.quant.int8` computes bit-identical codes with fast in-place kernels --
+``dq = (q - zero_point) * scale``. Ranges always
 include 0 (so 0 is exactly representable and zero padding stays exact), and zero points are integers inside
 ``[qmin, qmax]`` -- unlike the reference search, which scores clamped parameters but stores unclamped ones
 (algorithms.md §8.3 trap 9).
@@ -33,8 +36,9 @@ def qparams(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
 
 
 def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
-    """Integer grid values (as float) ``clamp(round(x/scale) + zp, qmin, qmax)``."""
-    return (torch.round(x / scale) + zero_point).clamp(spec.qmin, spec.qmax)
+    """Integer grid values (as float) ``clamp(floor((x + (zp + 1/2) * scale) * (1/scale)), qmin, qmax)``."""
+    shifted = (x + (zero_point + 0.5) * scale) * torch.reciprocal(scale)
+    return shifted.floor_().clamp_(spec.qmin, spec.qmax)
 
 
 def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:

@@ -1,15 +1,16 @@
-"""Real integer execution of fake-quant modules (CPU: oneDNN int8 convolution / linear kernels).
+"""Real integer execution of fake-quant modules: `to_int8` picks the kernels by device.
 
-`to_int8(model)` swaps each `QConv2d` / `QLinear` for an `Int8Conv2d` / `Int8Linear` computing the *same*
-function with integer kernels: the input is quantized to uint8 with the step's (scale, zero point), the weight
-is prepacked int8, the int32 accumulation is exact and the kernel writes float32. Asymmetric (CacheQuant-style)
-weights ``W = s (q - z)`` with ``q`` in [0, 255] do not fit the kernels (they ignore weight zero points), so they run
-as ``q - 128`` (int8) and the remainder ``- s (z - 128) * sum_window(x)`` is added from a one-channel box sum of
-the dequantized input -- exact, and about 1/C_out of the conv's work. W4 weights run in the same int8 kernels.
+CPU: each `QConv2d` / `QLinear` becomes an `Int8Conv2d` / `Int8Linear` on the oneDNN int8 kernels (prepacked
+weights, uint8 input with the step's scale and zero point, exact int32 accumulation, float32 output), and each
+attention `QMatMul` an `Int8MatMul` on ``torch._int_mm``. Asymmetric (CacheQuant-style) weights ``W = s (q - z)``,
+``q`` in [0, 255], do not fit the kernels (they ignore weight zero points), so they run as ``q - 128`` (int8) and
+the remainder ``- s (z - 128) * sum_window(x)`` is added from the input's channel sum -- exact; symmetric weights
+(`Uniform(weight_symmetric=True)`) need no remainder. W4 weights run in the same int8 kernels.
 
-Falls back (and says so in `int8_layers`): `QMatMul` (attention matmuls, a few % of the MACs), layers on devices
-other than the CPU, and anything the kernels refuse at conversion time. The float weights are not needed: the
-modules are built from the fake-quant modules' integer buffers.
+CUDA: linears, 1x1 convs and attention matmuls on ``torch._int_mm`` (`cq.quant.int_mm`); other convs stay fake
+quantization (torch has no int8 convolution on CUDA). Every layer's mode is returned (`CompressedUNet.execution`)
+and shown by ``cq report``: which layers run integer kernels and why the others do not. The float weights are
+not needed: the modules are built from the fake-quant modules' integer buffers.
 """
 
 from __future__ import annotations
@@ -18,27 +19,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..step import current_step
-from .modules import ActQuantizer, QConv2d, QLinear, QuantizedWeight
+from .codes import input_codes, unsigned
+from .int_mm import Int8MatMul, IntMMConv1x1, IntMMLinear, int_mm_shape_ok
+from .modules import ActQuantizer, QConv1d, QConv2d, QLinear, QMatMul, QuantizedWeight
 
 
-__all__ = ["Int8Conv2d", "Int8Linear", "to_int8", "int8_layers", "int8_available"]
+__all__ = ["Int8Conv2d", "Int8Linear", "to_int8", "int8_layers", "int8_available", "INT8_MODULES", "BACKENDS"]
+
+BACKENDS = ("auto", "onednn", "int_mm")
 
 
 def int8_available() -> bool:
     """Whether this torch build has the oneDNN int8 kernels (x86 CPUs)."""
     ops = getattr(torch.ops, "onednn", None)
     return ops is not None and hasattr(ops, "qconv2d_pointwise") and torch.backends.mkldnn.is_available()
-
-
-def _quantize_input(x: Tensor, act: ActQuantizer) -> tuple[Tensor, float, int]:
-    """uint8 codes of ``x`` with the step's table (same rounding as `fake_quantize`)."""
-    i = current_step() if act.spec.per_step else 0
-    scale, zp = float(act.scale[i]), int(act.zero_point[i])
-    if act.spec.symmetric or act.spec.bits != 8:
-        raise NotImplementedError("int8 kernels take unsigned 8-bit activations")
-    q = torch.div(x, scale).round_().add_(zp).clamp_(0, 255).to(torch.uint8)  # as fake_quantize: x / s
-    return q, scale, zp
 
 
 def _signed_weight(weight: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -73,10 +69,11 @@ class _Half(nn.Module):
         self.bias = conv.bias if with_bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x[:, self.start : self.stop]
-        xq, scale, zp = _quantize_input(x.contiguous(memory_format=torch.channels_last), self.act)
+        codes = input_codes(x[:, self.start : self.stop], self.act)
+        scale, zp, channels = codes.scale, codes.zero_point, self.stop - self.start
+        channel_sum = codes.exact.sum(1, keepdim=True) if self.remainder.numel() else None
         y = torch.ops.onednn.qconv2d_pointwise(
-            xq,
+            unsigned(codes),
             scale,
             zp,
             self.packed,
@@ -96,10 +93,13 @@ class _Half(nn.Module):
         )
         if self.remainder.numel():
             # sum over the window of the dequantized input (zero padding = code zp), times s*(z-128) per channel
-            centered = xq.sum(1, keepdim=True, dtype=torch.float32).sub_(zp * xq.shape[1]).mul_(scale)
+            channel_sum.add_((128 - zp) * channels).mul_(scale)
             pointwise = self.box.shape[-2:] == (1, 1) and self.stride == [1, 1] and self.padding == [0, 0]
-            window = centered if pointwise else F.conv2d(centered, self.box, None, self.stride, self.padding,
-                                                         self.dilation)
+            window = (
+                channel_sum
+                if pointwise
+                else F.conv2d(channel_sum, self.box, None, self.stride, self.padding, self.dilation)
+            )
             y.addcmul_(self.remainder.reshape(1, -1, 1, 1), window, value=-1.0)  # in place, in y's layout
         return y
 
@@ -145,12 +145,26 @@ class Int8Linear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        xq, scale, zp = _quantize_input(x, self.act)
+        codes = input_codes(x, self.act)
+        scale, zp, features = codes.scale, codes.zero_point, x.shape[-1]
+        total = codes.exact.sum(-1, keepdim=True) if self.remainder.numel() else None
         y = torch.ops.onednn.qlinear_pointwise(
-            xq, scale, zp, self.packed, self.w_scale, self.w_zero, self.bias, 1.0, 0, torch.float32, "none", [], ""
+            unsigned(codes),
+            scale,
+            zp,
+            self.packed,
+            self.w_scale,
+            self.w_zero,
+            self.bias,
+            1.0,
+            0,
+            torch.float32,
+            "none",
+            [],
+            "",
         )
         if self.remainder.numel():
-            total = xq.sum(-1, keepdim=True, dtype=torch.float32).sub_(zp * xq.shape[-1]).mul_(scale)
+            total.add_((128 - zp) * features).mul_(scale)
             y.addcmul_(self.remainder, total, value=-1.0)
         return y
 
@@ -158,56 +172,87 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def to_int8(model: nn.Module) -> dict[str, str]:
-    """Swap, in place, every convertible fake-quant module of ``model`` for its int8 twin.
+INT8_MODULES = (Int8Conv2d, Int8Linear, Int8MatMul, IntMMLinear, IntMMConv1x1)
 
-    Returns ``{layer: "int8" | "fake-quant (<reason>)"}`` for every quantized layer.
+
+def to_int8(model: nn.Module, backend: str = "auto") -> dict[str, str]:
+    """Swap, in place, every convertible fake-quant module of ``model`` for its integer twin.
+
+    Args:
+        backend: ``"auto"`` (oneDNN on the CPU, ``torch._int_mm`` on CUDA), ``"onednn"`` or ``"int_mm"`` (the
+            GPU path; on the CPU it runs too, which is how it is tested without a GPU).
+
+    Returns ``{layer: "int8 (<kernel>)" | "fake-quant (<reason>)"}`` for every quantized layer.
     """
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
     status: dict[str, str] = {}
-    if not int8_available():
-        for name, module in model.named_modules():
-            if isinstance(module, QConv2d | QLinear):
-                status[name] = "fake-quant (no oneDNN int8 kernels in this torch build)"
-        return status
     swaps = []
     for name, module in model.named_modules():
-        if isinstance(module, QConv2d | QLinear):
-            reason = _unsupported(module)
-            if reason:
-                status[name] = f"fake-quant ({reason})"
-                continue
-            try:
-                swaps.append((name, Int8Conv2d(module) if isinstance(module, QConv2d) else Int8Linear(module)))
-                status[name] = "int8"
-            except RuntimeError as e:  # the kernel refused this shape: keep the exact fake-quant module
-                status[name] = f"fake-quant (kernel refused: {str(e).splitlines()[0][:80]})"
-        elif type(module).__name__ == "QMatMul":
-            status[name] = "fake-quant (attention matmul: no int8 batched kernel)"
-        elif type(module).__name__ == "QConv1d":
-            status[name] = "fake-quant (Conv1d: not converted yet)"
+        if not isinstance(module, QConv2d | QConv1d | QLinear | QMatMul):
+            continue
+        kernel = backend
+        if kernel == "auto":
+            kernel = "int_mm" if _device(module).type == "cuda" else "onednn"
+        reason, build = _plan(module, kernel)
+        if reason:
+            status[name] = f"fake-quant ({reason})"
+            continue
+        try:
+            swaps.append((name, build(module)))
+            status[name] = f"int8 ({'torch._int_mm' if build in _INT_MM else 'oneDNN'})"
+        except RuntimeError as e:  # the kernel refused this shape: keep the exact fake-quant module
+            status[name] = f"fake-quant (kernel refused: {str(e).splitlines()[0][:80]})"
     for name, new in swaps:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return status
 
 
-def _unsupported(module: nn.Module) -> str:
-    if module.act.spec.bits != 8 or module.act.spec.symmetric:
-        return f"activations are {module.act.spec.bits}-bit {'signed' if module.act.spec.symmetric else ''}"
-    if isinstance(module, QConv2d) and module.act_skip is not None and module.act_skip.spec.bits != 8:
-        return "split activations are not 8-bit"
-    device = module.weight.weight_q.device
-    if device.type != "cpu":
-        return f"int8 kernels run on the CPU; the layer is on {device}"
-    return ""
+_INT_MM = (IntMMLinear, IntMMConv1x1, Int8MatMul)
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(iter(module.buffers())).device
+
+
+def _plan(module: nn.Module, kernel: str) -> tuple[str, type[nn.Module] | None]:
+    """``(reason it stays fake-quant or "", integer module class)``."""
+    acts = [m for m in module.children() if isinstance(m, ActQuantizer)]
+    if any(a.spec.bits != 8 or a.spec.symmetric for a in acts):
+        return "activations are not unsigned 8-bit", None
+    if not all(bool(a.calibrated.all()) for a in acts):
+        return "activations not calibrated", None
+    device = _device(module)
+    if isinstance(module, QConv1d):
+        return "Conv1d: no integer kernel wired", None
+    if isinstance(module, QMatMul):
+        return "", Int8MatMul
+    if kernel == "onednn":
+        if device.type != "cpu":
+            return f"oneDNN int8 kernels run on the CPU; the layer is on {device}", None
+        if not int8_available():
+            return "no oneDNN int8 kernels in this torch build", None
+        return "", Int8Conv2d if isinstance(module, QConv2d) else Int8Linear
+    if isinstance(module, QConv2d):
+        if not IntMMConv1x1.supports(module):
+            size = "x".join(map(str, module.kernel_size))
+            return f"{size} conv: torch has no int8 convolution on {device}", None
+        split = module.split
+        widths, n = ([split, module.in_channels - split] if split else [module.in_channels]), module.out_channels
+    else:
+        widths, n = [module.in_features], module.out_features
+    if not all(int_mm_shape_ok(k, n, device) for k in widths):
+        return f"torch._int_mm on {device} needs K, N multiples of 8 (K >= 16)", None
+    return "", IntMMConv1x1 if isinstance(module, QConv2d) else IntMMLinear
 
 
 def int8_layers(model: nn.Module) -> dict[str, int]:
-    """Count of int8 vs fake-quant layers in ``model``."""
+    """Count of integer-kernel vs fake-quant layers in ``model``."""
     kinds = {"int8": 0, "fake-quant": 0}
     for module in model.modules():
-        if isinstance(module, Int8Conv2d | Int8Linear):
+        if isinstance(module, INT8_MODULES):
             kinds["int8"] += 1
-        elif type(module).__name__ in ("QConv2d", "QConv1d", "QLinear", "QMatMul"):
+        elif isinstance(module, QConv2d | QConv1d | QLinear | QMatMul):
             kinds["fake-quant"] += 1
     return kinds

@@ -36,6 +36,8 @@ class Uniform(Quantizer):
 
     Args:
         weight_bits, act_bits: 2..8.
+        weight_symmetric: signed weights with a zero point of 0 (CacheQuant's are asymmetric). Symmetric weights
+            run on the int8 kernels without the window-sum term asymmetric weights need (`cq.quant.int8`).
         weight_method, act_method: range search, ``"mse"`` (default), ``"minmax"`` or ``"percentile"``.
         per_step: one activation table per sampling step (False: one shared range).
         keep_8bit: fnmatch patterns of layers kept at 8 bits (first and last conv by default).
@@ -48,6 +50,7 @@ class Uniform(Quantizer):
 
     weight_bits: int = 8
     act_bits: int = 8
+    weight_symmetric: bool = False
     weight_method: ScaleMethod = "mse"
     act_method: ScaleMethod = "mse"
     per_step: bool = True
@@ -65,7 +68,12 @@ class Uniform(Quantizer):
 
     def specs(self, name: str, module: nn.Module) -> tuple[QuantSpec | None, QuantSpec]:
         eight = any(fnmatch.fnmatchcase(name, p) for p in self.keep_8bit)
-        weight = QuantSpec(bits=8 if eight else self.weight_bits, per_channel=True, method=self.weight_method)
+        weight = QuantSpec(
+            bits=8 if eight else self.weight_bits,
+            symmetric=self.weight_symmetric,
+            per_channel=True,
+            method=self.weight_method,
+        )
         act = QuantSpec(bits=8 if eight else self.act_bits, per_step=self.per_step, method=self.act_method)
         return (None if isinstance(module, MatMul) else weight), act
 

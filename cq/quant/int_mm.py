@@ -1,0 +1,147 @@
+"""Integer matrix products on ``torch._int_mm`` (int8 x int8 -> int32): attention matmuls, linears, 1x1 convs.
+
+``torch._int_mm`` has no zero points, so both operands are centred int8 codes (``q - 128``) and the affine terms
+are added back exactly. With ``a = sa (a8 + ca)`` and ``b = sb (b8 + cb)`` (``ca = 128 - za``, per-column ``cb``):
+
+    a @ b = sa sb (a8 @ b8 + cb * rowsum(a8) + ca * colsum(b8) + K ca cb)
+
+``a8 @ b8`` is exact in int32; the correction is a rank-one update. The same code runs on the CPU (any shape) and
+on CUDA (cuBLASLt: ``M > 16``, ``K`` and ``N`` multiples of 8; small ``M`` is padded here, other shapes are
+refused when converting -- see `int_mm_shape_ok`). Reference: ecosystem.md §E.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..step import current_step
+from .codes import input_codes
+from .modules import ActQuantizer, QConv2d, QLinear, QMatMul, QuantizedWeight
+
+
+__all__ = ["int_matmul", "int_mm_shape_ok", "IntMMLinear", "IntMMConv1x1", "Int8MatMul"]
+
+_CUDA_MIN_ROWS = 17
+
+
+def int_mm_shape_ok(k: int, n: int, device: torch.device) -> bool:
+    """Whether ``torch._int_mm`` takes a ``[M, k] @ [k, n]`` product on ``device`` (M is padded as needed)."""
+    return device.type != "cuda" or (k % 8 == 0 and k >= 16 and n % 8 == 0)
+
+
+def int_matmul(a8: Tensor, b8: Tensor) -> Tensor:
+    """``a8 @ b8`` (int8, 2-D) in int32; pads a short ``a8`` on CUDA, whose kernel needs more than 16 rows."""
+    m = a8.shape[0]
+    if a8.is_cuda and m < _CUDA_MIN_ROWS:
+        a8 = torch.cat([a8, a8.new_zeros(32 - m, a8.shape[1])])
+        return torch._int_mm(a8, b8)[:m]
+    return torch._int_mm(a8, b8)
+
+
+def _centred_weight(weight: QuantizedWeight) -> tuple[Tensor, Tensor]:
+    """``(w8ᵀ [K, N] int8, per-column shift [N])`` of a weight ``s (q - z)``: ``w = s (w8 + shift)``."""
+    q = weight.weight_q.reshape(weight.weight_q.shape[0], -1)
+    if weight.spec.symmetric:
+        w8, shift = q.to(torch.int8), -weight.weight_zero_point.float()  # zero point 0
+    else:
+        w8, shift = (q.to(torch.int16) - 128).to(torch.int8), 128 - weight.weight_zero_point.float()
+    return w8.t().contiguous(), shift.expand(q.shape[0]).clone()
+
+
+class _AffineGemm(nn.Module):
+    """``x[..., K] -> x @ Wᵀ + bias`` for one activation table and one slice of the weight's input columns."""
+
+    def __init__(self, weight: QuantizedWeight, act: ActQuantizer, bias: Tensor | None, columns: slice):
+        super().__init__()
+        self.act = act
+        w8, shift = _centred_weight(weight)
+        w8 = w8[columns].contiguous()
+        self.register_buffer("w8", w8)
+        self.register_buffer("w_shift", shift)
+        self.register_buffer("w_colsum", w8.sum(0, dtype=torch.float32))
+        self.register_buffer("w_scale", weight.weight_scale.float().expand(w8.shape[1]).clone())
+        self.bias = bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        codes = input_codes(x, self.act)
+        k, ca = x.shape[-1], float(codes.shift)
+        acc = int_matmul(codes.centred.reshape(-1, k).contiguous(), self.w8).float()
+        rowsum = codes.exact.sum(-1).reshape(-1, 1)
+        acc.addcmul_(rowsum, self.w_shift).add_(ca * self.w_colsum + k * ca * self.w_shift)
+        y = acc.mul_(self.w_scale * codes.scale)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.reshape(*x.shape[:-1], -1)
+
+
+class IntMMLinear(nn.Module):
+    """`QLinear` on ``torch._int_mm`` (the GPU path; exact like the oneDNN one)."""
+
+    def __init__(self, linear: QLinear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.gemm = _AffineGemm(linear.weight, linear.act, linear.bias, slice(None))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.gemm(x)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int_mm"
+
+
+class IntMMConv1x1(nn.Module):
+    """A 1x1, stride-1 `QConv2d` as a GEMM over pixels on ``torch._int_mm``; a split input runs as two GEMMs."""
+
+    def __init__(self, conv: QConv2d):
+        super().__init__()
+        self.in_channels, self.out_channels, self.split = conv.in_channels, conv.out_channels, conv.split
+        c = conv.split or conv.in_channels
+        self.cached = _AffineGemm(conv.weight, conv.act, conv.bias, slice(0, c))
+        self.skip = _AffineGemm(conv.weight, conv.act_skip, None, slice(c, None)) if conv.split else None
+        self.correction = conv.correction
+
+    @staticmethod
+    def supports(conv: QConv2d) -> bool:
+        return (
+            tuple(conv.kernel_size) == (1, 1)
+            and tuple(conv.stride) == (1, 1)
+            and tuple(conv.padding) == (0, 0)
+            and conv.groups == 1
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        pixels = x.permute(0, 2, 3, 1)  # NHWC view: channels last in memory when x is channels-last
+        c = self.split or self.in_channels
+        y = self.cached(pixels[..., :c]).permute(0, 3, 1, 2)
+        if self.correction is not None:
+            y = self.correction(y, current_step())
+        if self.skip is not None:
+            y = y + self.skip(pixels[..., c:]).permute(0, 3, 1, 2)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, int_mm" + (f", split={self.split}" if self.split else "")
+
+
+class Int8MatMul(nn.Module):
+    """`QMatMul` (attention ``q·kᵀ``, ``softmax·v``) on ``torch._int_mm``, one product per batch entry."""
+
+    def __init__(self, matmul: QMatMul):
+        super().__init__()
+        self.act, self.act_b = matmul.act, matmul.act_b
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        ca_, cb_ = input_codes(a, self.act), input_codes(b, self.act_b)
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        a8 = ca_.centred.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+        b8 = cb_.centred.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+        acc = torch.stack([int_matmul(a8[i], b8[i]) for i in range(a8.shape[0])]).float()
+        k, ca, cb = a.shape[-1], float(ca_.shift), float(cb_.shift)
+        rowsum = ca_.exact.sum(-1, keepdim=True).expand(*batch, a.shape[-2], 1).reshape(-1, a.shape[-2], 1)
+        colsum = cb_.exact.sum(-2, keepdim=True).expand(*batch, 1, b.shape[-1]).reshape(-1, 1, b.shape[-1])
+        acc.add_(rowsum, alpha=cb).add_(colsum, alpha=ca).add_(k * ca * cb).mul_(ca_.scale * cb_.scale)
+        return acc.reshape(*batch, a.shape[-2], b.shape[-1])
+
+    def extra_repr(self) -> str:
+        return "int_mm"
