@@ -68,29 +68,19 @@ class _Half(nn.Module):
         self.register_buffer("box", torch.ones(1, 1, *q.shape[2:]))
         self.bias = conv.bias if with_bias else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, accumulate: Tensor | None = None) -> Tensor:
+        """The convolution of this half; plus ``accumulate`` (fused in the kernel: no separate add pass)."""
         codes = input_codes(x[:, self.start : self.stop], self.act)
         scale, zp, channels = codes.scale, codes.zero_point, self.stop - self.start
         channel_sum = codes.exact.sum(1, keepdim=True) if self.remainder.numel() else None
-        y = torch.ops.onednn.qconv2d_pointwise(
-            unsigned(codes),
-            scale,
-            zp,
-            self.packed,
-            self.w_scale,
-            self.w_zero,
-            self.bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-            1.0,
-            0,
-            torch.float32,
-            "none",
-            [],
-            "",
-        )
+        geometry = (self.stride, self.padding, self.dilation, self.groups)
+        qx, w = (unsigned(codes), scale, zp, self.packed, self.w_scale, self.w_zero), self.bias
+        if accumulate is None:
+            y = torch.ops.onednn.qconv2d_pointwise(*qx, w, *geometry, 1.0, 0, torch.float32, "none", [], "")
+        else:
+            y = torch.ops.onednn.qconv2d_pointwise.binary(
+                *qx, accumulate, w, *geometry, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], ""
+            )
         if self.remainder.numel():
             # sum over the window of the dequantized input (zero padding = code zp), times s*(z-128) per channel
             channel_sum.add_((128 - zp) * channels).mul_(scale)
@@ -123,7 +113,7 @@ class Int8Conv2d(nn.Module):
         if self.correction is not None:
             y = self.correction(y, current_step())
         if self.skip is not None:
-            y = y + self.skip(x)
+            y = self.skip(x, accumulate=y.contiguous(memory_format=torch.channels_last))
         return y
 
     def extra_repr(self) -> str:
