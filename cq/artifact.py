@@ -82,11 +82,6 @@ def save(model: CompressedUNet, path: str | Path) -> Path:
     recipe = getattr(model, "recipe", None)
     if recipe is None:
         raise ConfigError("only models fitted by Recipe.fit can be saved (they carry their recipe)")
-    if any(mode.startswith("int8") for mode in getattr(model, "execution", {}).values()):
-        raise ConfigError(
-            "save the model before to_int8(): int8 kernels hold prepacked weights; "
-            "cq.load(path, int8=True) converts again after loading"
-        )
     tensors, packed = _pack_low_bit_weights(model, model.state_dict())
     metadata = {
         "cq_format": str(FORMAT_VERSION),
@@ -111,7 +106,8 @@ def load(
         path: a file written by `save` / `CompressedUNet.save`.
         unet: optionally, the full-precision UNet you expect the file was fitted on; a different one raises.
         num_steps: optionally, the step count you will sample with; a different one raises.
-        int8: convert the quantized layers to integer kernels after loading (`CompressedUNet.to_int8`).
+        int8: convert the quantized layers to integer kernels after loading (`CompressedUNet.to_int8`); a
+            recipe saved with ``backend="int8"`` (or a kernel family) is converted either way.
 
     Raises:
         CheckpointFormatError: not a cq file, a newer format, or a checksum mismatch (corrupted file).
@@ -148,6 +144,6 @@ def load(
     model = recipe.build(base, steps).to_empty(device="cpu")
     model.load_state_dict(tensors, strict=True)
     model.base_fingerprint = metadata.get("fingerprint", "")
-    if int8:
-        model.to_int8()
+    if int8 or recipe.int8_kernels is not None:
+        model.to_int8(recipe.int8_kernels or "auto")
     return model.eval()

@@ -138,6 +138,7 @@ def _fit(args: argparse.Namespace) -> int:
         kwargs["interval"] = args.interval
     if args.recipe != "deepcache":
         kwargs["bits"] = args.bits
+        kwargs["backend"] = args.backend
     recipe = PRESET_RECIPES[args.recipe](**kwargs)
     print(f"cq fit: {args.recipe} {kwargs} on {args.model}, {steps} steps {sampler}")
     trace = _trace_for(unet, recipe, steps, args.samples, args.seed, sampler)
@@ -233,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--recipe", default="cachequant", choices=["cachequant", "deepcache", "quant_only", "naive"])
     fit.add_argument("--interval", type=int, default=5)
     fit.add_argument("--bits", default="w8a8")
+    fit.add_argument(
+        "--backend",
+        default="fake",
+        choices=["fake", "int8", "onednn", "int_mm"],
+        help="fake quantization, or integer kernels (saved with the recipe: `cq sample` runs them)",
+    )
     fit.add_argument("--steps", type=int, default=None)
     fit.add_argument("--samples", type=int, default=32, help="calibration trajectories")
     fit.add_argument("--seed", type=int, default=10_000)

@@ -97,8 +97,8 @@ class CompressedUNet(nn.Module):
         """Run quantized layers on integer kernels from now on (in place); returns each layer's execution mode.
 
         ``backend``: ``"auto"`` picks by device (oneDNN on the CPU, ``torch._int_mm`` on CUDA; see
-        `cq.quant.int8.to_int8`). The model computes the same function (up to float summation order). Save
-        before converting, or load a saved file with ``cq.load(path, int8=True)``.
+        `cq.quant.int8.to_int8`). The model computes the same function (up to float summation order) and
+        saves the same file; ``cq.load(path, int8=True)`` converts a loaded one.
         """
         from .quant.int8 import to_int8
 

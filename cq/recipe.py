@@ -6,7 +6,8 @@
 2. correctors that need only full-precision features (the DEC cache correction) are fitted;
 3. the quantizer calibrates on the *cached* model, with the cache correction active (CacheQuant's
    "aftercacheadd" calibration);
-4. the remaining correctors (the DEC quantization correction) are fitted on the quantized cached model.
+4. the remaining correctors (the DEC quantization correction) are fitted on the quantized cached model;
+5. with ``backend="int8"`` the quantized layers are moved to integer kernels (`CompressedUNet.to_int8`).
 
 Presets: `cachequant`, `deepcache`, `quant_only`, `naive`.
 """
@@ -34,6 +35,8 @@ from .registry import RECIPES
 if TYPE_CHECKING:
     from .trace import Trace
 
+BACKENDS = ("fake", "int8", "onednn", "int_mm")
+
 __all__ = ["Recipe", "cachequant", "deepcache", "quant_only", "naive", "parse_bits", "PRESET_RECIPES"]
 
 
@@ -42,9 +45,13 @@ __all__ = ["Recipe", "cachequant", "deepcache", "quant_only", "naive", "parse_bi
 class Recipe:
     """What compresses a UNet: a cacher, a quantizer and error correctors (each optional).
 
+    ``backend``: ``"fake"`` (quantized layers simulate quantization in float: the accuracy reference), ``"int8"``
+    (real integer kernels, picked by device), or a kernel family, ``"onednn"`` / ``"int_mm"``. Saved with the
+    recipe: `cq.load` converts again.
+
     Example:
         >>> recipe = Recipe(cacher=DeepCache(schedule=DPS(interval=5)), quantizer=cq.quant.Uniform(),
-        ...                 correctors=(CacheErrorCorrector(), QuantErrorCorrector()))
+        ...                 correctors=(CacheErrorCorrector(), QuantErrorCorrector()), backend="int8")
         >>> trace = cq.trace(unet, steps=50, num_samples=32, points=recipe.points(unet))
         >>> model = recipe.fit(unet, trace)
     """
@@ -53,8 +60,13 @@ class Recipe:
     cacher: Cacher | None = None
     quantizer: Quantizer | None = None
     correctors: tuple[Corrector, ...] = field(default_factory=tuple)
+    backend: str = "fake"
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"Recipe.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend != "fake" and self.quantizer is None:
+            raise ConfigError(f"Recipe.backend={self.backend!r} runs quantized layers: the recipe needs a quantizer")
         if self.cacher is not None and not isinstance(self.cacher, Cacher):
             raise ConfigError(f"Recipe.cacher must be a Cacher, got {type(self.cacher).__name__}")
         if self.quantizer is not None and not isinstance(self.quantizer, Quantizer):
@@ -101,7 +113,14 @@ class Recipe:
             corrector.fit(model, unet, trace, progress=progress)
         model.recipe = replace(self, cacher=cacher)
         model.base_fingerprint = fingerprint(unet)
+        if self.int8_kernels is not None:
+            model.to_int8(self.int8_kernels)
         return model
+
+    @property
+    def int8_kernels(self) -> str | None:
+        """The `to_int8` backend this recipe runs on, or None for fake quantization."""
+        return {"fake": None, "int8": "auto"}.get(self.backend, self.backend)
 
     def build(self, unet: nn.Module, num_steps: int) -> CompressedUNet:
         """The structure of a fitted model with identity corrections and unfitted tables (for loading saved
@@ -131,12 +150,13 @@ def _quantizer(bits: str) -> UniformQuantizer:
     return UniformQuantizer(weight_bits=weight_bits, act_bits=act_bits)
 
 
-def cachequant(interval: int = 5, bits: str = "w8a8", point: str | None = None) -> Recipe:
+def cachequant(interval: int = 5, bits: str = "w8a8", point: str | None = None, backend: str = "fake") -> Recipe:
     """CacheQuant: DPS schedule, per-step quantization on the cached model, both DEC corrections."""
     return Recipe(
         cacher=DeepCache(schedule=DPS(interval=interval), point=point),
         quantizer=_quantizer(bits),
         correctors=(CacheErrorCorrector(), QuantErrorCorrector()),
+        backend=backend,
     )
 
 
@@ -145,14 +165,15 @@ def deepcache(interval: int = 5, point: str | None = None) -> Recipe:
     return Recipe(cacher=DeepCache(schedule=Uniform(interval=interval), point=point))
 
 
-def quant_only(bits: str = "w8a8") -> Recipe:
+def quant_only(bits: str = "w8a8", backend: str = "fake") -> Recipe:
     """Quantization alone (per-step activation tables), no caching."""
-    return Recipe(quantizer=_quantizer(bits))
+    return Recipe(quantizer=_quantizer(bits), backend=backend)
 
 
-def naive(interval: int = 5, bits: str = "w8a8", point: str | None = None) -> Recipe:
+def naive(interval: int = 5, bits: str = "w8a8", point: str | None = None, backend: str = "fake") -> Recipe:
     """DeepCache (uniform) + quantization, without DPS or DEC: the baseline CacheQuant improves on."""
-    return Recipe(cacher=DeepCache(schedule=Uniform(interval=interval), point=point), quantizer=_quantizer(bits))
+    cacher = DeepCache(schedule=Uniform(interval=interval), point=point)
+    return Recipe(cacher=cacher, quantizer=_quantizer(bits), backend=backend)
 
 
 PRESET_RECIPES = {"cachequant": cachequant, "deepcache": deepcache, "quant_only": quant_only, "naive": naive}

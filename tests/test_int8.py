@@ -15,9 +15,14 @@ import cq
 from cq.errors import ConfigError
 from cq.metrics.error import sqnr
 from cq.quant import QConv2d, QLinear
-from cq.quant.int8 import Int8Conv2d, Int8Linear, int8_available, int8_layers
+from cq.quant.affine import quantize
+from cq.quant.codes import input_codes, unsigned
+from cq.quant.int8 import Int8Conv2d, Int8Linear, int8_available, int8_layers, to_int8
+from cq.quant.int_mm import Int8MatMul, IntMMConv1x1, IntMMLinear, int_mm_shape_ok
+from cq.quant.modules import ActQuantizer, QMatMul
 from cq.quant.packing import pack_nibbles, unpack_nibbles
 from cq.quant.spec import QuantSpec
+from cq.recipe import Recipe
 from cq.step import step_scope
 from cq.trace import seeded_noise
 
@@ -99,6 +104,113 @@ def test_int8_linear_equals_fake_quant_within_one_quantum(cin, cout, sym, seed, 
     assert bool(((a - b).abs() <= quantum + 1e-5 * a.abs() + 1e-6).all())
 
 
+@given(
+    lo=st.floats(-50, 0),
+    width=st.floats(1e-3, 100),
+    seed=st.integers(0, 10**6),
+    ties=st.booleans(),
+)
+def test_input_codes_are_the_fake_quant_codes(lo, width, seed, ties):
+    """The integer kernels' codes equal `quantize`'s bit for bit, including values on rounding ties."""
+    act = ActQuantizer(QuantSpec(bits=8, method="minmax"), 1)
+    act.set_range(torch.tensor([lo]), torch.tensor([lo + width]))
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(2, 5, 4, 3, generator=g) * width + lo).contiguous(memory_format=torch.channels_last)
+    if ties:  # exact half-way points of the grid, and values just outside the range
+        half = (torch.randint(-20, 276, x.shape, generator=g).float() + 0.5 - act.zero_point) * act.scale
+        x = half.contiguous(memory_format=torch.channels_last)
+    expected = quantize(x, act.scale[0], act.zero_point[0], act.spec)
+    with step_scope(0):
+        codes = input_codes(x, act)
+    assert torch.equal(codes.exact + 128, expected)
+    assert torch.equal(codes.centred.float(), codes.exact)
+    q = unsigned(codes)
+    assert q.dtype == torch.uint8 and q.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(q.float(), expected)
+
+
+def _product_quantum(fake: nn.Module, step: int) -> torch.Tensor:
+    scales = [m.scale[step] for m in fake.children() if isinstance(m, ActQuantizer)]
+    return max(float(s) for s in scales) * fake.weight.weight_scale
+
+
+@given(
+    cin=st.sampled_from([8, 24, 64]),
+    cout=st.sampled_from([8, 16]),
+    rows=st.integers(1, 40),
+    sym=st.booleans(),
+    seed=st.integers(0, 10**6),
+    step=st.integers(0, STEPS - 1),
+)
+def test_int_mm_linear_equals_fake_quant_within_one_quantum(cin, cout, rows, sym, seed, step):
+    g = torch.Generator().manual_seed(seed)
+    fake = QLinear(
+        nn.Linear(cin, cout),
+        QuantSpec(bits=8, symmetric=sym, per_channel=True, method="minmax"),
+        QuantSpec(bits=8, per_step=True, method="minmax"),
+        STEPS,
+    )
+    x = torch.randn(rows, cin, generator=g) * 2 - 0.3
+    _calibrate(fake, x, g)
+    with torch.no_grad(), step_scope(step):
+        a, b = fake(x), IntMMLinear(fake)(x)
+    assert bool(((a - b).abs() <= _product_quantum(fake, step) + 1e-5 * a.abs() + 1e-6).all())
+
+
+@given(
+    cin=st.sampled_from([16, 32]),
+    cout=st.sampled_from([8, 24]),
+    split=st.booleans(),
+    sym=st.booleans(),
+    size=st.integers(2, 6),
+    seed=st.integers(0, 10**6),
+    step=st.integers(0, STEPS - 1),
+)
+def test_int_mm_conv1x1_equals_fake_quant_within_one_quantum(cin, cout, split, sym, size, seed, step):
+    g = torch.Generator().manual_seed(seed)
+    fake = QConv2d(
+        nn.Conv2d(cin, cout, 1),
+        QuantSpec(bits=8, symmetric=sym, per_channel=True, method="minmax"),
+        QuantSpec(bits=8, per_step=True, method="minmax"),
+        STEPS,
+        split=cin // 2 if split else None,
+    )
+    x = torch.randn(2, cin, size, size, generator=g) * 2 + 0.5
+    _calibrate(fake, x, g)
+    with torch.no_grad(), step_scope(step):
+        a, b = fake(x), IntMMConv1x1(fake)(x)
+    quantum = _product_quantum(fake, step).reshape(1, -1, 1, 1)
+    assert bool(((a - b).abs() <= quantum + 1e-5 * a.abs() + 1e-6).all())
+
+
+@given(
+    m=st.integers(1, 20),
+    k=st.integers(1, 33),
+    n=st.integers(1, 20),
+    batch=st.integers(1, 3),
+    seed=st.integers(0, 10**6),
+)
+def test_int8_matmul_equals_fake_quant_within_one_quantum(m, k, n, batch, seed):
+    """Both operands asymmetric (zero points handled by row / column sums), one product per batch entry."""
+    g = torch.Generator().manual_seed(seed)
+    fake = QMatMul(nn.Identity(), None, QuantSpec(bits=8, per_step=True, method="minmax"), STEPS)
+    a = torch.randn(batch, m, k, generator=g) + 0.7
+    b = torch.rand(batch, n, k, generator=g).transpose(1, 2)  # a transposed view, as softmax·v feeds it
+    fake.act.set_range(a.min().expand(STEPS), a.max().expand(STEPS) * 0.8)
+    fake.act_b.set_range(torch.zeros(STEPS), b.max().expand(STEPS))
+    with torch.no_grad(), step_scope(1):
+        x, y = fake(a, b), Int8MatMul(fake)(a, b)
+    quantum = float(fake.act.scale[1] * fake.act_b.scale[1])
+    assert bool(((x - y).abs() <= quantum + 1e-5 * x.abs() + 1e-5).all())
+
+
+def test_int_mm_shape_rules_follow_the_device():
+    """cuBLASLt's int8 GEMM needs K, N multiples of 8 (K >= 16); the CPU kernel takes any shape."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert int_mm_shape_ok(64, 128, cuda) and not int_mm_shape_ok(12, 128, cuda) and not int_mm_shape_ok(64, 3, cuda)
+    assert int_mm_shape_ok(12, 3, cpu)
+
+
 @given(codes=st.lists(st.integers(0, 15), min_size=0, max_size=99), signed=st.booleans())
 def test_nibble_packing_round_trips(codes, signed):
     offset = 8 if signed else 0
@@ -159,8 +271,12 @@ def test_int8_model_matches_fake_quant_and_reloads(setup, tmp_path):
         cq.sampling.ddim(loaded, noise, steps=6, spacing="linspace"),
         cq.sampling.ddim(model, noise, steps=6, spacing="linspace"),
     )
-    with pytest.raises(ConfigError, match="before to_int8"):
-        model.save(tmp_path / "again.cq")
+    # integer modules keep the quantized state under the fake-quant names: a converted model saves the same file
+    from safetensors.torch import load_file
+
+    again = load_file(str(model.save(tmp_path / "again.cq")))
+    first = load_file(str(path))
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +304,50 @@ def test_compressed_file_size(wide, tmp_path, bits, limit):
     assert ratio <= limit, f"{bits}: {ratio:.3f} of fp32"
     model = cq.load(path)
     assert model.unet.get_submodule("up.0.block.0.conv1").weight.weight_q.dtype == torch.uint8
+
+
+def test_int_mm_backend_runs_gemm_layers_and_says_why_the_rest_do_not(setup):
+    """The GPU path (``torch._int_mm``), exercised on the CPU: 1x1 convs, linears and attention matmuls run on
+    integer GEMMs; 3x3 convs keep fake quantization and their status says so."""
+    unet, trace = setup
+    model = _fit(setup, "w8a8")
+    fake = copy.deepcopy(model)
+    status = model.to_int8(backend="int_mm")
+    assert status["up.0.block.0.nin_shortcut"] == "int8 (torch._int_mm)"
+    assert status["mid.attn_1.qk"] == "int8 (torch._int_mm)"
+    assert status["temb.dense.0"] == "int8 (torch._int_mm)"
+    assert status["up.0.block.0.conv1"].startswith("fake-quant (3x3 conv: torch has no int8 convolution")
+    assert isinstance(model.unet.get_submodule("up.0.block.0.nin_shortcut"), IntMMConv1x1)
+    for step in range(6):
+        x, t = trace.x[step, :4], trace.timesteps[step].expand(4)
+        assert sqnr(model(x, t, step=step), fake(x, t, step=step)) > 25
+
+
+def test_to_int8_refuses_unknown_backends_and_keeps_uncalibrated_layers(setup):
+    unet, _ = setup
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        to_int8(unet, backend="tensorrt")
+    prepared = cq.quant.Uniform().prepare(unet, 6)  # structure only: no activation range yet
+    status = to_int8(prepared)
+    assert status and all(v == "fake-quant (activations not calibrated)" for v in status.values())
+    assert int8_layers(prepared)["int8"] == 0
+
+
+def test_recipe_backend_int8_fits_converts_saves_and_loads_converted(setup, tmp_path):
+    unet, trace = setup
+    assert cq.quant_only("w8a8", backend="int8").backend == "int8"
+    recipe = Recipe(quantizer=cq.quant.Uniform(refresh_samples=4, cached_samples=2), backend="int8")
+    model = recipe.fit(unet, trace, progress=False)
+    assert int8_layers(model.unet)["fake-quant"] == 0
+    assert set(model.execution.values()) == {"int8 (oneDNN)", "int8 (torch._int_mm)"}
+    loaded = cq.load(model.save(tmp_path / "m.cq"))  # the recipe says int8: no flag needed
+    assert loaded.recipe.backend == "int8" and int8_layers(loaded.unet) == int8_layers(model.unet)
+    x, t = trace.x[2, :3], trace.timesteps[2].expand(3)
+    assert torch.equal(loaded(x, t, step=2), model(x, t, step=2))
+
+
+def test_recipe_backend_is_checked():
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        Recipe(quantizer=cq.quant.Uniform(), backend="int4")
+    with pytest.raises(ConfigError, match="needs a quantizer"):
+        Recipe(cacher=cq.deepcache(5).cacher, backend="int8")

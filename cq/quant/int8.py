@@ -48,72 +48,75 @@ def _signed_weight(weight: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor | No
 
 
 class _Half(nn.Module):
-    """One int8 convolution over a channel slice of the input (the whole input when unsplit)."""
+    """One int8 convolution over a channel slice of the input (the whole input when unsplit).
 
-    def __init__(self, conv: QConv2d, start: int, stop: int, act: ActQuantizer, with_bias: bool):
+    Holds only derived state (prepacked weight, non-persistent buffers); the activation table and the bias are
+    passed in by the owning `Int8Conv2d`, which keeps the source module's state under its original names.
+    """
+
+    def __init__(self, conv: QConv2d, start: int, stop: int):
         super().__init__()
-        self.start, self.stop, self.act = start, stop, act
+        self.start, self.stop = start, stop
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.dilation, self.groups = list(conv.dilation), conv.groups
-        w = conv.weight
-        q, scale, remainder = _signed_weight(w)
+        q, scale, remainder = _signed_weight(conv.weight)
         q = q[:, start:stop].contiguous()
-        self.register_buffer("w_scale", scale.clone())
-        self.register_buffer("w_zero", torch.zeros(q.shape[0], dtype=torch.long))
-        # prepacked oneDNN layout: an opaque tensor, kept out of state_dict (save the fake-quant model instead)
+        self.register_buffer("w_scale", scale.clone(), persistent=False)
+        self.register_buffer("w_zero", torch.zeros(q.shape[0], dtype=torch.long), persistent=False)
+        # prepacked oneDNN layout: an opaque tensor, derived from weight.weight_q (which stays the saved state)
         self.packed = torch.ops.onednn.qconv_prepack(
             q, scale, 1.0, 0, self.stride, self.padding, self.dilation, self.groups, None
         )
-        self.register_buffer("remainder", remainder if remainder is not None else torch.zeros(0))
-        self.register_buffer("box", torch.ones(1, 1, *q.shape[2:]))
-        self.bias = conv.bias if with_bias else None
+        self.register_buffer("remainder", torch.zeros(0) if remainder is None else remainder, persistent=False)
+        self.register_buffer("box", torch.ones(1, 1, *q.shape[2:]), persistent=False)
 
-    def forward(self, x: Tensor, accumulate: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, act: ActQuantizer, bias: Tensor | None = None, accumulate: Tensor | None = None
+    ) -> Tensor:
         """The convolution of this half; plus ``accumulate`` (fused in the kernel: no separate add pass)."""
-        codes = input_codes(x[:, self.start : self.stop], self.act)
+        codes = input_codes(x[:, self.start : self.stop], act)
         scale, zp, channels = codes.scale, codes.zero_point, self.stop - self.start
         channel_sum = codes.exact.sum(1, keepdim=True) if self.remainder.numel() else None
         geometry = (self.stride, self.padding, self.dilation, self.groups)
-        qx, w = (unsigned(codes), scale, zp, self.packed, self.w_scale, self.w_zero), self.bias
+        qx = (unsigned(codes), scale, zp, self.packed, self.w_scale, self.w_zero)
         if accumulate is None:
-            y = torch.ops.onednn.qconv2d_pointwise(*qx, w, *geometry, 1.0, 0, torch.float32, "none", [], "")
+            y = torch.ops.onednn.qconv2d_pointwise(*qx, bias, *geometry, 1.0, 0, torch.float32, "none", [], "")
         else:
             y = torch.ops.onednn.qconv2d_pointwise.binary(
-                *qx, accumulate, w, *geometry, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], ""
+                *qx, accumulate, bias, *geometry, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], ""
             )
         if self.remainder.numel():
             # sum over the window of the dequantized input (zero padding = code zp), times s*(z-128) per channel
             channel_sum.add_((128 - zp) * channels).mul_(scale)
             pointwise = self.box.shape[-2:] == (1, 1) and self.stride == [1, 1] and self.padding == [0, 0]
-            window = (
-                channel_sum
-                if pointwise
-                else F.conv2d(channel_sum, self.box, None, self.stride, self.padding, self.dilation)
-            )
-            y.addcmul_(self.remainder.reshape(1, -1, 1, 1), window, value=-1.0)  # in place, in y's layout
+            if not pointwise:
+                channel_sum = F.conv2d(channel_sum, self.box, None, self.stride, self.padding, self.dilation)
+            y.addcmul_(self.remainder.reshape(1, -1, 1, 1), channel_sum, value=-1.0)  # in place, in y's layout
         return y
 
 
 class Int8Conv2d(nn.Module):
-    """`QConv2d` on int8 kernels; a split input runs as two convolutions (one per activation table)."""
+    """`QConv2d` on int8 kernels; a split input runs as two convolutions (one per activation table).
+
+    Keeps the source's ``weight``, ``bias``, ``act``, ``act_skip`` and ``correction`` under the same names, so its
+    ``state_dict()`` is the fake-quant module's and a converted model saves as it is.
+    """
 
     def __init__(self, conv: QConv2d):
         super().__init__()
         self.in_channels, self.out_channels, self.split = conv.in_channels, conv.out_channels, conv.split
-        if conv.split:
-            self.cached = _Half(conv, 0, conv.split, conv.act, with_bias=True)
-            self.skip = _Half(conv, conv.split, conv.in_channels, conv.act_skip, with_bias=False)
-        else:
-            self.cached = _Half(conv, 0, conv.in_channels, conv.act, with_bias=True)
-            self.skip = None
+        self.weight, self.bias, self.act, self.act_skip = conv.weight, conv.bias, conv.act, conv.act_skip
         self.correction = conv.correction
+        c = conv.split or conv.in_channels
+        self.cached = _Half(conv, 0, c)
+        self.skip = _Half(conv, c, conv.in_channels) if conv.split else None
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.cached(x)
+        y = self.cached(x, self.act, self.bias)
         if self.correction is not None:
             y = self.correction(y, current_step())
         if self.skip is not None:
-            y = self.skip(x, accumulate=y.contiguous(memory_format=torch.channels_last))
+            y = self.skip(x, self.act_skip, accumulate=y.contiguous(memory_format=torch.channels_last))
         return y
 
     def extra_repr(self) -> str:
@@ -121,38 +124,24 @@ class Int8Conv2d(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """`QLinear` on the oneDNN int8 linear kernel."""
+    """`QLinear` on the oneDNN int8 linear kernel (``weight``, ``bias``, ``act`` kept under their names)."""
 
     def __init__(self, linear: QLinear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.act = linear.act
+        self.weight, self.bias, self.act = linear.weight, linear.bias, linear.act
         q, scale, remainder = _signed_weight(linear.weight)
-        self.register_buffer("w_scale", scale.clone())
-        self.register_buffer("w_zero", torch.zeros(q.shape[0], dtype=torch.long))
+        self.register_buffer("w_scale", scale.clone(), persistent=False)
+        self.register_buffer("w_zero", torch.zeros(q.shape[0], dtype=torch.long), persistent=False)
         self.packed = torch.ops.onednn.qlinear_prepack(q, None)
-        self.register_buffer("remainder", remainder if remainder is not None else torch.zeros(0))
-        self.bias = linear.bias
+        self.register_buffer("remainder", torch.zeros(0) if remainder is None else remainder, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         codes = input_codes(x, self.act)
         scale, zp, features = codes.scale, codes.zero_point, x.shape[-1]
         total = codes.exact.sum(-1, keepdim=True) if self.remainder.numel() else None
-        y = torch.ops.onednn.qlinear_pointwise(
-            unsigned(codes),
-            scale,
-            zp,
-            self.packed,
-            self.w_scale,
-            self.w_zero,
-            self.bias,
-            1.0,
-            0,
-            torch.float32,
-            "none",
-            [],
-            "",
-        )
+        qx = (unsigned(codes), scale, zp, self.packed, self.w_scale, self.w_zero, self.bias)
+        y = torch.ops.onednn.qlinear_pointwise(*qx, 1.0, 0, torch.float32, "none", [], "")
         if self.remainder.numel():
             total.add_((128 - zp) * features).mul_(scale)
             y.addcmul_(self.remainder, total, value=-1.0)

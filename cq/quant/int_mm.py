@@ -50,41 +50,40 @@ def _centred_weight(weight: QuantizedWeight) -> tuple[Tensor, Tensor]:
 
 
 class _AffineGemm(nn.Module):
-    """``x[..., K] -> x @ Wᵀ + bias`` for one activation table and one slice of the weight's input columns."""
+    """``x[..., K] -> x @ Wᵀ`` for one slice of the weight's input columns (derived, non-persistent state)."""
 
-    def __init__(self, weight: QuantizedWeight, act: ActQuantizer, bias: Tensor | None, columns: slice):
+    def __init__(self, weight: QuantizedWeight, columns: slice):
         super().__init__()
-        self.act = act
         w8, shift = _centred_weight(weight)
         w8 = w8[columns].contiguous()
-        self.register_buffer("w8", w8)
-        self.register_buffer("w_shift", shift)
-        self.register_buffer("w_colsum", w8.sum(0, dtype=torch.float32))
-        self.register_buffer("w_scale", weight.weight_scale.float().expand(w8.shape[1]).clone())
-        self.bias = bias
+        self.register_buffer("w8", w8, persistent=False)
+        self.register_buffer("w_shift", shift, persistent=False)
+        self.register_buffer("w_colsum", w8.sum(0, dtype=torch.float32), persistent=False)
+        self.register_buffer("w_scale", weight.weight_scale.float().expand(w8.shape[1]).clone(), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        codes = input_codes(x, self.act)
+    def forward(self, x: Tensor, act: ActQuantizer, bias: Tensor | None = None) -> Tensor:
+        codes = input_codes(x, act)
         k, ca = x.shape[-1], float(codes.shift)
         acc = int_matmul(codes.centred.reshape(-1, k).contiguous(), self.w8).float()
         rowsum = codes.exact.sum(-1).reshape(-1, 1)
         acc.addcmul_(rowsum, self.w_shift).add_(ca * self.w_colsum + k * ca * self.w_shift)
         y = acc.mul_(self.w_scale * codes.scale)
-        if self.bias is not None:
-            y.add_(self.bias)
+        if bias is not None:
+            y.add_(bias)
         return y.reshape(*x.shape[:-1], -1)
 
 
 class IntMMLinear(nn.Module):
-    """`QLinear` on ``torch._int_mm`` (the GPU path; exact like the oneDNN one)."""
+    """`QLinear` on ``torch._int_mm`` (the GPU path; exact like the oneDNN one). Keeps the source's state."""
 
     def __init__(self, linear: QLinear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.gemm = _AffineGemm(linear.weight, linear.act, linear.bias, slice(None))
+        self.weight, self.bias, self.act = linear.weight, linear.bias, linear.act
+        self.gemm = _AffineGemm(linear.weight, slice(None))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.gemm(x)
+        return self.gemm(x, self.act, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int_mm"
@@ -96,10 +95,11 @@ class IntMMConv1x1(nn.Module):
     def __init__(self, conv: QConv2d):
         super().__init__()
         self.in_channels, self.out_channels, self.split = conv.in_channels, conv.out_channels, conv.split
-        c = conv.split or conv.in_channels
-        self.cached = _AffineGemm(conv.weight, conv.act, conv.bias, slice(0, c))
-        self.skip = _AffineGemm(conv.weight, conv.act_skip, None, slice(c, None)) if conv.split else None
+        self.weight, self.bias, self.act, self.act_skip = conv.weight, conv.bias, conv.act, conv.act_skip
         self.correction = conv.correction
+        c = conv.split or conv.in_channels
+        self.cached = _AffineGemm(conv.weight, slice(0, c))
+        self.skip = _AffineGemm(conv.weight, slice(c, None)) if conv.split else None
 
     @staticmethod
     def supports(conv: QConv2d) -> bool:
@@ -113,11 +113,11 @@ class IntMMConv1x1(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         pixels = x.permute(0, 2, 3, 1)  # NHWC view: channels last in memory when x is channels-last
         c = self.split or self.in_channels
-        y = self.cached(pixels[..., :c]).permute(0, 3, 1, 2)
+        y = self.cached(pixels[..., :c], self.act, self.bias).permute(0, 3, 1, 2)
         if self.correction is not None:
             y = self.correction(y, current_step())
         if self.skip is not None:
-            y = y + self.skip(pixels[..., c:]).permute(0, 3, 1, 2)
+            y = y + self.skip(pixels[..., c:], self.act_skip).permute(0, 3, 1, 2)
         return y
 
     def extra_repr(self) -> str:
