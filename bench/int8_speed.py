@@ -10,7 +10,6 @@ Runs are interleaved (round-robin, alternating order) and medians are reported.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ import cq  # noqa: E402
 from cq.compressed import CompressedUNet  # noqa: E402
 from cq.quant import QConv2d, QuantSpec  # noqa: E402
 from cq.quant.int8 import Int8Conv2d, int8_layers  # noqa: E402
-from cq.recipe import Recipe  # noqa: E402
+from cq.recipe import Recipe, parse_bits  # noqa: E402
 from cq.sampling import FullPrecision, ddim  # noqa: E402
 from cq.step import step_scope  # noqa: E402
 from cq.trace import seeded_noise  # noqa: E402
@@ -76,24 +75,27 @@ def layers(batches: list[int], repeats: int) -> None:
     )
 
 
-def fitted(unet, bits: str, interval: int | None, steps: int):
+def fitted(unet, bits: str, interval: int | None, steps: int, *, symmetric: bool = False, point=None, backend="fake"):
     """CacheQuant (or quant-only when interval is None) fitted on a small trace (calibration is not timed)."""
-    recipe = cq.cachequant(interval=interval or 2, bits=bits)
-    quantizer = cq.quant.Uniform(weight_bits=recipe.quantizer.weight_bits, refresh_samples=4, cached_samples=2)
+    weight_bits, _ = parse_bits(bits)
+    quantizer = cq.quant.Uniform(
+        weight_bits=weight_bits, weight_symmetric=symmetric, refresh_samples=4, cached_samples=2
+    )
     if interval is None:
-        recipe = Recipe(quantizer=quantizer)
+        recipe = Recipe(quantizer=quantizer, backend=backend)
     else:
-        recipe = Recipe(cacher=recipe.cacher, quantizer=quantizer, correctors=recipe.correctors)
+        preset = cq.cachequant(interval=interval, bits=bits, point=point)
+        recipe = Recipe(cacher=preset.cacher, quantizer=quantizer, correctors=preset.correctors, backend=backend)
     trace = cq.trace(unet, steps=steps, num_samples=4, points=recipe.points(unet), spacing="linspace", progress=False)
     return recipe.fit(unet, trace, progress=False)
 
 
 def whole(unet, batches: list[int], repeats: int) -> None:
-    model = fitted(unet, "w8a8", None, steps=2)
-    fake = copy.deepcopy(model)
-    status = model.to_int8()
-    fallbacks = sorted({v for v in status.values() if not v.startswith("int8")})
-    print(f"\nint8 layers: {int8_layers(model.unet)}; fallbacks: {fallbacks}")
+    fake = fitted(unet, "w8a8", None, steps=2)
+    asym = fitted(unet, "w8a8", None, steps=2, backend="int8")
+    sym = fitted(unet, "w8a8", None, steps=2, symmetric=True, backend="int8")
+    fallbacks = sorted({v for v in asym.execution.values() if not v.startswith("int8")})
+    print(f"\nint8 layers: {int8_layers(asym.unet)}; fallbacks: {fallbacks or 'none'}")
     rows = []
     for b in batches:
         x = torch.randn(b, *unet.sample_shape)
@@ -103,41 +105,41 @@ def whole(unet, batches: list[int], repeats: int) -> None:
                 {
                     "fp32": lambda x=x, t=t: unet(x, t),
                     "fake": lambda x=x, t=t: fake.unet(x, t),
-                    "int8": lambda x=x, t=t: model.unet(x, t),
+                    "int8": lambda x=x, t=t: asym.unet(x, t),
+                    "int8 sym": lambda x=x, t=t: sym.unet(x, t),
                 },
                 repeats,
             )
         rows.append(
-            [
-                b,
-                f"{1e3 * times['fp32']:.1f}",
-                f"{1e3 * times['fake']:.1f}",
-                f"{1e3 * times['int8']:.1f}",
-                f"{times['fp32'] / times['int8']:.2f}x",
-            ]
+            [b]
+            + [f"{1e3 * times[k]:.1f}" for k in ("fp32", "fake", "int8", "int8 sym")]
+            + [f"{times['fp32'] / times['int8']:.2f}x", f"{times['fp32'] / times['int8 sym']:.2f}x"]
         )
     print_table(
-        ["batch", "fp32 ms", "fake-quant ms", "int8 ms", "int8 vs fp32"],
+        ["batch", "fp32 ms", "fake-quant ms", "int8 ms", "int8 sym-w ms", "int8 vs fp32", "sym-w vs fp32"],
         rows,
-        title="whole UNet forward (W8A8, DDPM-CIFAR10 preset)",
+        title=f"whole UNet forward (W8A8, DDPM-CIFAR10 preset, {torch.get_num_threads()} threads); int8 = "
+        "CacheQuant's asymmetric weights, sym-w = Uniform(weight_symmetric=True)",
     )
 
 
-def end_to_end(unet, steps: int, batch: int, intervals: list[int], repeats: int) -> None:
+def end_to_end(unet, steps: int, batch: int, intervals: list[int], points: list[str], repeats: int) -> None:
     noise = seeded_noise(unet.sample_shape, range(batch))
     runs = {"fp32 full": lambda: ddim(FullPrecision(unet), noise, steps=steps, spacing="linspace")}
-    for n in intervals:
-        dc = CompressedUNet(unet, num_steps=steps, cacher=cq.deepcache(n).cacher)
-        runs[f"DeepCache N={n} fp32"] = lambda m=dc: ddim(m, noise, steps=steps, spacing="linspace")
-        model = fitted(unet, "w8a8", n, steps)
-        model.to_int8()
-        runs[f"CacheQuant N={n} W8A8 int8"] = lambda m=model: ddim(m, noise, steps=steps, spacing="linspace")
+    for point in points:
+        for n in intervals:
+            dc = CompressedUNet(unet, num_steps=steps, cacher=cq.deepcache(n, point=point).cacher)
+            runs[f"DeepCache N={n} fp32 @{point}"] = lambda m=dc: ddim(m, noise, steps=steps, spacing="linspace")
+            for sym in (False, True):
+                model = fitted(unet, "w8a8", n, steps, symmetric=sym, point=point, backend="int8")
+                name = f"CacheQuant N={n} W8A8 int8{' sym-w' if sym else ''} @{point}"
+                runs[name] = lambda m=model: ddim(m, noise, steps=steps, spacing="linspace")
     t = interleaved_medians(runs, repeats, warmup=1)
     rows = [[name, f"{sec:.2f}", f"{t['fp32 full'] / sec:.2f}x"] for name, sec in t.items()]
     print_table(
         ["run", "seconds", "speedup vs fp32 full"],
         rows,
-        title=f"end-to-end DDIM, {steps} steps, batch {batch}, median of {repeats}",
+        title=f"end-to-end DDIM, {steps} steps, batch {batch}, {torch.get_num_threads()} threads, median of {repeats}",
     )
 
 
@@ -170,6 +172,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--e2e-batch", type=int, default=4)
     ap.add_argument("--intervals", default="5,10")
+    ap.add_argument(
+        "--points", default="default,shallowest", help="cache points for the end-to-end runs (names or these two)"
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -184,13 +189,10 @@ def main() -> None:
         if args.part in ("all", "whole"):
             whole(unet, batches, args.repeats)
         if args.part in ("all", "e2e"):
-            end_to_end(
-                unet,
-                args.steps,
-                args.e2e_batch,
-                [int(n) for n in args.intervals.split(",")],
-                max(3, args.repeats // 2),
-            )
+            named = {"default": unet.default_cache_point(), "shallowest": unet.cache_points()[-1]}
+            points = [named.get(p, p) for p in args.points.split(",")]
+            intervals = [int(n) for n in args.intervals.split(",")]
+            end_to_end(unet, args.steps, args.e2e_batch, intervals, points, max(3, args.repeats // 2))
         if args.part in ("all", "sizes"):
             sizes(unet)
 
