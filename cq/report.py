@@ -158,7 +158,7 @@ def report(
         if model.cache is not None:
             model.cache.clear()
     steps = [StepReport(i, r, macs["full"] if r else macs[point], sqnrs[i]) for i, r in enumerate(mask)]
-    q = quantized_modules(model.unet)
+    q = quantized_modules(model.unet) | _integer_modules(model.unet)
     float_layers = sum(isinstance(m, nn.Conv2d | nn.Conv1d | nn.Linear) for m in model.unet.modules())
     recipe = getattr(model, "recipe", None)
     return Report(
@@ -169,8 +169,24 @@ def report(
         quantized_layers=len(q),
         float_layers=float_layers,
         recipe=_describe(recipe),
-        notes=["note: quantized layers run as fake quantization (float kernels) until converted to int8"] if q else [],
+        notes=_execution_notes(getattr(model, "execution", {})) if q else [],
     )
+
+
+def _integer_modules(unet: nn.Module) -> dict[str, str]:
+    from .quant.int8 import INT8_MODULES
+
+    return {n: type(m).__name__ for n, m in unet.named_modules() if isinstance(m, INT8_MODULES)}
+
+
+def _execution_notes(execution: dict[str, str]) -> list[str]:
+    """Which quantized layers run integer kernels (per kernel) and why the others do not."""
+    if not execution:
+        return ["note: quantized layers run as fake quantization (float kernels) until converted to int8"]
+    counts: dict[str, int] = {}
+    for mode in execution.values():
+        counts[mode] = counts.get(mode, 0) + 1
+    return [f"execution: {n} layer(s) {mode}" for mode, n in sorted(counts.items())]
 
 
 def tensor_bytes(module: nn.Module) -> int:

@@ -340,6 +340,9 @@ def test_recipe_backend_int8_fits_converts_saves_and_loads_converted(setup, tmp_
     model = recipe.fit(unet, trace, progress=False)
     assert int8_layers(model.unet)["fake-quant"] == 0
     assert set(model.execution.values()) == {"int8 (oneDNN)", "int8 (torch._int_mm)"}
+    summary = model.report()
+    assert summary.quantized_layers == len(model.execution)
+    assert any(n.startswith("execution: ") and n.endswith("layer(s) int8 (oneDNN)") for n in summary.notes)
     loaded = cq.load(model.save(tmp_path / "m.cq"))  # the recipe says int8: no flag needed
     assert loaded.recipe.backend == "int8" and int8_layers(loaded.unet) == int8_layers(model.unet)
     x, t = trace.x[2, :3], trace.timesteps[2].expand(3)
