@@ -87,10 +87,11 @@ class _Half(nn.Module):
             )
         if self.remainder.numel():
             # sum over the window of the dequantized input (zero padding = code zp), times s*(z-128) per channel
-            channel_sum.add_((128 - zp) * channels).mul_(scale)
+            channel_sum.add_((128 - zp) * channels)  # integers: the window sums below are exact
             pointwise = self.box.shape[-2:] == (1, 1) and self.stride == [1, 1] and self.padding == [0, 0]
             if not pointwise:
                 channel_sum = F.conv2d(channel_sum, self.box, None, self.stride, self.padding, self.dilation)
+            channel_sum.mul_(scale)
             y.addcmul_(self.remainder.reshape(1, -1, 1, 1), channel_sum, value=-1.0)  # in place, in y's layout
         return y
 

@@ -125,13 +125,17 @@ class IntMMConv1x1(nn.Module):
 
 
 class Int8MatMul(nn.Module):
-    """`QMatMul` (attention ``q·kᵀ``, ``softmax·v``) on ``torch._int_mm``, one product per batch entry."""
+    """`QMatMul` (attention ``q·kᵀ``, ``softmax·v``) on ``torch._int_mm``, one product per batch entry.
+
+    On CUDA, products whose ``K`` or ``N`` the kernel refuses run as fake quantization (same result)."""
 
     def __init__(self, matmul: QMatMul):
         super().__init__()
         self.act, self.act_b = matmul.act, matmul.act_b
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if not int_mm_shape_ok(a.shape[-1], b.shape[-1], a.device):  # shapes are known only now: fall back
+            return torch.matmul(self.act(a), self.act_b(b))
         ca_, cb_ = input_codes(a, self.act), input_codes(b, self.act_b)
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         a8 = ca_.centred.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
