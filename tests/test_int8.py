@@ -354,3 +354,18 @@ def test_recipe_backend_is_checked():
         Recipe(quantizer=cq.quant.Uniform(), backend="int4")
     with pytest.raises(ConfigError, match="needs a quantizer"):
         Recipe(cacher=cq.deepcache(5).cacher, backend="int8")
+
+
+def test_auto_backend_picks_int_mm_gemms_for_cuda_layers(setup, monkeypatch):
+    """Selection by device, checked without a GPU: layers reported on CUDA get ``torch._int_mm`` modules for
+    linears, 1x1 convs and matmuls, and fake quantization (with the reason) for 3x3 convs."""
+    import cq.quant.int8 as int8
+
+    model = _fit(setup, "w8a8")
+    monkeypatch.setattr(int8, "_device", lambda module: torch.device("cuda"))
+    status = model.to_int8()  # backend "auto"
+    assert status["up.0.block.0.nin_shortcut"] == "int8 (torch._int_mm)"
+    assert status["temb.dense.0"] == "int8 (torch._int_mm)"
+    assert status["mid.attn_1.qk"] == "int8 (torch._int_mm)"
+    assert status["up.0.block.0.conv1"] == "fake-quant (3x3 conv: torch has no int8 convolution on cuda)"
+    assert not any(isinstance(m, Int8Conv2d | Int8Linear) for m in model.unet.modules())
