@@ -38,13 +38,11 @@ def int8_available() -> bool:
 
 
 def _signed_weight(weight: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(int8 codes, per-channel scale, per-channel remainder s*(z-128) or None)``."""
-    q, scale = weight.weight_q, weight.weight_scale.float()
-    if weight.spec.symmetric:
-        return q.to(torch.int8), scale, None
-    shifted = (q.to(torch.int16) - 128).to(torch.int8)
-    remainder = scale * (weight.weight_zero_point.float() - 128)
-    return shifted, scale, remainder
+    """``(int8 codes, per-channel scale, per-channel remainder s*(z-128) or None)``: the kernels take the codes
+    with zero weight zero points, the remainder is the asymmetric part ``W = s*codes - remainder``."""
+    q, shift = weight.centred()
+    scale = weight.weight_scale.float()
+    return q, scale, None if weight.spec.symmetric else -scale * shift
 
 
 class _Half(nn.Module):

@@ -41,12 +41,8 @@ def int_matmul(a8: Tensor, b8: Tensor) -> Tensor:
 
 def _centred_weight(weight: QuantizedWeight) -> tuple[Tensor, Tensor]:
     """``(w8ᵀ [K, N] int8, per-column shift [N])`` of a weight ``s (q - z)``: ``w = s (w8 + shift)``."""
-    q = weight.weight_q.reshape(weight.weight_q.shape[0], -1)
-    if weight.spec.symmetric:
-        w8, shift = q.to(torch.int8), -weight.weight_zero_point.float()  # zero point 0
-    else:
-        w8, shift = (q.to(torch.int16) - 128).to(torch.int8), 128 - weight.weight_zero_point.float()
-    return w8.t().contiguous(), shift.expand(q.shape[0]).clone()
+    w8, shift = weight.centred()
+    return w8.reshape(w8.shape[0], -1).t().contiguous(), shift.expand(w8.shape[0]).clone()
 
 
 class _AffineGemm(nn.Module):

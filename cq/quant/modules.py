@@ -92,6 +92,14 @@ class QuantizedWeight(nn.Module):
         scale, zp = self.weight_scale.reshape(shape), self.weight_zero_point.reshape(shape).float()
         return (self.weight_q.float() - zp) * scale
 
+    def centred(self) -> tuple[Tensor, Tensor]:
+        """``(w8, shift)`` with ``W = scale * (w8 + shift)``: int8 codes for the integer kernels (signed codes as
+        they are, unsigned ones as ``q - 128``) and the per-channel float shift (``0`` / ``128 - z``)."""
+        if self.spec.symmetric:
+            return self.weight_q.to(torch.int8), torch.zeros_like(self.weight_scale)
+        w8 = (self.weight_q.to(torch.int16) - 128).to(torch.int8)
+        return w8, 128 - self.weight_zero_point.float()
+
     def extra_repr(self) -> str:
         s = self.spec
         return (
