@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import types
 
 import pytest
 import torch
@@ -39,3 +41,31 @@ def tiny_unet(seed: int = 0, ch: int = 32):
 def unet():
     """`tiny_unet()`, one per test module (modules that need another model define their own ``unet``)."""
     return tiny_unet()
+
+
+def save_lightning_ckpt(path, checkpoint: dict, monkeypatch) -> list:
+    """``torch.save(checkpoint)`` plus a pickled ``pytorch_lightning`` ``ModelCheckpoint`` callback under
+    ``"callbacks"``, as old LDM/SD ``.ckpt`` files have (the module is faked for the save, then removed).
+
+    Returns a list the callback's ``__setstate__`` appends to if loading ever runs it (it must stay empty).
+    """
+    ran: list = []
+
+    class ModelCheckpoint:
+        def __setstate__(self, state):
+            ran.append(state)
+
+    names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
+    if any(n in sys.modules for n in names):
+        pytest.skip("pytorch_lightning is importable here; this test fakes it")
+    fake = types.ModuleType(names[-1])
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = names[-1], "ModelCheckpoint"
+    fake.ModelCheckpoint = ModelCheckpoint
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, fake if name == names[-1] else types.ModuleType(name))
+    callback = ModelCheckpoint()
+    callback.best_model_path = "x"
+    torch.save({**checkpoint, "callbacks": {"ModelCheckpoint": callback}}, path)
+    for name in names:
+        monkeypatch.delitem(sys.modules, name)
+    return ran

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_lightning_ckpt
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -226,26 +225,8 @@ def test_lightning_dict(tmp_path):
 def test_lightning_model_checkpoint_callback_is_allowed(tmp_path, monkeypatch):
     """Old Lightning .ckpt files pickle a ModelCheckpoint callback object; it must load without running its code."""
     sd = _tensor_dict(4)
-    ran = []
-
-    class ModelCheckpoint:
-        def __setstate__(self, state):
-            ran.append(state)
-
-    names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
-    if any(n in sys.modules for n in names):
-        pytest.skip("pytorch_lightning is importable here; this test fakes it")
-    fake = types.ModuleType(names[-1])
-    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = names[-1], "ModelCheckpoint"
-    fake.ModelCheckpoint = ModelCheckpoint
-    for name in names:
-        monkeypatch.setitem(sys.modules, name, fake if name == names[-1] else types.ModuleType(name))
-    callback = ModelCheckpoint()
-    callback.best_model_path = "x"
     path = tmp_path / "lightning.ckpt"
-    torch.save({"state_dict": sd, "callbacks": {"ModelCheckpoint": callback}}, path)
-    for name in names:
-        monkeypatch.delitem(sys.modules, name)
+    ran = save_lightning_ckpt(path, {"state_dict": sd}, monkeypatch)
 
     with pytest.raises(Exception, match="ModelCheckpoint"):  # control: plain weights_only loading refuses it
         torch.load(path, weights_only=True)

@@ -8,11 +8,10 @@ import dataclasses
 import json
 import os
 import shlex
-import sys
-import types
 
 import pytest
 import torch
+from conftest import save_lightning_ckpt
 from safetensors.torch import save_file
 from torch import nn
 
@@ -266,31 +265,10 @@ def _ldm_state(pipe: LatentDiffusion) -> dict[str, torch.Tensor]:
     return state
 
 
-def _save_lightning(path, state: dict, monkeypatch) -> None:
-    """torch.save a Lightning-style dict with a pickled ModelCheckpoint callback, as old LDM/SD .ckpt files have."""
-
-    class ModelCheckpoint:
-        pass
-
-    names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
-    if any(n in sys.modules for n in names):
-        pytest.skip("pytorch_lightning is importable here; this test fakes it")
-    fake = types.ModuleType(names[-1])
-    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = names[-1], "ModelCheckpoint"
-    fake.ModelCheckpoint = ModelCheckpoint
-    for name in names:
-        monkeypatch.setitem(sys.modules, name, fake if name == names[-1] else types.ModuleType(name))
-    callback = ModelCheckpoint()
-    callback.best_model_path = "x"
-    torch.save({"state_dict": state, "global_step": 470000, "callbacks": {"ModelCheckpoint": callback}}, path)
-    for name in names:
-        monkeypatch.delitem(sys.modules, name)
-
-
 def test_compvis_ckpt_round_trip(tmp_path, monkeypatch):
     source = LatentDiffusion.build("tiny-sd", seed=1)
     path = tmp_path / "sd.ckpt"
-    _save_lightning(path, _ldm_state(source), monkeypatch)
+    save_lightning_ckpt(path, {"state_dict": _ldm_state(source), "global_step": 470000}, monkeypatch)
     with pytest.raises(Exception, match="ModelCheckpoint"):  # control: plain weights_only loading refuses it
         torch.load(path, weights_only=True)
 
