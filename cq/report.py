@@ -10,6 +10,7 @@ error (matplotlib, the ``plot`` extra).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,10 +184,7 @@ def _execution_notes(execution: dict[str, str]) -> list[str]:
     """Which quantized layers run integer kernels (per kernel) and why the others do not."""
     if not execution:
         return ["note: quantized layers run as fake quantization (float kernels) until converted to int8"]
-    counts: dict[str, int] = {}
-    for mode in execution.values():
-        counts[mode] = counts.get(mode, 0) + 1
-    return [f"execution: {n} layer(s) {mode}" for mode, n in sorted(counts.items())]
+    return [f"execution: {n} layer(s) {mode}" for mode, n in sorted(Counter(execution.values()).items())]
 
 
 def tensor_bytes(module: nn.Module) -> int:
