@@ -23,7 +23,8 @@ from ..errors import ConfigError
 from ..step import current_step
 from .codes import input_codes, unsigned
 from .int_mm import Int8MatMul, IntMMConv1x1, IntMMLinear, int_mm_shape_ok
-from .modules import ActQuantizer, QConv1d, QConv2d, QLinear, QMatMul, QuantizedWeight
+from .modules import QMODULES, ActQuantizer, QConv1d, QConv2d, QLinear, QMatMul, QuantizedWeight
+from .quantizer import set_submodule
 
 
 __all__ = ["Int8Conv2d", "Int8Linear", "to_int8", "int8_layers", "int8_available", "INT8_MODULES", "BACKENDS"]
@@ -151,6 +152,7 @@ class Int8Linear(nn.Module):
 
 
 INT8_MODULES = (Int8Conv2d, Int8Linear, Int8MatMul, IntMMLinear, IntMMConv1x1)
+FAKE_QUANT_MODULES = tuple(QMODULES.values())
 
 
 def to_int8(model: nn.Module, backend: str = "auto") -> dict[str, str]:
@@ -167,12 +169,13 @@ def to_int8(model: nn.Module, backend: str = "auto") -> dict[str, str]:
     status: dict[str, str] = {}
     swaps = []
     for name, module in model.named_modules():
-        if not isinstance(module, QConv2d | QConv1d | QLinear | QMatMul):
+        if not isinstance(module, FAKE_QUANT_MODULES):
             continue
+        device = _device(module)
         kernel = backend
         if kernel == "auto":
-            kernel = "int_mm" if _device(module).type == "cuda" else "onednn"
-        reason, build = _plan(module, kernel)
+            kernel = "int_mm" if device.type == "cuda" else "onednn"
+        reason, build = _plan(module, kernel, device)
         if reason:
             status[name] = f"fake-quant ({reason})"
             continue
@@ -182,8 +185,7 @@ def to_int8(model: nn.Module, backend: str = "auto") -> dict[str, str]:
         except RuntimeError as e:  # the kernel refused this shape: keep the exact fake-quant module
             status[name] = f"fake-quant (kernel refused: {str(e).splitlines()[0][:80]})"
     for name, new in swaps:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        set_submodule(model, name, new)
     return status
 
 
@@ -194,14 +196,13 @@ def _device(module: nn.Module) -> torch.device:
     return next(iter(module.buffers())).device
 
 
-def _plan(module: nn.Module, kernel: str) -> tuple[str, type[nn.Module] | None]:
+def _plan(module: nn.Module, kernel: str, device: torch.device) -> tuple[str, type[nn.Module] | None]:
     """``(reason it stays fake-quant or "", integer module class)``."""
     acts = [m for m in module.children() if isinstance(m, ActQuantizer)]
     if any(a.spec.bits != 8 or a.spec.symmetric for a in acts):
         return "activations are not unsigned 8-bit", None
     if not all(bool(a.calibrated.all()) for a in acts):
         return "activations not calibrated", None
-    device = _device(module)
     if isinstance(module, QConv1d):
         return "Conv1d: no integer kernel wired", None
     if isinstance(module, QMatMul):
@@ -231,6 +232,6 @@ def int8_layers(model: nn.Module) -> dict[str, int]:
     for module in model.modules():
         if isinstance(module, INT8_MODULES):
             kinds["int8"] += 1
-        elif isinstance(module, QConv2d | QConv1d | QLinear | QMatMul):
+        elif isinstance(module, FAKE_QUANT_MODULES):
             kinds["fake-quant"] += 1
     return kinds

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ..cache.cacher import Cacher
     from ..trace import Trace
 
-__all__ = ["Quantizer", "CalibrationBatch", "quantized_modules"]
+__all__ = ["Quantizer", "CalibrationBatch", "quantized_modules", "set_submodule"]
 
 
 class Quantizer(ABC):
@@ -76,7 +76,7 @@ class Quantizer(ABC):
         for name, module in targets:
             weight_spec, act_spec = self.specs(name, module)
             qmodule = QMODULES[type(module)](module, weight_spec, act_spec, num_steps, split=splits.get(name))
-            _set_submodule(model, name, qmodule)
+            set_submodule(model, name, qmodule)
         return model
 
     @torch.no_grad()
@@ -141,7 +141,8 @@ def quantized_modules(model: nn.Module) -> dict[str, str]:
     return {n: type(m).__name__ for n, m in model.named_modules() if type(m) in set(QMODULES.values())}
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` of ``model`` by ``module``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
