@@ -39,6 +39,14 @@ def int_matmul(a8: Tensor, b8: Tensor) -> Tensor:
     return torch._int_mm(a8, b8)
 
 
+def _add_zero_point_terms(
+    acc: Tensor, a_rowsum: Tensor, a_shift: float, b_colsum: Tensor, b_shift: Tensor | float, k: int
+) -> Tensor:
+    """In place, the module docstring's ``acc + cb * rowsum(a8) + ca * colsum(b8) + K ca cb``."""
+    b_shift = torch.as_tensor(b_shift, dtype=acc.dtype, device=acc.device)
+    return acc.addcmul_(a_rowsum, b_shift).add_(a_shift * b_colsum + k * a_shift * b_shift)
+
+
 def _centred_weight(weight: QuantizedWeight) -> tuple[Tensor, Tensor]:
     """``(w8ᵀ [K, N] int8, per-column shift [N])`` of a weight ``s (q - z)``: ``w = s (w8 + shift)``."""
     w8, shift = weight.centred()
@@ -62,8 +70,7 @@ class _AffineGemm(nn.Module):
         k, ca = x.shape[-1], float(codes.shift)
         acc = int_matmul(codes.centred.reshape(-1, k).contiguous(), self.w8).float()
         rowsum = codes.exact.sum(-1).reshape(-1, 1)
-        acc.addcmul_(rowsum, self.w_shift).add_(ca * self.w_colsum + k * ca * self.w_shift)
-        y = acc.mul_(self.w_scale * codes.scale)
+        y = _add_zero_point_terms(acc, rowsum, ca, self.w_colsum, self.w_shift, k).mul_(self.w_scale * codes.scale)
         if bias is not None:
             y.add_(bias)
         return y.reshape(*x.shape[:-1], -1)
@@ -132,15 +139,15 @@ class Int8MatMul(nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         if not int_mm_shape_ok(a.shape[-1], b.shape[-1], a.device):  # shapes are known only now: fall back
             return torch.matmul(self.act(a), self.act_b(b))
-        ca_, cb_ = input_codes(a, self.act), input_codes(b, self.act_b)
+        a_codes, b_codes = input_codes(a, self.act), input_codes(b, self.act_b)
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-        a8 = ca_.centred.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
-        b8 = cb_.centred.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+        a8 = a_codes.centred.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+        b8 = b_codes.centred.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
         acc = torch.stack([int_matmul(a8[i], b8[i]) for i in range(a8.shape[0])]).float()
-        k, ca, cb = a.shape[-1], float(ca_.shift), float(cb_.shift)
-        rowsum = ca_.exact.sum(-1, keepdim=True).expand(*batch, a.shape[-2], 1).reshape(-1, a.shape[-2], 1)
-        colsum = cb_.exact.sum(-2, keepdim=True).expand(*batch, 1, b.shape[-1]).reshape(-1, 1, b.shape[-1])
-        acc.add_(rowsum, alpha=cb).add_(colsum, alpha=ca).add_(k * ca * cb).mul_(ca_.scale * cb_.scale)
+        k, ca, cb = a.shape[-1], float(a_codes.shift), float(b_codes.shift)
+        rowsum = a_codes.exact.sum(-1, keepdim=True).expand(*batch, a.shape[-2], 1).reshape(-1, a.shape[-2], 1)
+        colsum = b_codes.exact.sum(-2, keepdim=True).expand(*batch, 1, b.shape[-1]).reshape(-1, 1, b.shape[-1])
+        acc = _add_zero_point_terms(acc, rowsum, ca, colsum, cb, k).mul_(a_codes.scale * b_codes.scale)
         return acc.reshape(*batch, a.shape[-2], b.shape[-1])
 
     def extra_repr(self) -> str:
