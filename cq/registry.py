@@ -116,6 +116,8 @@ def from_dict(data: dict[str, Any]) -> Any:
         raise ConfigError(
             f"{kind} {name!r} was saved by a newer cq (version {version} > {getattr(cls, 'VERSION', 1)})"
         )
+    if version < getattr(cls, "VERSION", 1) and hasattr(cls, "upgrade"):
+        data = cls.upgrade(data, version)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:

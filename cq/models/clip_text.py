@@ -81,7 +81,7 @@ class _Attention(nn.Module):
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
         self.qk = MatMul()
-        self.av = MatMul()
+        self.av = MatMul(probabilities="a")
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape

@@ -106,7 +106,7 @@ class AttnBlock(nn.Module):
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
         self.qk = MatMul()
-        self.av = MatMul()
+        self.av = MatMul(probabilities="b")
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.norm(x)
@@ -282,6 +282,14 @@ class DDPMUNet(nn.Module):
             splits[f"{point}.conv1"] = channels
             splits[f"{point}.nin_shortcut"] = channels
         return splits
+
+    def io_layers(self) -> tuple[str, ...]:
+        """The layers that read the sampler's ``x_t`` and write the predicted noise: ``conv_in``, ``conv_out``.
+
+        Quantizers keep them in float by default (`cq.quant.Uniform.float_io`): clamping the unbounded input
+        noise, or a systematic output error that every sampler step integrates, wrecks single samples.
+        """
+        return ("conv_in", "conv_out")
 
     @staticmethod
     def deepcache_branch_point(branch: int, num_res_blocks: int = 2) -> str:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+from ..errors import ConfigError
 
 
 __all__ = ["MatMul", "ddpm_timestep_embedding"]
@@ -14,8 +17,17 @@ __all__ = ["MatMul", "ddpm_timestep_embedding"]
 class MatMul(nn.Module):
     """``a @ b`` as a named module, so attention matmuls (q·kᵀ, softmax·v) can be observed and quantized.
 
-    Holds no parameters: adding it changes no checkpoint key.
+    ``probabilities`` names the operand (``"a"`` or ``"b"``) that is a softmax output: its values lie in [0, 1]
+    whatever the input, so a quantizer gives it that range instead of one calibrated on a few samples (a peaked
+    attention on a held-out sample would otherwise be clamped and lose its mass). Holds no parameters: adding it
+    changes no checkpoint key.
     """
+
+    def __init__(self, probabilities: Literal["a", "b"] | None = None):
+        super().__init__()
+        if probabilities not in (None, "a", "b"):
+            raise ConfigError(f"MatMul.probabilities must be None, 'a' or 'b', got {probabilities!r}")
+        self.probabilities = probabilities
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         return torch.matmul(a, b)

@@ -250,7 +250,7 @@ class AttentionBlock(nn.Module):
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv1d(channels, channels, 1)
         self.qk = MatMul()
-        self.av = MatMul()
+        self.av = MatMul(probabilities="b")
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, *spatial = x.shape
@@ -279,7 +279,7 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
         self.qk = MatMul()
-        self.av = MatMul()
+        self.av = MatMul(probabilities="a")
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
@@ -500,6 +500,11 @@ class LDMUNet(nn.Module):
             splits[f"{point}.0.in_layers.2"] = channels
             splits[f"{point}.0.skip_connection"] = channels
         return splits
+
+    def io_layers(self) -> tuple[str, ...]:
+        """The layers that read the sampler's ``x_t`` and write the model output: ``input_blocks.0.0``, ``out.2``
+        (kept in float by default, see `cq.quant.Uniform.float_io`)."""
+        return ("input_blocks.0.0", "out.2")
 
     def _check_point(self, point: str) -> None:
         if point not in self._cache_channels:

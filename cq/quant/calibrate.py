@@ -83,8 +83,9 @@ def observe(model: nn.Module, tables: RangeTables | None = None) -> Iterator[Ran
 
 
 def _quantizers(model: nn.Module) -> Iterator[tuple[str, ActQuantizer]]:
+    """The quantizers whose range is calibrated (not those with a ``fixed_range``)."""
     for name, module in model.named_modules():
-        if isinstance(module, ActQuantizer):
+        if isinstance(module, ActQuantizer) and module.fixed_range is None:
             yield name, module
 
 

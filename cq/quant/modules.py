@@ -28,15 +28,23 @@ __all__ = ["ActQuantizer", "QuantizedWeight", "QConv2d", "QConv1d", "QLinear", "
 
 
 class ActQuantizer(nn.Module):
-    """Activation fake quantization with one parameter set, or one per sampling step (``spec.per_step``)."""
+    """Activation fake quantization with one parameter set, or one per sampling step (``spec.per_step``).
 
-    def __init__(self, spec: QuantSpec, num_steps: int):
+    ``fixed_range``: the values' known bounds (softmax probabilities: ``(0, 1)``). The range is set from it at
+    construction and calibration leaves it alone, so no held-out input is ever clamped inside its bounds.
+    """
+
+    def __init__(self, spec: QuantSpec, num_steps: int, fixed_range: tuple[float, float] | None = None):
         super().__init__()
         self.spec = spec
+        self.fixed_range = fixed_range
         n = num_steps if spec.per_step else 1
         self.register_buffer("scale", torch.ones(n))
         self.register_buffer("zero_point", torch.zeros(n))
         self.register_buffer("calibrated", torch.zeros(n, dtype=torch.bool))
+        if fixed_range is not None:
+            lo, hi = fixed_range
+            self.set_range(torch.full((n,), float(lo)), torch.full((n,), float(hi)))
 
     @property
     def num_tables(self) -> int:
@@ -59,7 +67,7 @@ class ActQuantizer(nn.Module):
         s = self.spec
         return (
             f"{'s' if s.symmetric else 'u'}int{s.bits}, {'per-step' if s.per_step else 'shared'} x"
-            f"{self.num_tables}, {s.method}"
+            f"{self.num_tables}, " + (f"fixed range {self.fixed_range}" if self.fixed_range else s.method)
         )
 
 
@@ -191,7 +199,8 @@ class QLinear(nn.Module):
 
 
 class QMatMul(nn.Module):
-    """Fake-quant `MatMul` (attention q·kᵀ, softmax·v): both operands quantized."""
+    """Fake-quant `MatMul` (attention q·kᵀ, softmax·v): both operands quantized; the softmax operand
+    (``matmul.probabilities``) on the fixed range [0, 1]."""
 
     def __init__(
         self,
@@ -202,8 +211,9 @@ class QMatMul(nn.Module):
         split: int | None = None,
     ):
         super().__init__()
-        self.act = ActQuantizer(act_spec, num_steps)
-        self.act_b = ActQuantizer(act_spec, num_steps)
+        unit = (0.0, 1.0)
+        self.act = ActQuantizer(act_spec, num_steps, unit if matmul.probabilities == "a" else None)
+        self.act_b = ActQuantizer(act_spec, num_steps, unit if matmul.probabilities == "b" else None)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         return torch.matmul(self.act(a), self.act_b(b))

@@ -15,6 +15,7 @@ Strategies (`cq.quant.Uniform`, `cq.quant.PTQ4DM`) choose the specs and the cali
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -44,9 +45,11 @@ class Quantizer(ABC):
     `calibration_batches`.
     """
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2  # 2: float_io (the UNet's input and output layers stay float)
     include: tuple[str, ...]
     skip: tuple[str, ...]
+    #: keep the UNet's input and output layers (``unet.io_layers()``) in float; subclasses may make it a field
+    float_io: bool = True
 
     @abstractmethod
     def specs(self, name: str, module: nn.Module) -> tuple[QuantSpec | None, QuantSpec]:
@@ -61,16 +64,33 @@ class Quantizer(ABC):
 
     # ------------------------------------------------------------------------------------------------------------
 
+    @classmethod
+    def upgrade(cls, fields: dict, version: int) -> dict:
+        """Fields saved by ``version`` of this strategy, as this version reads them (`cq.registry.from_dict`).
+
+        Before version 2 the UNet's input and output layers were quantized: such a file keeps them quantized."""
+        if version < 2 and "float_io" in {f.name for f in dataclasses.fields(cls)}:
+            return {"float_io": False, **fields}
+        return fields
+
     def selects(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.include) and not any(
             fnmatch.fnmatchcase(name, p) for p in self.skip
         )
 
     def prepare(self, unet: nn.Module, num_steps: int) -> nn.Module:
-        """A deep copy of ``unet`` with the selected modules replaced by fake-quant modules (weights quantized)."""
+        """A deep copy of ``unet`` with the selected modules replaced by fake-quant modules (weights quantized).
+
+        With ``float_io`` the layers ``unet.io_layers()`` names stay float (why: `cq.models.DDPMUNet.io_layers`).
+        """
         model = copy.deepcopy(unet)
         splits = model.concat_splits() if hasattr(model, "concat_splits") else {}
-        targets = [(name, m) for name, m in model.named_modules() if type(m) in QMODULES and self.selects(name)]
+        io = set(model.io_layers()) if self.float_io and hasattr(model, "io_layers") else set()
+        targets = [
+            (name, m)
+            for name, m in model.named_modules()
+            if type(m) in QMODULES and self.selects(name) and name not in io
+        ]
         if not targets:
             raise ConfigError(f"{type(self).__name__}: include={self.include} skip={self.skip} select no module")
         for name, module in targets:

@@ -40,7 +40,11 @@ class Uniform(Quantizer):
             run on the int8 kernels without the window-sum term asymmetric weights need (`cq.quant.int8`).
         weight_method, act_method: range search, ``"mse"`` (default), ``"minmax"`` or ``"percentile"``.
         per_step: one activation table per sampling step (False: one shared range).
-        keep_8bit: fnmatch patterns of layers kept at 8 bits (first and last conv by default).
+        keep_8bit: fnmatch patterns of layers kept at 8 bits (first and last conv by default, when quantized).
+        float_io: keep the UNet's input and output layers (``unet.io_layers()``) in float -- a departure from
+            CacheQuant, which runs them at 8 bits: the input layer reads Gaussian noise whose held-out tails a
+            calibrated range clamps, and the output layer's weight error is a bias every sampler step integrates
+            (README, "Quality on held-out seeds"). They are < 0.2% of the MACs.
         include, skip: fnmatch patterns selecting the modules to quantize.
         refresh_samples, cached_samples: calibration samples per refresh / cached step.
 
@@ -55,6 +59,7 @@ class Uniform(Quantizer):
     act_method: ScaleMethod = "mse"
     per_step: bool = True
     keep_8bit: tuple[str, ...] = ("conv_in", "conv_out")
+    float_io: bool = True
     include: tuple[str, ...] = ("*",)
     skip: tuple[str, ...] = ()
     refresh_samples: int = 32
