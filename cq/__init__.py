@@ -3,6 +3,7 @@
 from . import errors, models, sampling
 from .artifact import load
 from .compressed import CompressedUNet
+from .metrics.evaluate import Evaluation, evaluate
 from .recipe import Recipe, cachequant, deepcache, naive, quant_only
 from .trace import Trace, trace
 
@@ -16,6 +17,8 @@ __all__ = [
     "Trace",
     "Recipe",
     "CompressedUNet",
+    "evaluate",
+    "Evaluation",
     "cachequant",
     "deepcache",
     "naive",

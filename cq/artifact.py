@@ -91,6 +91,7 @@ def save(model: CompressedUNet, path: str | Path) -> Path:
         "fingerprint": getattr(model, "base_fingerprint", ""),
         "checksum": _checksum(tensors),
         "packed4": json.dumps(packed),
+        "calibration_seeds": json.dumps(list(model.calibration_seeds)),
     }
     path = Path(path)
     save_safetensors(tensors, path, metadata=metadata)
@@ -144,6 +145,7 @@ def load(
     model = recipe.build(base, steps).to_empty(device="cpu")
     model.load_state_dict(tensors, strict=True)
     model.base_fingerprint = metadata.get("fingerprint", "")
+    model.calibration_seeds = tuple(int(s) for s in json.loads(metadata.get("calibration_seeds", "[]")))
     if int8 or recipe.int8_kernels is not None:
         model.to_int8(recipe.int8_kernels or "auto")
     return model.eval()

@@ -20,6 +20,7 @@ from .step import step_scope
 
 
 if TYPE_CHECKING:
+    from .metrics.evaluate import Evaluation
     from .report import Report
     from .trace import Trace
 
@@ -34,18 +35,28 @@ class CompressedUNet(nn.Module):
         unet: a cq UNet (exposes ``cache_points()`` and takes ``cache=``); not modified.
         num_steps: sampler steps this model is fitted for.
         cacher: a fitted `Cacher` (e.g. ``DeepCache(schedule=Uniform(interval=5))``), or None for no caching.
+        calibration_seeds: the initial-noise seeds of the trace the model was fitted on (`Trace.seeds`);
+            `cq.evaluate` refuses them, so quality is only ever stated on held-out seeds.
 
     Example:
         >>> model = CompressedUNet(unet, num_steps=50, cacher=DeepCache(schedule=Uniform(interval=5)))
         >>> x0 = cq.sampling.ddim(model, noise, steps=50)
     """
 
-    def __init__(self, unet: nn.Module, *, num_steps: int, cacher: Cacher | None = None):
+    def __init__(
+        self,
+        unet: nn.Module,
+        *,
+        num_steps: int,
+        cacher: Cacher | None = None,
+        calibration_seeds: tuple[int, ...] = (),
+    ):
         super().__init__()
         if not isinstance(num_steps, int) or num_steps < 1:
             raise StepCountMismatchError(f"num_steps must be an int >= 1, got {num_steps!r}")
         self.unet = unet
         self.num_steps = num_steps
+        self.calibration_seeds = tuple(int(s) for s in calibration_seeds)
         self.cacher = cacher
         self.cache = cacher.build(unet, num_steps) if cacher is not None else None
         self.cache_correction: nn.Module | None = None
@@ -87,11 +98,19 @@ class CompressedUNet(nn.Module):
                 return self.unet(x, t, cond)
             return self.cache.run(self.unet, x, t, cond, step)
 
-    def report(self, *, reference: nn.Module | None = None, trace: Trace | None = None, samples: int = 8) -> Report:
-        """Per-step refresh/cached, MACs and (given the full-precision UNet and a trace) SQNR; see `cq.report`."""
+    def report(
+        self,
+        *,
+        reference: nn.Module | None = None,
+        trace: Trace | None = None,
+        samples: int = 8,
+        evaluation: Evaluation | None = None,
+    ) -> Report:
+        """Per-step refresh/cached, MACs and (given the full-precision UNet and a trace) teacher-forced SQNR;
+        ``evaluation`` (`cq.evaluate`) adds the held-out end-to-end quality. See `cq.report`."""
         from .report import report
 
-        return report(self, reference=reference, trace=trace, samples=samples)
+        return report(self, reference=reference, trace=trace, samples=samples, evaluation=evaluation)
 
     def to_int8(self, backend: str = "auto") -> dict[str, str]:
         """Run quantized layers on integer kernels from now on (in place); returns each layer's execution mode.

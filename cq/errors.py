@@ -22,6 +22,8 @@ __all__ = [
     "CachePointError",
     "InputShapeError",
     "TraceBudgetError",
+    "CalibrationSeedsError",
+    "ReferenceMismatchError",
 ]
 
 
@@ -126,6 +128,14 @@ class InputShapeError(CqError, ValueError):
 
 class TraceBudgetError(CqError, ValueError):
     """A trace would need more memory than the budget the caller allowed."""
+
+
+class CalibrationSeedsError(CqError, ValueError):
+    """Quality was asked for on seeds the model was calibrated on; `cq.evaluate` measures held-out seeds only."""
+
+
+class ReferenceMismatchError(CqError, ValueError):
+    """The full-precision reference is not the model a compressed model was fitted on (architecture or weights)."""
 
 
 def _head(keys: list[str], n: int = 20) -> str:

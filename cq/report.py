@@ -1,10 +1,12 @@
 """`report`: what a compressed model does per step, what it costs, and how far it is from full precision.
 
 Per step: refresh or cached, MACs of the call, and -- given the full-precision UNet and a trace -- the SQNR of
-the model's output against full precision on the trace's inputs (teacher-forced: every step sees the recorded
-full-precision x_t; cached steps reuse the feature stored at their refresh step of the same replay). Summary:
-MAC speedup, parameter storage, which layers are quantized. `Report.plot` draws the schedule and the per-step
-error (matplotlib, the ``plot`` extra).
+the model's output against full precision on the trace's inputs. That SQNR is **teacher-forced**: every step
+sees the recorded full-precision x_t (errors never accumulate) and the trace is the calibration data, so it
+says where along the trajectory the error enters, not how good the samples are; it is labelled so everywhere.
+How good the samples are is `cq.evaluate` (held-out seeds, end to end, per sample): pass its result as
+``evaluation=`` and the report prints it beside. Summary: MAC speedup, parameter storage, which layers are
+quantized. `Report.plot` draws the schedule and the per-step error (matplotlib, the ``plot`` extra).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .quant.quantizer import quantized_modules
 
 if TYPE_CHECKING:
     from .compressed import CompressedUNet
+    from .metrics.evaluate import Evaluation
     from .trace import Trace
 
 __all__ = ["Report", "StepReport", "report", "print_table", "tensor_bytes"]
@@ -52,6 +55,7 @@ class Report:
     float_layers: int
     recipe: str = ""
     notes: list[str] = field(default_factory=list)
+    evaluation: Evaluation | None = None  # end-to-end quality on held-out seeds (`cq.evaluate`)
 
     @property
     def total_macs(self) -> int:
@@ -87,13 +91,16 @@ class Report:
         ]
         if self.mean_sqnr_db is not None:
             lines.append(
-                f"SQNR vs full precision on the trace: mean {self.mean_sqnr_db:.1f} dB, "
+                f"teacher-forced per-step SQNR vs full precision (each step fed the full-precision x_t of the "
+                f"trace; errors do not accumulate): mean {self.mean_sqnr_db:.1f} dB, "
                 f"min {min(s.sqnr_db for s in self.steps if s.sqnr_db is not None):.1f} dB"
             )
+        if self.evaluation is not None:
+            lines.append(self.evaluation.summary())
         return "\n".join(lines + self.notes)
 
     def table(self) -> str:
-        rows = ["| step | call | GMACs | SQNR dB |", "|---|---|---|---|"]
+        rows = ["| step | call | GMACs | teacher-forced SQNR dB |", "|---|---|---|---|"]
         for s in self.steps:
             db = "-" if s.sqnr_db is None else f"{s.sqnr_db:.1f}"
             rows.append(f"| {s.step} | {'full' if s.refresh else 'cached'} | {s.macs / 1e9:.4f} | {db} |")
@@ -129,6 +136,7 @@ class Report:
         if any(s.sqnr_db is not None for s in self.steps):
             bottom.plot(idx, [s.sqnr_db if s.sqnr_db is not None else float("nan") for s in self.steps], "k.-")
             bottom.set_ylabel("SQNR vs FP (dB)")
+            bottom.set_title("teacher-forced per-step SQNR (full-precision inputs; errors do not accumulate)")
         bottom.set_xlabel("sampling step (0 = noisiest)")
         fig.tight_layout()
         path = Path(path)
@@ -140,9 +148,15 @@ class Report:
 
 @torch.no_grad()
 def report(
-    model: CompressedUNet, *, reference: nn.Module | None = None, trace: Trace | None = None, samples: int = 8
+    model: CompressedUNet,
+    *,
+    reference: nn.Module | None = None,
+    trace: Trace | None = None,
+    samples: int = 8,
+    evaluation: Evaluation | None = None,
 ) -> Report:
-    """Measure ``model``; with ``reference`` (the full-precision UNet) and ``trace``, also per-step SQNR."""
+    """Measure ``model``; with ``reference`` (the full-precision UNet) and ``trace``, also the teacher-forced
+    per-step SQNR; ``evaluation`` (from `cq.evaluate`) adds the end-to-end held-out quality."""
     point = model.cache.point if model.cache is not None else None
     macs = unet_macs(model.unet, points=[point] if point else [])
     mask = model.refresh_mask()
@@ -171,6 +185,7 @@ def report(
         float_layers=float_layers,
         recipe=_describe(recipe),
         notes=_execution_notes(getattr(model, "execution", {})) if q else [],
+        evaluation=evaluation,
     )
 
 

@@ -50,6 +50,8 @@ class Trace:
         x0: ``[k, *sample]`` final samples of the kept trajectories (fp32).
         sample_ids: which of the ``num_samples`` trajectories were kept (their seeds are ``seed + id``).
         sampler: sampler settings used (name, steps, spacing, eta, seed, num_samples).
+        seeds: the initial-noise seeds of all ``num_samples`` trajectories (kept or only observed). A model fitted
+            on this trace carries them, and `cq.evaluate` refuses to measure it on any of them.
     """
 
     timesteps: Tensor
@@ -59,6 +61,7 @@ class Trace:
     x0: Tensor
     sample_ids: Tensor
     sampler: dict[str, Any] = field(default_factory=dict)
+    seeds: tuple[int, ...] = ()
 
     @property
     def steps(self) -> int:
@@ -269,6 +272,7 @@ def trace(
             "num_samples": num_samples,
             **{k: v for k, v in sampler_kwargs.items() if _is_plain(v)},
         },
+        seeds=tuple(range(seed, seed + num_samples)),
     )
 
 
