@@ -1,4 +1,4 @@
-"""The ``cq`` command: ``demo``, ``fit``, ``sample``, ``report``, ``train``."""
+"""The ``cq`` command: ``demo``, ``fit``, ``sample``, ``report``, ``train``, ``train-classifier``."""
 
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ def _trace_for(unet, recipe, steps: int, samples: int, seed: int, sampler: dict,
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .metrics import predicted_speedup, sample_error, unet_macs
+    from .metrics import predicted_speedup, unet_macs
+    from .metrics.digits import DigitsScorer
+    from .metrics.evaluate import evaluate
     from .recipe import cachequant, deepcache, naive, quant_only
     from .sampling import FullPrecision, ddim
     from .trace import seeded_noise
@@ -54,11 +56,12 @@ def _demo(args: argparse.Namespace) -> int:
     unet = _load_base(args.model, None)
     steps, sampler = sampling_defaults(unet, args.steps)
     n = args.interval
+    seeds = range(args.seed, args.seed + args.num)
     print(
         f"cq demo: model={args.model} ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params), "
-        f"DDIM {steps} steps {sampler}, {args.num} samples, interval {n}, {torch.get_num_threads()} threads"
+        f"DDIM {steps} steps {sampler}, {args.num} held-out samples (seeds {seeds.start}..{seeds.stop - 1}), "
+        f"interval {n}, {torch.get_num_threads()} threads"
     )
-    noise = seeded_noise(unet.sample_shape, range(args.seed, args.seed + args.num))
     recipes = {
         "DeepCache": deepcache(n),
         "W8A8": quant_only("w8a8"),
@@ -67,55 +70,70 @@ def _demo(args: argparse.Namespace) -> int:
     }
     if args.fp_only:
         recipes = {}
+    scorer = DigitsScorer.embedded() if args.model == "demo" else None
 
     start = time.perf_counter()
-    reference = ddim(FullPrecision(unet), noise, steps=steps, **sampler)
+    reference = ddim(FullPrecision(unet), seeded_noise(unet.sample_shape, seeds), steps=steps, **sampler)
     fp_seconds = time.perf_counter() - start
     print(f"full precision: {fp_seconds:.2f} s, {1000 * fp_seconds / args.num:.1f} ms per image")
 
     trace = None
     if recipes:
         fit_start = time.perf_counter()
-        trace = _trace_for(unet, cachequant(n), steps, args.calib, seed=10_000, sampler=sampler, progress=False)
+        calib_seed = 10_000
+        trace = _trace_for(unet, cachequant(n), steps, args.calib, seed=calib_seed, sampler=sampler, progress=False)
         print(
-            f"trace: {args.calib} full-precision trajectories (seeds 10000+, not the evaluated ones), "
-            f"{time.perf_counter() - fit_start:.1f} s"
+            f"trace: {args.calib} full-precision trajectories (seeds {calib_seed}..{calib_seed + args.calib - 1}, "
+            f"not the evaluated ones), {time.perf_counter() - fit_start:.1f} s"
         )
     macs = unet_macs(unet)
-    rows = [["full precision", steps, "1.00x", "1.00x", "-", "-", f"{tensor_bytes(unet) / 2**20:.2f}", "-"]]
+    fid_fp = f"{scorer.fid(reference):.2f}" if scorer else "-"
+    fp_mib = f"{tensor_bytes(unet) / 2**20:.2f}"
+    rows = [["full precision", steps, "1.00x", "1.00x", "-", "-", "-", f"{reference.abs().max():.2f}", fid_fp, fp_mib]]
     panels, labels = [reference], ["full precision"]
     for label, recipe in recipes.items():
-        t0 = time.perf_counter()
         model = recipe.fit(unet, trace, progress=False)
-        fit_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = ddim(model, noise, steps=steps, **sampler)
-        seconds = time.perf_counter() - t0
+        result = evaluate(model, unet, seeds=seeds, steps=steps, progress=False, **sampler)
         point = model.cache.point if model.cache is not None else None
         mask = model.refresh_mask()
         mac = predicted_speedup(macs["full"], macs[point], mask) if point else 1.0
-        err = sample_error(out, reference)
         rows.append(
             [
                 label,
                 sum(mask),
                 f"{mac:.2f}x",
-                f"{fp_seconds / seconds:.2f}x",
-                f"{err['mse']:.2e}",
-                f"{err['psnr']:.1f}",
+                f"{result.reference_seconds / result.seconds:.2f}x",
+                f"{result.mean_db:.1f}",
+                f"{result.min_db:.1f}",
+                f"{len(result.below())}",
+                f"{result.max_abs_x0:.2f}",
+                f"{scorer.fid(result.samples):.2f}" if scorer else "-",
                 f"{tensor_bytes(model) / 2**20:.2f}",
-                f"{fit_s:.1f}",
             ]
         )
-        panels.append(out)
+        panels.append(result.samples)
         labels.append(label)
     print_table(
-        ["setting", "full calls", "MAC speedup", "wall-clock", "x0 MSE vs FP", "PSNR dB", "MiB", "fit s"], rows
+        [
+            "setting",
+            "full calls",
+            "MAC speedup",
+            "wall-clock",
+            "mean PSNR dB",
+            "worst PSNR dB",
+            "< 25 dB",
+            "max |x0|",
+            "digits FID",
+            "MiB",
+        ],
+        rows,
     )
     if recipes:
         print(
-            "wall-clock: quantized rows run fake quantization (float kernels), so they are not faster yet; "
-            "MiB counts tensors as stored (uint8 weights + fp32 scales)."
+            f"PSNR: x0 of each held-out sample vs full precision from the same seed, end to end ({args.num} samples; "
+            "`cq.evaluate`). digits FID: vs the 1797 real digits (the embedded classifier's features; noisy at "
+            "small --num). wall-clock: quantized rows run fake quantization (float kernels), so they are not "
+            "faster; MiB counts tensors as stored (uint8 weights + fp32 scales)."
         )
     out = save_grid(panels, args.out, nrow=int(args.num**0.5 + 0.999), scale=args.scale, labels=labels)
     print(f"wrote {out}")
@@ -190,12 +208,27 @@ def _report(args: argparse.Namespace) -> int:
             points=[model.cache.point] if model.cache is not None else [],
             progress=False,
         )
-    rep = model.report(reference=reference, trace=trace)
+    evaluation = None
+    if reference is not None and args.eval > 0:
+        from .metrics.evaluate import evaluate
+
+        seeds = range(args.eval_seed, args.eval_seed + args.eval)
+        steps = model.num_steps
+        evaluation = evaluate(model, reference, seeds=seeds, steps=steps, progress=True, **sampler)
+    rep = model.report(reference=reference, trace=trace, evaluation=evaluation)
     print(rep.summary())
     if args.steps_table:
         print(rep.table())
     if args.plot:
         print(f"wrote {rep.plot(args.plot)}")
+    return 0
+
+
+def _train_classifier(args: argparse.Namespace) -> int:
+    from .metrics.digits import train_digits_classifier
+
+    out, accuracy = train_digits_classifier(args.out, seed=args.seed, epochs=args.epochs)
+    print(f"test accuracy {accuracy:.4f} on the held-out 20% of the digits; wrote {out}")
     return 0
 
 
@@ -258,11 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("-o", "--out", default="cq_samples.png")
     sample.set_defaults(func=_sample)
 
-    rep = sub.add_parser("report", help="per-step schedule, MACs, size; SQNR given the base model")
+    rep = sub.add_parser(
+        "report", help="per-step schedule, MACs, size; given the base model: teacher-forced SQNR and held-out quality"
+    )
     rep.add_argument("path")
     rep.add_argument("--model", default=None, help="base model preset, to measure SQNR against")
     rep.add_argument("--weights", default=None)
-    rep.add_argument("--samples", type=int, default=8)
+    rep.add_argument("--samples", type=int, default=8, help="trajectories of the teacher-forced per-step SQNR")
+    rep.add_argument(
+        "--eval", type=int, default=64, help="held-out samples of the end-to-end evaluation (0: skip; needs --model)"
+    )
+    rep.add_argument("--eval-seed", type=int, default=30_000, help="first held-out seed of the evaluation")
     rep.add_argument("--steps-table", action="store_true")
     rep.add_argument("--plot", default=None, help="write the schedule / error plot here (PNG)")
     rep.set_defaults(func=_report)
@@ -278,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=d.seed)
     tr.add_argument("-o", "--out", default="demo.safetensors")
     tr.set_defaults(func=_train)
+
+    tc = sub.add_parser("train-classifier", help="train the digits classifier behind the demo's digits FID")
+    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--epochs", type=int, default=30)
+    tc.add_argument("-o", "--out", default="digits_classifier.safetensors")
+    tc.set_defaults(func=_train_classifier)
     return parser
 
 
