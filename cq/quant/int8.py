@@ -1,6 +1,8 @@
 """Real integer execution of fake-quant modules: `to_int8` picks the kernels by device.
 
-CPU: each `QConv2d` / `QLinear` becomes an `Int8Conv2d` / `Int8Linear` on the oneDNN int8 kernels (prepacked
+CPU with VNNI or AMX (where oneDNN's u8 x s8 kernels are exact, `onednn_exact`; on older x86 CPUs they saturate
+and the CPU takes the CUDA path below, on exact ``torch._int_mm``): each `QConv2d` / `QLinear` becomes an
+`Int8Conv2d` / `Int8Linear` on the oneDNN int8 kernels (prepacked
 weights, uint8 input with the step's scale and zero point, exact int32 accumulation, float32 output), and each
 attention `QMatMul` an `Int8MatMul` on ``torch._int_mm``. Asymmetric (CacheQuant-style) weights ``W = s (q - z)``,
 ``q`` in [0, 255], do not fit the kernels (they ignore weight zero points), so they run as ``q - 128`` (int8) and
@@ -15,6 +17,8 @@ not needed: the modules are built from the fake-quant modules' integer buffers.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,15 +31,48 @@ from .modules import QMODULES, ActQuantizer, QConv1d, QConv2d, QLinear, QMatMul,
 from .quantizer import set_submodule
 
 
-__all__ = ["Int8Conv2d", "Int8Linear", "to_int8", "int8_layers", "int8_available", "INT8_MODULES", "BACKENDS"]
+__all__ = [
+    "Int8Conv2d",
+    "Int8Linear",
+    "to_int8",
+    "int8_layers",
+    "int8_available",
+    "onednn_exact",
+    "INT8_MODULES",
+    "BACKENDS",
+]
 
 BACKENDS = ("auto", "onednn", "int_mm")
 
 
 def int8_available() -> bool:
-    """Whether this torch build has the oneDNN int8 kernels (x86 CPUs)."""
+    """Whether this torch build has the oneDNN int8 kernels (x86 CPUs) *and* they compute exactly here
+    (`onednn_exact`): cq only ever runs integer kernels that equal fake quantization."""
+    return _onednn_present() and onednn_exact()
+
+
+def _onednn_present() -> bool:
     ops = getattr(torch.ops, "onednn", None)
     return ops is not None and hasattr(ops, "qconv2d_pointwise") and torch.backends.mkldnn.is_available()
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_exact() -> bool:
+    """Whether oneDNN's u8 x s8 kernels accumulate exactly on this CPU (a one-off probe, cached per process).
+
+    CPUs without VNNI (AVX2, AVX-512 without VNNI) multiply u8 x s8 pairs with ``vpmaddubsw``, which saturates
+    each pair's sum at int16: ``255 * 127 * 2 > 32767``. The result is then silently wrong (measured on an AVX2
+    EPYC: 255 * 127 * 64 came back as 1,048,544 instead of 2,072,640). On such CPUs cq uses ``torch._int_mm``
+    (exact) where it can and keeps the rest fake-quant.
+    """
+    if not _onednn_present():
+        return False
+    x = torch.full((1, 64), 255, dtype=torch.uint8)
+    w = torch.full((2, 64), 127, dtype=torch.int8)
+    packed = torch.ops.onednn.qlinear_prepack(w, None)
+    ones, zeros = torch.ones(2), torch.zeros(2, dtype=torch.long)
+    y = torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], "")
+    return bool((y == 255 * 127 * 64).all())
 
 
 def _signed_weight(weight: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -173,8 +210,8 @@ def to_int8(model: nn.Module, backend: str = "auto") -> dict[str, str]:
             continue
         device = _device(module)
         kernel = backend
-        if kernel == "auto":
-            kernel = "int_mm" if device.type == "cuda" else "onednn"
+        if kernel == "auto":  # oneDNN on CPUs where it is exact (VNNI / AMX), torch._int_mm elsewhere
+            kernel = "onednn" if device.type == "cpu" and int8_available() else "int_mm"
         reason, build = _plan(module, kernel, device)
         if reason:
             status[name] = f"fake-quant ({reason})"
@@ -210,8 +247,13 @@ def _plan(module: nn.Module, kernel: str, device: torch.device) -> tuple[str, ty
     if kernel == "onednn":
         if device.type != "cpu":
             return f"oneDNN int8 kernels run on the CPU; the layer is on {device}", None
-        if not int8_available():
+        if not _onednn_present():
             return "no oneDNN int8 kernels in this torch build", None
+        if not onednn_exact():
+            raise ConfigError(
+                "oneDNN's u8 x s8 kernels saturate on this CPU (no VNNI: pair sums clip at int16), so they would "
+                "not compute the quantized model; use backend='auto' or 'int_mm' (exact torch._int_mm kernels)"
+            )
         return "", Int8Conv2d if isinstance(module, QConv2d) else Int8Linear
     if isinstance(module, QConv2d):
         if not IntMMConv1x1.supports(module):
