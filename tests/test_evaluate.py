@@ -146,9 +146,13 @@ def test_evaluate_statistics(unet, fitted):
     assert result.max_abs_x0 == pytest.approx(float(result.samples.abs().max()))
     # per-sample: a sample depends on its seed only, not on the batch it was drawn in
     alone = cq.evaluate(fitted, unet, seeds=[3], steps=4, progress=False)
-    # (up to float summation order, which batch size changes; this random-weight model's x0 reaches ~30)
-    diff = (alone.samples[0] - result.samples[3]).norm() / result.samples[3].norm()
-    assert float(diff) < 1e-3
+    # (up to float summation order, which batch size changes: exact to 1e-4 in full precision; in the quantized
+    # model an order flip can move an activation code, measured 0.6% relative on this random-weight model)
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    assert rel(alone.reference_samples[0], result.reference_samples[3]) < 1e-4
+    assert rel(alone.samples[0], result.samples[3]) < 3e-2
     assert "held-out evaluation: 6 seeds" in result.summary() and "worst" in result.summary()
 
 
@@ -176,7 +180,7 @@ def test_evaluate_bad_input(unet, fitted):
         cq.evaluate(fitted, unet, seeds=[1], steps=5)
     with pytest.raises(StepCountMismatchError, match="makes 5"):  # PLMS makes steps + 1 calls
         cq.evaluate(fitted, unet, plms, seeds=[1], steps=4)
-    other_arch = tiny_unet(ch=16)
+    other_arch = tiny_unet(ch=64)
     with pytest.raises(ReferenceMismatchError, match="config"):
         cq.evaluate(fitted, other_arch, seeds=[1], steps=4)
     with pytest.raises(ReferenceMismatchError, match="other weights"):

@@ -48,10 +48,12 @@ def _float_ops(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear, MatMul)]
 
 
-def test_every_conv_linear_and_matmul_is_replaced(unet, w8a8):
+def test_every_conv_linear_and_matmul_but_the_io_layers_is_replaced(unet, w8a8):
     replaced = quantized_modules(w8a8)
-    assert set(replaced) == set(_float_ops(unet))
-    assert _float_ops(w8a8) == []
+    assert set(replaced) == set(_float_ops(unet)) - set(unet.io_layers())
+    assert _float_ops(w8a8) == list(unet.io_layers())  # the input and output layers stay float (float_io)
+    everything = Uniform(float_io=False).prepare(unet, STEPS)
+    assert set(quantized_modules(everything)) == set(_float_ops(unet)) and _float_ops(everything) == []
     kinds = {type(unet.get_submodule(n)): k for n, k in replaced.items()}
     assert kinds == {nn.Conv2d: "QConv2d", nn.Linear: "QLinear", MatMul: "QMatMul"}
     assert "QConv2d" in repr(w8a8) and "per-step" in repr(w8a8)  # the module tree shows what was quantized
@@ -66,8 +68,10 @@ def test_skip_and_include_patterns(unet, trace):
     names = quantized_modules(q)
     assert not any("attn" in n or n.startswith("temb.") for n in names)
     assert isinstance(q.get_submodule("mid.attn_1.q"), nn.Conv2d)
-    only = Uniform(include=("conv_in",)).prepare(unet, STEPS)
+    only = Uniform(include=("conv_in",), float_io=False).prepare(unet, STEPS)
     assert list(quantized_modules(only)) == ["conv_in"]
+    with pytest.raises(ConfigError, match="select no module"):  # the io layers are float by default
+        Uniform(include=("conv_in",)).prepare(unet, STEPS)
     with pytest.raises(ConfigError, match="select no module"):
         Uniform(include=("nothing*",)).prepare(unet, STEPS)
 
@@ -80,7 +84,7 @@ def test_concat_inputs_get_split_quantizers(unet, w8a8):
 
 
 def test_first_and_last_layers_stay_8bit_by_name(unet, trace, cacher):
-    q = Uniform(weight_bits=4, refresh_samples=4, cached_samples=2).prepare(unet, STEPS)
+    q = Uniform(weight_bits=4, refresh_samples=4, cached_samples=2, float_io=False).prepare(unet, STEPS)
     assert q.conv_in.weight.spec.bits == 8 and q.conv_out.weight.spec.bits == 8
     assert q.get_submodule("up.0.block.0.conv1").weight.spec.bits == 4
     assert int(q.get_submodule("up.0.block.0.conv1").weight.weight_q.max()) <= 15
@@ -102,7 +106,7 @@ def test_observe_removes_its_hooks_even_on_error(unet):
 
 def test_calibration_runs_the_cached_model(unet, trace, cacher):
     """Deep layers are observed only at refresh steps (the shallow path skips them), tail layers at every step."""
-    q = Uniform(refresh_samples=4, cached_samples=2).prepare(unet, STEPS)
+    q = Uniform(refresh_samples=4, cached_samples=2, float_io=False).prepare(unet, STEPS)
     tables = Uniform(refresh_samples=4, cached_samples=2).calibrate(q, trace, cacher=cacher, progress=False)
     mask = torch.tensor(cacher.schedule.refresh_mask(STEPS))
     assert torch.equal(tables.seen["mid.block_1.conv1.act"], mask)
@@ -111,7 +115,7 @@ def test_calibration_runs_the_cached_model(unet, trace, cacher):
 
 
 def test_per_step_tables_differ_between_steps(w8a8):
-    scales = w8a8.conv_out.act.scale
+    scales = w8a8.get_submodule("up.0.block.2.conv2").act.scale
     assert scales.shape == (STEPS,) and len(set(scales.tolist())) > 1
 
 
@@ -142,7 +146,8 @@ def test_step_selects_the_table(w8a8, trace):
 def test_quantized_state_dict_round_trips(unet, trace, w8a8):
     state = w8a8.state_dict()
     assert state["up.0.block.0.conv1.weight.weight_q"].dtype == torch.uint8
-    assert not any(k.endswith(".weight") and v.is_floating_point() and v.ndim == 4 for k, v in state.items())
+    float_convs = {k for k, v in state.items() if k.endswith(".weight") and v.is_floating_point() and v.ndim == 4}
+    assert float_convs == {"conv_in.weight", "conv_out.weight"}  # only the io layers keep float weights
     fresh = Uniform().prepare(unet, STEPS)  # weights quantized from the float model, tables uncalibrated
     fresh.load_state_dict(state)
     x, t = trace.x[1, :3], trace.timesteps[1].expand(3)
@@ -282,3 +287,28 @@ def test_qmodules_keep_shapes(w8a8, unet):
             assert isinstance(module, QLinear) and module.weight.weight_q.shape == original.weight.shape
         else:
             assert isinstance(module, QMatMul)
+
+
+def test_softmax_operands_keep_the_fixed_unit_range(unet, w8a8):
+    """Softmax probabilities are quantized on [0, 1] whatever calibration saw: a peaked attention on a held-out
+    sample is never clamped (any probability is within half a step, 1/510, of its quantized value)."""
+    qmatmuls = [m for m in w8a8.modules() if type(m).__name__ == "QMatMul"]
+    av = [m for n, m in w8a8.named_modules() if n.endswith(".av")]
+    assert av and all(m.act_b.fixed_range == (0.0, 1.0) and m.act.fixed_range is None for m in av)
+    assert all(
+        m.act.fixed_range is None and m.act_b.fixed_range is None for n, m in w8a8.named_modules() if n.endswith(".qk")
+    )
+    probs = torch.softmax(torch.randn(4, 64, 64) * 10, dim=-1)  # peaked rows: values near 1
+    for m in av:
+        with step_scope(0):
+            assert float((m.act_b(probs) - probs).abs().max()) <= 1 / 510 + 1e-7
+    assert len(qmatmuls) == 2 * len(av)
+
+
+def test_version_1_quantizers_keep_their_io_layers_quantized():
+    from cq.registry import from_dict, to_dict
+
+    data = to_dict(Uniform())
+    data.pop("float_io")
+    data["version"] = 1
+    assert from_dict(data).float_io is False and from_dict(to_dict(Uniform())).float_io is True

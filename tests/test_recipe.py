@@ -91,7 +91,7 @@ def test_quantized_file_stores_integer_weights(fitted, tmp_path):
     path = fitted["cachequant"].save(tmp_path / "m.cq")
     with safe_open(str(path), framework="pt") as f:
         dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118
-    assert dtypes["unet.conv_in.weight.weight_q"] == torch.uint8
+    assert dtypes["unet.down.0.block.0.conv1.weight.weight_q"] == torch.uint8
     assert not any(k.endswith("conv1.weight") for k in dtypes)  # no float copy of quantized weights
 
 

@@ -54,7 +54,8 @@ class Evaluation:
         max_abs: ``[N]`` max |x0| of each compressed sample (data lives in [-1, 1]).
         reference_max_abs: ``[N]`` the same for the full-precision samples.
         threshold_db: what counts as a wrecked sample.
-        seconds, reference_seconds: wall-clock of sampling the compressed / full-precision model.
+        seconds, reference_seconds: wall-clock of sampling the compressed / full-precision model (the latter None
+            when ``reference_samples`` were passed in).
         samples, reference_samples: the x0 of both (None with ``keep_samples=False``).
         distribution: metrics from the `Scorer`, if one was given (e.g. digits FID).
     """
@@ -65,7 +66,7 @@ class Evaluation:
     reference_max_abs: Tensor
     threshold_db: float
     seconds: float
-    reference_seconds: float
+    reference_seconds: float | None
     samples: Tensor | None = None
     reference_samples: Tensor | None = None
     distribution: dict[str, float] = field(default_factory=dict)
@@ -138,8 +139,13 @@ class Evaluation:
             f"worst {self.min_db:.2f} (seed {self.worst_seed})",
             f"  below {self.threshold_db:g} dB: {below} of {n} ({100 * self.fraction_below:.1f}%); "
             f"max |x0| {self.max_abs_x0:.2f} (full precision {float(self.reference_max_abs.max()):.2f})",
-            f"  wall-clock: {self.seconds:.2f} s vs full precision {self.reference_seconds:.2f} s "
-            f"({self.reference_seconds / max(self.seconds, 1e-9):.2f}x)",
+            f"  wall-clock: {self.seconds:.2f} s"
+            + (
+                f" vs full precision {self.reference_seconds:.2f} s "
+                f"({self.reference_seconds / max(self.seconds, 1e-9):.2f}x)"
+                if self.reference_seconds is not None
+                else ""
+            ),
         ]
         if self.distribution:
             lines.append("  " + ", ".join(f"{k} {v:.3f}" for k, v in self.distribution.items()))
@@ -162,6 +168,7 @@ def evaluate(
     cond: Tensor | None = None,
     scorer: Scorer | None = None,
     keep_samples: bool = True,
+    reference_samples: Tensor | None = None,
     progress: bool = True,
     **sampler_kwargs: Any,
 ) -> Evaluation:
@@ -179,6 +186,8 @@ def evaluate(
         cond: ``[len(seeds), ...]`` conditioning, or None.
         scorer: distribution-level metrics of the compressed and reference sample sets.
         keep_samples: keep both sample sets in the result.
+        reference_samples: the full-precision x0 of exactly these seeds with this sampler, from an earlier
+            `Evaluation.reference_samples`, to compare several models without sampling the reference again.
         progress: a progress bar over batches.
 
     Raises:
@@ -209,6 +218,11 @@ def evaluate(
     if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != len(seeds)):
         raise ConfigError(f"cond must be a tensor with first dimension len(seeds)={len(seeds)}")
 
+    if reference_samples is not None and (
+        not isinstance(reference_samples, Tensor) or reference_samples.shape[0] != len(seeds)
+    ):
+        raise ConfigError(f"reference_samples must be a tensor with one row per seed ({len(seeds)})")
+
     from ..trace import seeded_noise
 
     shape = tuple(reference.sample_shape)
@@ -221,7 +235,10 @@ def evaluate(
         noise = seeded_noise(shape, batch).to(device)
         c = cond[start : start + len(batch)].to(device) if cond is not None else None
         t0 = time.perf_counter()
-        refs.append(sampler(fp, noise, steps=steps, cond=c, generator=_generator(batch), **sampler_kwargs).cpu())
+        if reference_samples is None:
+            refs.append(sampler(fp, noise, steps=steps, cond=c, generator=_generator(batch), **sampler_kwargs).cpu())
+        else:
+            refs.append(reference_samples[start : start + len(batch)].cpu())
         t1 = time.perf_counter()
         outs.append(sampler(model, noise, steps=steps, cond=c, generator=_generator(batch), **sampler_kwargs).cpu())
         seconds += time.perf_counter() - t1
@@ -235,7 +252,7 @@ def evaluate(
         reference_max_abs=ref.abs().flatten(1).amax(1),
         threshold_db=float(threshold_db),
         seconds=seconds,
-        reference_seconds=ref_seconds,
+        reference_seconds=ref_seconds if reference_samples is None else None,
         samples=out if keep_samples else None,
         reference_samples=ref if keep_samples else None,
         distribution=distribution,
