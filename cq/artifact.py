@@ -2,9 +2,12 @@
 
 Metadata (all strings): ``cq_format`` (version), ``recipe`` (the fitted recipe as JSON, schedule included),
 ``model`` (how to build the base UNet: family, config, noise schedule, preset), ``num_steps``, ``fingerprint``
-(SHA-256 of the full-precision base weights the recipe was fitted on) and ``checksum`` (SHA-256 of every saved
-tensor, verified on load). Tensors: the model's ``state_dict()`` -- quantized weights as integers plus scales,
-per-step activation tables, corrections. Written atomically (temp file + rename). Nothing is unpickled.
+(SHA-256 of the full-precision base weights the recipe was fitted on), ``calibration_seeds`` and ``checksum``:
+SHA-256 of every saved tensor *and* every other metadata field (format 2; format 1 covered the tensors only
+and still loads), verified on load, so a flipped bit anywhere is refused. Tensors: the model's
+``state_dict()`` -- quantized weights as integers plus scales, per-step activation tables, corrections.
+Written atomically (temp file + fsync + rename), metadata in sorted order (refitting writes the same bytes).
+Nothing is unpickled; whatever is wrong with a file is a `CheckpointFormatError` naming the field.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .compressed import CompressedUNet
-from .errors import CheckpointFormatError, ConfigError, StepCountMismatchError
+from .errors import CheckpointFormatError, ConfigError, CqError, StepCountMismatchError
 from .io import save_safetensors
 from .models.loading import build_from_description, describe_model
 from .quant.packing import pack_nibbles, unpack_nibbles
@@ -27,7 +30,7 @@ from .registry import from_dict, to_dict
 
 __all__ = ["save", "load", "fingerprint", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checksum covers the metadata too
 
 
 def fingerprint(unet: nn.Module) -> str:
@@ -35,10 +38,14 @@ def fingerprint(unet: nn.Module) -> str:
     return _checksum(unet.state_dict())
 
 
-def _checksum(tensors: dict[str, Tensor]) -> str:
+def _checksum(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> str:
+    """SHA-256 of the tensors (sorted keys) and, when given, of every metadata field but the checksum itself."""
     h = hashlib.sha256()
     for key, value in sorted(tensors.items()):
         _hash_tensor(h, key, value)
+    for key, value in sorted((metadata or {}).items()):
+        if key != "checksum":
+            h.update(f"meta|{key}|{len(value)}|{value}".encode())
     return h.hexdigest()
 
 
@@ -85,14 +92,15 @@ def save(model: CompressedUNet, path: str | Path) -> Path:
     tensors, packed = _pack_low_bit_weights(model, model.state_dict())
     metadata = {
         "cq_format": str(FORMAT_VERSION),
-        "recipe": json.dumps(to_dict(recipe)),
-        "model": json.dumps(describe_model(model.unet)),
+        "recipe": json.dumps(to_dict(recipe), sort_keys=True),
+        "model": json.dumps(describe_model(model.unet), sort_keys=True),
         "num_steps": str(model.num_steps),
         "fingerprint": getattr(model, "base_fingerprint", ""),
-        "checksum": _checksum(tensors),
-        "packed4": json.dumps(packed),
+        "packed4": json.dumps(packed, sort_keys=True),
         "calibration_seeds": json.dumps(list(model.calibration_seeds)),
     }
+    metadata = dict(sorted(metadata.items()))
+    metadata["checksum"] = _checksum(tensors, metadata)
     path = Path(path)
     save_safetensors(tensors, path, metadata=metadata)
     return path
@@ -128,24 +136,72 @@ def load(
         raise CheckpointFormatError(f"{path} is not a readable cq file ({e})") from None
     if "cq_format" not in metadata:
         raise CheckpointFormatError(f"{path} is a safetensors file but not a saved cq model (no cq metadata)")
-    if int(metadata["cq_format"]) > FORMAT_VERSION:
-        raise CheckpointFormatError(
-            f"{path} uses cq format {metadata['cq_format']}; this cq reads <= {FORMAT_VERSION}"
-        )
-    if _checksum(tensors) != metadata.get("checksum"):
-        raise CheckpointFormatError(f"{path}: checksum mismatch, the file is corrupted")
-    tensors = _unpack_low_bit_weights(tensors, json.loads(metadata.get("packed4", "{}")))
-    steps = int(metadata["num_steps"])
+    version = metadata["cq_format"]
+    if not (version.isascii() and version.isdigit()) or int(version) < 1:
+        raise CheckpointFormatError(f"{path}: cq_format must be a positive integer, got {version!r}")
+    if int(version) > FORMAT_VERSION:
+        raise CheckpointFormatError(f"{path} uses cq format {version}; this cq reads <= {FORMAT_VERSION}")
+    # format 1 checksummed the tensors only; format 2 every metadata field as well
+    expected = _checksum(tensors) if int(version) == 1 else _checksum(tensors, metadata)
+    if expected != metadata.get("checksum"):
+        raise CheckpointFormatError(f"{path}: checksum mismatch, the file is corrupted (tensors or metadata)")
+    known = metadata.get("fingerprint", "")
+    if int(version) >= 2 and not _is_sha256(known):
+        raise CheckpointFormatError(f"{path}: the base-model fingerprint is missing or malformed ({known!r})")
+    try:
+        tensors = _unpack_low_bit_weights(tensors, _json_field(metadata, "packed4", path, default="{}"))
+        steps = _int_field(metadata, "num_steps", path)
+        description = _json_field(metadata, "model", path)
+        recipe_data = _json_field(metadata, "recipe", path)
+        seeds = _json_field(metadata, "calibration_seeds", path, default="[]")
+        if not isinstance(seeds, list) or not all(isinstance(v, int) for v in seeds):
+            raise CheckpointFormatError(f"{path}: calibration_seeds must be a list of integers")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointFormatError(f"{path}: malformed metadata ({e})") from None
     if num_steps is not None and num_steps != steps:
         raise StepCountMismatchError(f"{path} was fitted for {steps} sampling steps, not {num_steps}; refit it")
-    if unet is not None and metadata.get("fingerprint") and fingerprint(unet) != metadata["fingerprint"]:
+    if unet is not None and known and fingerprint(unet) != known:
         raise ConfigError(f"{path} was fitted on another base model than the one given (weights fingerprint differs)")
-    base = build_from_description(json.loads(metadata["model"]), device="meta")  # no float weights allocated
-    recipe = from_dict(json.loads(metadata["recipe"]))
-    model = recipe.build(base, steps).to_empty(device="cpu")
-    model.load_state_dict(tensors, strict=True)
-    model.base_fingerprint = metadata.get("fingerprint", "")
-    model.calibration_seeds = tuple(int(s) for s in json.loads(metadata.get("calibration_seeds", "[]")))
+    try:
+        base = build_from_description(description, device="meta")  # no float weights allocated
+        recipe = from_dict(recipe_data)
+    except CqError as e:
+        raise CheckpointFormatError(f"{path}: the saved model or recipe description is invalid ({e})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointFormatError(
+            f"{path}: the saved model or recipe description is invalid ({type(e).__name__}: {e})"
+        ) from None
+    try:
+        model = recipe.build(base, steps).to_empty(device="cpu")
+        model.load_state_dict(tensors, strict=True)
+    except CqError as e:
+        raise CheckpointFormatError(f"{path}: the recipe does not build on the saved model ({e})") from None
+    except RuntimeError as e:
+        raise CheckpointFormatError(
+            f"{path}: the tensors do not fit the model its metadata describes ({str(e).splitlines()[0]})"
+        ) from None
+    model.base_fingerprint = known
+    model.calibration_seeds = tuple(seeds)
     if int8 or recipe.int8_kernels is not None:
         model.to_int8(recipe.int8_kernels or "auto")
     return model.eval()
+
+
+def _is_sha256(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _json_field(metadata: dict[str, str], key: str, path: Path, default: str | None = None) -> Any:
+    if key not in metadata and default is None:
+        raise CheckpointFormatError(f"{path}: metadata field {key!r} is missing")
+    try:
+        return json.loads(metadata.get(key, default))
+    except json.JSONDecodeError as e:
+        raise CheckpointFormatError(f"{path}: metadata field {key!r} is not valid JSON ({e})") from None
+
+
+def _int_field(metadata: dict[str, str], key: str, path: Path) -> int:
+    value = metadata.get(key)
+    if value is None or not (value.isascii() and value.isdigit()) or int(value) < 1:
+        raise CheckpointFormatError(f"{path}: metadata field {key!r} must be a positive integer, got {value!r}")
+    return int(value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -17,9 +18,15 @@ __all__ = ["atomic_path", "save_safetensors"]
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is renamed over ``path`` (``os.replace``)."""
+    """Yield a temporary path next to ``path``; on success it is flushed to disk (``fsync``) and renamed over
+    ``path`` (``os.replace``), so a reader sees the old file or the whole new one, never a part.
+
+    Temporary files left by writers that were killed (``kill -9`` skips every ``finally``) are removed on the
+    next write to the same target: their name carries the writer's pid, and a pid that no longer runs is dead.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     # created like any new file (mode 0o666 minus the umask), unlike mkstemp's 0o600
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
@@ -27,19 +34,81 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, mode)  # some writers (safetensors) recreate the file as 0o600
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)  # the rename itself
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
 
 
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete ``.<name>.<pid>.<hex>.tmp`` files next to ``path`` whose writer process is gone; returns them."""
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        parts = tmp.name[len(path.name) + 2 : -len(".tmp")].split(".")
+        if len(parts) != 2 or not parts[0].isdigit() or _alive(int(parts[0])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _fsync(path: Path) -> None:
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # e.g. directories cannot be opened on some platforms
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` (made contiguous, on CPU) to a safetensors file atomically."""
+    """Write ``tensors`` (made contiguous, on CPU) to a safetensors file atomically, metadata keys in sorted order
+    (safetensors itself writes them in a random order: the same content would give different bytes)."""
     from safetensors.torch import save_file
 
     data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(data, str(tmp), metadata=metadata)
+        _sort_metadata_in_place(tmp)
+
+
+def _sort_metadata_in_place(path: Path) -> None:
+    """Rewrite a safetensors header with its ``__metadata__`` keys sorted; the header keeps its byte length (the
+    same compact JSON, reordered), so the tensor data does not move. Left as is if the length would differ."""
+    import json
+    import struct
+
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(size)
+        header = json.loads(raw)
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        padded = text + b" " * (len(raw) - len(text))
+        if len(padded) != len(raw) or json.loads(padded) != json.loads(raw):
+            return
+        f.seek(8)
+        f.write(padded)
 
 
 def atomic_torch_save(obj: object, path: str | Path, save: Callable[..., None] = torch.save) -> None:
