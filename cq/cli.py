@@ -93,7 +93,9 @@ def _demo(args: argparse.Namespace) -> int:
     panels, labels = [reference], ["full precision"]
     for label, recipe in recipes.items():
         model = recipe.fit(unet, trace, progress=False)
-        result = evaluate(model, unet, seeds=seeds, steps=steps, progress=False, **sampler)
+        result = evaluate(
+            model, unet, seeds=seeds, steps=steps, reference_samples=reference, progress=False, **sampler
+        )
         point = model.cache.point if model.cache is not None else None
         mask = model.refresh_mask()
         mac = predicted_speedup(macs["full"], macs[point], mask) if point else 1.0
@@ -102,7 +104,7 @@ def _demo(args: argparse.Namespace) -> int:
                 label,
                 sum(mask),
                 f"{mac:.2f}x",
-                f"{result.reference_seconds / result.seconds:.2f}x",
+                f"{fp_seconds / result.seconds:.2f}x",
                 f"{result.mean_db:.1f}",
                 f"{result.min_db:.1f}",
                 f"{len(result.below())}",
@@ -244,19 +246,49 @@ def _train(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _count(minimum: int):
+    """argparse type: an int >= ``minimum`` (a clear usage error otherwise, never a silent default)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int>={minimum}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+POSITIVE, NON_NEGATIVE = _count(1), _count(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cq", description="Cache + quantize diffusion UNets (CacheQuant).")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="compress the embedded demo model with each recipe; table + grid")
     demo.add_argument("--model", default="demo", help="preset with embedded weights (default: demo)")
-    demo.add_argument("--num", type=int, default=64, help="number of samples")
-    demo.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the preset's)")
-    demo.add_argument("--interval", type=int, default=5, help="cache interval N")
-    demo.add_argument("--calib", type=int, default=32, help="calibration trajectories")
+    demo.add_argument("--num", type=POSITIVE, default=64, help="number of samples")
+    demo.add_argument("--steps", type=POSITIVE, default=None, help="DDIM steps (default: the preset's)")
+    demo.add_argument("--interval", type=POSITIVE, default=5, help="cache interval N")
+    demo.add_argument("--calib", type=POSITIVE, default=32, help="calibration trajectories")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--scale", type=int, default=3, help="upscale factor of the PNG")
-    demo.add_argument("--threads", type=int, default=None)
+    demo.add_argument("--scale", type=POSITIVE, default=3, help="upscale factor of the PNG")
+    demo.add_argument("--threads", type=POSITIVE, default=None)
     demo.add_argument("--fp-only", action="store_true", help="only sample the full-precision model")
     demo.add_argument("-o", "--out", default="cq_demo.png")
     demo.set_defaults(func=_demo)
@@ -265,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--model", default="demo", help="model preset")
     fit.add_argument("--weights", default=None, help="checkpoint file or diffusers folder for the preset")
     fit.add_argument("--recipe", default="cachequant", choices=["cachequant", "deepcache", "quant_only", "naive"])
-    fit.add_argument("--interval", type=int, default=5)
+    fit.add_argument("--interval", type=POSITIVE, default=5)
     fit.add_argument("--bits", default="w8a8")
     fit.add_argument(
         "--backend",
@@ -273,21 +305,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["fake", "int8", "onednn", "int_mm"],
         help="fake quantization, or integer kernels (saved with the recipe: `cq sample` runs them)",
     )
-    fit.add_argument("--steps", type=int, default=None)
-    fit.add_argument("--samples", type=int, default=32, help="calibration trajectories")
+    fit.add_argument("--steps", type=POSITIVE, default=None)
+    fit.add_argument("--samples", type=POSITIVE, default=32, help="calibration trajectories")
     fit.add_argument("--seed", type=int, default=10_000)
-    fit.add_argument("--threads", type=int, default=None)
+    fit.add_argument("--threads", type=POSITIVE, default=None)
     fit.add_argument("-o", "--out", required=True, help="output file (.cq)")
     fit.set_defaults(func=_fit)
 
     sample = sub.add_parser("sample", help="sample a saved model into a grid")
     sample.add_argument("path")
-    sample.add_argument("--num", type=int, default=64)
+    sample.add_argument("--num", type=POSITIVE, default=64)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--spacing", default=None)
     sample.add_argument("--int8", action="store_true", help="run quantized layers on int8 kernels")
-    sample.add_argument("--scale", type=int, default=3)
-    sample.add_argument("--threads", type=int, default=None)
+    sample.add_argument("--scale", type=POSITIVE, default=3)
+    sample.add_argument("--threads", type=POSITIVE, default=None)
     sample.add_argument("-o", "--out", default="cq_samples.png")
     sample.set_defaults(func=_sample)
 
@@ -297,9 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("path")
     rep.add_argument("--model", default=None, help="base model preset, to measure SQNR against")
     rep.add_argument("--weights", default=None)
-    rep.add_argument("--samples", type=int, default=8, help="trajectories of the teacher-forced per-step SQNR")
+    rep.add_argument("--samples", type=POSITIVE, default=8, help="trajectories of the teacher-forced per-step SQNR")
     rep.add_argument(
-        "--eval", type=int, default=64, help="held-out samples of the end-to-end evaluation (0: skip; needs --model)"
+        "--eval",
+        type=NON_NEGATIVE,
+        default=64,
+        help="held-out samples of the end-to-end evaluation (0: skip; needs --model)",
     )
     rep.add_argument("--eval-seed", type=int, default=30_000, help="first held-out seed of the evaluation")
     rep.add_argument("--steps-table", action="store_true")
@@ -311,28 +346,37 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     tr = sub.add_parser("train", help="train the demo model on scikit-learn digits (resumable)")
     tr.add_argument("--preset", default=d.preset)
-    tr.add_argument("--steps", type=int, default=d.steps)
-    tr.add_argument("--batch-size", type=int, default=d.batch_size)
-    tr.add_argument("--lr", type=float, default=d.lr)
+    tr.add_argument("--steps", type=POSITIVE, default=d.steps)
+    tr.add_argument("--batch-size", type=POSITIVE, default=d.batch_size)
+    tr.add_argument("--lr", type=_positive_float, default=d.lr)
     tr.add_argument("--seed", type=int, default=d.seed)
     tr.add_argument("-o", "--out", default="demo.safetensors")
     tr.set_defaults(func=_train)
 
     tc = sub.add_parser("train-classifier", help="train the digits classifier behind the demo's digits FID")
     tc.add_argument("--seed", type=int, default=0)
-    tc.add_argument("--epochs", type=int, default=30)
+    tc.add_argument("--epochs", type=POSITIVE, default=30)
     tc.add_argument("-o", "--out", default="digits_classifier.safetensors")
     tc.set_defaults(func=_train_classifier)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``cq`` command. A `CqError` is printed as one line (``cq <command>: error: ...``) and exits 2;
+    ``--debug`` shows the traceback instead."""
+    from .errors import CqError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except CqError as e:
+        if args.debug:
+            raise
+        print(f"cq {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -41,6 +41,18 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 500
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "save_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"TrainConfig.{name} must be an int >= 1, got {value!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ConfigError(f"TrainConfig.warmup must be an int >= 0, got {self.warmup!r}")
+        if not (isinstance(self.lr, int | float) and 0 < self.lr < float("inf")):
+            raise ConfigError(f"TrainConfig.lr must be a finite number > 0, got {self.lr!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
+
 
 def digits_dataset(resolution: int = 16) -> Tensor:
     """``[1797, 1, resolution, resolution]`` digits in [-1, 1] (bilinear upsampling of the 8x8 originals)."""

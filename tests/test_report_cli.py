@@ -85,11 +85,57 @@ def test_cli_fit_sample_report(tmp_path, capsys):
     grid = tmp_path / "grid.png"
     assert main(["sample", str(out), "--num", "4", "-o", str(grid)]) == 0
     assert grid.read_bytes()[:4] == b"\x89PNG"
-    assert main(["report", str(out), "--model", "demo", "--samples", "2", "--steps-table"]) == 0
+    assert main(["report", str(out), "--model", "demo", "--samples", "2", "--eval", "3", "--steps-table"]) == 0
     text = capsys.readouterr().out
-    assert "refreshes" in text and "SQNR" in text and "| step |" in text
+    assert "refreshes" in text and "teacher-forced per-step SQNR" in text and "| step |" in text
+    assert "held-out evaluation: 3 seeds (30000..30002)" in text and "worst" in text
 
 
 def test_cli_rejects_an_unknown_recipe():
     with pytest.raises(SystemExit):
         main(["fit", "--recipe", "nope", "-o", "x.cq"])
+
+
+def test_cli_prints_a_cq_error_as_one_line_and_exits_2(tmp_path, capsys):
+    missing = tmp_path / "missing.cq"
+    assert main(["sample", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cq sample: error:") and "no such file" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+    with pytest.raises(cq.errors.CheckpointFormatError):
+        main(["--debug", "sample", str(missing)])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--steps", "0"],
+        ["demo", "--num", "0"],
+        ["demo", "--num", "-3"],
+        ["demo", "--scale", "0"],
+        ["demo", "--threads", "-1"],
+        ["fit", "--steps", "-5", "-o", "x.cq"],
+        ["fit", "--samples", "0", "-o", "x.cq"],
+        ["sample", "x.cq", "--num", "zero"],
+        ["train", "--batch-size", "0"],
+        ["train", "--steps", "-1"],
+        ["train", "--lr", "0"],
+        ["report", "x.cq", "--eval", "-1"],
+    ],
+)
+def test_cli_refuses_bad_numbers_at_parse_time(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and ("must be" in err or "expected" in err)
+
+
+def test_sampling_defaults_and_train_config_refuse_bad_values(unet):
+    from cq.models.presets import sampling_defaults
+    from cq.train import TrainConfig
+
+    with pytest.raises(cq.errors.ConfigError, match="steps"):
+        sampling_defaults(unet, 0)
+    for bad in ({"steps": -1}, {"batch_size": 0}, {"lr": 0.0}, {"ema_decay": 1.0}, {"save_every": 0}):
+        with pytest.raises(cq.errors.ConfigError):
+            TrainConfig(**bad)

@@ -302,8 +302,10 @@ def sampling_defaults(unet: object, steps: int | None = None) -> tuple[int, dict
     falls back to ``linspace`` when ``steps`` does not divide the training timesteps."""
     preset = getattr(unet, "preset", None)
     defaults = dict(preset.sampling) if preset is not None else {}
-    steps = steps or defaults.pop("steps", 50)
-    defaults.pop("steps", None)
+    preset_steps = defaults.pop("steps", 50)
+    steps = preset_steps if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be an int >= 1, got {steps!r}")
     noise = getattr(unet, "noise_schedule", None)
     if defaults.get("spacing", "uniform") in ("uniform", "ldm") and noise is not None and noise.num_timesteps % steps:
         defaults["spacing"] = "linspace"
