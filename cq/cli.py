@@ -146,9 +146,25 @@ def _demo(args: argparse.Namespace) -> int:
 # cq fit / sample / report
 
 
+def _check_writable(out: str) -> None:
+    """Refuse an output path that cannot be written before hours of fitting, not after."""
+    import os
+
+    from .errors import ConfigError
+
+    path = Path(out)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    blocked = path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK)
+    if blocked or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"cannot write {out}: choose an output file in a writable directory (-o)")
+
+
 def _fit(args: argparse.Namespace) -> int:
     from .recipe import PRESET_RECIPES
 
+    _check_writable(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     unet = _load_base(args.model, args.weights)

@@ -139,3 +139,12 @@ def test_sampling_defaults_and_train_config_refuse_bad_values(unet):
     for bad in ({"steps": -1}, {"batch_size": 0}, {"lr": 0.0}, {"ema_decay": 1.0}, {"save_every": 0}):
         with pytest.raises(cq.errors.ConfigError):
             TrainConfig(**bad)
+
+
+def test_cli_fit_checks_the_output_before_fitting(tmp_path, capsys):
+    assert main(["fit", "--model", "demo", "--steps", "4", "-o", str(tmp_path)]) == 2  # a directory
+    assert "cannot write" in capsys.readouterr().err
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    assert main(["fit", "--model", "demo", "--steps", "4", "-o", str(a_file / "m.cq")]) == 2  # under a file
+    assert "cannot write" in capsys.readouterr().err
