@@ -380,6 +380,29 @@ def test_unsafe_pickle_error_names_the_global(tmp_path):
         read_state_dict(path)
 
 
+class _Evals:
+    def __reduce__(self):
+        return (eval, ("1 + 1",))
+
+
+class _Execs:
+    def __reduce__(self):
+        return (exec, ("x = 1",))
+
+
+@pytest.mark.parametrize(("payload", "name"), [(_Evals, "builtins.eval"), (_Execs, "builtins.exec")])
+def test_refused_builtins_say_why_and_never_advise_weights_only_false(tmp_path, payload, name):
+    """A builtin pickled by bare name ("GLOBAL eval") is a refused payload, not a truncated file; torch's advice
+    to re-run with weights_only=False (or to allow-list the global) is not passed on."""
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.zeros(1), "extra": payload()}, path)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        read_state_dict(path)
+    message = str(info.value)
+    assert f"`{name}`" in message and "run code" in message
+    assert "truncated" not in message and "weights_only=False" not in message and "add_safe_globals" not in message
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Unreadable files
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import importlib.util
 import json
 import pickle
@@ -140,8 +141,9 @@ def _read_pickle(path: Path, trust_pickle: bool) -> Any:
         refused = _refused_global(str(e))
         if refused:
             raise UnsafeCheckpointError(
-                f"{path} contains pickled objects that weights_only loading refuses ({refused}). "
-                "Convert it to .safetensors, or pass trust_pickle=True only if you trust where the file came from"
+                f"{path} holds a pickled reference to `{refused}`, which safe (weights_only) loading refuses: "
+                "unpickling it would import or run code. Convert the checkpoint to .safetensors, or pass "
+                "trust_pickle=True only if you trust where the file came from"
             ) from None
         raise CheckpointFormatError(
             f"{path} is not a readable PyTorch checkpoint (truncated?): {_last_words(e)}"
@@ -156,11 +158,15 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _refused_global(text: str) -> str:
-    """The line of torch's weights_only error naming a refused global ("GLOBAL posix.system ..."), or ''."""
+    """The global torch's weights_only error names as refused ("posix.system", "builtins.eval"), or ''.
+
+    Only the name is kept: torch's message goes on to advise re-running with ``weights_only=False`` or
+    allow-listing the global, advice cq never passes on."""
     for line in _ANSI.sub("", text).splitlines():
         m = re.search(r"GLOBAL (\S+)", line)
         if m and _names_real_global(m.group(1)):
-            return line.strip()
+            name = m.group(1)
+            return name if "." in name else f"builtins.{name}"
     return ""
 
 
@@ -171,6 +177,8 @@ def _names_real_global(name: str) -> bool:
     a refused payload. Either way the file is refused; this only picks the clearer error.
     """
     module_name, _, attribute = name.rpartition(".")
+    if not module_name and attribute:  # a builtin pickled by bare name ("GLOBAL eval")
+        return hasattr(builtins, attribute)
     if not module_name or not attribute:
         return False
     module = sys.modules.get(module_name)
