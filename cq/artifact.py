@@ -12,7 +12,6 @@ Nothing is unpickled; whatever is wrong with a file is a `CheckpointFormatError`
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ from torch import Tensor, nn
 
 from .compressed import CompressedUNet
 from .errors import CheckpointFormatError, ConfigError, CqError, StepCountMismatchError
-from .io import save_safetensors
+from .io import checksum as _checksum
+from .io import fingerprint, save_safetensors
 from .models.loading import build_from_description, describe_model
 from .quant.packing import pack_nibbles, unpack_nibbles
 from .registry import from_dict, to_dict
@@ -31,28 +31,6 @@ from .registry import from_dict, to_dict
 __all__ = ["save", "load", "fingerprint", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 2  # 2: the checksum covers the metadata too
-
-
-def fingerprint(unet: nn.Module) -> str:
-    """SHA-256 over a model's state dict (sorted keys, shapes, dtypes and bytes)."""
-    return _checksum(unet.state_dict())
-
-
-def _checksum(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> str:
-    """SHA-256 of the tensors (sorted keys) and, when given, of every metadata field but the checksum itself."""
-    h = hashlib.sha256()
-    for key, value in sorted(tensors.items()):
-        _hash_tensor(h, key, value)
-    for key, value in sorted((metadata or {}).items()):
-        if key != "checksum":
-            h.update(f"meta|{key}|{len(value)}|{value}".encode())
-    return h.hexdigest()
-
-
-def _hash_tensor(h: Any, key: str, value: Tensor) -> None:
-    value = value.detach().cpu().contiguous()
-    h.update(f"{key}|{tuple(value.shape)}|{value.dtype}|".encode())
-    h.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
 
 
 def _pack_low_bit_weights(model: nn.Module, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -1,19 +1,21 @@
-"""Atomic file writes: a saved artifact is either complete or absent, never partial."""
+"""Atomic file writes (a saved artifact is either complete or absent, never partial) and content fingerprints."""
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 
-__all__ = ["atomic_path", "save_safetensors"]
+__all__ = ["atomic_path", "save_safetensors", "fingerprint", "checksum", "remove_stale_temps"]
 
 
 @contextlib.contextmanager
@@ -115,3 +117,26 @@ def atomic_torch_save(obj: object, path: str | Path, save: Callable[..., None] =
     """``torch.save`` through a temporary file (for resumable training state)."""
     with atomic_path(path) as tmp:
         save(obj, tmp)
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over a model's state dict (sorted keys, shapes, dtypes and bytes): which weights a trace was
+    recorded from and a compressed model was fitted on."""
+    return checksum(model.state_dict())
+
+
+def checksum(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> str:
+    """SHA-256 of the tensors (sorted keys) and, when given, of every metadata field but ``checksum`` itself."""
+    h = hashlib.sha256()
+    for key, value in sorted(tensors.items()):
+        _hash_tensor(h, key, value)
+    for key, value in sorted((metadata or {}).items()):
+        if key != "checksum":
+            h.update(f"meta|{key}|{len(value)}|{value}".encode())
+    return h.hexdigest()
+
+
+def _hash_tensor(h: Any, key: str, value: Tensor) -> None:
+    value = value.detach().cpu().contiguous()
+    h.update(f"{key}|{tuple(value.shape)}|{value.dtype}|".encode())
+    h.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")

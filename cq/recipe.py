@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, ClassVar
 
 from torch import nn
 
-from .artifact import fingerprint
 from .cache import DPS, Uniform
 from .cache.cacher import Cacher
 from .cache.deepcache import DeepCache
 from .compressed import CompressedUNet
 from .correct import CacheErrorCorrector, Corrector, QuantErrorCorrector
-from .errors import ConfigError
+from .errors import ConfigError, ReferenceMismatchError
+from .io import fingerprint
 from .quant import Quantizer
 from .quant import Uniform as UniformQuantizer
 from .registry import RECIPES
@@ -90,6 +90,12 @@ class Recipe:
         missing = [p for p in self.points(unet) if p not in trace.features]
         if missing:
             raise ConfigError(f"the trace lacks features at {missing}; record it with points=recipe.points(unet)")
+        base = fingerprint(unet)
+        if trace.base_fingerprint and trace.base_fingerprint != base:
+            raise ReferenceMismatchError(
+                "the trace was recorded from another model than the UNet being fitted (weights fingerprint "
+                "differs); record the trace with cq.trace(unet, ...) of this UNet"
+            )
         steps = trace.steps
         cacher = self.cacher.fit(unet, trace) if self.cacher is not None else None
         early = [c for c in self.correctors if isinstance(c, CacheErrorCorrector)]
@@ -112,7 +118,7 @@ class Recipe:
         for corrector in late:
             corrector.fit(model, unet, trace, progress=progress)
         model.recipe = replace(self, cacher=cacher)
-        model.base_fingerprint = fingerprint(unet)
+        model.base_fingerprint = base
         if self.int8_kernels is not None:
             model.to_int8(self.int8_kernels)
         return model

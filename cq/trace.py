@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .cache.view import CacheView
 from .errors import ConfigError, InputShapeError, TraceBudgetError
+from .io import fingerprint
 from .sampling.ddim import ddim
 from .sampling.noise import NoiseSchedule
 
@@ -52,6 +53,8 @@ class Trace:
         sampler: sampler settings used (name, steps, spacing, eta, seed, num_samples).
         seeds: the initial-noise seeds of all ``num_samples`` trajectories (kept or only observed). A model fitted
             on this trace carries them, and `cq.evaluate` refuses to measure it on any of them.
+        base_fingerprint: `cq.io.fingerprint` of the UNet the trace was recorded from; `Recipe.fit` refuses to
+            fit another UNet on it ("" for traces built by hand: not checked).
     """
 
     timesteps: Tensor
@@ -62,6 +65,7 @@ class Trace:
     sample_ids: Tensor
     sampler: dict[str, Any] = field(default_factory=dict)
     seeds: tuple[int, ...] = ()
+    base_fingerprint: str = ""
 
     @property
     def steps(self) -> int:
@@ -273,6 +277,7 @@ def trace(
             **{k: v for k, v in sampler_kwargs.items() if _is_plain(v)},
         },
         seeds=tuple(range(seed, seed + num_samples)),
+        base_fingerprint=fingerprint(unet),
     )
 
 

@@ -146,6 +146,7 @@ def test_evaluate_statistics(unet, fitted):
     assert result.max_abs_x0 == pytest.approx(float(result.samples.abs().max()))
     # per-sample: a sample depends on its seed only, not on the batch it was drawn in
     alone = cq.evaluate(fitted, unet, seeds=[3], steps=4, progress=False)
+
     # (up to float summation order, which batch size changes: exact to 1e-4 in full precision; in the quantized
     # model an order flip can move an activation code, measured 0.6% relative on this random-weight model)
     def rel(a, b):
@@ -208,3 +209,14 @@ def test_evaluate_reuses_reference_samples(unet, fitted):
     assert torch.equal(first.psnr_db, again.psnr_db) and again.reference_seconds is None
     with pytest.raises(ConfigError, match="one row per seed"):
         cq.evaluate(fitted, unet, seeds=[4, 5, 6], steps=4, reference_samples=first.reference_samples)
+
+
+def test_a_trace_fits_only_the_model_it_was_recorded_from(unet):
+    trace = cq.trace(unet, steps=4, num_samples=2, seed=700, progress=False)
+    assert trace.base_fingerprint
+    other = tiny_unet(seed=3)
+    with pytest.raises(ReferenceMismatchError, match="trace was recorded from another model"):
+        cq.quant_only("w8a8").fit(other, trace, progress=False)
+    model = cq.quant_only("w8a8").fit(unet, trace, progress=False)
+    with pytest.raises(ReferenceMismatchError, match="other weights"):
+        model.report(reference=other, trace=cq.trace(other, steps=4, num_samples=2, seed=701, progress=False))

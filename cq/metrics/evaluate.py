@@ -287,7 +287,7 @@ def _resolve_steps(model: nn.Module, sampler: Callable[..., Tensor], steps: int 
 
 
 def _check_reference(model: nn.Module, reference: nn.Module) -> None:
-    from ..artifact import fingerprint
+    from ..io import fingerprint
     from ..models.loading import describe_model
 
     if not hasattr(reference, "sample_shape") or not hasattr(reference, "cache_points"):
