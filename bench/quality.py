@@ -3,6 +3,7 @@
     python bench/quality.py --table demo      [--seeds 1024]   # cq demo's settings + digits FID
     python bench/quality.py --table ablation  [--seeds 256] [--intervals 3,5,10]
     python bench/quality.py --table quant     [--seeds 256]
+    python bench/quality.py --table schedules [--seeds 256] [--intervals 2,3,5,10]   # full precision caching
 
 All settings are fitted on one trace of 32 full-precision trajectories (seeds 10000..10031) and evaluated on
 held-out seeds 1000.. (`cq.evaluate` refuses overlaps), with the preset's sampler (DDIM 50, no x0 clipping).
@@ -65,6 +66,20 @@ def ablation_cases(n: int) -> list[tuple[str, Recipe]]:
     ]
 
 
+def schedule_cases(n: int) -> list[tuple[str, Recipe]]:
+    from cq.cache.power import Power
+
+    def fp(schedule):
+        return Recipe(cacher=DeepCache(schedule=schedule))
+
+    return [
+        (f"N={n} uniform", fp(UniformSchedule(interval=n))),
+        (f"N={n} power 1.5", fp(Power(interval=n))),
+        (f"N={n} DPS [N/2, 2N] (CacheQuant)", fp(DPS(interval=n))),
+        (f"N={n} DPS, lengths 1..3N", fp(DPS(interval=n, min_len=1, max_len=3 * n))),
+    ]
+
+
 def quant_cases() -> list[tuple[str, Recipe]]:
     return [
         ("W8A8 (per-step tables)", Recipe(quantizer=Uniform())),
@@ -78,10 +93,10 @@ def quant_cases() -> list[tuple[str, Recipe]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--table", choices=["demo", "ablation", "quant"], default="demo")
+    ap.add_argument("--table", choices=["demo", "ablation", "quant", "schedules"], default="demo")
     ap.add_argument("--seeds", type=int, default=256, help="held-out samples (seeds 1000..)")
     ap.add_argument("--interval", type=int, default=5, help="cache interval of the demo table")
-    ap.add_argument("--intervals", default="3,5,10", help="cache intervals of the ablation table")
+    ap.add_argument("--intervals", default="3,5,10", help="cache intervals of the ablation / schedules tables")
     ap.add_argument("--calib", type=int, default=32, help="calibration trajectories (seeds 10000..)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -105,6 +120,8 @@ def main() -> None:
         cases = demo_cases(args.interval)
     elif args.table == "ablation":
         cases = [c for n in args.intervals.split(",") for c in ablation_cases(int(n))]
+    elif args.table == "schedules":
+        cases = [c for n in args.intervals.split(",") for c in schedule_cases(int(n))]
     else:
         cases = quant_cases()
     for label, recipe in cases:
