@@ -12,10 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from .cache.cacher import Cacher
-from .errors import ConfigError, StepCountMismatchError
+from .errors import ConfigError, InputValueError, StepCountMismatchError
 from .step import step_scope
 
 
@@ -93,10 +94,26 @@ class CompressedUNet(nn.Module):
                 f"step must be an int in [0, {self.num_steps}) for a model fitted for {self.num_steps} steps, "
                 f"got {step!r}"
             )
+        self._check_inputs(x, t)
         with step_scope(step):
             if self.cache is None:
                 return self.unet(x, t, cond)
             return self.cache.run(self.unet, x, t, cond, step)
+
+    def _check_inputs(self, x: Tensor, t: Tensor) -> None:
+        """Refuse what the fitted tables cannot represent instead of clamping it silently: timesteps outside the
+        noise schedule's ``[0, T)`` and non-finite inputs."""
+        if not bool(torch.isfinite(x).all()):
+            raise InputValueError("x contains NaN or inf; the sampler state diverged or the input is corrupted")
+        t = torch.as_tensor(t)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputValueError("t contains NaN or inf")
+        limit = self.noise_schedule.num_timesteps if self.noise_schedule is not None else None
+        if t.numel() and (float(t.min()) < 0 or (limit is not None and float(t.max()) >= limit)):
+            raise InputValueError(
+                f"timesteps must lie in [0, {limit}) for this model's noise schedule, got {float(t.min()):g}.."
+                f"{float(t.max()):g}"
+            )
 
     def report(
         self,

@@ -21,6 +21,7 @@ __all__ = [
     "CacheEmptyError",
     "CachePointError",
     "InputShapeError",
+    "InputValueError",
     "TraceBudgetError",
     "CalibrationSeedsError",
     "ReferenceMismatchError",
@@ -124,6 +125,10 @@ class CachePointError(CqError, KeyError):
 
 class InputShapeError(CqError, ValueError):
     """A tensor passed to a model or sampler has the wrong shape or dtype."""
+
+
+class InputValueError(CqError, ValueError):
+    """A tensor passed to a model holds values it cannot take: timesteps outside ``[0, T)``, NaN or inf."""
 
 
 class TraceBudgetError(CqError, ValueError):

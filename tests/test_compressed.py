@@ -156,3 +156,18 @@ def test_predicted_speedup_formula(T, N, ratio):
     K = sum(mask)
     assert speedup == pytest.approx(T / (K + (T - K) * ratio))
     assert speedup * (1 + 1e-12) >= 1.0 and speedup <= 1 / ratio * (1 + 1e-12)
+
+
+def test_out_of_range_timesteps_and_non_finite_inputs_are_refused(unet):
+    from cq.errors import InputValueError
+
+    model = CompressedUNet(unet, num_steps=2)
+    x = torch.zeros(1, 1, 16, 16)
+    for t in (torch.tensor([1000]), torch.tensor([-1])):
+        with pytest.raises(InputValueError, match=r"\[0, 1000\)"):
+            model(x, t, step=0)
+    with pytest.raises(InputValueError, match="NaN"):
+        model(torch.full((1, 1, 16, 16), float("nan")), torch.tensor([5]), step=0)
+    with pytest.raises(InputValueError, match="NaN or inf"):
+        model(x, torch.tensor([float("inf")]), step=0)
+    assert model(x, torch.tensor([999]), step=1).shape == x.shape
