@@ -312,3 +312,24 @@ def test_version_1_quantizers_keep_their_io_layers_quantized():
     data.pop("float_io")
     data["version"] = 1
     assert from_dict(data).float_io is False and from_dict(to_dict(Uniform())).float_io is True
+
+
+def test_shared_ranges_cover_every_step_in_any_order(unet, trace):
+    """A shared (one-table) range is the union of the per-step ranges: independent of the order the steps are
+    calibrated in, and never narrower than any step's own range."""
+    from cq.quant.calibrate import RangeTables, observe
+    from cq.replay import CalibrationBatch, replay
+
+    def tables(order):
+        model = Uniform(per_step=False).prepare(unet, STEPS)
+        batches = [CalibrationBatch(step=i, rows=torch.arange(3)) for i in order]
+        with observe(model, RangeTables()) as t:
+            replay(model, trace, batches, point=None)
+        return t
+
+    forward, backward = tables(range(STEPS)), tables(reversed(range(STEPS)))
+    for name in forward.lo:
+        assert torch.equal(forward.lo[name], backward.lo[name]) and torch.equal(forward.hi[name], backward.hi[name])
+        steps = forward.steps[name]
+        assert float(forward.lo[name][0]) == min(float(v[0]) for v in steps.values())
+        assert float(forward.hi[name][0]) == max(float(v[1]) for v in steps.values())

@@ -1,10 +1,11 @@
 """Activation calibration through scoped observation hooks (quanto ``Calibration`` style).
 
 Inside ``with observe(model) as ranges:`` a forward pre-hook on every `ActQuantizer` records the range of the
-values reaching it, per sampling step for per-step quantizers, combining batches of the same step with an
-exponential moving average (momentum 0.9, as CacheQuant's ``update_quantize_range``). On exit the hooks are
-removed; `RangeTables.apply` then writes scales and zero points into the quantizers. Nothing is stored inside the
-modules while observing and no tensor is kept: memory is two floats per table entry.
+values reaching it per sampling step, combining batches of the same step with an exponential moving average
+(momentum 0.9, as CacheQuant's ``update_quantize_range``). A shared (one-table) quantizer gets the union of its
+per-step ranges, so its single range covers every calibrated step whatever order the steps come in. On exit the
+hooks are removed; `RangeTables.apply` then writes scales and zero points into the quantizers. Nothing is stored
+inside the modules while observing and no tensor is kept: memory is two floats per table entry (per step).
 """
 
 from __future__ import annotations
@@ -37,19 +38,38 @@ class RangeTables:
         self.hi: dict[str, Tensor] = {}
         self.seen: dict[str, Tensor] = {}
         self.unobserved: list[str] = []  # set by `apply`: quantizers that saw no data
+        # shared (one-table) quantizers: the per-step ranges their single table is the union of
+        self.steps: dict[str, dict[int, tuple[Tensor, Tensor]]] = {}
 
     def update(self, name: str, quantizer: ActQuantizer, x: Tensor) -> None:
         if name not in self.lo:
             n = quantizer.num_tables
             self.lo[name], self.hi[name] = torch.zeros(n), torch.zeros(n)
             self.seen[name] = torch.zeros(n, dtype=torch.bool)
-        i = current_step() if quantizer.spec.per_step else 0
         lo, hi = search_range(_strided(x), quantizer.spec)
         lo, hi = lo.float().cpu(), hi.float().cpu()
-        if self.seen[name][i]:
+        step = current_step()
+        if quantizer.spec.per_step:
+            self._average(self.lo[name], self.hi[name], self.seen[name], step, lo, hi)
+            return
+        # One range shared by all steps: batches of the same step are averaged (as per-step tables), then the
+        # table covers every observed step (union). A running average across steps instead weighted the last
+        # steps most and clamped the noisiest ones on held-out seeds (W8A8 mean 17 dB, 245 of 256 < 25 dB).
+        per_step = self.steps.setdefault(name, {})
+        if step in per_step:
             m = self.momentum
-            lo, hi = m * self.lo[name][i] + (1 - m) * lo, m * self.hi[name][i] + (1 - m) * hi
-        self.lo[name][i], self.hi[name][i], self.seen[name][i] = lo, hi, True
+            lo, hi = m * per_step[step][0] + (1 - m) * lo, m * per_step[step][1] + (1 - m) * hi
+        per_step[step] = (lo, hi)
+        self.lo[name][0] = min(v[0] for v in per_step.values())
+        self.hi[name][0] = max(v[1] for v in per_step.values())
+        self.seen[name][0] = True
+
+    def _average(self, lo_table: Tensor, hi_table: Tensor, seen: Tensor, i: int, lo: Tensor, hi: Tensor) -> None:
+        """Exponential moving average of the batches of entry ``i`` (CacheQuant's ``update_quantize_range``)."""
+        if seen[i]:
+            m = self.momentum
+            lo, hi = m * lo_table[i] + (1 - m) * lo, m * hi_table[i] + (1 - m) * hi
+        lo_table[i], hi_table[i], seen[i] = lo, hi, True
 
     def apply(self, model: nn.Module) -> list[str]:
         """Write the ranges into the quantizers; unobserved steps copy the nearest observed earlier step (or the
