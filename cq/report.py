@@ -241,6 +241,7 @@ def _describe(recipe: object) -> str:
         parts.append(f"{type(recipe.cacher).__name__}({type(s).__name__}, point={recipe.cacher.point})")
     if recipe.quantizer is not None:
         qz = recipe.quantizer
-        parts.append(f"{type(qz).__name__}(W{qz.weight_bits}A{qz.act_bits})")
+        bits = [getattr(qz, "weight_bits", None), getattr(qz, "act_bits", None)]  # a user's Quantizer may have none
+        parts.append(f"{type(qz).__name__}(W{bits[0]}A{bits[1]})" if None not in bits else type(qz).__name__)
     parts += [type(c).__name__ for c in recipe.correctors]
     return " + ".join(parts) or "none"

@@ -148,3 +148,26 @@ def test_cli_fit_checks_the_output_before_fitting(tmp_path, capsys):
     a_file.write_text("x")
     assert main(["fit", "--model", "demo", "--steps", "4", "-o", str(a_file / "m.cq")]) == 2  # under a file
     assert "cannot write" in capsys.readouterr().err
+
+
+def test_report_describes_any_quantizer_subclass(unet, trace):
+    """A user's Quantizer need not have weight_bits / act_bits: report() names it by class."""
+    from dataclasses import dataclass
+
+    from cq.quant import Quantizer
+    from cq.quant.spec import QuantSpec
+    from cq.replay import every_step
+
+    @dataclass(frozen=True, kw_only=True)
+    class EightBitEverywhere(Quantizer):
+        include: tuple[str, ...] = ("*",)
+        skip: tuple[str, ...] = ()
+
+        def specs(self, name, module):
+            return QuantSpec(bits=8, per_channel=True), QuantSpec(bits=8, per_step=True)
+
+        def calibration_batches(self, trace, mask, source):
+            return every_step(mask, source, 2, trace.x.shape[1])
+
+    model = Recipe(quantizer=EightBitEverywhere()).fit(unet, trace, progress=False)
+    assert "EightBitEverywhere" in model.report().summary()
