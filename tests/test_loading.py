@@ -174,6 +174,37 @@ def test_folder_without_config(tmp_path):
         load(tmp_path / "empty")
 
 
+@pytest.mark.parametrize(
+    "config",
+    ["[]", "{}", "{not json", json.dumps({"block_out_channels": "wide", "layers_per_block": 2}), '"text"'],
+)
+def test_malformed_config_json_is_a_format_error(tmp_path, config):
+    folder = tmp_path / "bad"
+    _tiny_diffusers(seed=7).save_pretrained(folder)
+    (folder / "config.json").write_text(config)
+    with pytest.raises(CheckpointFormatError, match="config.json"):
+        load(folder)
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        "[]",
+        "{oops",
+        json.dumps({"beta_start": "small"}),
+        json.dumps({"beta_start": 0.5, "beta_end": 0.1}),
+        json.dumps({"num_train_timesteps": 10.5}),
+    ],
+)
+def test_malformed_scheduler_config_is_a_format_error(tmp_path, scheduler):
+    pipe = tmp_path / "pipe"
+    _tiny_diffusers(seed=8).save_pretrained(pipe / "unet")
+    (pipe / "scheduler").mkdir()
+    (pipe / "scheduler" / "scheduler_config.json").write_text(scheduler)
+    with pytest.raises(CheckpointFormatError, match="scheduler_config.json"):
+        load(pipe)
+
+
 def test_folder_without_weights(tmp_path):
     folder = tmp_path / "noweights"
     folder.mkdir()

@@ -77,8 +77,10 @@ def read_diffusers_folder(path: str | Path) -> tuple[dict[str, Tensor], dict[str
         raise CheckpointFormatError(f"{path} is a folder but holds no diffusers config.json")
     try:
         config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointFormatError(f"{config_file} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or not config:
+        raise CheckpointFormatError(f"{config_file} must be a non-empty JSON object (a diffusers model config)")
     for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
         if (path / name).exists():
             return read_state_dict(path / name), config

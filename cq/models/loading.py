@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointFormatError, CheckpointKeyMismatchError, ConfigError
+from ..errors import CheckpointFormatError, CheckpointKeyMismatchError, ConfigError, CqError
 from ..sampling.noise import NoiseSchedule
 from .checkpoint import read_diffusers_folder, read_state_dict
 from .convert import ddpm_config_from_diffusers, ddpm_from_diffusers, looks_like_diffusers_ddpm
@@ -98,29 +98,7 @@ def load(
         return unet
     folder = Path(preset_or_path)
     if folder.is_dir():
-        state, config = read_diffusers_folder(folder)
-        if _is_ldm_diffusers_config(config):
-            p = Preset(
-                name=folder.name,
-                family="ldm",
-                config=ldm_unet_config_from_diffusers(config),
-                noise=_diffusers_noise_schedule(folder),
-                sampling={"steps": 50, "spacing": "ldm", "eta": 0.0},
-                source=str(folder),
-            )
-            unet = build(p)
-            load_weights(unet, state, format="diffusers")
-            return unet
-        p = Preset(
-            name=folder.name,
-            family="ddpm",
-            config=ddpm_config_from_diffusers(config),
-            noise=_diffusers_noise_schedule(folder),
-            source=str(folder),
-        )
-        unet = build(p)
-        load_weights(unet, state, format="diffusers")
-        return unet
+        return _load_diffusers_folder(folder)
     if folder.exists():
         raise ConfigError(
             f"{folder} is a weights file; say which architecture it is: "
@@ -128,6 +106,44 @@ def load(
             f"with a preset from {sorted(PRESETS)}"
         )
     raise ConfigError(f"{key!r} is neither a preset ({sorted(PRESETS)}) nor an existing diffusers folder")
+
+
+def _load_diffusers_folder(folder: Path) -> nn.Module:
+    """A cq UNet built from a diffusers folder's own ``config.json`` (a malformed one is a CheckpointFormatError)."""
+    state, config = read_diffusers_folder(folder)
+    try:
+        return _build_from_diffusers(folder, state, config)
+    except CqError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointFormatError(
+            f"{folder}: config.json does not describe a supported UNet ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _build_from_diffusers(folder: Path, state: dict[str, Tensor], config: dict) -> nn.Module:
+    if _is_ldm_diffusers_config(config):
+        p = Preset(
+            name=folder.name,
+            family="ldm",
+            config=ldm_unet_config_from_diffusers(config),
+            noise=_diffusers_noise_schedule(folder),
+            sampling={"steps": 50, "spacing": "ldm", "eta": 0.0},
+            source=str(folder),
+        )
+        unet = build(p)
+        load_weights(unet, state, format="diffusers")
+        return unet
+    p = Preset(
+        name=folder.name,
+        family="ddpm",
+        config=ddpm_config_from_diffusers(config),
+        noise=_diffusers_noise_schedule(folder),
+        source=str(folder),
+    )
+    unet = build(p)
+    load_weights(unet, state, format="diffusers")
+    return unet
 
 
 def load_weights(unet: nn.Module, state: dict[str, Tensor], *, format: KeyFormat = "auto") -> None:
@@ -227,11 +243,30 @@ def _diffusers_noise_schedule(folder: Path) -> NoiseSchedule:
         folder / "scheduler_config.json",
     ):
         if candidate.exists():
-            cfg = json.loads(candidate.read_text())
-            return NoiseSchedule(
-                kind=cfg.get("beta_schedule", "linear"),
-                beta_start=cfg.get("beta_start", 1e-4),
-                beta_end=cfg.get("beta_end", 0.02),
-                num_timesteps=cfg.get("num_train_timesteps", 1000),
-            )
+            return _noise_from_scheduler_config(candidate)
     return NoiseSchedule()
+
+
+def _noise_from_scheduler_config(path: Path) -> NoiseSchedule:
+    """The betas of a diffusers ``scheduler_config.json``; anything malformed is a CheckpointFormatError."""
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointFormatError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointFormatError(f"{path} must be a JSON object (a diffusers scheduler config)")
+    fields = {
+        "kind": cfg.get("beta_schedule", "linear"),
+        "beta_start": cfg.get("beta_start", 1e-4),
+        "beta_end": cfg.get("beta_end", 0.02),
+        "num_timesteps": cfg.get("num_train_timesteps", 1000),
+    }
+    numbers = ("beta_start", "beta_end", "num_timesteps")
+    if any(isinstance(fields[k], bool) or not isinstance(fields[k], int | float) for k in numbers):
+        raise CheckpointFormatError(f"{path}: beta_start, beta_end and num_train_timesteps must be numbers")
+    if not isinstance(fields["num_timesteps"], int):
+        raise CheckpointFormatError(f"{path}: num_train_timesteps must be an integer")
+    try:
+        return NoiseSchedule(**fields)
+    except ConfigError as e:
+        raise CheckpointFormatError(f"{path}: {e}") from None
