@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--intervals", default="3,5,10", help="cache intervals of the ablation / schedules tables")
     ap.add_argument("--calib", type=int, default=32, help="calibration trajectories (seeds 10000..)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--only", default="", help="run only the rows whose label contains this text")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,7 +125,7 @@ def main() -> None:
         cases = [c for n in args.intervals.split(",") for c in schedule_cases(int(n))]
     else:
         cases = quant_cases()
-    for label, recipe in cases:
+    for label, recipe in [c for c in cases if args.only in c[0]]:
         model = recipe.fit(unet, trace, progress=False)
         r = cq.evaluate(model, unet, seeds=seeds, steps=steps, reference_samples=reference, progress=False, **sampler)
         rows.append(
