@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .errors import ConfigError, ReferenceMismatchError
-from .io import fingerprint
+from .errors import ConfigError
 from .metrics.error import sqnr
+from .metrics.evaluate import check_reference
 from .metrics.macs import unet_macs
 from .quant.quantizer import quantized_modules
 
@@ -162,12 +162,8 @@ def report(
     macs = unet_macs(model.unet, points=[point] if point else [])
     mask = model.refresh_mask()
     sqnrs: list[float | None] = [None] * model.num_steps
-    known = getattr(model, "base_fingerprint", "")
-    if reference is not None and known and fingerprint(reference) != known:
-        raise ReferenceMismatchError(
-            "the reference has other weights than the model was fitted on (weights fingerprint differs); "
-            "report against the full-precision UNet it was fitted on (cq report --weights <that checkpoint>)"
-        )
+    if reference is not None:
+        check_reference(model, reference)
     if reference is not None and trace is not None:
         if trace.steps != model.num_steps:
             raise ConfigError(f"trace has {trace.steps} steps, the model {model.num_steps}")

@@ -27,7 +27,7 @@ from ..sampling.adapter import FullPrecision
 from ..sampling.ddim import ddim
 
 
-__all__ = ["evaluate", "Evaluation", "Scorer", "per_sample_psnr"]
+__all__ = ["evaluate", "Evaluation", "Scorer", "per_sample_psnr", "check_reference"]
 
 
 class Scorer(Protocol):
@@ -214,7 +214,7 @@ def evaluate(
             f"{min(calibrated)}..{max(calibrated)}"
         )
     steps = _resolve_steps(model, sampler, steps)
-    _check_reference(model, reference)
+    check_reference(model, reference)
     if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != len(seeds)):
         raise ConfigError(f"cond must be a tensor with first dimension len(seeds)={len(seeds)}")
 
@@ -286,7 +286,9 @@ def _resolve_steps(model: nn.Module, sampler: Callable[..., Tensor], steps: int 
     return steps
 
 
-def _check_reference(model: nn.Module, reference: nn.Module) -> None:
+def check_reference(model: nn.Module, reference: nn.Module) -> None:
+    """Raise `ReferenceMismatchError` unless ``reference`` is the full-precision cq UNet ``model`` was fitted on
+    (same architecture and, when the model knows it, the same weights fingerprint)."""
     from ..io import fingerprint
     from ..models.loading import describe_model
 
