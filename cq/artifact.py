@@ -2,7 +2,8 @@
 
 Metadata (all strings): ``cq_format`` (version), ``recipe`` (the fitted recipe as JSON, schedule included),
 ``model`` (how to build the base UNet: family, config, noise schedule, preset), ``num_steps``, ``fingerprint``
-(SHA-256 of the full-precision base weights the recipe was fitted on), ``calibration_seeds`` and ``checksum``:
+(SHA-256 of the full-precision base weights the recipe was fitted on), ``calibration_seeds``, ``sampler`` (the
+`SamplerSettings` it must be sampled with; absent in files written before them) and ``checksum``:
 SHA-256 of every saved tensor *and* every other metadata field (format 2; format 1 covered the tensors only
 and still loads), verified on load, so a flipped bit anywhere is refused. Tensors: the model's
 ``state_dict()`` -- quantized weights as integers plus scales, per-step activation tables, corrections.
@@ -26,6 +27,7 @@ from .io import fingerprint, save_safetensors
 from .models.loading import build_from_description, describe_model
 from .quant.packing import pack_nibbles, unpack_nibbles
 from .registry import from_dict, to_dict
+from .sampling.settings import SamplerSettings
 
 
 __all__ = ["save", "load", "fingerprint", "FORMAT_VERSION"]
@@ -77,6 +79,8 @@ def save(model: CompressedUNet, path: str | Path) -> Path:
         "packed4": json.dumps(packed, sort_keys=True),
         "calibration_seeds": json.dumps(list(model.calibration_seeds)),
     }
+    if model.sampler_settings is not None:
+        metadata["sampler"] = json.dumps(model.sampler_settings.to_dict(), sort_keys=True)
     metadata = dict(sorted(metadata.items()))
     metadata["checksum"] = _checksum(tensors, metadata)
     path = Path(path)
@@ -134,6 +138,11 @@ def load(
         seeds = _json_field(metadata, "calibration_seeds", path, default="[]")
         if not isinstance(seeds, list) or not all(isinstance(v, int) for v in seeds):
             raise CheckpointFormatError(f"{path}: calibration_seeds must be a list of integers")
+        settings = None
+        if "sampler" in metadata:  # files before the sampler settings were recorded: only num_steps is checked
+            settings = SamplerSettings.from_dict(_json_field(metadata, "sampler", path))
+            if settings.calls != steps:
+                raise ValueError(f"sampler settings make {settings.calls} model calls, num_steps is {steps}")
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointFormatError(f"{path}: malformed metadata ({e})") from None
     if num_steps is not None and num_steps != steps:
@@ -160,6 +169,7 @@ def load(
         ) from None
     model.base_fingerprint = known
     model.calibration_seeds = tuple(seeds)
+    model.sampler_settings = settings
     if int8 or recipe.int8_kernels is not None:
         model.to_int8(recipe.int8_kernels or "auto")
     return model.eval()

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .cache.cacher import Cacher
 from .errors import ConfigError, InputValueError, StepCountMismatchError
+from .sampling.settings import SamplerSettings
 from .step import step_scope
 
 
@@ -38,6 +39,8 @@ class CompressedUNet(nn.Module):
         cacher: a fitted `Cacher` (e.g. ``DeepCache(schedule=Uniform(interval=5))``), or None for no caching.
         calibration_seeds: the initial-noise seeds of the trace the model was fitted on (`Trace.seeds`);
             `cq.evaluate` refuses them, so quality is only ever stated on held-out seeds.
+        sampler_settings: how the trace was sampled (`Trace.settings`); the samplers refuse any other settings
+            (`SamplerMismatchError`). None: only the call count ``num_steps`` is checked.
 
     Example:
         >>> model = CompressedUNet(unet, num_steps=50, cacher=DeepCache(schedule=Uniform(interval=5)))
@@ -51,6 +54,7 @@ class CompressedUNet(nn.Module):
         num_steps: int,
         cacher: Cacher | None = None,
         calibration_seeds: tuple[int, ...] = (),
+        sampler_settings: SamplerSettings | None = None,
     ):
         super().__init__()
         if not isinstance(num_steps, int) or num_steps < 1:
@@ -58,6 +62,11 @@ class CompressedUNet(nn.Module):
         self.unet = unet
         self.num_steps = num_steps
         self.calibration_seeds = tuple(int(s) for s in calibration_seeds)
+        if sampler_settings is not None and sampler_settings.calls != num_steps:
+            raise StepCountMismatchError(
+                f"sampler_settings make {sampler_settings.calls} model calls, num_steps is {num_steps}"
+            )
+        self.sampler_settings = sampler_settings
         self.cacher = cacher
         self.cache = cacher.build(unet, num_steps) if cacher is not None else None
         self.cache_correction: nn.Module | None = None

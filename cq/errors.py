@@ -18,6 +18,7 @@ __all__ = [
     "ScheduleInvalidError",
     "StepNotSetError",
     "StepCountMismatchError",
+    "SamplerMismatchError",
     "CacheEmptyError",
     "CachePointError",
     "InputShapeError",
@@ -110,6 +111,11 @@ class StepNotSetError(CqError, RuntimeError):
 
 class StepCountMismatchError(CqError, ValueError):
     """A model fitted for T sampling steps was asked to run with a different number of steps."""
+
+
+class SamplerMismatchError(StepCountMismatchError):
+    """A fitted model was sampled with other settings (sampler, steps, spacing, eta, clip_x0, timesteps) than the
+    trace it was fitted on; see `cq.sampling.SamplerSettings`."""
 
 
 class CacheEmptyError(CqError, RuntimeError):

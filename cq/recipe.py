@@ -112,7 +112,9 @@ class Recipe:
         if self.quantizer is not None:
             body = self.quantizer.quantize(unet, trace, cacher=cacher, cache_transform=transform, progress=progress)
 
-        model = CompressedUNet(body, num_steps=steps, cacher=cacher, calibration_seeds=trace.seeds)
+        model = CompressedUNet(
+            body, num_steps=steps, cacher=cacher, calibration_seeds=trace.seeds, sampler_settings=trace.settings
+        )
         if cache_correction is not None:
             model.set_cache_correction(cache_correction)
         for corrector in late:

@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 from .cache.view import CacheView
 from .errors import ConfigError, InputShapeError, TraceBudgetError
 from .io import fingerprint
-from .sampling.ddim import ddim
+from .sampling.ddim import ddim, resolve_noise_schedule
 from .sampling.noise import NoiseSchedule
+from .sampling.settings import SamplerSettings, settings_of_call
 
 
 __all__ = ["Trace", "trace", "seeded_noise"]
@@ -55,6 +56,10 @@ class Trace:
             on this trace carries them, and `cq.evaluate` refuses to measure it on any of them.
         base_fingerprint: `cq.io.fingerprint` of the UNet the trace was recorded from; `Recipe.fit` refuses to
             fit another UNet on it ("" for traces built by hand: not checked).
+        settings: how the trajectories were sampled (`SamplerSettings`: sampler, steps, spacing, eta, clip_x0,
+            timestep of every call); a model fitted on the trace must be sampled the same way. None for traces
+            built by hand or recorded with a sampler other than cq's ``ddim`` / ``plms`` (then only the call
+            count is checked).
     """
 
     timesteps: Tensor
@@ -66,6 +71,7 @@ class Trace:
     sampler: dict[str, Any] = field(default_factory=dict)
     seeds: tuple[int, ...] = ()
     base_fingerprint: str = ""
+    settings: SamplerSettings | None = None
 
     @property
     def steps(self) -> int:
@@ -278,7 +284,17 @@ def trace(
         },
         seeds=tuple(range(seed, seed + num_samples)),
         base_fingerprint=fingerprint(unet),
+        settings=_recorded_settings(
+            sampler, steps, resolve_noise_schedule(unet, noise), builder.timesteps, sampler_kwargs
+        ),
     )
+
+
+def _recorded_settings(sampler, steps, noise, timesteps: Tensor, kwargs: dict) -> SamplerSettings | None:
+    settings = settings_of_call(sampler, steps, noise.num_timesteps, kwargs)
+    if settings is not None and list(settings.timesteps) != timesteps.tolist():  # a sampler bug, not user input
+        raise AssertionError(f"recorded timesteps {timesteps.tolist()} differ from planned {settings.timesteps}")
+    return settings
 
 
 def _is_plain(v: Any) -> bool:

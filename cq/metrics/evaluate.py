@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 from ..errors import CalibrationSeedsError, ConfigError, ReferenceMismatchError, StepCountMismatchError
 from ..sampling.adapter import FullPrecision
 from ..sampling.ddim import ddim
+from ..sampling.plms import plms
+from ..sampling.settings import check_sampler, settings_of_call
 
 
 __all__ = ["evaluate", "Evaluation", "Scorer", "per_sample_psnr", "check_reference"]
@@ -159,7 +161,7 @@ class Evaluation:
 def evaluate(
     model: nn.Module,
     reference: nn.Module,
-    sampler: Callable[..., Tensor] = ddim,
+    sampler: Callable[..., Tensor] | None = None,
     *,
     seeds: Sequence[int],
     steps: int | None = None,
@@ -177,9 +179,12 @@ def evaluate(
     Args:
         model: a step-aware model, typically a fitted `CompressedUNet` (its calibration seeds are refused).
         reference: the full-precision cq UNet the model was fitted on (same architecture, same weights).
-        sampler: a cq sampler (`cq.sampling.ddim`, `cq.sampling.plms`); ``sampler_kwargs`` go to it.
+        sampler: a cq sampler (`cq.sampling.ddim`, `cq.sampling.plms`); ``sampler_kwargs`` go to it. Default:
+            the one the model was fitted with (its ``sampler_settings``), else ``ddim``.
         seeds: held-out initial-noise seeds, one sample each (`cq.trace.seeded_noise`).
-        steps: sampler steps (default: the step count the model was fitted for, for one-call-per-step samplers).
+        steps: sampler steps. With ``sampler``, ``steps`` and ``sampler_kwargs`` all omitted, a model that states
+            its ``sampler_settings`` is evaluated with exactly those; otherwise the default is the step count the
+            model was fitted for. Settings other than the fitted ones are refused before anything is sampled.
         batch_size: samples drawn together (a sample depends only on its seed; with ``eta > 0`` the ancestral
             noise is drawn per batch).
         threshold_db: samples below it count as wrecked (`Evaluation.fraction_below`).
@@ -193,7 +198,8 @@ def evaluate(
     Raises:
         ConfigError: no seeds, repeated seeds, a bad batch size or threshold.
         CalibrationSeedsError: seeds that the model was calibrated on.
-        StepCountMismatchError: ``steps`` that do not match the model's fitted step count.
+        StepCountMismatchError: ``steps`` that do not match the model's fitted step count
+            (`SamplerMismatchError`: any sampler setting that differs from the fitted ones).
         ReferenceMismatchError: a reference of another architecture or other weights than the model's base.
     """
     seeds = tuple(int(s) for s in seeds)
@@ -213,8 +219,18 @@ def evaluate(
             f"quality is only measured on held-out seeds: pick seeds outside "
             f"{min(calibrated)}..{max(calibrated)}"
         )
+    fitted_settings = getattr(model, "sampler_settings", None)
+    if sampler is None and steps is None and not sampler_kwargs and fitted_settings is not None:
+        sampler = {"ddim": ddim, "plms": plms}[fitted_settings.sampler]
+        sampler_kwargs = fitted_settings.call_kwargs()
+        steps = sampler_kwargs.pop("steps")
+    sampler = ddim if sampler is None else sampler
     steps = _resolve_steps(model, sampler, steps)
     check_reference(model, reference)
+    schedule = sampler_kwargs.get("noise") or getattr(reference, "noise_schedule", None)
+    planned = settings_of_call(sampler, steps, schedule.num_timesteps, sampler_kwargs) if schedule else None
+    if planned is not None:
+        check_sampler(model, planned)
     if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != len(seeds)):
         raise ConfigError(f"cond must be a tensor with first dimension len(seeds)={len(seeds)}")
 

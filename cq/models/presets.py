@@ -297,18 +297,26 @@ LDM_PRESETS: list[Preset] = [
 PRESETS.update({p.name: p for p in LDM_PRESETS})
 
 
-def sampling_defaults(unet: object, steps: int | None = None) -> tuple[int, dict[str, Any]]:
-    """``(steps, sampler kwargs)`` from a model's preset (``spacing``, ``eta``, ``clip_x0``); ``uniform`` spacing
-    falls back to ``linspace`` when ``steps`` does not divide the training timesteps."""
+def sampling_defaults(
+    unet: object, steps: int | None = None, spacing: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    """``(steps, sampler kwargs)`` from a model's preset (``spacing``, ``eta``, ``clip_x0``), ``spacing`` overriding
+    the preset's. The same defaults as calling the sampler with these kwargs: nothing is switched silently, so a
+    step count that the spacing cannot produce (``uniform`` with ``steps`` not dividing T) raises here, before
+    any work, with the fix (``spacing='linspace'``)."""
+    from ..sampling.noise import ddim_timesteps
+
     preset = getattr(unet, "preset", None)
     defaults = dict(preset.sampling) if preset is not None else {}
     preset_steps = defaults.pop("steps", 50)
     steps = preset_steps if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"steps must be an int >= 1, got {steps!r}")
+    if spacing is not None:
+        defaults["spacing"] = spacing
     noise = getattr(unet, "noise_schedule", None)
-    if defaults.get("spacing", "uniform") in ("uniform", "ldm") and noise is not None and noise.num_timesteps % steps:
-        defaults["spacing"] = "linspace"
+    if noise is not None:
+        ddim_timesteps(noise.num_timesteps, steps, defaults.get("spacing", "uniform"))
     return steps, defaults
 
 

@@ -8,6 +8,16 @@ from .adapter import FullPrecision
 from .ddim import StepInfo, ddim
 from .noise import NoiseSchedule, ddim_timesteps
 from .plms import plms
+from .settings import SamplerSettings, check_sampler
 
 
-__all__ = ["ddim", "plms", "FullPrecision", "NoiseSchedule", "StepInfo", "ddim_timesteps"]
+__all__ = [
+    "ddim",
+    "plms",
+    "FullPrecision",
+    "NoiseSchedule",
+    "StepInfo",
+    "ddim_timesteps",
+    "SamplerSettings",
+    "check_sampler",
+]

@@ -7,10 +7,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..errors import ConfigError, StepCountMismatchError
+from ..errors import ConfigError
 
 
-__all__ = ["FullPrecision", "check_step_aware", "check_step_count"]
+__all__ = ["FullPrecision", "check_step_aware"]
 
 
 class FullPrecision(nn.Module):
@@ -42,13 +42,3 @@ def check_step_aware(model: Any) -> None:
         f"{type(model).__name__}.forward does not accept `step=`; samplers call model(x, t, cond, step=i). "
         "Wrap a plain network as cq.sampling.FullPrecision(unet), or pass a cq CompressedUNet"
     )
-
-
-def check_step_count(model: Any, steps: int) -> None:
-    """Refuse to sample a model fitted for another step count (its ``num_steps`` attribute) with ``steps``."""
-    fitted = getattr(model, "num_steps", None)
-    if fitted is not None and fitted != steps:
-        raise StepCountMismatchError(
-            f"{type(model).__name__} was fitted for {fitted} sampling steps, the sampler was asked for {steps}; "
-            f"sample with steps={fitted} or refit on a trace with {steps} steps"
-        )

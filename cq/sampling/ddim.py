@@ -14,8 +14,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputShapeError
-from .adapter import check_step_aware, check_step_count
+from .adapter import check_step_aware
 from .noise import NoiseSchedule, Spacing, ddim_timesteps
+from .settings import check_sampler, planned_settings
 
 
 __all__ = ["ddim", "StepInfo", "resolve_noise_schedule"]
@@ -79,9 +80,11 @@ def ddim(
     if not torch.is_floating_point(x):
         raise InputShapeError(f"x must be a floating-point tensor, got {x.dtype}")
     check_step_aware(model)
-    check_step_count(model, steps)
     noise = resolve_noise_schedule(model, noise)
     seq = ddim_timesteps(noise.num_timesteps, steps, spacing)
+    check_sampler(
+        model, planned_settings("ddim", steps, noise.num_timesteps, spacing=spacing, eta=eta, clip_x0=clip_x0)
+    )
     abar = noise.alphas_cumprod()
     final = abar[0] if spacing == "ldm" else torch.tensor(1.0, dtype=torch.float64)
     alphas = [abar[t] for t in seq]

@@ -30,10 +30,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, InputShapeError, StepCountMismatchError
+from ..errors import ConfigError, InputShapeError
 from .adapter import check_step_aware
 from .ddim import StepInfo, resolve_noise_schedule
 from .noise import NoiseSchedule, Spacing, ddim_timesteps
+from .settings import check_sampler, planned_settings
 
 
 __all__ = ["plms", "num_calls"]
@@ -85,15 +86,10 @@ def plms(
     if not torch.is_floating_point(x):
         raise InputShapeError(f"x must be a floating-point tensor, got {x.dtype}")
     check_step_aware(model)
-    calls = num_calls(steps)
-    fitted = getattr(model, "num_steps", None)
-    if fitted is not None and fitted != calls:
-        raise StepCountMismatchError(
-            f"{type(model).__name__} was fitted for {fitted} model calls, but PLMS with steps={steps} makes {calls} "
-            f"(step 0 calls the model twice); fit it with num_steps=cq.sampling.plms.num_calls({steps}) = {calls}"
-        )
+    num_calls(steps)
     noise = resolve_noise_schedule(model, noise)
     seq = ddim_timesteps(noise.num_timesteps, steps, spacing)
+    check_sampler(model, planned_settings("plms", steps, noise.num_timesteps, spacing=spacing))
     abar = noise.alphas_cumprod()
     final = abar[0] if spacing == "ldm" else torch.tensor(1.0, dtype=torch.float64)
     alphas = [abar[t].item() for t in seq]

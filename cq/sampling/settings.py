@@ -1,0 +1,163 @@
+"""`SamplerSettings`: how a fitted model must be sampled.
+
+A fitted model's per-step tables (cache schedule, activation ranges, corrections) were calibrated on one sampler's
+trajectory: its kind, step count, timestep spacing, ``eta`` and x0 clipping, which together fix the timestep of
+every model call. Sampling it any other way feeds each step inputs its tables never saw and runs at a silently
+lower quality (a 10-step DDIM fit sampled with ``plms(steps=9)``: 8 dB). So a `Trace` records the settings it was
+sampled with, `Recipe.fit` hands them to the `CompressedUNet`, the artifact stores them, and every sampler compares
+its own settings with them before the first model call (`check_sampler`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ..errors import SamplerMismatchError
+from .noise import ddim_timesteps
+
+
+__all__ = ["SamplerSettings", "check_sampler", "planned_settings", "settings_of_call"]
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """What a sampler run is, as far as a fitted model is concerned.
+
+    Attributes:
+        sampler: ``"ddim"`` or ``"plms"`` (the sampler function's name).
+        steps: sampler steps (PLMS makes ``steps + 1`` model calls).
+        spacing: timestep convention (`cq.sampling.ddim_timesteps`).
+        eta: DDIM's noise scale (0 = deterministic).
+        clip_x0: whether the predicted x0 is clipped to [-1, 1].
+        timesteps: the model timestep of every model call, in call order (call 0 = noisiest).
+    """
+
+    sampler: str
+    steps: int
+    spacing: str
+    eta: float
+    clip_x0: bool
+    timesteps: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+        object.__setattr__(self, "eta", float(self.eta))
+        object.__setattr__(self, "clip_x0", bool(self.clip_x0))
+
+    @property
+    def calls(self) -> int:
+        """Model calls of one run (= a fitted model's ``num_steps``)."""
+        return len(self.timesteps)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["timesteps"] = list(self.timesteps)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> SamplerSettings:
+        """Inverse of `to_dict`; raises `SamplerMismatchError`'s sibling ValueError/TypeError on bad input (the
+        artifact loader turns those into `CheckpointFormatError`)."""
+        names = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or set(data) != names:
+            raise ValueError(f"sampler settings must be an object with keys {sorted(names)}, got {data!r}")
+        types = {"sampler": str, "steps": int, "spacing": str, "eta": (int, float), "clip_x0": bool}
+        for key, kind in types.items():
+            if not isinstance(data[key], kind) or (key != "clip_x0" and isinstance(data[key], bool)):
+                raise TypeError(f"sampler settings: {key} has the wrong type ({data[key]!r})")
+        timesteps = data["timesteps"]
+        if not isinstance(timesteps, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in timesteps
+        ):
+            raise TypeError("sampler settings: timesteps must be a list of integers")
+        return cls(**data)
+
+    def differences(self, other: SamplerSettings) -> list[str]:
+        """``"field: fitted X, asked Y"`` for every field that differs."""
+        out = []
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if mine != theirs:
+                if f.name == "timesteps":
+                    out.append(f"timesteps: fitted {_short(mine)}, asked {_short(theirs)}")
+                else:
+                    out.append(f"{f.name}: fitted {mine!r}, asked {theirs!r}")
+        return out
+
+    def call_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments that reproduce this run: ``sampler(model, x, **settings.call_kwargs())``."""
+        kwargs: dict[str, Any] = {"steps": self.steps, "spacing": self.spacing, "eta": self.eta}
+        if self.sampler == "ddim":
+            kwargs["clip_x0"] = self.clip_x0
+        return kwargs
+
+
+def planned_settings(
+    sampler: str, steps: int, num_timesteps: int, *, spacing: str, eta: float = 0.0, clip_x0: bool = False
+) -> SamplerSettings:
+    """The settings of a ``ddim`` / ``plms`` run before it starts: the timestep of every model call in call order
+    (DDIM: one call per step, noisiest first; PLMS: step 0 calls at t_0 and t_1, then one call per step)."""
+    seq = ddim_timesteps(num_timesteps, steps, spacing)  # increasing
+    if sampler == "ddim":
+        calls = seq[::-1]
+    elif sampler == "plms":
+        calls = [seq[-1], seq[max(steps - 2, 0)], *(seq[steps - 1 - i] for i in range(1, steps))]
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}")
+    return SamplerSettings(sampler, steps, spacing, eta, clip_x0, timesteps=calls)
+
+
+def settings_of_call(sampler: Any, steps: int, num_timesteps: int, kwargs: dict[str, Any]) -> SamplerSettings | None:
+    """`planned_settings` of ``sampler(model, x, steps=steps, **kwargs)`` with the sampler's own defaults filled
+    in, for cq's ``ddim`` and ``plms``; None for any other sampler (its settings are unknown)."""
+    import inspect
+
+    from .ddim import ddim
+    from .plms import plms
+
+    if sampler is not ddim and sampler is not plms:
+        return None
+    defaults = {name: p.default for name, p in inspect.signature(sampler).parameters.items()}
+    value = {k: kwargs.get(k, defaults.get(k, False)) for k in ("spacing", "eta", "clip_x0")}
+    return planned_settings(sampler.__name__, steps, num_timesteps, **value)
+
+
+def check_sampler(model: Any, asked: SamplerSettings) -> None:
+    """Refuse to sample ``model`` with settings other than the ones it was fitted for.
+
+    Models that declare ``sampler_settings`` (fitted `CompressedUNet`\\ s) are compared field by field; models that
+    only declare ``num_steps`` (older artifacts) are compared by their call count.
+    """
+    fitted = getattr(model, "sampler_settings", None)
+    if fitted is not None:
+        diff = fitted.differences(asked)
+        if diff:
+            raise SamplerMismatchError(
+                f"{type(model).__name__} was fitted for {fitted.sampler}(steps={fitted.steps}, "
+                f"spacing={fitted.spacing!r}, eta={fitted.eta:g}"
+                + (f", clip_x0={fitted.clip_x0}" if fitted.sampler == "ddim" else "")
+                + f"); this call differs in {'; '.join(diff)}. Sample it with those settings "
+                "(`model.sampler_settings.call_kwargs()`), or refit on a trace recorded with the ones you want"
+            )
+        return
+    num_steps = getattr(model, "num_steps", None)
+    if num_steps is not None and num_steps != asked.calls:
+        raise SamplerMismatchError(
+            f"{type(model).__name__} was fitted for {num_steps} model calls, but {asked.sampler}(steps={asked.steps}) "
+            f"makes {asked.calls}"
+            + (
+                f" (step 0 calls the model twice: plms.num_calls({asked.steps}) = {asked.calls})"
+                if asked.sampler == "plms"
+                else ""
+            )
+            + f"; sample with a sampler making {num_steps} calls or refit on a trace with these settings"
+        )
+
+
+def _short(timesteps: tuple[int, ...]) -> str:
+    if len(timesteps) <= 6:
+        return str(list(timesteps))
+    return (
+        f"[{', '.join(map(str, timesteps[:3]))}, ..., {', '.join(map(str, timesteps[-2:]))}] ({len(timesteps)} calls)"
+    )
