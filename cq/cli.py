@@ -54,7 +54,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     unet = _load_base(args.model, None)
-    steps, sampler = sampling_defaults(unet, args.steps)
+    steps, sampler = sampling_defaults(unet, args.steps, args.spacing)
     n = args.interval
     seeds = range(args.seed, args.seed + args.num)
     print(
@@ -168,7 +168,7 @@ def _fit(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     unet = _load_base(args.model, args.weights)
-    steps, sampler = sampling_defaults(unet, args.steps)
+    steps, sampler = sampling_defaults(unet, args.steps, args.spacing)
     kwargs = {}
     if args.recipe != "quant_only":
         kwargs["interval"] = args.interval
@@ -187,24 +187,37 @@ def _fit(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     from .artifact import load
-    from .sampling import ddim
     from .trace import seeded_noise
     from .viz import save_grid
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load(args.path, int8=args.int8)
-    _, sampler = sampling_defaults(model.unet, model.num_steps)
-    if args.spacing:
-        sampler["spacing"] = args.spacing
+    sample_fn, steps, sampler = _fitted_sampler(model, args.spacing)
     noise = seeded_noise(model.sample_shape, range(args.seed, args.seed + args.num))
     start = time.perf_counter()
-    x0 = ddim(model, noise, steps=model.num_steps, progress=True, **sampler)
+    x0 = sample_fn(model, noise, steps=steps, progress=True, **sampler)
     seconds = time.perf_counter() - start
     out = save_grid(x0, args.out, nrow=int(args.num**0.5 + 0.999), scale=args.scale)
     print(f"{args.num} samples, {model.num_steps} steps: {seconds:.2f} s ({1000 * seconds / args.num:.1f} ms/image)")
     print(f"wrote {out}")
     return 0
+
+
+def _fitted_sampler(model, spacing: str | None):
+    """``(sampler, steps, kwargs)`` a loaded model must be sampled with: its recorded `SamplerSettings`
+    (``--spacing`` other than the fitted one is refused by the sampler), else, for files written before those
+    were recorded, DDIM with the preset's defaults."""
+    from .sampling import ddim, plms
+
+    settings = model.sampler_settings
+    if settings is None:
+        steps, kwargs = sampling_defaults(model.unet, model.num_steps, spacing)
+        return ddim, steps, kwargs
+    kwargs = settings.call_kwargs()
+    if spacing is not None:
+        kwargs["spacing"] = spacing
+    return {"ddim": ddim, "plms": plms}[settings.sampler], kwargs.pop("steps"), kwargs
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -216,10 +229,11 @@ def _report(args: argparse.Namespace) -> int:
         from .trace import trace as record
 
         reference = _load_base(args.model, args.weights)
-        _, sampler = sampling_defaults(reference, model.num_steps)
+        sample_fn, steps, sampler = _fitted_sampler(model, None)
         trace = record(
             reference,
-            steps=model.num_steps,
+            sample_fn,
+            steps=steps,
             num_samples=args.samples,
             seed=20_000,
             **sampler,
@@ -231,8 +245,7 @@ def _report(args: argparse.Namespace) -> int:
         from .metrics.evaluate import evaluate
 
         seeds = range(args.eval_seed, args.eval_seed + args.eval)
-        steps = model.num_steps
-        evaluation = evaluate(model, reference, seeds=seeds, steps=steps, progress=True, **sampler)
+        evaluation = evaluate(model, reference, sample_fn, seeds=seeds, steps=steps, progress=True, **sampler)
     rep = model.report(reference=reference, trace=trace, evaluation=evaluation)
     print(rep.summary())
     if args.steps_table:
@@ -253,7 +266,16 @@ def _train_classifier(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
-    config = TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    config = TrainConfig(
+        preset=args.preset,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        warmup=args.warmup,
+        x0_weight_cap=args.x0_weight_cap,
+        init=args.init,
+    )
     out = train(config, args.out)
     print(f"wrote {out} (resumable state: {Path(args.out).with_suffix('.state.pt')})")
     return 0
@@ -289,6 +311,7 @@ def _positive_float(text: str) -> float:
 
 
 POSITIVE, NON_NEGATIVE = _count(1), _count(0)
+SPACINGS = ("uniform", "quad", "ldm", "linspace")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="demo", help="preset with embedded weights (default: demo)")
     demo.add_argument("--num", type=POSITIVE, default=64, help="number of samples")
     demo.add_argument("--steps", type=POSITIVE, default=None, help="DDIM steps (default: the preset's)")
+    demo.add_argument("--spacing", choices=SPACINGS, default=None, help="timestep spacing (default: the preset's)")
     demo.add_argument("--interval", type=POSITIVE, default=5, help="cache interval N")
     demo.add_argument("--calib", type=POSITIVE, default=32, help="calibration trajectories")
     demo.add_argument("--seed", type=int, default=0)
@@ -322,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fake quantization, or integer kernels (saved with the recipe: `cq sample` runs them)",
     )
     fit.add_argument("--steps", type=POSITIVE, default=None)
+    fit.add_argument("--spacing", choices=SPACINGS, default=None, help="timestep spacing (default: the preset's)")
     fit.add_argument("--samples", type=POSITIVE, default=32, help="calibration trajectories")
     fit.add_argument("--seed", type=int, default=10_000)
     fit.add_argument("--threads", type=POSITIVE, default=None)
@@ -332,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("path")
     sample.add_argument("--num", type=POSITIVE, default=64)
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--spacing", default=None)
+    sample.add_argument(
+        "--spacing", choices=SPACINGS, default=None, help="must be the spacing the model was fitted with"
+    )
     sample.add_argument("--int8", action="store_true", help="run quantized layers on int8 kernels")
     sample.add_argument("--scale", type=POSITIVE, default=3)
     sample.add_argument("--threads", type=POSITIVE, default=None)
@@ -366,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=POSITIVE, default=d.batch_size)
     tr.add_argument("--lr", type=_positive_float, default=d.lr)
     tr.add_argument("--seed", type=int, default=d.seed)
+    tr.add_argument("--warmup", type=NON_NEGATIVE, default=d.warmup)
+    tr.add_argument("--x0-weight-cap", type=_positive_float, default=d.x0_weight_cap, help="1: plain eps loss")
+    tr.add_argument("--init", default=d.init, help="weights to fine-tune from (default: random init)")
     tr.add_argument("-o", "--out", default="demo.safetensors")
     tr.set_defaults(func=_train)
 
