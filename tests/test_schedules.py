@@ -215,3 +215,29 @@ def test_fitted_dps_round_trips():
 
 def test_every_registered_schedule_is_covered():
     assert set(SCHEDULES.names()) >= {"uniform", "power", "dps"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DPS under PLMS (issue H 3): groups by sampler steps, not model calls
+
+
+@given(steps=st.integers(4, 60), N=st.integers(1, 8), seed=st.integers(0, 10**6))
+def test_dps_plans_groups_by_sampler_steps(steps, N, seed):
+    calls = steps + 1  # PLMS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fitted = DPS(interval=N).fit(random_features(seed, calls), sampler_steps=steps)
+    assert fitted.num_steps == calls and sum(fitted.refresh_mask(calls)) == min(math.ceil(steps / N), calls)
+
+
+def test_dps_under_plms_matches_the_reference_group_count():
+    import cq
+    from cq.sampling import plms
+    from tests.conftest import tiny_unet
+
+    unet = tiny_unet()
+    point = unet.default_cache_point()
+    trace = cq.trace(unet, plms, steps=20, num_samples=2, points=[point], spacing="linspace", progress=False)
+    assert trace.steps == 21 and trace.settings.steps == 20
+    cacher = cq.cache.DeepCache(schedule=DPS(interval=5), point=point).fit(unet, trace)
+    assert sum(cacher.schedule.refresh_mask(21)) == 4  # ceil(20 / 5); ceil(21 / 5) = 5 before

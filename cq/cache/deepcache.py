@@ -69,7 +69,12 @@ class DeepCache(Cacher):
                     f"{type(schedule).__name__} is fitted on the features at {point!r}: pass a trace recorded with "
                     f"points=[{point!r}] (cq.trace(unet, ..., points=cacher.points(unet)))"
                 )
-            schedule = schedule.fit(trace.features[point])
+            features = trace.features[point]
+            settings = trace.settings
+            if settings is not None and settings.steps != features.shape[0]:  # PLMS: steps + 1 model calls
+                schedule = schedule.fit(features, sampler_steps=settings.steps)
+            else:
+                schedule = schedule.fit(features)
         return replace(self, point=point, schedule=schedule)
 
     def build(self, unet: nn.Module, num_steps: int) -> FeatureCache:

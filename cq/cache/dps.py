@@ -129,12 +129,22 @@ def dp_partition(
 
 
 def group_bounds(
-    num_steps: int, interval: int | None, refreshes: int | None, min_len: int | None, max_len: int | None
+    num_steps: int,
+    interval: int | None,
+    refreshes: int | None,
+    min_len: int | None,
+    max_len: int | None,
+    sampler_steps: int | None = None,
 ) -> tuple[int, int, int, int]:
-    """``(K, min_len, max_len, last_min_len)`` for a DPS of these settings, relaxed to be feasible."""
+    """``(K, min_len, max_len, last_min_len)`` for a DPS of these settings, relaxed to be feasible.
+
+    ``sampler_steps``: the sampler steps behind the ``num_steps`` model calls when they differ (PLMS: 50 steps make
+    51 calls); the reference plans ``K = ceil(sampler_steps / N)`` groups over all calls
+    (``sample_cachequant_stable_cali.py``: hooked calls ``ddim_steps + 1``, groups ``ddim_steps / N``)."""
     T = num_steps
     N = interval if interval is not None else math.ceil(T / refreshes)
-    K = min(refreshes if refreshes is not None else math.ceil(T / N), T)
+    planned = sampler_steps if sampler_steps is not None else T
+    K = min(refreshes if refreshes is not None else math.ceil(planned / N), T)
     lo = min_len if min_len is not None else math.ceil(N / 2)
     hi = max_len if max_len is not None else 2 * N
     last_lo = min(lo, max(1, T - (K - 1) * N)) if min_len is None else lo
@@ -192,15 +202,17 @@ class DPS(Schedule):
     def needs_fit(self) -> bool:
         return not self.steps
 
-    def plan(self, num_steps: int) -> tuple[int, int, int, int]:
-        """``(K, min_len, max_len, last_min_len)`` the DP uses for ``num_steps`` steps."""
-        return group_bounds(num_steps, self.interval, self.refreshes, self.min_len, self.max_len)
+    def plan(self, num_steps: int, sampler_steps: int | None = None) -> tuple[int, int, int, int]:
+        """``(K, min_len, max_len, last_min_len)`` the DP uses for ``num_steps`` model calls (`group_bounds`)."""
+        return group_bounds(num_steps, self.interval, self.refreshes, self.min_len, self.max_len, sampler_steps)
 
-    def fit(self, features: Tensor) -> DPS:
-        """Plan on ``features`` ``[T, ...]`` (step-major; the batch may be flattened into the rest)."""
+    def fit(self, features: Tensor, *, sampler_steps: int | None = None) -> DPS:
+        """Plan on ``features`` ``[T, ...]`` (step-major; the batch may be flattened into the rest), one row per
+        model call. ``sampler_steps``: the sampler steps behind them when not T (PLMS: T - 1); with ``interval``
+        N the plan has ``ceil(sampler_steps / N)`` groups, as CacheQuant's SD runs (10 over 51 calls at N=5)."""
         T = features.shape[0]
         positive_int("DPS.fit", "number of steps", T)
-        K, lo, hi, last_lo = self.plan(T)
+        K, lo, hi, last_lo = self.plan(T, sampler_steps)
         dist = distance_table(features, hi, self.distance)
         return replace(self, steps=dp_partition(dist, K, lo, hi, last_lo), num_steps=T)
 

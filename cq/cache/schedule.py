@@ -32,7 +32,10 @@ class Schedule(ABC):
         return False
 
     def fit(self, features: Tensor) -> Schedule:
-        """Return a schedule fitted to per-step features ``[T, ...]``; data-free schedules return themselves."""
+        """Return a schedule fitted to per-step features ``[T, ...]``; data-free schedules return themselves.
+
+        When the T model calls come from fewer sampler steps (PLMS), `DeepCache.fit` also passes
+        ``sampler_steps=`` (a schedule planning by sampler steps, like `DPS`, accepts it)."""
         return self
 
     def refreshes(self, num_steps: int) -> int:
