@@ -159,7 +159,7 @@ def test_quant_correction_fold_is_exact(unet, trace, quantized_model):
             with step_scope(step):
                 out = conv(x)
                 xq = conv.quantize_input(x)
-            w = conv.weight.dequantized()
+            w = conv.dequantized_weight()
             args = (conv.stride, conv.padding, conv.dilation, conv.groups)
             cached = torch.nn.functional.conv2d(xq[:, :c], w[:, :c], conv.bias, *args)
             skip = torch.nn.functional.conv2d(xq[:, c:], w[:, c:], None, *args)
@@ -172,21 +172,25 @@ def test_quant_correction_fold_is_exact(unet, trace, quantized_model):
             assert torch.allclose(out, folded + skip, atol=1e-4, rtol=1e-5), name  # a*W and a*bias + b
 
 
-def test_quant_correction_reduces_the_cached_half_error(unet, trace, cacher):
+@pytest.mark.parametrize("deep_features", ["full_precision", "quantized"])
+def test_quant_correction_reduces_the_cached_half_error(unet, trace, cacher, deep_features):
     """On its fitting data the corrected cached-half output is closer to full precision than the uncorrected."""
     qunet = UniformQuantizer(weight_bits=4, refresh_samples=8, cached_samples=8).quantize(
         unet, trace, cacher=cacher, progress=False
     )
     model = CompressedUNet(qunet, num_steps=STEPS, cacher=cacher)
-    corrector = QuantErrorCorrector(samples=8)
+    corrector = QuantErrorCorrector(samples=8, deep_features=deep_features)
     name, conv = next(iter(corrector.targets(model).items()))
     ref_conv = unet.get_submodule(name)
     captured = {}
     handle = conv.register_forward_pre_hook(lambda m, a: captured.__setitem__(cq.step.current_step(), a[0]))
     try:
-        from cq.replay import every_step, replay
+        from cq.replay import CalibrationBatch, every_step, replay
 
-        replay(qunet, trace, every_step(model.cache.mask, model.cache.source, 8, 8), point=model.cache.point)
+        batches = every_step(model.cache.mask, model.cache.source, 8, 8)
+        if deep_features == "full_precision":  # refresh steps read their own full-precision feature
+            batches = [CalibrationBatch(b.step, b.rows, b.step if b.source is None else b.source) for b in batches]
+        replay(qunet, trace, batches, point=model.cache.point)
     finally:
         handle.remove()
     corrector.fit(model, unet, trace)
@@ -196,9 +200,32 @@ def test_quant_correction_reduces_the_cached_half_error(unet, trace, cacher):
         y = torch.nn.functional.conv2d(x[:, :c], ref_conv.weight[:, :c], conv.bias, *args)
         with step_scope(step):
             xq = conv.act(x[:, :c])
-        plain = torch.nn.functional.conv2d(xq, conv.weight.dequantized()[:, :c], conv.bias, *args)
+        plain = torch.nn.functional.conv2d(xq, conv.dequantized_weight()[:, :c], conv.bias, *args)
         corrected = conv.correction(plain, step)
         assert (corrected - y).pow(2).mean() <= (plain - y).pow(2).mean() * (1 + 1e-5)
+
+
+def test_quant_correction_feeds_full_precision_deep_features_by_default(unet, trace, quantized_model, monkeypatch):
+    """Issue H 4: as the reference (error_dec/*_dec.py), every step's tail input during the fit comes from the
+    trace's full-precision feature -- shallow calls only, refresh steps on their own feature; version-1 files keep
+    the quantized deep features they were fitted with."""
+    import cq.correct.quant_error as module
+
+    seen = []
+    real = module.replay
+    monkeypatch.setattr(
+        module, "replay", lambda u, t, batches, **kw: seen.extend(batches) or real(u, t, batches, **kw)
+    )
+    QuantErrorCorrector(samples=2).fit(quantized_model, unet, trace)
+    mask, source = quantized_model.cache.mask, quantized_model.cache.source
+    assert [(b.step, b.source) for b in seen] == [(i, i if r else source[i]) for i, r in enumerate(mask)]
+    seen.clear()
+    QuantErrorCorrector(samples=2, deep_features="quantized").fit(quantized_model, unet, trace)
+    assert [b.source for b in seen] == [None if r else source[i] for i, r in enumerate(mask)]
+    old = from_dict({"kind": "corrector", "type": "quant_error", "version": 1, "samples": 4})
+    assert old.deep_features == "quantized" and QuantErrorCorrector().deep_features == "full_precision"
+    with pytest.raises(ConfigError, match="deep_features"):
+        QuantErrorCorrector(deep_features="fp")
 
 
 def test_correctors_need_the_right_model(unet, trace):

@@ -18,6 +18,7 @@ from cq.models.layers import MatMul
 from cq.quant import PTQ4DM, ActQuantizer, QConv2d, QLinear, QMatMul, Uniform, quantized_modules
 from cq.quant.calibrate import observe
 from cq.quant.ptq4dm import ndtc_steps
+from cq.quant.spec import QuantSpec
 from cq.registry import QUANTIZERS, from_dict, to_dict
 from cq.sampling import FullPrecision, ddim
 from cq.step import step_scope
@@ -282,7 +283,7 @@ def test_qmodules_keep_shapes(w8a8, unet):
         original = unet.get_submodule(name)
         module = w8a8.get_submodule(name)
         if kind == "QConv2d":
-            assert module.weight.weight_q.shape == original.weight.shape
+            assert module.dequantized_weight().shape == original.weight.shape
         elif kind == "QLinear":
             assert isinstance(module, QLinear) and module.weight.weight_q.shape == original.weight.shape
         else:
@@ -333,3 +334,38 @@ def test_shared_ranges_cover_every_step_in_any_order(unet, trace):
         steps = forward.steps[name]
         assert float(forward.lo[name][0]) == min(float(v[0]) for v in steps.values())
         assert float(forward.hi[name][0]) == max(float(v[1]) for v in steps.values())
+
+
+def test_split_convs_quantize_each_input_half_on_its_own(unet):
+    """Issue H 1: a conv reading cat(cached, skip) has per-output-channel scales per half (CacheQuant), so a half
+    with small weights is not quantized on the other half's scale; version-2 recipes keep one scale."""
+    splits = unet.concat_splits()
+    assert splits
+    for split_weights in (True, False):
+        q = Uniform(split_weights=split_weights).prepare(unet, num_steps=2)
+        for name, c in splits.items():
+            module, w = q.get_submodule(name), unet.get_submodule(name).weight
+            if split_weights:
+                assert module.weight.weight_q.shape[1] == c and module.weight_skip.weight_q.shape[1] == w.shape[1] - c
+                assert module.weight.weight_scale.shape == module.weight_skip.weight_scale.shape == (w.shape[0],)
+            else:
+                assert module.weight_skip is None and module.weight.weight_q.shape == w.shape
+    v2 = from_dict({"kind": "quantizer", "type": "uniform", "version": 2})
+    assert v2.split_weights is False and Uniform().split_weights is True
+
+
+@given(scale=st.floats(1e-3, 1e-1), seed=st.integers(0, 10**6))
+def test_split_weight_error_is_per_half(scale, seed):
+    """A half whose weights are `scale` times smaller keeps its relative precision with split weights: its error is
+    bounded by half its own step, never by the other half's."""
+    g = torch.Generator().manual_seed(seed)
+    conv = torch.nn.Conv2d(8, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        conv.weight[:, 4:] *= scale
+    spec = QuantSpec(bits=8, symmetric=False, per_channel=True, per_step=False, method="minmax")
+    act = QuantSpec(bits=8, symmetric=False, per_channel=False, per_step=False, method="minmax")
+    q = QConv2d(conv, spec, act, 1, split=4, split_weights=True)
+    small = conv.weight[:, 4:]
+    err = (q.dequantized_weight()[:, 4:] - small).abs().amax()
+    assert float(err) <= float(small.abs().amax()) / 255 + 1e-7

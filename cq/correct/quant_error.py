@@ -7,15 +7,21 @@ full-precision value ``conv(x_c, W_c) + bias`` by least squares, ``P <- a_i * P 
 ``a_i * W_c`` and bias ``a_i * bias + b_i`` -- the reference adds ``bias + b_i``, off by ``(1 - a_i) * bias``
 (algorithms.md §8.3 trap 5).
 
-Statistics come from replaying the trace through the quantized cached model (cache correction on), as in
-calibration; the cached-half input is taken at the conv itself, so GroupNorm groups straddling the split
-(CIFAR's 384-channel blocks) need no special case.
+Statistics come from replaying the trace through the quantized model (cache correction on), as in calibration;
+the cached-half input is taken at the conv itself, so GroupNorm groups straddling the split (CIFAR's 384-channel
+blocks) need no special case. Which deep feature feeds the tail at a refresh step (``deep_features``):
+
+* ``"full_precision"`` (default; the reference, ``error_dec/*_dec.py``): the trace's full-precision feature
+  ``F_i`` at every step -- the refresh step's own at refresh steps, the cache-corrected ``a_i F_s(i) + b_i`` at
+  cached steps. The correction then sees only the tail's own quantization error.
+* ``"quantized"`` (cq before Corrector version 2): refresh steps run the whole quantized network, so the deep
+  feature carries the deep layers' quantization error too (what a refresh step computes when sampling).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +30,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..quant.modules import QConv2d
 from ..registry import CORRECTORS
-from ..replay import every_step, replay
+from ..replay import CalibrationBatch, every_step, replay
 from ..step import current_step
 from .correction import ChannelAffine
 from .corrector import Corrector
@@ -45,13 +51,27 @@ class QuantErrorCorrector(Corrector):
 
     Args:
         samples: trace trajectories per step used for the statistics.
+        deep_features: what feeds the tail at refresh steps while fitting, ``"full_precision"`` (the reference)
+            or ``"quantized"`` (module docstring).
     """
 
+    VERSION: ClassVar[int] = 2  # 2: deep_features, default "full_precision" (version 1 fitted with "quantized")
     samples: int = 32
+    deep_features: Literal["full_precision", "quantized"] = "full_precision"
 
     def __post_init__(self) -> None:
         if self.samples < 1:
             raise ConfigError(f"QuantErrorCorrector.samples must be >= 1, got {self.samples}")
+        if self.deep_features not in ("full_precision", "quantized"):
+            raise ConfigError(
+                "QuantErrorCorrector.deep_features must be 'full_precision' or 'quantized', "
+                f"got {self.deep_features!r}"
+            )
+
+    @classmethod
+    def upgrade(cls, fields: dict, version: int) -> dict:
+        """Version 1 files were fitted with the quantized deep features (the field only documents the fit)."""
+        return {"deep_features": "quantized", **fields} if version < 2 else fields
 
     def targets(self, model: CompressedUNet) -> dict[str, QConv2d]:
         if model.cache is None:
@@ -82,11 +102,13 @@ class QuantErrorCorrector(Corrector):
             w_fp = reference.get_submodule(name).weight[:, :c]
             args = (module.stride, module.padding, module.dilation, module.groups)
             y = F.conv2d(x[:, :c], w_fp, module.bias, *args)  # full precision: input and weight
-            xq = F.conv2d(module.act(x[:, :c]), module.weight.dequantized()[:, :c], module.bias, *args)
+            xq = F.conv2d(module.act(x[:, :c]), module.dequantized_weight()[:, :c], module.bias, *args)
             moments[name].update(current_step(), xq, y)
 
         cache = model.cache
         batches = every_step(cache.mask, cache.source, self.samples, trace.x.shape[1])
+        if self.deep_features == "full_precision":  # refresh steps: a shallow call on their own FP feature
+            batches = [CalibrationBatch(b.step, b.rows, b.step if b.source is None else b.source) for b in batches]
         handles = []
         try:
             for name, module in targets.items():

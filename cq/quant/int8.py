@@ -95,8 +95,9 @@ class _Half(nn.Module):
         self.start, self.stop = start, stop
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.dilation, self.groups = list(conv.dilation), conv.groups
-        q, scale, remainder = _signed_weight(conv.weight)
-        q = q[:, start:stop].contiguous()
+        weight, offset = conv.weight_covering(start)  # a split conv may quantize each half's columns on its own
+        q, scale, remainder = _signed_weight(weight)
+        q = q[:, start - offset : stop - offset].contiguous()
         self.register_buffer("w_scale", scale.clone(), persistent=False)
         self.register_buffer("w_zero", torch.zeros(q.shape[0], dtype=torch.long), persistent=False)
         # prepacked oneDNN layout: an opaque tensor, derived from weight.weight_q (which stays the saved state)
@@ -143,7 +144,7 @@ class Int8Conv2d(nn.Module):
         super().__init__()
         self.in_channels, self.out_channels, self.split = conv.in_channels, conv.out_channels, conv.split
         self.weight, self.bias, self.act, self.act_skip = conv.weight, conv.bias, conv.act, conv.act_skip
-        self.correction = conv.correction
+        self.weight_skip, self.correction = conv.weight_skip, conv.correction
         c = conv.split or conv.in_channels
         self.cached = _Half(conv, 0, c)
         self.skip = _Half(conv, c, conv.in_channels) if conv.split else None

@@ -99,10 +99,13 @@ class IntMMConv1x1(nn.Module):
         super().__init__()
         self.in_channels, self.out_channels, self.split = conv.in_channels, conv.out_channels, conv.split
         self.weight, self.bias, self.act, self.act_skip = conv.weight, conv.bias, conv.act, conv.act_skip
-        self.correction = conv.correction
+        self.weight_skip, self.correction = conv.weight_skip, conv.correction
         c = conv.split or conv.in_channels
         self.cached = _AffineGemm(conv.weight, slice(0, c))
-        self.skip = _AffineGemm(conv.weight, slice(c, None)) if conv.split else None
+        self.skip = None
+        if conv.split:  # the skip half's columns: in their own quantized weight, or after the cached half's
+            weight, offset = conv.weight_covering(c)
+            self.skip = _AffineGemm(weight, slice(c - offset, None))
 
     @staticmethod
     def supports(conv: QConv2d) -> bool:

@@ -116,10 +116,22 @@ class QuantizedWeight(nn.Module):
 
 
 class QConv2d(nn.Module):
-    """Fake-quant ``nn.Conv2d``: input activation(s) and weight quantized; ``split`` splits a concat input."""
+    """Fake-quant ``nn.Conv2d``: input activation(s) and weight quantized; ``split`` splits a concat input.
+
+    ``split_weights`` (with ``split``): the weight columns of the two input halves are quantized separately
+    (``weight`` over ``[:split]``, ``weight_skip`` over ``[split:]``), each with its own per-output-channel scales,
+    as CacheQuant's split-shortcut quantization does (``QuantModule`` ``split`` in ``quant_layer.py``): the cached
+    feature and the skip have different ranges, so do their weights' columns.
+    """
 
     def __init__(
-        self, conv: nn.Conv2d, weight_spec: QuantSpec, act_spec: QuantSpec, num_steps: int, split: int | None = None
+        self,
+        conv: nn.Conv2d,
+        weight_spec: QuantSpec,
+        act_spec: QuantSpec,
+        num_steps: int,
+        split: int | None = None,
+        split_weights: bool = False,
     ):
         super().__init__()
         if conv.padding_mode != "zeros":
@@ -127,7 +139,10 @@ class QConv2d(nn.Module):
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
         self.dilation, self.groups, self.split = conv.dilation, conv.groups, split
-        self.weight = QuantizedWeight(conv.weight, weight_spec)
+        halves = bool(split) and split_weights
+        w = conv.weight
+        self.weight = QuantizedWeight(w[:, :split] if halves else w, weight_spec)
+        self.weight_skip = QuantizedWeight(w[:, split:], weight_spec) if halves else None
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         self.act = ActQuantizer(act_spec, num_steps)
         self.act_skip = ActQuantizer(act_spec, num_steps) if split else None
@@ -138,8 +153,20 @@ class QConv2d(nn.Module):
             return self.act(x)
         return torch.cat([self.act(x[:, : self.split]), self.act_skip(x[:, self.split :])], dim=1)
 
+    def dequantized_weight(self) -> Tensor:
+        """The full ``[out, in, kh, kw]`` weight as the convolution sees it."""
+        if self.weight_skip is None:
+            return self.weight.dequantized()
+        return torch.cat([self.weight.dequantized(), self.weight_skip.dequantized()], dim=1)
+
+    def weight_covering(self, start: int) -> tuple[QuantizedWeight, int]:
+        """``(quantized weight, its first input channel)`` holding input channel ``start``."""
+        if self.weight_skip is not None and start >= self.split:
+            return self.weight_skip, self.split
+        return self.weight, 0
+
     def forward(self, x: Tensor) -> Tensor:
-        xq, w = self.quantize_input(x), self.weight.dequantized()
+        xq, w = self.quantize_input(x), self.dequantized_weight()
         args = (self.stride, self.padding, self.dilation, self.groups)
         if self.correction is None:
             return F.conv2d(xq, w, self.bias, *args)
@@ -150,7 +177,9 @@ class QConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}" + (
-            f", split={self.split}" if self.split else ""
+            f", split={self.split}" + (" (weights per half)" if self.weight_skip is not None else "")
+            if self.split
+            else ""
         )
 
 
@@ -158,7 +187,13 @@ class QConv1d(nn.Module):
     """Fake-quant ``nn.Conv1d`` (LDM's legacy attention ``qkv`` / ``proj_out``); runs as fake quantization."""
 
     def __init__(
-        self, conv: nn.Conv1d, weight_spec: QuantSpec, act_spec: QuantSpec, num_steps: int, split: int | None = None
+        self,
+        conv: nn.Conv1d,
+        weight_spec: QuantSpec,
+        act_spec: QuantSpec,
+        num_steps: int,
+        split: int | None = None,
+        split_weights: bool = False,
     ):
         super().__init__()
         if conv.padding_mode != "zeros":
@@ -183,7 +218,13 @@ class QLinear(nn.Module):
     """Fake-quant ``nn.Linear``."""
 
     def __init__(
-        self, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec, num_steps: int, split: int | None = None
+        self,
+        linear: nn.Linear,
+        weight_spec: QuantSpec,
+        act_spec: QuantSpec,
+        num_steps: int,
+        split: int | None = None,
+        split_weights: bool = False,
     ):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -209,6 +250,7 @@ class QMatMul(nn.Module):
         act_spec: QuantSpec,
         num_steps: int,
         split: int | None = None,
+        split_weights: bool = False,
     ):
         super().__init__()
         unit = (0.0, 1.0)
@@ -219,6 +261,8 @@ class QMatMul(nn.Module):
         return torch.matmul(self.act(a), self.act_b(b))
 
 
+# Every fake-quant module takes (float module, weight spec, activation spec, num_steps, split=, split_weights=); only
+# QConv2d has concat inputs (``unet.concat_splits()`` names convolutions), the others accept and ignore the split.
 QMODULES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv2d: QConv2d,
     nn.Conv1d: QConv1d,

@@ -48,7 +48,7 @@ class PTQ4DM(Quantizer):
         samples: calibration samples (the reference uses 1024; fewer suffice for small models).
         mean, std: of the normal over the fraction of the trajectory (0 = noisiest).
         seed: for drawing the calibration steps.
-        keep_8bit, float_io, include, skip: as in `cq.quant.Uniform`.
+        keep_8bit, float_io, split_weights, include, skip: as in `cq.quant.Uniform`.
     """
 
     weight_bits: int = 8
@@ -59,6 +59,7 @@ class PTQ4DM(Quantizer):
     seed: int = 0
     keep_8bit: tuple[str, ...] = ("conv_in", "conv_out")
     float_io: bool = True
+    split_weights: bool = True
     include: tuple[str, ...] = ("*",)
     skip: tuple[str, ...] = ()
 

@@ -45,11 +45,13 @@ class Quantizer(ABC):
     `calibration_batches`.
     """
 
-    VERSION: ClassVar[int] = 2  # 2: float_io (the UNet's input and output layers stay float)
+    VERSION: ClassVar[int] = 3  # 2: float_io (input and output layers stay float); 3: split_weights
     include: tuple[str, ...]
     skip: tuple[str, ...]
     #: keep the UNet's input and output layers (``unet.io_layers()``) in float; subclasses may make it a field
     float_io: bool = True
+    #: quantize the two input halves of a split conv's weight separately (CacheQuant); subclasses may make it a field
+    split_weights: bool = True
 
     @abstractmethod
     def specs(self, name: str, module: nn.Module) -> tuple[QuantSpec | None, QuantSpec]:
@@ -68,9 +70,13 @@ class Quantizer(ABC):
     def upgrade(cls, fields: dict, version: int) -> dict:
         """Fields saved by ``version`` of this strategy, as this version reads them (`cq.registry.from_dict`).
 
-        Before version 2 the UNet's input and output layers were quantized: such a file keeps them quantized."""
-        if version < 2 and "float_io" in {f.name for f in dataclasses.fields(cls)}:
-            return {"float_io": False, **fields}
+        Before version 2 the UNet's input and output layers were quantized, before version 3 a split conv's weight
+        had one scale per output channel across both halves: such files keep what they were fitted with."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if version < 2 and "float_io" in names:
+            fields = {"float_io": False, **fields}
+        if version < 3 and "split_weights" in names:
+            fields = {"split_weights": False, **fields}
         return fields
 
     def selects(self, name: str) -> bool:
@@ -95,7 +101,10 @@ class Quantizer(ABC):
             raise ConfigError(f"{type(self).__name__}: include={self.include} skip={self.skip} select no module")
         for name, module in targets:
             weight_spec, act_spec = self.specs(name, module)
-            qmodule = QMODULES[type(module)](module, weight_spec, act_spec, num_steps, split=splits.get(name))
+            split = splits.get(name)
+            qmodule = QMODULES[type(module)](
+                module, weight_spec, act_spec, num_steps, split=split, split_weights=self.split_weights
+            )
             set_submodule(model, name, qmodule)
         return model
 

@@ -45,6 +45,9 @@ class Uniform(Quantizer):
             CacheQuant, which runs them at 8 bits: the input layer reads Gaussian noise whose held-out tails a
             calibrated range clamps, and the output layer's weight error is a bias every sampler step integrates
             (README, "Quality on held-out seeds"). They are < 0.2% of the MACs.
+        split_weights: a conv reading ``cat(cached, skip)`` gets one weight quantizer per input half, each with
+            per-output-channel scales (CacheQuant / Q-Diffusion split-shortcut quantization). False: one scale per
+            output channel across both halves (files saved before Quantizer version 3).
         include, skip: fnmatch patterns selecting the modules to quantize.
         refresh_samples, cached_samples: calibration samples per refresh / cached step.
 
@@ -60,6 +63,7 @@ class Uniform(Quantizer):
     per_step: bool = True
     keep_8bit: tuple[str, ...] = ("conv_in", "conv_out")
     float_io: bool = True
+    split_weights: bool = True
     include: tuple[str, ...] = ("*",)
     skip: tuple[str, ...] = ()
     refresh_samples: int = 32
