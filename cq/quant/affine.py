@@ -63,13 +63,19 @@ def lp_error(x: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec, p: float | None
     return err.mean(dim=reduce_dims(x, spec.per_channel))
 
 
-def search_range(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+def search_range(x: Tensor, spec: QuantSpec, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(lo, hi)`` for ``x`` by ``spec.method``; per output channel (shape ``[C]``) or scalars.
 
     The ``mse`` candidates include the min-max range itself (i = 0), so the search never ends with a larger
-    L_p error than min-max.
+    L_p error than min-max. ``weights`` (per-tensor only, same shape as ``x``): how many elements of a larger
+    tensor each value stands for, when ``x`` is a weighted sample of it (`cq.quant.calibrate`).
     """
     x = x.detach().float()
+    if weights is not None:
+        if spec.per_channel or weights.shape != x.shape:
+            raise ValueError("search_range: weights need a per-tensor spec and the shape of x")
+        if spec.method == "mse":
+            return _search_all_at_once(x.reshape(-1), x.min(), x.max(), spec, weights.reshape(-1).float())
     dims = reduce_dims(x, spec.per_channel)
     if spec.method == "percentile" and spec.percentile < 1.0:
         flat = x.reshape(x.shape[0], -1) if spec.per_channel else x.reshape(1, -1)
@@ -95,12 +101,16 @@ def search_range(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     return best_lo, best_hi
 
 
-def _search_all_at_once(x: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
-    """The per-tensor ``mse`` search with all 40 candidates in one ``[40, N]`` pass (same result as the loop)."""
+def _search_all_at_once(
+    x: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec, weights: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The per-tensor ``mse`` search with all 40 candidates in one ``[40, N]`` pass (same result as the loop);
+    ``weights``: per-value weights of the L_p error (a weighted sample of a larger tensor)."""
     shrink = 1 - 0.01 * torch.arange(0, 80, 2, dtype=torch.float32, device=x.device)
     cand_lo, cand_hi = lo * shrink, hi * shrink
     scale, zp = qparams(cand_lo, cand_hi, spec)
-    err = (x[None, :] - fake_quantize(x[None, :], scale[:, None], zp[:, None], spec)).abs().pow(spec.p).mean(1)
+    err = (x[None, :] - fake_quantize(x[None, :], scale[:, None], zp[:, None], spec)).abs().pow(spec.p)
+    err = err.mean(1) if weights is None else (err * weights[None, :]).sum(1)
     best = int(torch.argmin(err))  # first minimum, as the loop keeps the earliest on ties
     return cand_lo[best], cand_hi[best]
 
