@@ -55,6 +55,7 @@ class Report:
     quantized_layers: int
     float_layers: int
     recipe: str = ""
+    integer_layers: int = 0  # of the quantized layers, those running on integer kernels
     notes: list[str] = field(default_factory=list)
     evaluation: Evaluation | None = None  # end-to-end quality on held-out seeds (`cq.evaluate`)
 
@@ -81,7 +82,8 @@ class Report:
             f"steps: {len(self.steps)}, refreshes: {self.refreshes}, cached: {len(self.steps) - self.refreshes}",
             f"MACs per run: {self.total_macs / 1e9:.3f} G vs {self.full_macs * len(self.steps) / 1e9:.3f} G full "
             f"-> {self.mac_speedup:.2f}x fewer",
-            f"layers: {self.quantized_layers} quantized (fake-quant), {self.float_layers} float",
+            f"layers: {self.quantized_layers} quantized ({self.integer_layers} on integer kernels, "
+            f"{self.quantized_layers - self.integer_layers} fake-quant), {self.float_layers} float",
             f"parameter storage: {self.model_bytes / 2**20:.2f} MiB"
             + (
                 f" vs {self.reference_bytes / 2**20:.2f} MiB full precision "
@@ -159,7 +161,11 @@ def report(
     """Measure ``model``; with ``reference`` (the full-precision UNet) and ``trace``, also the teacher-forced
     per-step SQNR; ``evaluation`` (from `cq.evaluate`) adds the end-to-end held-out quality."""
     point = model.cache.point if model.cache is not None else None
-    macs = unet_macs(model.unet, points=[point] if point else [])
+    if trace is not None and trace.cond is not None:
+        cond = trace.cond[0, :1]
+    else:  # conditional UNets need a conditioning input of the right kind to be run at all
+        cond = model.unet.example_cond(1) if hasattr(model.unet, "example_cond") else None
+    macs = unet_macs(model.unet, cond=cond, points=[point] if point else [])
     mask = model.refresh_mask()
     sqnrs: list[float | None] = [None] * model.num_steps
     if reference is not None:
@@ -176,7 +182,8 @@ def report(
         if model.cache is not None:
             model.cache.clear()
     steps = [StepReport(i, r, macs["full"] if r else macs[point], sqnrs[i]) for i, r in enumerate(mask)]
-    q = quantized_modules(model.unet) | _integer_modules(model.unet)
+    integer = _integer_modules(model.unet)
+    q = quantized_modules(model.unet) | integer
     float_layers = sum(isinstance(m, nn.Conv2d | nn.Conv1d | nn.Linear) for m in model.unet.modules())
     recipe = getattr(model, "recipe", None)
     return Report(
@@ -185,6 +192,7 @@ def report(
         model_bytes=tensor_bytes(model),
         reference_bytes=tensor_bytes(reference) if reference is not None else None,
         quantized_layers=len(q),
+        integer_layers=len(integer),
         float_layers=float_layers,
         recipe=_describe(recipe),
         notes=_execution_notes(getattr(model, "execution", {})) if q else [],

@@ -171,3 +171,43 @@ def test_report_describes_any_quantizer_subclass(unet, trace):
 
     model = Recipe(quantizer=EightBitEverywhere()).fit(unet, trace, progress=False)
     assert "EightBitEverywhere" in model.report().summary()
+
+
+def test_report_on_int8_models_counts_the_same_macs_and_labels_the_kernels(unet, trace, quantized):
+    """Issue H 14: converted layers count their MACs (they counted 0: ZeroDivisionError) and the summary says
+    which quantized layers run on integer kernels."""
+    import copy
+
+    before = quantized.report()
+    converted = copy.deepcopy(quantized)
+    execution = converted.to_int8()
+    after = converted.report()
+    assert after.total_macs == before.total_macs and after.full_macs == before.full_macs
+    integer = sum(not mode.startswith("fake-quant") for mode in execution.values())
+    assert after.integer_layers == integer > 0 and before.integer_layers == 0
+    assert f"{integer} on integer kernels" in after.summary()
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd", "tiny-ldm-cin"])
+def test_report_runs_on_conditional_unets_without_a_trace(preset):
+    """Issue H 14: MACs of a conditional UNet are counted with an example conditioning (they raised
+    InputShapeError without one)."""
+    from cq.models.loading import build
+
+    unet = build(preset, seed=0).eval()
+    model = cq.CompressedUNet(unet, num_steps=4, cacher=deepcache(interval=2).cacher.fit(unet, None))
+    rep = model.report()
+    assert rep.full_macs > 0 and rep.mac_speedup > 1
+    assert unet.example_cond(2).shape[0] == 2
+
+
+def test_cli_fit_with_int8_backend_saves_samples_and_reports(tmp_path, capsys):
+    """Issue H 14: the README's `cq fit --backend int8 -o out.cq` exits 0, and the saved model samples and reports
+    on integer kernels."""
+    out = tmp_path / "int8.cq"
+    argv = ["fit", "--model", "demo", "--recipe", "cachequant", "--steps", "4", "--interval", "2"]
+    assert main([*argv, "--samples", "2", "--backend", "int8", "-o", str(out)]) == 0
+    assert "on integer kernels" in capsys.readouterr().out
+    assert main(["sample", str(out), "--num", "1", "-o", str(tmp_path / "g.png")]) == 0
+    assert main(["report", str(out), "--eval", "0"]) == 0
+    assert "on integer kernels" in capsys.readouterr().out

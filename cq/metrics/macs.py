@@ -20,6 +20,8 @@ from torch import Tensor, nn
 
 from ..cache.view import CacheView
 from ..models.layers import MatMul
+from ..quant.int8 import Int8Conv2d, Int8Linear
+from ..quant.int_mm import Int8MatMul, IntMMConv1x1, IntMMLinear
 from ..quant.modules import QConv1d, QConv2d, QLinear, QMatMul
 from ..step import step_scope
 
@@ -27,10 +29,11 @@ from ..step import step_scope
 __all__ = ["MacCount", "count_macs", "unet_macs", "predicted_speedup"]
 
 
-CONVS = (nn.Conv2d, QConv2d)
+# float, fake-quant and integer-kernel versions of each op: a converted model counts the same MACs
+CONVS = (nn.Conv2d, QConv2d, Int8Conv2d, IntMMConv1x1)
 CONV1DS = (nn.Conv1d, QConv1d)
-LINEARS = (nn.Linear, QLinear)
-MATMULS = (MatMul, QMatMul)
+LINEARS = (nn.Linear, QLinear, Int8Linear, IntMMLinear)
+MATMULS = (MatMul, QMatMul, Int8MatMul)
 
 
 @dataclass

@@ -283,6 +283,10 @@ class DDPMUNet(nn.Module):
             splits[f"{point}.nin_shortcut"] = channels
         return splits
 
+    def example_cond(self, batch: int = 1) -> None:
+        """DDPM UNets are unconditional (the same method as `LDMUNet.example_cond`)."""
+        return None
+
     def io_layers(self) -> tuple[str, ...]:
         """The layers that read the sampler's ``x_t`` and write the predicted noise: ``conv_in``, ``conv_out``.
 

@@ -501,6 +501,16 @@ class LDMUNet(nn.Module):
             splits[f"{point}.0.skip_connection"] = channels
         return splits
 
+    def example_cond(self, batch: int = 1, context_length: int = 77) -> Tensor | None:
+        """A conditioning input of the right kind for counting MACs: ``context_length`` zero tokens of the
+        cross-attention width (77: CLIP's context, SD), ``batch`` class labels 0, or None (unconditional)."""
+        device = next(self.parameters()).device
+        if self.config.context_dim is not None:
+            return torch.zeros((batch, context_length, self.config.context_dim), device=device)
+        if self.config.num_classes is not None:
+            return torch.zeros((batch,), dtype=torch.long, device=device)
+        return None
+
     def io_layers(self) -> tuple[str, ...]:
         """The layers that read the sampler's ``x_t`` and write the model output: ``input_blocks.0.0``, ``out.2``
         (kept in float by default, see `cq.quant.Uniform.float_io`)."""

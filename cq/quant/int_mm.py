@@ -98,6 +98,7 @@ class IntMMConv1x1(nn.Module):
     def __init__(self, conv: QConv2d):
         super().__init__()
         self.in_channels, self.out_channels, self.split = conv.in_channels, conv.out_channels, conv.split
+        self.kernel_size, self.groups = conv.kernel_size, conv.groups  # the MAC count reads them
         self.weight, self.bias, self.act, self.act_skip = conv.weight, conv.bias, conv.act, conv.act_skip
         self.weight_skip, self.correction = conv.weight_skip, conv.correction
         c = conv.split or conv.in_channels
