@@ -221,6 +221,20 @@ def test_ptq4dm_feeds_the_true_timestep_of_each_calibration_step(unet, trace):
         assert torch.equal(x, trace.x[step, : x.shape[0]])
 
 
+def test_ptq4dm_warns_when_draws_exceed_the_stored_trajectories(trace):
+    """Issue H 2: NDTC draws beyond a step's stored trajectories were dropped silently; they are now counted and
+    reported, and every batch holds distinct rows."""
+    keep = trace.x.shape[1]
+    with pytest.warns(UserWarning, match="add no new samples"):
+        batches = list(PTQ4DM(samples=keep * trace.steps * 4).calibration_batches(trace, (True,) * trace.steps, []))
+    assert all(len(b.rows.unique()) == len(b.rows) <= keep for b in batches)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list(PTQ4DM(samples=2).calibration_batches(trace, (True,) * trace.steps, []))
+
+
 def test_ptq4dm_shares_one_range_across_steps(unet, trace, cacher):
     q = PTQ4DM(samples=24).quantize(unet, trace, cacher=cacher, progress=False)
     tables = [m for m in q.modules() if isinstance(m, ActQuantizer)]

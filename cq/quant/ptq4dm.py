@@ -10,6 +10,7 @@ steps (no per-step tables); weights are per-channel with the L_2.4 range search 
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -82,6 +83,14 @@ class PTQ4DM(Quantizer):
         keep = trace.x.shape[1]
         steps = ndtc_steps(trace.steps, self.samples, self.mean, self.std, self.seed)
         counts = torch.bincount(steps, minlength=trace.steps)
+        excess = int((counts - keep).clamp(min=0).sum())
+        if excess:  # the shared range is the union over steps (order and count independent), but data is data
+            warnings.warn(
+                f"PTQ4DM: {excess} of {self.samples} NDTC draws fall on steps already drawn more often than the "
+                f"trace keeps trajectories ({keep}); they add no new samples. Record the trace with more "
+                f"trajectories (at least {int(counts.max())}) to use every draw",
+                stacklevel=2,
+            )
         for step in torch.nonzero(counts).flatten().tolist():
-            rows = torch.arange(int(counts[step])) % keep  # cycles when a step is drawn more often than kept
-            yield CalibrationBatch(step=step, rows=rows.unique(), source=None if mask[step] else source[step])
+            rows = torch.arange(min(int(counts[step]), keep))
+            yield CalibrationBatch(step=step, rows=rows, source=None if mask[step] else source[step])
