@@ -63,6 +63,10 @@ def ablation_cases(n: int) -> list[tuple[str, Recipe]]:
         (f"N={n} + DPS + DEC cache", cached(dps, q, both[:1])),
         (f"N={n} + DPS + DEC cache + quant = CacheQuant", cached(dps, q, both)),
         (f"N={n} uniform + DEC (no DPS)", cached(uniform, q, both)),
+        (
+            f"N={n} CacheQuant, quant DEC fitted on quantized deep features (before H 4)",
+            cached(dps, q, (both[0], QuantErrorCorrector(deep_features="quantized"))),
+        ),
     ]
 
 
@@ -88,6 +92,7 @@ def quant_cases() -> list[tuple[str, Recipe]]:
         ("W8A8 PTQ4DM (NDTC, shared)", Recipe(quantizer=PTQ4DM())),
         ("W4A8 PTQ4DM (NDTC, shared)", Recipe(quantizer=PTQ4DM(weight_bits=4))),
         ("W8A8, io layers quantized (CacheQuant's choice)", Recipe(quantizer=Uniform(float_io=False))),
+        ("W8A8, one weight scale across split halves (before H 1)", Recipe(quantizer=Uniform(split_weights=False))),
     ]
 
 
@@ -99,7 +104,8 @@ def main() -> None:
     ap.add_argument("--intervals", default="3,5,10", help="cache intervals of the ablation / schedules tables")
     ap.add_argument("--calib", type=int, default=32, help="calibration trajectories (seeds 10000..)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--only", default="", help="run only the rows whose label contains this text")
+    ap.add_argument("--only", default="", help="run only the rows whose label contains this text ('a|b': either)")
+    ap.add_argument("--per-sample", default=None, help="also write each row's per-seed PSNR and max |x0| (JSON)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,9 +131,11 @@ def main() -> None:
         cases = [c for n in args.intervals.split(",") for c in schedule_cases(int(n))]
     else:
         cases = quant_cases()
-    for label, recipe in [c for c in cases if args.only in c[0]]:
+    per_sample = {"seeds": list(seeds), "full precision max |x0|": reference.abs().flatten(1).amax(1).tolist()}
+    for label, recipe in [c for c in cases if any(part in c[0] for part in args.only.split("|"))]:
         model = recipe.fit(unet, trace, progress=False)
         r = cq.evaluate(model, unet, seeds=seeds, steps=steps, reference_samples=reference, progress=False, **sampler)
+        per_sample[label] = {"psnr_db": r.psnr_db.tolist(), "max_abs": r.max_abs.tolist()}
         rows.append(
             [
                 label,
@@ -161,6 +169,10 @@ def main() -> None:
         f"({seeds.start}..{seeds.stop - 1}), calibration on {args.calib} other trajectories, "
         f"cache point {unet.default_cache_point()}",
     )
+    if args.per_sample:
+        import json
+
+        Path(args.per_sample).write_text(json.dumps(per_sample))
     print(
         f"\nfull precision: {fp_seconds:.1f} s; {out_of_range} of {args.seeds} of its own samples leave [-1.5, 1.5] "
         "(those seeds' per-sample PSNR compares against an already diverged sample)"
