@@ -174,3 +174,11 @@ def test_the_sampled_range_search_is_nearly_as_good_as_the_full_one(seed, dist, 
     assert values.min() == x.min() and values.max() == x.max()
     sampled = lp_error(x, *search_range(values, spec, weights=weights), spec)
     assert float(sampled) <= 1.05 * float(best)
+
+
+def test_weighted_search_refuses_mismatched_weights():
+    x = torch.randn(100)
+    with pytest.raises(ConfigError, match="weights"):
+        search_range(x, QuantSpec(bits=8), weights=torch.ones(99))
+    with pytest.raises(ConfigError, match="per_channel"):
+        search_range(x.reshape(4, 25), QuantSpec(bits=8, per_channel=True), weights=torch.ones(4, 25))

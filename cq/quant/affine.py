@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from .spec import QuantSpec
 
 
@@ -73,7 +74,10 @@ def search_range(x: Tensor, spec: QuantSpec, weights: Tensor | None = None) -> t
     x = x.detach().float()
     if weights is not None:
         if spec.per_channel or weights.shape != x.shape:
-            raise ValueError("search_range: weights need a per-tensor spec and the shape of x")
+            raise ConfigError(
+                f"search_range: weights need a per-tensor spec and the shape of x ({tuple(x.shape)}), got "
+                f"{tuple(weights.shape)} with per_channel={spec.per_channel}"
+            )
         if spec.method == "mse":
             return _search_all_at_once(x.reshape(-1), x.min(), x.max(), spec, weights.reshape(-1).float())
     dims = reduce_dims(x, spec.per_channel)
