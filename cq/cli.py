@@ -208,7 +208,7 @@ def _fitted_sampler(model, spacing: str | None):
     """``(sampler, steps, kwargs)`` a loaded model must be sampled with: its recorded `SamplerSettings`
     (``--spacing`` other than the fitted one is refused by the sampler), else, for files written before those
     were recorded, DDIM with the preset's defaults."""
-    from .sampling import ddim, plms
+    from .sampling import ddim
 
     settings = model.sampler_settings
     if settings is None:
@@ -217,7 +217,7 @@ def _fitted_sampler(model, spacing: str | None):
     kwargs = settings.call_kwargs()
     if spacing is not None:
         kwargs["spacing"] = spacing
-    return {"ddim": ddim, "plms": plms}[settings.sampler], kwargs.pop("steps"), kwargs
+    return settings.sampler_function(), kwargs.pop("steps"), kwargs
 
 
 def _report(args: argparse.Namespace) -> int:

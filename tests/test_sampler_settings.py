@@ -156,6 +156,7 @@ def test_planned_timesteps_are_the_ones_the_sampler_calls(sampler, steps, spacin
 def test_settings_round_trip_through_a_dict():
     s = SamplerSettings("plms", 3, "ldm", 0.0, False, timesteps=(667, 334, 334, 1))
     assert SamplerSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    assert s.sampler_function() is plms and "clip_x0" not in s.call_kwargs()
 
 
 def test_cli_and_python_share_the_spacing_default(unet):

@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from ..errors import CalibrationSeedsError, ConfigError, ReferenceMismatchError, StepCountMismatchError
 from ..sampling.adapter import FullPrecision
 from ..sampling.ddim import ddim
-from ..sampling.plms import plms
 from ..sampling.settings import check_sampler, settings_of_call
 
 
@@ -221,7 +220,7 @@ def evaluate(
         )
     fitted_settings = getattr(model, "sampler_settings", None)
     if sampler is None and steps is None and not sampler_kwargs and fitted_settings is not None:
-        sampler = {"ddim": ddim, "plms": plms}[fitted_settings.sampler]
+        sampler = fitted_settings.sampler_function()
         sampler_kwargs = fitted_settings.call_kwargs()
         steps = sampler_kwargs.pop("steps")
     sampler = ddim if sampler is None else sampler

@@ -85,6 +85,13 @@ class SamplerSettings:
                     out.append(f"{f.name}: fitted {mine!r}, asked {theirs!r}")
         return out
 
+    def sampler_function(self) -> Any:
+        """The cq sampler these settings are of (`cq.sampling.ddim` or `cq.sampling.plms`)."""
+        from .ddim import ddim
+        from .plms import plms
+
+        return {"ddim": ddim, "plms": plms}[self.sampler]
+
     def call_kwargs(self) -> dict[str, Any]:
         """The keyword arguments that reproduce this run: ``sampler(model, x, **settings.call_kwargs())``."""
         kwargs: dict[str, Any] = {"steps": self.steps, "spacing": self.spacing, "eta": self.eta}
