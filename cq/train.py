@@ -168,19 +168,19 @@ def x0_loss_weights(alphas_cumprod: Tensor, cap: float) -> Tensor:
 
 
 def _load_init(model: torch.nn.Module, path: str) -> list:
-    """Load ``path`` into ``model``; returns the training configs of the stages that produced it (oldest first)."""
-    from safetensors import SafetensorError, safe_open
+    """Load ``path`` into ``model`` (`read_state_dict` + `load_weights`: any checkpoint format cq reads, every key
+    and shape checked); returns the training configs of the stages that produced it (oldest first; a cq-trained
+    safetensors file records them in its metadata, other files have none)."""
+    from .models.checkpoint import read_state_dict
+    from .models.loading import load_weights
 
-    try:
-        with safe_open(path, framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise ConfigError(f"TrainConfig.init: {path} is not a readable safetensors file ({e})") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ConfigError(f"TrainConfig.init: {path} does not fit the preset ({str(e).splitlines()[0]})") from None
+    load_weights(model, read_state_dict(path))
+    if not path.endswith(".safetensors"):
+        return []
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
     try:
         history = json.loads(meta.get("cq_train_history", "[]"))
         stage = json.loads(meta["cq_train_config"]) if "cq_train_config" in meta else None

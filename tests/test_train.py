@@ -61,6 +61,14 @@ def test_fine_tuning_starts_from_init_and_keeps_the_history(tmp_path):
     assert len(history) == 1 and history[0]["steps"] == 4 and "init" in json.loads(meta["cq_train_config"])
     with pytest.raises(ConfigError, match="init"):
         TrainConfig(init=str(tmp_path / "missing.safetensors"))
+    from safetensors.torch import save_file
+
+    from cq.errors import CheckpointKeyMismatchError
+
+    save_file({"not.a.key": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointKeyMismatchError, match="not.a.key"):
+        train(TrainConfig(**TINY, init=str(tmp_path / "other.safetensors")), tmp_path / "c.safetensors")
+    assert not (tmp_path / "c.safetensors").exists()
     with pytest.raises(ConfigError, match="x0_weight_cap"):
         TrainConfig(x0_weight_cap=0.5)
 
