@@ -62,8 +62,7 @@ class RangeTables:
         # steps most and clamped the noisiest ones on held-out seeds (W8A8 mean 17 dB, 245 of 256 < 25 dB).
         per_step = self.steps.setdefault(name, {})
         if step in per_step:
-            m = self.momentum
-            lo, hi = m * per_step[step][0] + (1 - m) * lo, m * per_step[step][1] + (1 - m) * hi
+            lo, hi = self._ema(per_step[step][0], lo), self._ema(per_step[step][1], hi)
         per_step[step] = (lo, hi)
         self.lo[name][0] = min(v[0] for v in per_step.values())
         self.hi[name][0] = max(v[1] for v in per_step.values())
@@ -72,9 +71,11 @@ class RangeTables:
     def _average(self, lo_table: Tensor, hi_table: Tensor, seen: Tensor, i: int, lo: Tensor, hi: Tensor) -> None:
         """Exponential moving average of the batches of entry ``i`` (CacheQuant's ``update_quantize_range``)."""
         if seen[i]:
-            m = self.momentum
-            lo, hi = m * lo_table[i] + (1 - m) * lo, m * hi_table[i] + (1 - m) * hi
+            lo, hi = self._ema(lo_table[i], lo), self._ema(hi_table[i], hi)
         lo_table[i], hi_table[i], seen[i] = lo, hi, True
+
+    def _ema(self, old: Tensor, new: Tensor) -> Tensor:
+        return self.momentum * old + (1 - self.momentum) * new
 
     def apply(self, model: nn.Module) -> list[str]:
         """Write the ranges into the quantizers; unobserved steps copy the nearest observed earlier step (or the

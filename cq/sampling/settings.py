@@ -57,8 +57,8 @@ class SamplerSettings:
 
     @classmethod
     def from_dict(cls, data: Any) -> SamplerSettings:
-        """Inverse of `to_dict`; raises `SamplerMismatchError`'s sibling ValueError/TypeError on bad input (the
-        artifact loader turns those into `CheckpointFormatError`)."""
+        """Inverse of `to_dict`; raises ValueError / TypeError on malformed data (the artifact loader turns them
+        into `CheckpointFormatError`)."""
         names = {f.name for f in fields(cls)}
         if not isinstance(data, dict) or set(data) != names:
             raise ValueError(f"sampler settings must be an object with keys {sorted(names)}, got {data!r}")
