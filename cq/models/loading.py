@@ -123,25 +123,19 @@ def _load_diffusers_folder(folder: Path) -> nn.Module:
 
 def _build_from_diffusers(folder: Path, state: dict[str, Tensor], config: dict) -> nn.Module:
     if _is_ldm_diffusers_config(config):
-        p = Preset(
-            name=folder.name,
-            family="ldm",
-            config=ldm_unet_config_from_diffusers(config),
-            noise=_diffusers_noise_schedule(folder),
-            sampling={"steps": 50, "spacing": "ldm", "eta": 0.0},
-            source=str(folder),
-        )
-        unet = build(p)
-        load_weights(unet, state, format="diffusers")
-        return unet
-    p = Preset(
+        family, unet_config = "ldm", ldm_unet_config_from_diffusers(config)
+        sampling = {"steps": 50, "spacing": "ldm", "eta": 0.0}
+    else:
+        family, unet_config, sampling = "ddpm", ddpm_config_from_diffusers(config), {}
+    preset = Preset(
         name=folder.name,
-        family="ddpm",
-        config=ddpm_config_from_diffusers(config),
+        family=family,
+        config=unet_config,
         noise=_diffusers_noise_schedule(folder),
+        sampling=sampling,
         source=str(folder),
     )
-    unet = build(p)
+    unet = build(preset)
     load_weights(unet, state, format="diffusers")
     return unet
 
