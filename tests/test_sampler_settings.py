@@ -13,7 +13,7 @@ import cq
 from cq.cli import main
 from cq.errors import CheckpointFormatError, ConfigError, SamplerMismatchError
 from cq.models.presets import sampling_defaults
-from cq.sampling import NoiseSchedule, SamplerSettings, ddim, plms
+from cq.sampling import NoiseSchedule, SamplerSettings, ddim, plms, sampler_of
 from cq.sampling.settings import planned_settings
 from cq.trace import seeded_noise
 
@@ -61,7 +61,7 @@ def test_the_recorded_settings_reproduce_the_fitted_run(unet, fitted):
 
 
 def test_settings_survive_save_and_load(fitted, tmp_path):
-    loaded = cq.load(fitted.save(tmp_path / "m.cq"))
+    loaded = cq.load(cq.save(fitted, tmp_path / "m.cq"))
     assert loaded.sampler_settings == fitted.sampler_settings
     with pytest.raises(SamplerMismatchError, match="spacing"):
         ddim(loaded, _noise(loaded), steps=STEPS, spacing="quad")
@@ -73,7 +73,7 @@ def test_a_file_without_settings_loads_and_checks_the_call_count(fitted, tmp_pat
 
     from cq.artifact import _checksum
 
-    path = fitted.save(tmp_path / "m.cq")
+    path = cq.save(fitted, tmp_path / "m.cq")
     with safe_open(str(path), framework="pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())  # noqa: SIM118
     del meta["sampler"]
@@ -107,7 +107,7 @@ def test_malformed_settings_are_a_format_error(fitted, tmp_path, value):
 
     from cq.artifact import _checksum
 
-    path = fitted.save(tmp_path / "m.cq")
+    path = cq.save(fitted, tmp_path / "m.cq")
     with safe_open(str(path), framework="pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())  # noqa: SIM118
     meta["sampler"] = value
@@ -156,7 +156,7 @@ def test_planned_timesteps_are_the_ones_the_sampler_calls(sampler, steps, spacin
 def test_settings_round_trip_through_a_dict():
     s = SamplerSettings("plms", 3, "ldm", 0.0, False, timesteps=(667, 334, 334, 1))
     assert SamplerSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
-    assert s.sampler_function() is plms and "clip_x0" not in s.call_kwargs()
+    assert sampler_of(s) is plms and "clip_x0" not in s.call_kwargs()
 
 
 def test_cli_and_python_share_the_spacing_default(unet):
@@ -172,7 +172,7 @@ def test_cli_sample_uses_the_fitted_settings(tmp_path, capsys):
     trace = cq.trace(
         demo, steps=4, num_samples=2, spacing="linspace", points=[demo.default_cache_point()], progress=False
     )
-    path = cq.deepcache(interval=2).fit(demo, trace, progress=False).save(tmp_path / "lin.cq")
+    path = cq.save(cq.deepcache(interval=2).fit(demo, trace, progress=False), tmp_path / "lin.cq")
     assert main(["sample", str(path), "--num", "1", "-o", str(tmp_path / "g.png")]) == 0  # not the preset's
     assert main(["sample", str(path), "--num", "1", "--spacing", "uniform", "-o", str(tmp_path / "g.png")]) == 2
     assert "spacing" in capsys.readouterr().err

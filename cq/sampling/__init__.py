@@ -6,8 +6,11 @@ index: DDIM makes one call per step; PLMS makes ``plms.num_calls(steps) = steps 
 
 from .adapter import FullPrecision
 from .ddim import StepInfo, ddim
+from .model import SamplerFields, SamplerModel, fields_of
 from .noise import NoiseSchedule, ddim_timesteps
 from .plms import plms
+from .samplers import SAMPLERS, model_calls, sampler_of, settings_of_call
+from .seeded import seeded_noise
 from .settings import SamplerSettings, check_sampler
 
 
@@ -20,4 +23,12 @@ __all__ = [
     "ddim_timesteps",
     "SamplerSettings",
     "check_sampler",
+    "SamplerModel",
+    "SamplerFields",
+    "fields_of",
+    "SAMPLERS",
+    "sampler_of",
+    "model_calls",
+    "settings_of_call",
+    "seeded_noise",
 ]

@@ -8,12 +8,13 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .model import SamplerModel
 
 
 __all__ = ["FullPrecision", "check_step_aware"]
 
 
-class FullPrecision(nn.Module):
+class FullPrecision(SamplerModel):
     """Thin adapter: lets the samplers drive a plain network; ``step`` is accepted and ignored.
 
     Example:
@@ -21,9 +22,8 @@ class FullPrecision(nn.Module):
     """
 
     def __init__(self, unet: nn.Module):
-        super().__init__()
+        super().__init__(noise_schedule=getattr(unet, "noise_schedule", None))
         self.unet = unet
-        self.noise_schedule = getattr(unet, "noise_schedule", None)
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None, *, step: int) -> Tensor:
         return self.unet(x, t) if cond is None else self.unet(x, t, cond)

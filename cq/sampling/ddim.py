@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputShapeError
 from .adapter import check_step_aware
+from .model import fields_of
 from .noise import NoiseSchedule, Spacing, ddim_timesteps
 from .settings import check_sampler, planned_settings
 
@@ -35,11 +36,11 @@ class StepInfo:
 
 
 def resolve_noise_schedule(model: Any, noise: NoiseSchedule | None) -> NoiseSchedule:
-    noise = noise if noise is not None else getattr(model, "noise_schedule", None)
+    noise = noise if noise is not None else fields_of(model).noise_schedule
     if noise is None:
         raise ConfigError(
-            f"no noise schedule: pass noise=NoiseSchedule(...) or use a model with a `noise_schedule` attribute "
-            f"(models from cq.models.load carry one); got {type(model).__name__}"
+            "no noise schedule: pass noise=NoiseSchedule(...) or sample a cq SamplerModel that declares one "
+            f"(FullPrecision(unet) of a cq UNet, a CompressedUNet); got {type(model).__name__}"
         )
     return noise
 

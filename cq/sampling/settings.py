@@ -14,10 +14,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..errors import SamplerMismatchError
+from .model import fields_of
 from .noise import ddim_timesteps
 
 
-__all__ = ["SamplerSettings", "check_sampler", "planned_settings", "settings_of_call"]
+__all__ = ["SamplerSettings", "check_sampler", "planned_settings"]
 
 
 @dataclass(frozen=True)
@@ -85,13 +86,6 @@ class SamplerSettings:
                     out.append(f"{f.name}: fitted {mine!r}, asked {theirs!r}")
         return out
 
-    def sampler_function(self) -> Any:
-        """The cq sampler these settings are of (`cq.sampling.ddim` or `cq.sampling.plms`)."""
-        from .ddim import ddim
-        from .plms import plms
-
-        return {"ddim": ddim, "plms": plms}[self.sampler]
-
     def call_kwargs(self) -> dict[str, Any]:
         """The keyword arguments that reproduce this run: ``sampler(model, x, **settings.call_kwargs())``."""
         kwargs: dict[str, Any] = {"steps": self.steps, "spacing": self.spacing, "eta": self.eta}
@@ -115,28 +109,14 @@ def planned_settings(
     return SamplerSettings(sampler, steps, spacing, eta, clip_x0, timesteps=calls)
 
 
-def settings_of_call(sampler: Any, steps: int, num_timesteps: int, kwargs: dict[str, Any]) -> SamplerSettings | None:
-    """`planned_settings` of ``sampler(model, x, steps=steps, **kwargs)`` with the sampler's own defaults filled
-    in, for cq's ``ddim`` and ``plms``; None for any other sampler (its settings are unknown)."""
-    import inspect
-
-    from .ddim import ddim
-    from .plms import plms
-
-    if sampler is not ddim and sampler is not plms:
-        return None
-    defaults = {name: p.default for name, p in inspect.signature(sampler).parameters.items()}
-    value = {k: kwargs.get(k, defaults.get(k, False)) for k in ("spacing", "eta", "clip_x0")}
-    return planned_settings(sampler.__name__, steps, num_timesteps, **value)
-
-
 def check_sampler(model: Any, asked: SamplerSettings) -> None:
     """Refuse to sample ``model`` with settings other than the ones it was fitted for.
 
-    Models that declare ``sampler_settings`` (fitted `CompressedUNet`\\ s) are compared field by field; models that
-    only declare ``num_steps`` (older artifacts) are compared by their call count.
+    `SamplerModel`\\ s that declare ``sampler_settings`` (fitted `CompressedUNet`\\ s) are compared field by field;
+    models that only declare ``num_steps`` (older artifacts) are compared by their call count.
     """
-    fitted = getattr(model, "sampler_settings", None)
+    declared = fields_of(model)
+    fitted = declared.sampler_settings
     if fitted is not None:
         diff = fitted.differences(asked)
         if diff:
@@ -148,7 +128,7 @@ def check_sampler(model: Any, asked: SamplerSettings) -> None:
                 "(`model.sampler_settings.call_kwargs()`), or refit on a trace recorded with the ones you want"
             )
         return
-    num_steps = getattr(model, "num_steps", None)
+    num_steps = declared.num_steps
     if num_steps is not None and num_steps != asked.calls:
         raise SamplerMismatchError(
             f"{type(model).__name__} was fitted for {num_steps} model calls, but {asked.sampler}(steps={asked.steps}) "
