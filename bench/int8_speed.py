@@ -159,7 +159,7 @@ def sizes(unet) -> None:
         base = fp32.stat().st_size
         rows.append(["fp32 state dict", f"{base / 2**20:.1f}", "1.000"])
         for bits in ("w8a8", "w4a8"):
-            path = fitted(unet, bits, 10, steps=20).save(Path(d) / f"{bits}.cq")
+            path = cq.save(fitted(unet, bits, 10, steps=20), Path(d) / f"{bits}.cq")
             rows.append(
                 [
                     f"CacheQuant {bits.upper()} (N=10, 20 steps)",

@@ -1,10 +1,11 @@
 """cq: cache + quantize diffusion UNets without retraining (CacheQuant, Liu et al., CVPR 2025, in pure PyTorch)."""
 
 from . import errors, models, sampling
-from .artifact import load
+from .artifact import load, save
 from .compressed import CompressedUNet
 from .metrics.evaluate import Evaluation, evaluate
 from .recipe import Recipe, cachequant, deepcache, naive, quant_only
+from .report import Report, report
 from .trace import Trace, trace
 
 
@@ -13,6 +14,9 @@ __all__ = [
     "models",
     "sampling",
     "load",
+    "save",
+    "report",
+    "Report",
     "trace",
     "Trace",
     "Recipe",

@@ -32,7 +32,10 @@ from .sampling.settings import SamplerSettings
 
 __all__ = ["save", "load", "fingerprint", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 2  # 2: the checksum covers the metadata too
+FORMAT_VERSION = 3  # 2: the checksum covers the metadata too; 3: the cache correction is owned by the cache
+
+# tensors renamed since an older format: old key prefix -> new (applied after the checksum check)
+_RENAMED = {"cache_correction.": "cache.correction."}  # format 3
 
 
 def _pack_low_bit_weights(model: nn.Module, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -66,16 +69,18 @@ def _unpack_low_bit_weights(tensors: dict[str, Tensor], packed: dict[str, Any]) 
 
 def save(model: CompressedUNet, path: str | Path) -> Path:
     """Write ``model`` (fitted by `Recipe.fit`) to ``path``."""
-    recipe = getattr(model, "recipe", None)
+    recipe = model.recipe
     if recipe is None:
-        raise ConfigError("only models fitted by Recipe.fit can be saved (they carry their recipe)")
+        raise ConfigError(
+            "only models fitted by Recipe.fit (or built by Recipe.build) can be saved: they carry their recipe"
+        )
     tensors, packed = _pack_low_bit_weights(model, model.state_dict())
     metadata = {
         "cq_format": str(FORMAT_VERSION),
         "recipe": json.dumps(to_dict(recipe), sort_keys=True),
         "model": json.dumps(describe_model(model.unet), sort_keys=True),
         "num_steps": str(model.num_steps),
-        "fingerprint": getattr(model, "base_fingerprint", ""),
+        "fingerprint": model.base_fingerprint,
         "packed4": json.dumps(packed, sort_keys=True),
         "calibration_seeds": json.dumps(list(model.calibration_seeds)),
     }
@@ -132,6 +137,8 @@ def load(
         raise CheckpointFormatError(f"{path}: the base-model fingerprint is missing or malformed ({known!r})")
     try:
         tensors = _unpack_low_bit_weights(tensors, _json_field(metadata, "packed4", path, default="{}"))
+        if int(version) < 3:
+            tensors = _renamed(tensors)
         steps = _int_field(metadata, "num_steps", path)
         description = _json_field(metadata, "model", path)
         recipe_data = _json_field(metadata, "recipe", path)
@@ -159,7 +166,9 @@ def load(
             f"{path}: the saved model or recipe description is invalid ({type(e).__name__}: {e})"
         ) from None
     try:
-        model = recipe.build(base, steps).to_empty(device="cpu")
+        model = recipe.build(
+            base, steps, calibration_seeds=tuple(seeds), sampler_settings=settings, base_fingerprint=known
+        ).to_empty(device="cpu")
         model.load_state_dict(tensors, strict=True)
     except CqError as e:
         raise CheckpointFormatError(f"{path}: the recipe does not build on the saved model ({e})") from None
@@ -167,12 +176,20 @@ def load(
         raise CheckpointFormatError(
             f"{path}: the tensors do not fit the model its metadata describes ({str(e).splitlines()[0]})"
         ) from None
-    model.base_fingerprint = known
-    model.calibration_seeds = tuple(seeds)
-    model.sampler_settings = settings
     if int8 or recipe.int8_kernels is not None:
         model.to_int8(recipe.int8_kernels or "auto")
     return model.eval()
+
+
+def _renamed(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Tensors of an older format under today's names (`_RENAMED`)."""
+    out = {}
+    for key, value in tensors.items():
+        for old, new in _RENAMED.items():
+            if key.startswith(old):
+                key = new + key[len(old) :]
+        out[key] = value
+    return out
 
 
 def _is_sha256(value: str) -> bool:

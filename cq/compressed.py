@@ -8,42 +8,44 @@ schedule was fitted for: samplers with another count are refused (`StepCountMism
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from .cache.cacher import Cacher
-from .errors import ConfigError, InputValueError, StepCountMismatchError
+from .errors import InputValueError, StepCountMismatchError
+from .sampling.model import SamplerModel
 from .sampling.settings import SamplerSettings
 from .step import step_scope
 
 
 if TYPE_CHECKING:
-    from .metrics.evaluate import Evaluation
-    from .report import Report
-    from .trace import Trace
+    from .recipe import Recipe
 
 
 __all__ = ["CompressedUNet"]
 
 
-class CompressedUNet(nn.Module):
+class CompressedUNet(SamplerModel):
     """A cq UNet plus what compresses it, for sampling with exactly ``num_steps`` steps.
+
+    Save it with `cq.save`, report on it with `cq.report`, measure it with `cq.evaluate`.
 
     Args:
         unet: a cq UNet (exposes ``cache_points()`` and takes ``cache=``); not modified.
         num_steps: sampler steps this model is fitted for.
-        cacher: a fitted `Cacher` (e.g. ``DeepCache(schedule=Uniform(interval=5))``), or None for no caching.
+        cacher: a fitted `Cacher` (e.g. ``DeepCache(schedule=UniformSchedule(interval=5))``), or None for no
+            caching. The model owns the one run-time `FeatureCache` it builds (``self.cache``).
         calibration_seeds: the initial-noise seeds of the trace the model was fitted on (`Trace.seeds`);
             `cq.evaluate` refuses them, so quality is only ever stated on held-out seeds.
         sampler_settings: how the trace was sampled (`Trace.settings`); the samplers refuse any other settings
             (`SamplerMismatchError`). None: only the call count ``num_steps`` is checked.
+        recipe: the fitted `Recipe` that made this model (set by `Recipe.fit` / `Recipe.build`; `cq.save` needs it).
+        base_fingerprint: SHA-256 of the full-precision weights it was fitted on (`cq.io.fingerprint`); "" unknown.
 
     Example:
-        >>> model = CompressedUNet(unet, num_steps=50, cacher=DeepCache(schedule=Uniform(interval=5)))
+        >>> model = CompressedUNet(unet, num_steps=50, cacher=DeepCache(schedule=UniformSchedule(interval=5)))
         >>> x0 = cq.sampling.ddim(model, noise, steps=50)
     """
 
@@ -55,36 +57,28 @@ class CompressedUNet(nn.Module):
         cacher: Cacher | None = None,
         calibration_seeds: tuple[int, ...] = (),
         sampler_settings: SamplerSettings | None = None,
+        recipe: Recipe | None = None,
+        base_fingerprint: str = "",
     ):
-        super().__init__()
-        if not isinstance(num_steps, int) or num_steps < 1:
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise StepCountMismatchError(f"num_steps must be an int >= 1, got {num_steps!r}")
-        self.unet = unet
-        self.num_steps = num_steps
-        self.calibration_seeds = tuple(int(s) for s in calibration_seeds)
         if sampler_settings is not None and sampler_settings.calls != num_steps:
             raise StepCountMismatchError(
                 f"sampler_settings make {sampler_settings.calls} model calls, num_steps is {num_steps}"
             )
-        self.sampler_settings = sampler_settings
+        super().__init__(
+            noise_schedule=getattr(unet, "noise_schedule", None),
+            num_steps=num_steps,
+            sampler_settings=sampler_settings,
+        )
+        self.unet = unet
+        self.calibration_seeds = tuple(int(s) for s in calibration_seeds)
         self.cacher = cacher
         self.cache = cacher.build(unet, num_steps) if cacher is not None else None
-        self.cache_correction: nn.Module | None = None
-        self.noise_schedule = getattr(unet, "noise_schedule", None)
-
-    def set_cache_correction(self, correction: nn.Module) -> None:
-        """Install ``correction(feature, step)`` on the cached feature of shallow calls (DEC cache correction)."""
-        if self.cache is None:
-            raise ConfigError("a cache correction needs a cacher")
-        self.cache_correction = correction
-        self.cache.transform = self.cache_transform
-
-    @property
-    def cache_transform(self) -> Callable[[Tensor, int], Tensor] | None:
-        """``fn(feature, step)`` applied to the cached feature before shallow calls, or None."""
-        if self.cache_correction is None:
-            return None
-        return lambda feature, step: self.cache_correction(feature, step)
+        self.recipe = recipe
+        self.base_fingerprint = base_fingerprint
+        #: layer name -> how it runs after `to_int8` ("int8 (oneDNN)", ...); empty while all layers are fake-quant
+        self.execution: dict[str, str] = {}
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -124,20 +118,6 @@ class CompressedUNet(nn.Module):
                 f"{float(t.max()):g}"
             )
 
-    def report(
-        self,
-        *,
-        reference: nn.Module | None = None,
-        trace: Trace | None = None,
-        samples: int = 8,
-        evaluation: Evaluation | None = None,
-    ) -> Report:
-        """Per-step refresh/cached, MACs and (given the full-precision UNet and a trace) teacher-forced SQNR;
-        ``evaluation`` (`cq.evaluate`) adds the held-out end-to-end quality. See `cq.report`."""
-        from .report import report
-
-        return report(self, reference=reference, trace=trace, samples=samples, evaluation=evaluation)
-
     def to_int8(self, backend: str = "auto") -> dict[str, str]:
         """Run quantized layers on integer kernels from now on (in place); returns each layer's execution mode.
 
@@ -149,12 +129,6 @@ class CompressedUNet(nn.Module):
 
         self.execution = to_int8(self.unet, backend)
         return self.execution
-
-    def save(self, path: str | Path) -> Path:
-        """Write this model (recipe JSON + tensors, one safetensors file, atomic); `cq.load` reads it back."""
-        from .artifact import save
-
-        return save(self, path)
 
     def extra_repr(self) -> str:
         mask = self.refresh_mask()

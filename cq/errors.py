@@ -98,6 +98,10 @@ class StrategyNotRegisteredError(CqError, KeyError):
         return self.args[0]
 
 
+class PluginError(CqError, ImportError):
+    """A plugin module (``--plugin``) or a ``cq.strategies`` entry point could not be imported."""
+
+
 class ScheduleInvalidError(CqError, ValueError):
     """A cache schedule returned a mask that breaks the contract (length, first step refreshed)."""
 

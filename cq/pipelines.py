@@ -40,6 +40,7 @@ from .models.presets import Preset, get_preset
 from .models.tokenizer import CLIPTokenizer
 from .sampling.adapter import FullPrecision, check_step_aware
 from .sampling.ddim import StepInfo, ddim
+from .sampling.model import SamplerModel, fields_of
 from .sampling.plms import plms
 
 
@@ -48,7 +49,7 @@ __all__ = ["ClassifierFreeGuidance", "LatentDiffusion", "SAMPLERS"]
 SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddim": ddim, "plms": plms}
 
 
-class ClassifierFreeGuidance(nn.Module):
+class ClassifierFreeGuidance(SamplerModel):
     """``eps_u + scale * (eps_c - eps_u)`` from one call of ``model`` on ``[uncond; cond]``.
 
     Args:
@@ -59,22 +60,16 @@ class ClassifierFreeGuidance(nn.Module):
     """
 
     def __init__(self, model: nn.Module, scale: float, uncond: Tensor):
-        super().__init__()
         check_step_aware(model)
+        inner = fields_of(model)  # the samplers check the wrapped model's declarations
+        super().__init__(
+            noise_schedule=inner.noise_schedule, num_steps=inner.num_steps, sampler_settings=inner.sampler_settings
+        )
         if not isinstance(uncond, Tensor):
             raise ConfigError(f"uncond must be a tensor (the unconditional cond), got {type(uncond).__name__}")
         self.model = model
         self.scale = float(scale)
         self.uncond = uncond
-
-    @property
-    def noise_schedule(self):  # noqa: ANN201 - whatever the wrapped model carries
-        return getattr(self.model, "noise_schedule", None)
-
-    @property
-    def num_steps(self) -> int | None:
-        """Step count of a fitted wrapped model (samplers check it), else None."""
-        return getattr(self.model, "num_steps", None)
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None, *, step: int) -> Tensor:
         if cond is None:
@@ -269,7 +264,7 @@ class LatentDiffusion(nn.Module):
             model: the denoiser to sample with, e.g. a `CompressedUNet` around ``self.unet``; guidance wraps it.
             decode: return images (True) or latents ``z`` (False; divide by ``scale_factor`` to decode).
         """
-        from .trace import seeded_noise
+        from .sampling.seeded import seeded_noise
 
         p = self.preset
         defaults = p.sampling if p is not None else {}

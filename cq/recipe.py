@@ -3,10 +3,12 @@
 ``recipe.fit(unet, trace)`` returns a new `CompressedUNet`; the input UNet is not modified. Order:
 
 1. the cacher fits its schedule on the trace (DPS needs the features at its point);
-2. correctors that need only full-precision features (the DEC cache correction) are fitted;
-3. the quantizer calibrates on the *cached* model, with the cache correction active (CacheQuant's
-   "aftercacheadd" calibration);
-4. the remaining correctors (the DEC quantization correction) are fitted on the quantized cached model;
+2. correctors declaring ``stage = Stage.BEFORE_QUANTIZATION`` (the DEC cache correction) are fitted on the
+   full-precision cached model;
+3. the quantizer calibrates on the *cached* model, through the model's own cache with those corrections active
+   (CacheQuant's "aftercacheadd" calibration);
+4. correctors declaring ``Stage.AFTER_QUANTIZATION`` (the DEC quantization correction) are fitted on the
+   quantized cached model;
 5. with ``backend="int8"`` the quantized layers are moved to integer kernels (`CompressedUNet.to_int8`).
 
 Presets: `cachequant`, `deepcache`, `quant_only`, `naive`.
@@ -24,15 +26,16 @@ from .cache import DPS, Uniform
 from .cache.cacher import Cacher
 from .cache.deepcache import DeepCache
 from .compressed import CompressedUNet
-from .correct import CacheErrorCorrector, Corrector, QuantErrorCorrector
+from .correct import CacheErrorCorrector, Corrector, QuantErrorCorrector, Stage
 from .errors import ConfigError, ReferenceMismatchError
 from .io import fingerprint
 from .quant import Quantizer
 from .quant import Uniform as UniformQuantizer
-from .registry import RECIPES
+from .registry import RECIPES, check_registered
 
 
 if TYPE_CHECKING:
+    from .sampling.settings import SamplerSettings
     from .trace import Trace
 
 BACKENDS = ("fake", "int8", "onednn", "int_mm")
@@ -76,17 +79,32 @@ class Recipe:
         kinds = [type(c) for c in self.correctors]
         if len(set(kinds)) != len(kinds):
             raise ConfigError(f"Recipe.correctors repeats a corrector: {[k.__name__ for k in kinds]}")
-        if self.cacher is None and self.correctors:
-            raise ConfigError("DEC correctors correct cached features: the recipe needs a cacher")
-        if QuantErrorCorrector in kinds and self.quantizer is None:
-            raise ConfigError("QuantErrorCorrector corrects quantization error: the recipe needs a quantizer")
+        for corrector in self.correctors:
+            name = type(corrector).__name__
+            if not isinstance(corrector.stage, Stage):
+                raise ConfigError(f"{name}.stage must be a cq.correct.Stage, got {corrector.stage!r}")
+            if corrector.needs_cacher and self.cacher is None:
+                raise ConfigError(f"{name} corrects cached features: the recipe needs a cacher")
+            if corrector.needs_quantizer and self.quantizer is None:
+                raise ConfigError(f"{name} corrects quantization error: the recipe needs a quantizer")
+        for part in (self.cacher, self.quantizer, *self.correctors):
+            if part is not None:
+                check_registered(part)
 
     def points(self, unet: nn.Module) -> tuple[str, ...]:
         """Cache points a trace must record for `fit`."""
         return self.cacher.points(unet) if self.cacher is not None else ()
 
+    def stage(self, stage: Stage) -> tuple[Corrector, ...]:
+        """The correctors fitted at ``stage``, in the recipe's order."""
+        return tuple(c for c in self.correctors if c.stage is stage)
+
     def fit(self, unet: nn.Module, trace: Trace, *, progress: bool = True) -> CompressedUNet:
-        """Fit every component on ``trace`` (recorded from ``unet`` in full precision) in the order above."""
+        """Fit every component on ``trace`` (recorded from ``unet`` in full precision) in the order above.
+
+        One `CompressedUNet` (and so one `FeatureCache`) is built first, on the full-precision UNet; correctors of
+        `Stage.BEFORE_QUANTIZATION` fit on it, the quantizer calibrates through its cache (their corrections on),
+        its body becomes the quantized copy, and correctors of `Stage.AFTER_QUANTIZATION` fit on that."""
         missing = [p for p in self.points(unet) if p not in trace.features]
         if missing:
             raise ConfigError(f"the trace lacks features at {missing}; record it with points=recipe.points(unet)")
@@ -96,31 +114,22 @@ class Recipe:
                 "the trace was recorded from another model than the UNet being fitted (weights fingerprint "
                 "differs); record the trace with cq.trace(unet, ...) of this UNet"
             )
-        steps = trace.steps
         cacher = self.cacher.fit(unet, trace) if self.cacher is not None else None
-        early = [c for c in self.correctors if isinstance(c, CacheErrorCorrector)]
-        late = [c for c in self.correctors if not isinstance(c, CacheErrorCorrector)]
-
-        cache_correction, transform = None, None
-        if early:
-            fp_model = CompressedUNet(unet, num_steps=steps, cacher=cacher)
-            for corrector in early:
-                corrector.fit(fp_model, unet, trace, progress=progress)
-            cache_correction, transform = fp_model.cache_correction, fp_model.cache_transform
-
-        body = unet
-        if self.quantizer is not None:
-            body = self.quantizer.quantize(unet, trace, cacher=cacher, cache_transform=transform, progress=progress)
-
         model = CompressedUNet(
-            body, num_steps=steps, cacher=cacher, calibration_seeds=trace.seeds, sampler_settings=trace.settings
+            unet,
+            num_steps=trace.steps,
+            cacher=cacher,
+            calibration_seeds=trace.seeds,
+            sampler_settings=trace.settings,
+            recipe=replace(self, cacher=cacher),
+            base_fingerprint=base,
         )
-        if cache_correction is not None:
-            model.set_cache_correction(cache_correction)
-        for corrector in late:
+        for corrector in self.stage(Stage.BEFORE_QUANTIZATION):
             corrector.fit(model, unet, trace, progress=progress)
-        model.recipe = replace(self, cacher=cacher)
-        model.base_fingerprint = base
+        if self.quantizer is not None:
+            model.unet = self.quantizer.quantize(unet, trace, cache=model.cache, progress=progress)
+        for corrector in self.stage(Stage.AFTER_QUANTIZATION):
+            corrector.fit(model, unet, trace, progress=progress)
         if self.int8_kernels is not None:
             model.to_int8(self.int8_kernels)
         return model
@@ -130,14 +139,30 @@ class Recipe:
         """The `to_int8` backend this recipe runs on, or None for fake quantization."""
         return {"fake": None, "int8": "auto"}.get(self.backend, self.backend)
 
-    def build(self, unet: nn.Module, num_steps: int) -> CompressedUNet:
+    def build(
+        self,
+        unet: nn.Module,
+        num_steps: int,
+        *,
+        calibration_seeds: tuple[int, ...] = (),
+        sampler_settings: SamplerSettings | None = None,
+        base_fingerprint: str = "",
+    ) -> CompressedUNet:
         """The structure of a fitted model with identity corrections and unfitted tables (for loading saved
-        tensors into). The cacher must be fitted (its schedule part of the recipe)."""
+        tensors into). The cacher must be fitted (its schedule part of the recipe); the keyword arguments are the
+        fitted model's `CompressedUNet` fields."""
         body = self.quantizer.prepare(unet, num_steps) if self.quantizer is not None else unet
-        model = CompressedUNet(body, num_steps=num_steps, cacher=self.cacher)
+        model = CompressedUNet(
+            body,
+            num_steps=num_steps,
+            cacher=self.cacher,
+            calibration_seeds=calibration_seeds,
+            sampler_settings=sampler_settings,
+            recipe=self,
+            base_fingerprint=base_fingerprint,
+        )
         for corrector in self.correctors:
             corrector.attach(model)
-        model.recipe = self
         return model
 
 

@@ -32,16 +32,20 @@ __all__ = [
     "QUANTIZERS",
     "CORRECTORS",
     "RECIPES",
+    "check_registered",
 ]
 
 T = TypeVar("T", bound=type)
 
 
 class Registry:
-    """A name -> class table for one kind of strategy (schedule, cacher, quantizer, corrector, ...)."""
+    """A name -> class table for one kind of strategy (schedule, cacher, quantizer, corrector, ...).
 
-    def __init__(self, kind: str):
+    ``variable`` is the name users import it by (``SCHEDULES``); errors name it in the fix they suggest."""
+
+    def __init__(self, kind: str, variable: str | None = None):
         self.kind = kind
+        self.variable = variable or f"{kind.upper()}S"
         self._classes: dict[str, type] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -62,11 +66,19 @@ class Registry:
         return add
 
     def get(self, name: str) -> type:
+        """The class registered as ``name``; installed plugins (`cq.plugins`) are imported before giving up."""
+        if name not in self._classes:
+            from .plugins import load_entry_points
+
+            load_entry_points()
         try:
             return self._classes[name]
         except KeyError:
             raise StrategyNotRegisteredError(
-                f"unknown {self.kind} {name!r}; registered: {sorted(self._classes)}"
+                f"unknown {self.kind} {name!r}; registered: {sorted(self._classes)}. A {self.kind} defined outside "
+                f"cq is registered with @cq.registry.{self.variable}.register({name!r}) in a module that cq imports: "
+                "pass it as --plugin MODULE on the command line, or publish it under the 'cq.strategies' "
+                "entry-point group"
             ) from None
 
     def names(self) -> list[str]:
@@ -93,6 +105,29 @@ def registry(kind: str) -> Registry:
         return _BY_KIND[kind]
     except KeyError:
         raise StrategyNotRegisteredError(f"unknown strategy kind {kind!r}; known: {sorted(_BY_KIND)}") from None
+
+
+def check_registered(obj: Any) -> None:
+    """Raise `StrategyNotRegisteredError` unless ``obj`` and every strategy nested in its fields are registered
+    (an unregistered one could be fitted but never saved or reloaded)."""
+    cls = type(obj)
+    if "registry_name" not in cls.__dict__:
+        kind = getattr(cls, "registry_kind", None)  # declared by each strategy base class (Schedule, ...)
+        fix = (
+            f"register it: @cq.registry.{_BY_KIND[kind].variable}.register('{cls.__name__.lower()}') above "
+            f"its @dataclass"
+            if kind in _BY_KIND
+            else "strategies are dataclasses registered with @cq.registry.<KIND>.register(name)"
+        )
+        raise StrategyNotRegisteredError(
+            f"{cls.__qualname__} is not a registered {kind or 'strategy'} (a subclass of a registered class is not "
+            f"registered itself); {fix}, so that fitted models using it can be saved and loaded"
+        )
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        for item in value if isinstance(value, tuple | list) else (value,):
+            if dataclasses.is_dataclass(item) and not isinstance(item, type) and hasattr(item, "registry_kind"):
+                check_registered(item)
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

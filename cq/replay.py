@@ -7,7 +7,7 @@ full-precision cached feature feeds a shallow call (CacheQuant §4.3: calibratio
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,17 +15,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .cache.view import CacheView
 from .errors import ConfigError
 from .step import step_scope
 
 
 if TYPE_CHECKING:
+    from .cache.cacher import FeatureCache
     from .trace import Trace
 
 __all__ = ["CalibrationBatch", "replay", "every_step"]
-
-FeatureTransform = Callable[[Tensor, int], Tensor]
 
 
 @dataclass(frozen=True)
@@ -57,37 +55,38 @@ def replay(
     trace: Trace,
     batches: Iterable[CalibrationBatch],
     *,
-    point: str | None,
-    transform: FeatureTransform | None = None,
+    cache: FeatureCache | None = None,
     progress: bool = False,
     desc: str = "replay",
 ) -> None:
-    """Run ``unet`` on each batch's trace inputs (full or shallow call) inside ``step_scope(batch.step)``.
+    """Run ``unet`` on each batch's trace inputs inside ``step_scope(batch.step)``: a full call, or a shallow call
+    through ``cache.shallow`` (the cache's correction applied, as when sampling) on the recorded full-precision
+    feature of the batch's source step.
 
     Args:
         unet: a cq UNet (possibly quantized); called as ``unet(x, t, cond, cache=view)``.
         trace: the recorded full-precision trace.
         batches: what to run.
-        point: cache point of the shallow calls (must be in ``trace.features`` if any batch has a source).
-        transform: ``fn(feature, step)`` applied to the cached feature before a shallow call (DEC correction).
+        cache: the model's `FeatureCache` (its point must be in ``trace.features``); needed if any batch has a
+            source.
     """
     batches = list(batches)
-    if point is None and any(b.source is not None for b in batches):
-        raise ConfigError("shallow calibration calls need a cache point")
-    if point is not None and any(b.source is not None for b in batches) and point not in trace.features:
+    shallow = any(b.source is not None for b in batches)
+    if shallow and cache is None:
+        raise ConfigError("shallow calibration calls need the model's FeatureCache (replay(..., cache=...))")
+    if shallow and cache.point not in trace.features:
         raise ConfigError(
-            f"calibrating a cached model needs trace features at {point!r}; record the trace with points=[{point!r}]"
+            f"calibrating a cached model needs trace features at {cache.point!r}; record the trace with "
+            f"points=[{cache.point!r}]"
         )
     device = next(unet.parameters(), torch.empty(0)).device
     for batch in tqdm(batches, desc=desc, disable=not progress, unit="call"):
         x = trace.x[batch.step, batch.rows].to(device=device, dtype=torch.float32)
         t = trace.timesteps[batch.step].expand(x.shape[0]).to(device)
         cond = trace.cond[batch.step, batch.rows].to(device) if trace.cond is not None else None
-        view = None
-        if batch.source is not None:
-            feature = trace.features[point][batch.source, batch.rows].to(device=device, dtype=torch.float32)
-            if transform is not None:
-                feature = transform(feature, batch.step)
-            view = CacheView.shallow(point, feature)
         with step_scope(batch.step):
-            unet(x, t, cond, cache=view)
+            if batch.source is None:
+                unet(x, t, cond)
+            else:
+                feature = trace.features[cache.point][batch.source, batch.rows].to(device=device, dtype=torch.float32)
+                cache.shallow(unet, x, t, cond, batch.step, feature)

@@ -31,6 +31,7 @@ from .quant.quantizer import quantized_modules
 if TYPE_CHECKING:
     from .compressed import CompressedUNet
     from .metrics.evaluate import Evaluation
+    from .recipe import Recipe
     from .trace import Trace
 
 __all__ = ["Report", "StepReport", "report", "print_table", "tensor_bytes"]
@@ -185,7 +186,6 @@ def report(
     integer = _integer_modules(model.unet)
     q = quantized_modules(model.unet) | integer
     float_layers = sum(isinstance(m, nn.Conv2d | nn.Conv1d | nn.Linear) for m in model.unet.modules())
-    recipe = getattr(model, "recipe", None)
     return Report(
         steps=steps,
         full_macs=macs["full"],
@@ -194,8 +194,8 @@ def report(
         quantized_layers=len(q),
         integer_layers=len(integer),
         float_layers=float_layers,
-        recipe=_describe(recipe),
-        notes=_execution_notes(getattr(model, "execution", {})) if q else [],
+        recipe=_describe(model.recipe),
+        notes=_execution_notes(model.execution) if q else [],
         evaluation=evaluation,
     )
 
@@ -236,16 +236,9 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def _describe(recipe: object) -> str:
+def _describe(recipe: Recipe | None) -> str:
     if recipe is None:
         return ""
-    parts = []
-    if recipe.cacher is not None:
-        s = recipe.cacher.schedule
-        parts.append(f"{type(recipe.cacher).__name__}({type(s).__name__}, point={recipe.cacher.point})")
-    if recipe.quantizer is not None:
-        qz = recipe.quantizer
-        bits = [getattr(qz, "weight_bits", None), getattr(qz, "act_bits", None)]  # a user's Quantizer may have none
-        parts.append(f"{type(qz).__name__}(W{bits[0]}A{bits[1]})" if None not in bits else type(qz).__name__)
+    parts = [part.label() for part in (recipe.cacher, recipe.quantizer) if part is not None]
     parts += [type(c).__name__ for c in recipe.correctors]
     return " + ".join(parts) or "none"

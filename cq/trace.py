@@ -30,9 +30,13 @@ from tqdm.auto import tqdm
 from .cache.view import CacheView
 from .errors import ConfigError, InputShapeError, TraceBudgetError
 from .io import fingerprint
+from .sampling.adapter import FullPrecision
 from .sampling.ddim import ddim, resolve_noise_schedule
+from .sampling.model import SamplerModel
 from .sampling.noise import NoiseSchedule
-from .sampling.settings import SamplerSettings, settings_of_call
+from .sampling.samplers import model_calls, settings_of_call
+from .sampling.seeded import seeded_noise
+from .sampling.settings import SamplerSettings
 
 
 __all__ = ["Trace", "trace", "seeded_noise"]
@@ -104,26 +108,14 @@ class Trace:
         return steps * keep * itemsize * per_step + keep * 4 * math.prod(sample_shape)
 
 
-def seeded_noise(sample_shape: Sequence[int], seeds: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
-    """``[len(seeds), *sample_shape]`` standard normal noise, each row drawn from its own seed (edm2 style).
-
-    A sample depends only on its seed, not on the batch it was drawn in.
-    """
-    rows = [
-        torch.randn(tuple(sample_shape), generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds
-    ]
-    return torch.stack(rows) if rows else torch.empty((0, *sample_shape), dtype=dtype)
-
-
-class _Recorder(nn.Module):
+class _Recorder(SamplerModel):
     """Sampler-facing adapter: runs the full UNet, stores the kept rows of each call, feeds the observers."""
 
     def __init__(self, unet: nn.Module, owner: _TraceBuilder, keep_rows: Tensor):
-        super().__init__()
+        super().__init__(noise_schedule=getattr(unet, "noise_schedule", None))
         self.unet = unet
         self.owner = owner
         self.keep_rows = keep_rows
-        self.noise_schedule = getattr(unet, "noise_schedule", None)
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None, *, step: int) -> Tensor:
         view = CacheView.full(record=self.owner.points)
@@ -244,7 +236,7 @@ def trace(
         torch.linspace(0, num_samples - 1, keep).round().long().unique() if keep else torch.zeros(0, dtype=torch.long)
     )
     # one record per model call: PLMS calls the model twice at its first step (sampler.num_calls)
-    calls = getattr(sampler, "num_calls", lambda s: s)(steps)
+    calls = model_calls(sampler, steps)
     builder = _TraceBuilder(
         steps=calls, keep=len(kept), points=points, observers=observers, dtype=dtype, max_bytes=max_bytes
     )
@@ -285,7 +277,7 @@ def trace(
         seeds=tuple(range(seed, seed + num_samples)),
         base_fingerprint=fingerprint(unet),
         settings=_recorded_settings(
-            sampler, steps, resolve_noise_schedule(unet, noise), builder.timesteps, sampler_kwargs
+            sampler, steps, resolve_noise_schedule(FullPrecision(unet), noise), builder.timesteps, sampler_kwargs
         ),
     )
 

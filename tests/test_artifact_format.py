@@ -18,7 +18,7 @@ from cq.errors import CheckpointFormatError
 def saved(unet, tmp_path_factory):
     trace = cq.trace(unet, steps=4, num_samples=2, points=[unet.default_cache_point()], progress=False)
     model = cq.naive(interval=2).fit(unet, trace, progress=False)
-    return model.save(tmp_path_factory.mktemp("art") / "m.cq")
+    return cq.save(model, tmp_path_factory.mktemp("art") / "m.cq")
 
 
 def _read(path):
@@ -51,7 +51,7 @@ def test_metadata_is_covered_by_the_checksum(saved, tmp_path):
 
 def test_saving_twice_writes_identical_bytes(saved, unet, tmp_path):
     loaded = cq.load(saved)
-    again = loaded.save(tmp_path / "again.cq")
+    again = cq.save(loaded, tmp_path / "again.cq")
     assert again.read_bytes() == saved.read_bytes()
 
 

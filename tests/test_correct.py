@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cq
+from cq.cache import CacheView
 from cq.cache import Uniform as UniformSchedule
 from cq.cache.deepcache import DeepCache
 from cq.compressed import CompressedUNet
@@ -114,7 +115,7 @@ def cacher(unet, trace):
 def test_cache_correction_is_identity_at_refresh_steps_and_reduces_error(unet, trace, cacher):
     model = CompressedUNet(unet, num_steps=STEPS, cacher=cacher)
     CacheErrorCorrector().fit(model, unet, trace)
-    corr = model.cache_correction
+    corr = model.cache.correction
     point = cacher.point
     feats = trace.features[point]
     for step, refresh in enumerate(cacher.schedule.refresh_mask(STEPS)):
@@ -130,12 +131,14 @@ def test_cache_correction_is_identity_at_refresh_steps_and_reduces_error(unet, t
 def test_cache_correction_is_applied_to_shallow_calls(unet, trace, cacher):
     model = CompressedUNet(unet, num_steps=STEPS, cacher=cacher)
     CacheErrorCorrector().fit(model, unet, trace)
-    x, t = trace.x[0, :2], trace.timesteps[0].expand(2)
-    model(x, t, step=0)
-    cached = model.cache.read(1, 2)
-    raw = model.cache._feature
-    assert torch.equal(cached, model.cache_correction(raw, 1))
-    assert not torch.equal(cached, raw)
+    assert not model.cache.mask[1]
+    model(trace.x[0, :2], trace.timesteps[0].expand(2), step=0)
+    raw = model.cache.read(1, 2)
+    x, t = trace.x[1, :2], trace.timesteps[1].expand(2)
+    out = model(x, t, step=1)
+    point = model.cache.point
+    assert torch.equal(out, unet(x, t, cache=CacheView.shallow(point, model.cache.correction(raw, 1))))
+    assert not torch.equal(out, unet(x, t, cache=CacheView.shallow(point, raw)))
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +193,7 @@ def test_quant_correction_reduces_the_cached_half_error(unet, trace, cacher, dee
         batches = every_step(model.cache.mask, model.cache.source, 8, 8)
         if deep_features == "full_precision":  # refresh steps read their own full-precision feature
             batches = [CalibrationBatch(b.step, b.rows, b.step if b.source is None else b.source) for b in batches]
-        replay(qunet, trace, batches, point=model.cache.point)
+        replay(qunet, trace, batches, cache=model.cache)
     finally:
         handle.remove()
     corrector.fit(model, unet, trace)

@@ -105,8 +105,8 @@ def test_cachequant_n5_held_out_bounds(held_out):
 def test_w8a8_sqnr_and_w4a8_below_it(demo):
     """Teacher-forced per-step SQNR (each step fed the full-precision x_t): W4A8 well below W8A8."""
     unet, _, _, trace, _, _ = demo
-    w8 = cq.quant_only("w8a8").fit(unet, trace, progress=False).report(reference=unet, trace=trace)
-    w4 = cq.quant_only("w4a8").fit(unet, trace, progress=False).report(reference=unet, trace=trace)
+    w8 = cq.report(cq.quant_only("w8a8").fit(unet, trace, progress=False), reference=unet, trace=trace)
+    w4 = cq.report(cq.quant_only("w4a8").fit(unet, trace, progress=False), reference=unet, trace=trace)
     # measured (float input/output layers, fixed softmax range): W8A8 40.1, W4A8 31.0 dB
     assert w8.mean_sqnr_db > 30
     assert w4.mean_sqnr_db < w8.mean_sqnr_db - 3

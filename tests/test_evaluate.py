@@ -164,7 +164,7 @@ def test_evaluate_refuses_calibration_seeds(unet, fitted):
 
 
 def test_evaluate_refuses_calibration_seeds_after_save_and_load(unet, fitted, tmp_path):
-    loaded = cq.load(fitted.save(tmp_path / "m.cq"))
+    loaded = cq.load(cq.save(fitted, tmp_path / "m.cq"))
     assert loaded.calibration_seeds == fitted.calibration_seeds
     with pytest.raises(CalibrationSeedsError):
         cq.evaluate(loaded, unet, seeds=[501], steps=4, progress=False)
@@ -198,9 +198,9 @@ def test_evaluate_infers_steps_from_the_model(unet, fitted):
 def test_report_labels_teacher_forcing_and_prints_evaluation(unet, fitted):
     trace = cq.trace(unet, steps=4, num_samples=2, seed=900, progress=False)
     result = cq.evaluate(fitted, unet, seeds=[1, 2], steps=4, progress=False)
-    text = fitted.report(reference=unet, trace=trace, evaluation=result).summary()
+    text = cq.report(fitted, reference=unet, trace=trace, evaluation=result).summary()
     assert "teacher-forced per-step SQNR" in text and "held-out evaluation: 2 seeds" in text
-    assert "teacher-forced" in fitted.report(reference=unet, trace=trace).table()
+    assert "teacher-forced" in cq.report(fitted, reference=unet, trace=trace).table()
 
 
 def test_evaluate_reuses_reference_samples(unet, fitted):
@@ -219,4 +219,4 @@ def test_a_trace_fits_only_the_model_it_was_recorded_from(unet):
         cq.quant_only("w8a8").fit(other, trace, progress=False)
     model = cq.quant_only("w8a8").fit(unet, trace, progress=False)
     with pytest.raises(ReferenceMismatchError, match="other weights"):
-        model.report(reference=other, trace=cq.trace(other, steps=4, num_samples=2, seed=701, progress=False))
+        cq.report(model, reference=other, trace=cq.trace(other, steps=4, num_samples=2, seed=701, progress=False))

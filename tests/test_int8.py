@@ -261,7 +261,7 @@ def test_int8_model_matches_fake_quant_and_reloads(setup, tmp_path):
     unet, trace = setup
     model = _fit(setup, "w8a8")
     fake = copy.deepcopy(model)
-    path = model.save(tmp_path / "m.cq")
+    path = cq.save(model, tmp_path / "m.cq")
     status = model.to_int8()
     assert int8_layers(model.unet)["int8"] > 0 and int8_layers(fake.unet)["int8"] == 0
     if int8_available():  # every layer on oneDNN / _int_mm; elsewhere 3x3 convs stay fake-quant (with the reason)
@@ -284,7 +284,7 @@ def test_int8_model_matches_fake_quant_and_reloads(setup, tmp_path):
     # integer modules keep the quantized state under the fake-quant names: a converted model saves the same file
     from safetensors.torch import load_file
 
-    again = load_file(str(model.save(tmp_path / "again.cq")))
+    again = load_file(str(cq.save(model, tmp_path / "again.cq")))
     first = load_file(str(path))
     assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
 
@@ -309,7 +309,7 @@ def test_compressed_file_size(wide, tmp_path, bits, limit):
     unet, _ = wide
     fp32 = tmp_path / "fp32.safetensors"
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(fp32))
-    path = _fit(wide, bits).save(tmp_path / f"{bits}.cq")
+    path = cq.save(_fit(wide, bits), tmp_path / f"{bits}.cq")
     ratio = path.stat().st_size / fp32.stat().st_size
     assert ratio <= limit, f"{bits}: {ratio:.3f} of fp32"
     model = cq.load(path)
@@ -351,10 +351,10 @@ def test_recipe_backend_int8_fits_converts_saves_and_loads_converted(setup, tmp_
     model = recipe.fit(unet, trace, progress=False)
     assert int8_layers(model.unet)["fake-quant"] == 0
     assert set(model.execution.values()) == {"int8 (oneDNN)", "int8 (torch._int_mm)"}
-    summary = model.report()
+    summary = cq.report(model)
     assert summary.quantized_layers == len(model.execution)
     assert any(n.startswith("execution: ") and n.endswith("layer(s) int8 (oneDNN)") for n in summary.notes)
-    loaded = cq.load(model.save(tmp_path / "m.cq"))  # the recipe says int8: no flag needed
+    loaded = cq.load(cq.save(model, tmp_path / "m.cq"))  # the recipe says int8: no flag needed
     assert loaded.recipe.backend == "int8" and int8_layers(loaded.unet) == int8_layers(model.unet)
     x, t = trace.x[2, :3], trace.timesteps[2].expand(3)
     assert torch.equal(loaded(x, t, step=2), model(x, t, step=2))

@@ -449,7 +449,7 @@ def test_artifact_round_trip_of_a_compressed_ldm(tmp_path):
     recipe = cq.deepcache(interval=2)
     trace = cq.trace(unet, steps=4, num_samples=2, points=recipe.points(unet), spacing="linspace", progress=False)
     model = recipe.fit(unet, trace, progress=False)
-    path = model.save(tmp_path / "church.cq")
+    path = cq.save(model, tmp_path / "church.cq")
     loaded = cq.load(path)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(

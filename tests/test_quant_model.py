@@ -339,7 +339,7 @@ def test_shared_ranges_cover_every_step_in_any_order(unet, trace):
         model = Uniform(per_step=False).prepare(unet, STEPS)
         batches = [CalibrationBatch(step=i, rows=torch.arange(3)) for i in order]
         with observe(model, RangeTables()) as t:
-            replay(model, trace, batches, point=None)
+            replay(model, trace, batches)
         return t
 
     forward, backward = tables(range(STEPS)), tables(reversed(range(STEPS)))

@@ -60,7 +60,7 @@ def test_fit_leaves_the_input_unet_untouched(trace):
 def test_cachequant_fits_every_component(fitted):
     model = fitted["cachequant"]
     assert isinstance(model.recipe.cacher.schedule, DPS) and model.recipe.cacher.schedule.steps
-    assert model.cache_correction is not None
+    assert model.cache.correction is not None
     consumer = model.unet.cache_consumer(model.cache.point)
     assert model.unet.get_submodule(f"{consumer}.nin_shortcut").correction is not None
     assert quantized_modules(model.unet)
@@ -68,7 +68,7 @@ def test_cachequant_fits_every_component(fitted):
 
 def test_naive_and_deepcache_have_no_corrections(fitted):
     for name in ("naive", "deepcache"):
-        assert fitted[name].cache_correction is None
+        assert fitted[name].cache is None or fitted[name].cache.correction is None
     assert not quantized_modules(fitted["deepcache"].unet)
     assert fitted["quant_only"].cache is None
 
@@ -78,7 +78,7 @@ def test_save_load_gives_bit_identical_samples(name, fitted, unet, tmp_path):
     model = fitted[name]
     noise = seeded_noise((1, 16, 16), range(3))
     before = ddim(model, noise, steps=STEPS, spacing="linspace")
-    path = model.save(tmp_path / f"{name}.cq")
+    path = cq.save(model, tmp_path / f"{name}.cq")
     loaded = cq.load(path, unet=unet, num_steps=STEPS)
     assert torch.equal(ddim(loaded, noise, steps=STEPS, spacing="linspace"), before)
     assert loaded.recipe == model.recipe
@@ -88,7 +88,7 @@ def test_save_load_gives_bit_identical_samples(name, fitted, unet, tmp_path):
 def test_quantized_file_stores_integer_weights(fitted, tmp_path):
     from safetensors import safe_open
 
-    path = fitted["cachequant"].save(tmp_path / "m.cq")
+    path = cq.save(fitted["cachequant"], tmp_path / "m.cq")
     with safe_open(str(path), framework="pt") as f:
         dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118
     assert dtypes["unet.down.0.block.0.conv1.weight.weight_q"] == torch.uint8
@@ -96,7 +96,7 @@ def test_quantized_file_stores_integer_weights(fitted, tmp_path):
 
 
 def test_loading_with_another_model_or_step_count_raises(fitted, tmp_path):
-    path = fitted["naive"].save(tmp_path / "m.cq")
+    path = cq.save(fitted["naive"], tmp_path / "m.cq")
     with pytest.raises(ConfigError, match="another base model"):
         cq.load(path, unet=tiny_unet(seed=1))
     with pytest.raises(StepCountMismatchError, match=str(STEPS)):
@@ -107,7 +107,7 @@ def test_loading_with_another_model_or_step_count_raises(fitted, tmp_path):
 
 
 def test_corrupted_truncated_and_foreign_files_raise(fitted, tmp_path):
-    path = fitted["deepcache"].save(tmp_path / "m.cq")
+    path = cq.save(fitted["deepcache"], tmp_path / "m.cq")
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF  # flip bits inside the last tensor
     corrupted = tmp_path / "corrupted.cq"
@@ -138,14 +138,14 @@ def test_interrupted_save_leaves_no_file(fitted, tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
-        fitted["deepcache"].save(tmp_path / "m.cq")
+        cq.save(fitted["deepcache"], tmp_path / "m.cq")
     assert os.listdir(tmp_path) == []
 
 
 def test_unfitted_models_cannot_be_saved(unet, tmp_path):
     model = cq.CompressedUNet(unet, num_steps=STEPS)
     with pytest.raises(ConfigError, match="Recipe.fit"):
-        model.save(tmp_path / "m.cq")
+        cq.save(model, tmp_path / "m.cq")
 
 
 def test_trace_must_hold_the_cache_point(unet):
@@ -217,5 +217,5 @@ def test_bits_parse():
 def test_saved_files_get_ordinary_permissions(fitted, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
-    path = fitted["deepcache"].save(tmp_path / "m.cq")
+    path = cq.save(fitted["deepcache"], tmp_path / "m.cq")
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # like any new file, not a private temp file's 0o600

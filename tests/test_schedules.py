@@ -241,3 +241,13 @@ def test_dps_under_plms_matches_the_reference_group_count():
     assert trace.steps == 21 and trace.settings.steps == 20
     cacher = cq.cache.DeepCache(schedule=DPS(interval=5), point=point).fit(unet, trace)
     assert sum(cacher.schedule.refresh_mask(21)) == 4  # ceil(20 / 5); ceil(21 / 5) = 5 before
+
+
+@pytest.mark.parametrize("schedule", [Power(interval=3), DPS(refreshes=3)])
+def test_num_refreshes_counts_full_forwards_for_every_schedule(schedule):
+    """`num_refreshes` is a method on every schedule, including DPS whose budget field is named `refreshes`."""
+    features = torch.randn(12, 4, 2, 2)
+    fitted = schedule.fit(features) if schedule.needs_fit else schedule
+    assert fitted.num_refreshes(12) == sum(fitted.refresh_mask(12))
+    if isinstance(schedule, DPS):
+        assert fitted.refreshes == 3 == fitted.num_refreshes(12)

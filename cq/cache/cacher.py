@@ -1,7 +1,8 @@
 """`Cacher`: a caching strategy (which point, which schedule) and `FeatureCache`, its run-time state.
 
 The strategy is a frozen value (fitting returns a new one); the cached tensor lives in a `FeatureCache` owned
-by the `CompressedUNet`, written at refresh steps and read at the others. Reading checks that the stored
+by the `CompressedUNet` (one per model: `Recipe.fit` calibrates and fits corrections through the same one),
+written at refresh steps and read at the others. Reading checks that the stored
 feature is the one the schedule says this step reuses, so out-of-order or mismatched calls fail loudly instead
 of silently reusing a stale tensor.
 """
@@ -27,6 +28,7 @@ __all__ = ["Cacher", "FeatureCache"]
 class Cacher(ABC):
     """Base class of caching strategies (register subclasses with ``@CACHERS.register(name)``)."""
 
+    registry_kind: ClassVar[str] = "cacher"  # the registry its subclasses register in
     VERSION: ClassVar[int] = 1
 
     @abstractmethod
@@ -41,22 +43,32 @@ class Cacher(ABC):
     def build(self, unet: nn.Module, num_steps: int) -> FeatureCache:
         """Run-time cache for sampling with ``num_steps`` steps."""
 
+    def label(self) -> str:
+        """Short description for reports; override to show more."""
+        return type(self).__name__
 
-class FeatureCache:
-    """The cached feature of one point and the refresh mask deciding, per step, full vs shallow forward.
+
+class FeatureCache(nn.Module):
+    """The one run-time cache: the cached feature of one point, the refresh mask deciding, per step, full vs
+    shallow forward, and the correction applied to the cached feature before every shallow call.
+
+    Sampling (`run`), calibration and DEC fitting (`cq.replay`) all make shallow calls through `shallow`, so
+    they see exactly the same corrected feature.
 
     Args:
         point: the cache point (see ``unet.cache_points()``).
         mask: ``mask[i]`` is True when step i refreshes.
-        transform: optional ``fn(feature, step) -> feature`` applied before a shallow call (DEC cache correction).
+        correction: optional module ``correction(feature, step) -> feature`` (DEC cache correction,
+            `cq.correct.CacheErrorCorrector`); owned by the cache, so its tensors are in the model's state dict.
     """
 
-    def __init__(self, point: str, mask: tuple[bool, ...], transform: Any = None):
+    def __init__(self, point: str, mask: tuple[bool, ...], correction: nn.Module | None = None):
+        super().__init__()
         self.point = point
         self.mask = check_mask(tuple(mask), len(mask), f"FeatureCache({point})")
-        self.transform = transform
+        self.correction = correction
         # source[i]: the refresh step whose feature step i reuses
-        self.source = []
+        self.source: list[int] = []
         last = 0
         for i, refresh in enumerate(self.mask):
             last = i if refresh else last
@@ -69,15 +81,28 @@ class FeatureCache:
         return len(self.mask)
 
     def run(self, unet: nn.Module, x: Tensor, t: Tensor, cond: Any, step: int) -> Tensor:
-        """One UNet call at ``step``: full (and store the feature) or shallow (read it)."""
+        """One UNet call at ``step`` while sampling: full (storing the feature) or shallow (reading it)."""
         if self.mask[step]:
-            view = CacheView.full(record=[self.point])
-            out = unet(x, t, cond, cache=view)
-            self._feature, self._written_at = view.features[self.point], step
-            return out
-        return unet(x, t, cond, cache=CacheView.shallow(self.point, self.read(step, x.shape[0])))
+            return self.full(unet, x, t, cond, step)
+        return self.shallow(unet, x, t, cond, step, self.read(step, x.shape[0]))
+
+    def full(self, unet: nn.Module, x: Tensor, t: Tensor, cond: Any, step: int) -> Tensor:
+        """A full call; the feature entering the point is stored as the one of refresh step ``step``."""
+        view = CacheView.full(record=[self.point])
+        out = unet(x, t, cond, cache=view)
+        self._feature, self._written_at = view.features[self.point], step
+        return out
+
+    def shallow(self, unet: nn.Module, x: Tensor, t: Tensor, cond: Any, step: int, feature: Tensor) -> Tensor:
+        """A shallow call at ``step`` on the uncorrected cached ``feature`` (the correction is applied here)."""
+        return unet(x, t, cond, cache=CacheView.shallow(self.point, self.corrected(feature, step)))
+
+    def corrected(self, feature: Tensor, step: int) -> Tensor:
+        """``feature`` as a shallow call at ``step`` reads it: through the correction, if any."""
+        return feature if self.correction is None else self.correction(feature, step)
 
     def read(self, step: int, batch: int) -> Tensor:
+        """The stored (uncorrected) feature step ``step`` reuses; raises `CacheEmptyError` if it is not held."""
         need = self.source[step]
         if self._feature is None or self._written_at != need:
             held = "nothing" if self._written_at is None else f"the feature of step {self._written_at}"
@@ -90,7 +115,10 @@ class FeatureCache:
                 f"cached feature has batch {self._feature.shape[0]} but step {step} got batch {batch}; "
                 "the batch must stay the same across one sampling run"
             )
-        return self._feature if self.transform is None else self.transform(self._feature, step)
+        return self._feature
 
     def clear(self) -> None:
         self._feature, self._written_at = None, None
+
+    def extra_repr(self) -> str:
+        return f"point={self.point!r}, refreshes={sum(self.mask)}/{len(self.mask)}"

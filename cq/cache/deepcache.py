@@ -77,5 +77,8 @@ class DeepCache(Cacher):
                 schedule = schedule.fit(features)
         return replace(self, point=point, schedule=schedule)
 
+    def label(self) -> str:
+        return f"{type(self).__name__}({type(self.schedule).__name__}, point={self.point})"
+
     def build(self, unet: nn.Module, num_steps: int) -> FeatureCache:
         return FeatureCache(self.resolve_point(unet), self.schedule.refresh_mask(num_steps))

@@ -20,6 +20,7 @@ __all__ = ["Schedule", "check_mask", "refresh_steps", "positive_int"]
 class Schedule(ABC):
     """Base class of refresh schedules (register subclasses with ``@SCHEDULES.register(name)``)."""
 
+    registry_kind: ClassVar[str] = "schedule"  # the registry its subclasses register in
     VERSION: ClassVar[int] = 1
 
     @abstractmethod
@@ -38,7 +39,8 @@ class Schedule(ABC):
         ``sampler_steps=`` (a schedule planning by sampler steps, like `DPS`, accepts it)."""
         return self
 
-    def refreshes(self, num_steps: int) -> int:
+    def num_refreshes(self, num_steps: int) -> int:
+        """Full forwards over ``num_steps`` steps. (Named apart from `DPS.refreshes`, DPS's budget field.)"""
         return sum(self.refresh_mask(num_steps))
 
 

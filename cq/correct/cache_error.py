@@ -9,14 +9,14 @@ before the shallow call.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from torch import nn
 
 from ..errors import ConfigError
 from ..registry import CORRECTORS
 from .correction import ChannelAffine
-from .corrector import Corrector
+from .corrector import Corrector, Stage
 from .moments import ChannelMoments, affine_fit
 
 
@@ -36,6 +36,7 @@ class CacheErrorCorrector(Corrector):
         chunk: trajectories per statistics update (memory vs. speed).
     """
 
+    stage: ClassVar[Stage] = Stage.BEFORE_QUANTIZATION
     chunk: int = 16
 
     def __post_init__(self) -> None:
@@ -45,7 +46,7 @@ class CacheErrorCorrector(Corrector):
     def attach(self, model: CompressedUNet) -> None:
         if model.cache is None:
             raise ConfigError("CacheErrorCorrector needs a model with a cacher (nothing is cached otherwise)")
-        model.set_cache_correction(ChannelAffine(model.num_steps, model.unet.cache_channels(model.cache.point)))
+        model.cache.correction = ChannelAffine(model.num_steps, model.unet.cache_channels(model.cache.point))
 
     def fit(self, model: CompressedUNet, reference: nn.Module, trace: Trace, *, progress: bool = False) -> None:
         self.attach(model)
@@ -61,5 +62,5 @@ class CacheErrorCorrector(Corrector):
                 rows = slice(start, start + self.chunk)
                 moments.update(step, features[cache.source[step], rows], features[step, rows])
         gain, offset = affine_fit(moments)
-        model.cache_correction.gain.copy_(gain)
-        model.cache_correction.offset.copy_(offset)
+        model.cache.correction.gain.copy_(gain)
+        model.cache.correction.offset.copy_(offset)

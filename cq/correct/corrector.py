@@ -1,7 +1,13 @@
-"""`Corrector`: fits corrections on a `CompressedUNet` under construction (`Recipe.fit` owns the model)."""
+"""`Corrector`: fits corrections on a `CompressedUNet` under construction (`Recipe.fit` owns the model).
+
+A corrector declares *when* it is fitted (`Stage`) and what the recipe must hold for it (``needs_cacher``,
+``needs_quantizer``); `Recipe` validates and orders correctors by these declarations only, never by class, so a
+user's corrector takes part exactly like the built-in ones.
+"""
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
@@ -12,17 +18,36 @@ if TYPE_CHECKING:
     from ..compressed import CompressedUNet
     from ..trace import Trace
 
-__all__ = ["Corrector"]
+__all__ = ["Corrector", "Stage"]
+
+
+class Stage(enum.Enum):
+    """When `Recipe.fit` fits a corrector (CacheQuant's pipeline order)."""
+
+    #: on the full-precision cached model, before quantization; the quantizer then calibrates with this
+    #: correction active (CacheQuant's "aftercacheadd" calibration). The DEC cache correction.
+    BEFORE_QUANTIZATION = "before_quantization"
+    #: on the quantized cached model, after calibration. The DEC quantization correction.
+    AFTER_QUANTIZATION = "after_quantization"
 
 
 class Corrector(ABC):
     """Base class of error correctors (register subclasses with ``@CORRECTORS.register(name)``).
 
-    `fit` measures the error of ``model`` against the full-precision ``reference`` on ``trace`` and attaches
-    `ChannelAffine` corrections to ``model`` (the one `Recipe.fit` just built; nothing else is modified).
+    `fit` measures the error of ``model`` against the full-precision ``reference`` on ``trace`` and installs its
+    corrections in ``model`` (the one `Recipe.fit` is building; nothing else is modified).
+
+    Declarations (class attributes; override in subclasses):
+        stage: when `Recipe.fit` calls `fit` (`Stage`).
+        needs_cacher: the recipe must cache (the correction acts on the cached feature or its consumers).
+        needs_quantizer: the recipe must quantize (the correction removes quantization error).
     """
 
+    registry_kind: ClassVar[str] = "corrector"  # the registry its subclasses register in
     VERSION: ClassVar[int] = 1
+    stage: ClassVar[Stage] = Stage.AFTER_QUANTIZATION
+    needs_cacher: ClassVar[bool] = True
+    needs_quantizer: ClassVar[bool] = False
 
     @abstractmethod
     def attach(self, model: CompressedUNet) -> None:
@@ -30,4 +55,4 @@ class Corrector(ABC):
 
     @abstractmethod
     def fit(self, model: CompressedUNet, reference: nn.Module, trace: Trace, *, progress: bool = False) -> None:
-        """Fit and attach this corrector's corrections to ``model``."""
+        """Fit this corrector's corrections and install them in ``model``."""

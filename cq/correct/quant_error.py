@@ -33,7 +33,7 @@ from ..registry import CORRECTORS
 from ..replay import CalibrationBatch, every_step, replay
 from ..step import current_step
 from .correction import ChannelAffine
-from .corrector import Corrector
+from .corrector import Corrector, Stage
 from .moments import ChannelMoments, affine_fit
 
 
@@ -56,6 +56,8 @@ class QuantErrorCorrector(Corrector):
     """
 
     VERSION: ClassVar[int] = 2  # 2: deep_features, default "full_precision" (version 1 fitted with "quantized")
+    stage: ClassVar[Stage] = Stage.AFTER_QUANTIZATION
+    needs_quantizer: ClassVar[bool] = True
     samples: int = 32
     deep_features: Literal["full_precision", "quantized"] = "full_precision"
 
@@ -113,15 +115,7 @@ class QuantErrorCorrector(Corrector):
         try:
             for name, module in targets.items():
                 handles.append(module.register_forward_pre_hook(lambda m, a, n=name: observe(n, m, a[0])))
-            replay(
-                model.unet,
-                trace,
-                batches,
-                point=cache.point,
-                transform=model.cache_transform,
-                progress=progress,
-                desc="quant DEC",
-            )
+            replay(model.unet, trace, batches, cache=cache, progress=progress, desc="quant DEC")
         finally:
             for h in handles:
                 h.remove()

@@ -1,6 +1,6 @@
 """`evaluate`: quality of a compressed model on held-out seeds, per sample, against its full-precision UNet.
 
-Both models sample from the same per-seed noise (`cq.trace.seeded_noise`) with the same sampler; every sample's
+Both models sample from the same per-seed noise (`cq.sampling.seeded_noise`) with the same sampler; every sample's
 x0 is compared with its full-precision twin (PSNR, data range [-1, 1]). Nothing is teacher-forced: errors
 accumulate along each trajectory as they do in use. What comes back is the distribution -- mean, median, 5th
 percentile, worst sample, the fraction below a threshold, max |x0| -- never a mean alone, plus wall-clock, and
@@ -12,6 +12,7 @@ and `evaluate` refuses seeds that overlap them.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -22,10 +23,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..compressed import CompressedUNet
 from ..errors import CalibrationSeedsError, ConfigError, ReferenceMismatchError, StepCountMismatchError
 from ..sampling.adapter import FullPrecision
 from ..sampling.ddim import ddim
-from ..sampling.settings import check_sampler, settings_of_call
+from ..sampling.model import fields_of
+from ..sampling.samplers import model_calls, sampler_of, settings_of_call
+from ..sampling.settings import check_sampler
 
 
 __all__ = ["evaluate", "Evaluation", "Scorer", "per_sample_psnr", "check_reference"]
@@ -180,7 +184,7 @@ def evaluate(
         reference: the full-precision cq UNet the model was fitted on (same architecture, same weights).
         sampler: a cq sampler (`cq.sampling.ddim`, `cq.sampling.plms`); ``sampler_kwargs`` go to it. Default:
             the one the model was fitted with (its ``sampler_settings``), else ``ddim``.
-        seeds: held-out initial-noise seeds, one sample each (`cq.trace.seeded_noise`).
+        seeds: held-out initial-noise seeds, one sample each (`cq.sampling.seeded_noise`).
         steps: sampler steps. With ``sampler``, ``steps`` and ``sampler_kwargs`` all omitted, a model that states
             its ``sampler_settings`` is evaluated with exactly those; otherwise the default is the step count the
             model was fitted for. Settings other than the fitted ones are refused before anything is sampled.
@@ -210,7 +214,8 @@ def evaluate(
         raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if not math.isfinite(threshold_db):
         raise ConfigError(f"threshold_db must be a finite number of dB, got {threshold_db!r}")
-    calibrated = set(getattr(model, "calibration_seeds", ()))
+    compressed = model if isinstance(model, CompressedUNet) else None
+    calibrated = set(compressed.calibration_seeds) if compressed is not None else set()
     overlap = sorted(calibrated.intersection(seeds))
     if overlap:
         raise CalibrationSeedsError(
@@ -218,9 +223,9 @@ def evaluate(
             f"quality is only measured on held-out seeds: pick seeds outside "
             f"{min(calibrated)}..{max(calibrated)}"
         )
-    fitted_settings = getattr(model, "sampler_settings", None)
+    fitted_settings = fields_of(model).sampler_settings
     if sampler is None and steps is None and not sampler_kwargs and fitted_settings is not None:
-        sampler = fitted_settings.sampler_function()
+        sampler = sampler_of(fitted_settings)
         sampler_kwargs = fitted_settings.call_kwargs()
         steps = sampler_kwargs.pop("steps")
     sampler = ddim if sampler is None else sampler
@@ -238,7 +243,7 @@ def evaluate(
     ):
         raise ConfigError(f"reference_samples must be a tensor with one row per seed ({len(seeds)})")
 
-    from ..trace import seeded_noise
+    from ..sampling.seeded import seeded_noise
 
     shape = tuple(reference.sample_shape)
     device = next(reference.parameters()).device
@@ -280,8 +285,8 @@ def _generator(batch: Sequence[int]) -> torch.Generator:
 
 def _resolve_steps(model: nn.Module, sampler: Callable[..., Tensor], steps: int | None) -> int:
     """The sampler step count, checked against the model's fitted step count before anything is sampled."""
-    fitted = getattr(model, "num_steps", None)
-    calls = getattr(sampler, "num_calls", lambda s: s)
+    fitted = fields_of(model).num_steps
+    calls = functools.partial(model_calls, sampler)
     if steps is None:
         if fitted is None:
             raise ConfigError("steps is required for a model that does not state its fitted step count")
@@ -311,15 +316,15 @@ def check_reference(model: nn.Module, reference: nn.Module) -> None:
         raise ReferenceMismatchError(
             f"the reference must be the full-precision cq UNet the model was fitted on, got {type(reference).__name__}"
         )
-    base = getattr(model, "unet", None)
-    if base is not None:
+    if isinstance(model, CompressedUNet):
+        base = model.unet
         got, want = describe_model(reference), describe_model(base)
         if got["family"] != want["family"] or got["config"] != want["config"]:
             raise ReferenceMismatchError(
                 f"the reference is a {type(reference).__name__} with config {got['config']}, but the model was "
                 f"fitted on a {type(base).__name__} with config {want['config']}; pass the UNet it was fitted on"
             )
-    known = getattr(model, "base_fingerprint", "")
+    known = model.base_fingerprint if isinstance(model, CompressedUNet) else ""
     if known and fingerprint(reference) != known:
         raise ReferenceMismatchError(
             "the reference has other weights than the model's base (weights fingerprint differs); pass the "

@@ -71,6 +71,9 @@ class PTQ4DM(Quantizer):
         if not self.std > 0:
             raise ConfigError(f"PTQ4DM.std must be > 0, got {self.std}")
 
+    def label(self) -> str:
+        return f"{type(self).__name__}(W{self.weight_bits}A{self.act_bits})"
+
     def specs(self, name: str, module: nn.Module) -> tuple[QuantSpec | None, QuantSpec]:
         eight = any(fnmatch.fnmatchcase(name, p) for p in self.keep_8bit)
         weight = QuantSpec(bits=8 if eight else self.weight_bits, per_channel=True, method="mse")

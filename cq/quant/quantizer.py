@@ -25,14 +25,14 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..replay import CalibrationBatch, FeatureTransform, replay
+from ..replay import CalibrationBatch, replay
 from .calibrate import RangeTables, observe
 from .modules import QMODULES, ActQuantizer
 from .spec import QuantSpec
 
 
 if TYPE_CHECKING:
-    from ..cache.cacher import Cacher
+    from ..cache.cacher import Cacher, FeatureCache
     from ..trace import Trace
 
 __all__ = ["Quantizer", "CalibrationBatch", "quantized_modules", "set_submodule"]
@@ -45,6 +45,7 @@ class Quantizer(ABC):
     `calibration_batches`.
     """
 
+    registry_kind: ClassVar[str] = "quantizer"  # the registry its subclasses register in
     VERSION: ClassVar[int] = 3  # 2: float_io (input and output layers stay float); 3: split_weights
     include: tuple[str, ...]
     skip: tuple[str, ...]
@@ -78,6 +79,10 @@ class Quantizer(ABC):
         if version < 3 and "split_weights" in names:
             fields = {"split_weights": False, **fields}
         return fields
+
+    def label(self) -> str:
+        """Short description for reports, e.g. ``Uniform(W8A8)``; override to show more."""
+        return type(self).__name__
 
     def selects(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.include) and not any(
@@ -114,15 +119,19 @@ class Quantizer(ABC):
         model: nn.Module,
         trace: Trace,
         *,
+        cache: FeatureCache | None = None,
         cacher: Cacher | None = None,
-        cache_transform: FeatureTransform | None = None,
         progress: bool = True,
     ) -> RangeTables:
         """Record activation ranges on ``trace`` and write them into ``model``'s quantizers.
 
+        Calibrates the cached model (CacheQuant §4.3): ``cache`` is the model's `FeatureCache` -- its refresh mask
+        says which steps run shallow, and its correction (the DEC cache correction, when fitted) is applied to the
+        cached feature, as when sampling. ``cacher`` (a fitted `Cacher`) builds a cache without correction
+        instead; neither: every step a full call.
+
         Returns the range tables: per quantizer which steps were observed (``seen``) and which quantizers saw no
-        data at all (``unobserved``; they stay pass-through). ``cache_transform`` is applied to the
-        full-precision cached feature of shallow calls (CacheQuant calibrates with the cache correction on)."""
+        data at all (``unobserved``; they stay pass-through)."""
         num_steps = trace.steps
         for name, module in model.named_modules():
             if isinstance(module, ActQuantizer) and module.spec.per_step and module.num_tables != num_steps:
@@ -130,16 +139,14 @@ class Quantizer(ABC):
                     f"{name} has {module.num_tables} per-step tables but the trace has {num_steps} steps; "
                     "prepare the model with the trace's step count"
                 )
-        point, transform = None, None
-        if cacher is not None:
-            cache = cacher.build(model, num_steps)
-            mask, source, point = cache.mask, cache.source, cache.point
-            transform = cache_transform
+        cache = _cache_for(model, num_steps, cache, cacher)
+        if cache is not None:
+            mask, source = cache.mask, cache.source
         else:
             mask, source = (True,) * num_steps, list(range(num_steps))
         batches = self.calibration_batches(trace, mask, source)
         with observe(model, RangeTables()) as tables:
-            replay(model, trace, batches, point=point, transform=transform, progress=progress, desc="calibrate")
+            replay(model, trace, batches, cache=cache, progress=progress, desc="calibrate")
         tables.apply(model)
         return tables
 
@@ -155,14 +162,27 @@ class Quantizer(ABC):
         unet: nn.Module,
         trace: Trace,
         *,
+        cache: FeatureCache | None = None,
         cacher: Cacher | None = None,
-        cache_transform: FeatureTransform | None = None,
         progress: bool = True,
     ) -> nn.Module:
-        """prepare -> calibrate -> convert: a quantized copy of ``unet`` for ``trace.steps`` sampling steps."""
+        """prepare -> calibrate -> convert: a quantized copy of ``unet`` for ``trace.steps`` sampling steps
+        (``cache`` / ``cacher``: see `calibrate`)."""
         model = self.prepare(unet, trace.steps)
-        self.calibrate(model, trace, cacher=cacher, cache_transform=cache_transform, progress=progress)
+        self.calibrate(model, trace, cache=cache, cacher=cacher, progress=progress)
         return self.convert(model)
+
+
+def _cache_for(
+    model: nn.Module, num_steps: int, cache: FeatureCache | None, cacher: Cacher | None
+) -> FeatureCache | None:
+    if cache is not None and cacher is not None:
+        raise ConfigError("pass the model's cache or a cacher to calibrate with, not both")
+    if cacher is not None:
+        return cacher.build(model, num_steps)
+    if cache is not None and cache.num_steps != num_steps:
+        raise ConfigError(f"the cache is built for {cache.num_steps} steps but the trace has {num_steps}")
+    return cache
 
 
 def quantized_modules(model: nn.Module) -> dict[str, str]:

@@ -75,6 +75,9 @@ class Uniform(Quantizer):
             if getattr(self, name) < 1:
                 raise ConfigError(f"Uniform.{name} must be >= 1, got {getattr(self, name)}")
 
+    def label(self) -> str:
+        return f"{type(self).__name__}(W{self.weight_bits}A{self.act_bits})"
+
     def specs(self, name: str, module: nn.Module) -> tuple[QuantSpec | None, QuantSpec]:
         eight = any(fnmatch.fnmatchcase(name, p) for p in self.keep_8bit)
         weight = QuantSpec(
