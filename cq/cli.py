@@ -48,7 +48,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .metrics.evaluate import evaluate
     from .recipe import cachequant, deepcache, naive, quant_only
     from .sampling import FullPrecision, ddim
-    from .trace import seeded_noise
+    from .sampling.seeded import seeded_noise
     from .viz import save_grid
 
     if args.threads:
@@ -162,32 +162,90 @@ def _check_writable(out: str) -> None:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from .recipe import PRESET_RECIPES
+    from .artifact import save
+    from .report import report
 
     _check_writable(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     unet = _load_base(args.model, args.weights)
     steps, sampler = sampling_defaults(unet, args.steps, args.spacing)
-    kwargs = {}
-    if args.recipe != "quant_only":
-        kwargs["interval"] = args.interval
-    if args.recipe != "deepcache":
-        kwargs["bits"] = args.bits
-        kwargs["backend"] = args.backend
-    recipe = PRESET_RECIPES[args.recipe](**kwargs)
-    print(f"cq fit: {args.recipe} {kwargs} on {args.model}, {steps} steps {sampler}")
+    recipe, described = _recipe_of(args)
+    print(f"cq fit: {described} on {args.model}, {steps} steps {sampler}")
     trace = _trace_for(unet, recipe, steps, args.samples, args.seed, sampler)
     model = recipe.fit(unet, trace)
-    path = model.save(args.out)
-    print(model.report(reference=unet, trace=trace).summary())
+    path = save(model, args.out)
+    print(report(model, reference=unet, trace=trace).summary())
     print(f"wrote {path}")
+    return 0
+
+
+def _recipe_of(args: argparse.Namespace):
+    """The `Recipe` ``cq fit`` asks for: a preset (with ``--interval`` / ``--bits`` / ``--backend``), or a recipe
+    JSON file (`cq.registry.to_dict` of a `Recipe`); ``--schedule NAME`` swaps the cacher's schedule for a
+    registered one (plugins included)."""
+    import dataclasses
+    import json
+
+    from .errors import ConfigError
+    from .recipe import PRESET_RECIPES, Recipe
+    from .registry import SCHEDULES, from_dict
+
+    if args.recipe in PRESET_RECIPES:
+        kwargs = {}
+        if args.recipe != "quant_only":
+            kwargs["interval"] = args.interval
+        if args.recipe != "deepcache":
+            kwargs["bits"] = args.bits
+            kwargs["backend"] = args.backend
+        recipe, described = PRESET_RECIPES[args.recipe](**kwargs), f"{args.recipe} {kwargs}"
+    elif args.recipe.endswith(".json"):
+        try:
+            data = json.loads(Path(args.recipe).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"--recipe {args.recipe}: not a readable recipe JSON file ({e})") from None
+        if not isinstance(data, dict) or data.get("kind") != "recipe":
+            raise ConfigError(
+                f"--recipe {args.recipe}: expected the JSON of a Recipe (cq.registry.to_dict(recipe), "
+                '{"kind": "recipe", ...})'
+            )
+        recipe, described = from_dict(data), args.recipe
+    else:
+        raise ConfigError(
+            f"--recipe must be one of {sorted(PRESET_RECIPES)} or a recipe .json file, got {args.recipe!r}"
+        )
+    if not isinstance(recipe, Recipe):
+        raise ConfigError(f"--recipe {args.recipe} describes a {type(recipe).__name__}, not a Recipe")
+    if args.schedule is not None:
+        if recipe.cacher is None:
+            raise ConfigError(f"--schedule needs a recipe that caches; {args.recipe} does not")
+        cls = SCHEDULES.get(args.schedule)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        schedule = cls(interval=args.interval) if "interval" in fields else cls()
+        recipe = dataclasses.replace(recipe, cacher=dataclasses.replace(recipe.cacher, schedule=schedule))
+        described += f" with schedule {schedule}"
+    return recipe, described
+
+
+def _strategies(args: argparse.Namespace) -> int:
+    from .plugins import load_entry_points
+    from .registry import CACHERS, CORRECTORS, QUANTIZERS, RECIPES, SCHEDULES
+
+    installed = load_entry_points()
+    for reg in (SCHEDULES, CACHERS, QUANTIZERS, CORRECTORS, RECIPES):
+        print(
+            f"{reg.kind}s: "
+            + ", ".join(
+                f"{n} ({c.__module__}.{c.__qualname__})" for n, c in zip(reg.names(), reg.classes(), strict=True)
+            )
+        )
+    print("plugins from entry points: " + (", ".join(installed) or "none"))
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
     from .artifact import load
-    from .trace import seeded_noise
+    from .sampling.seeded import seeded_noise
     from .viz import save_grid
 
     if args.threads:
@@ -208,7 +266,7 @@ def _fitted_sampler(model, spacing: str | None):
     """``(sampler, steps, kwargs)`` a loaded model must be sampled with: its recorded `SamplerSettings`
     (``--spacing`` other than the fitted one is refused by the sampler), else, for files written before those
     were recorded, DDIM with the preset's defaults."""
-    from .sampling import ddim
+    from .sampling import ddim, sampler_of
 
     settings = model.sampler_settings
     if settings is None:
@@ -217,11 +275,12 @@ def _fitted_sampler(model, spacing: str | None):
     kwargs = settings.call_kwargs()
     if spacing is not None:
         kwargs["spacing"] = spacing
-    return settings.sampler_function(), kwargs.pop("steps"), kwargs
+    return sampler_of(settings), kwargs.pop("steps"), kwargs
 
 
 def _report(args: argparse.Namespace) -> int:
     from .artifact import load
+    from .report import report
 
     model = load(args.path)
     reference = trace = None
@@ -246,7 +305,7 @@ def _report(args: argparse.Namespace) -> int:
 
         seeds = range(args.eval_seed, args.eval_seed + args.eval)
         evaluation = evaluate(model, reference, sample_fn, seeds=seeds, steps=steps, progress=True, **sampler)
-    rep = model.report(reference=reference, trace=trace, evaluation=evaluation)
+    rep = report(model, reference=reference, trace=trace, evaluation=evaluation)
     print(rep.summary())
     if args.steps_table:
         print(rep.table())
@@ -310,6 +369,14 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _recipe_arg(text: str) -> str:
+    """``--recipe``: a preset name or a ``.json`` file (read later, so its errors name the file)."""
+    presets = ("cachequant", "deepcache", "quant_only", "naive")
+    if text in presets or text.endswith(".json"):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(presets)} or a recipe .json file, got {text!r}")
+
+
 POSITIVE, NON_NEGATIVE = _count(1), _count(0)
 SPACINGS = ("uniform", "quad", "ldm", "linspace")
 
@@ -317,6 +384,13 @@ SPACINGS = ("uniform", "quad", "ldm", "linspace")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cq", description="Cache + quantize diffusion UNets (CacheQuant).")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first: the strategies it registers can be fitted, saved, loaded (repeatable)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="compress the embedded demo model with each recipe; table + grid")
@@ -336,7 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="fit a recipe on a model and save it")
     fit.add_argument("--model", default="demo", help="model preset")
     fit.add_argument("--weights", default=None, help="checkpoint file or diffusers folder for the preset")
-    fit.add_argument("--recipe", default="cachequant", choices=["cachequant", "deepcache", "quant_only", "naive"])
+    fit.add_argument(
+        "--recipe",
+        default="cachequant",
+        type=_recipe_arg,
+        help="cachequant, deepcache, quant_only, naive, or a recipe .json file (cq.registry.to_dict of a Recipe)",
+    )
+    fit.add_argument(
+        "--schedule", default=None, help="registered schedule name replacing the recipe's (plugins included)"
+    )
     fit.add_argument("--interval", type=POSITIVE, default=5)
     fit.add_argument("--bits", default="w8a8")
     fit.add_argument(
@@ -404,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--epochs", type=POSITIVE, default=30)
     tc.add_argument("-o", "--out", default="digits_classifier.safetensors")
     tc.set_defaults(func=_train_classifier)
+
+    st = sub.add_parser("strategies", help="list the registered strategies (plugins and entry points included)")
+    st.set_defaults(func=_strategies)
     return parser
 
 
@@ -414,6 +499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        from .plugins import load_plugin
+
+        for module in args.plugin:
+            load_plugin(module)
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
