@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .backend import Backend
 from .int_mm import Int8MatMul, IntMMConv1x1, IntMMLinear, int_mm_shape_ok
 from .modules import QMODULES, ActQuantizer, QConv1d, QConv2d, QMatMul
 from .onednn import Int8Conv2d, Int8Linear
@@ -37,10 +38,7 @@ __all__ = [
     "int8_available",
     "onednn_exact",
     "INT8_MODULES",
-    "BACKENDS",
 ]
-
-BACKENDS = ("auto", "onednn", "int_mm")
 
 
 def int8_available() -> bool:
@@ -77,17 +75,20 @@ INT8_MODULES = (Int8Conv2d, Int8Linear, Int8MatMul, IntMMLinear, IntMMConv1x1)
 FAKE_QUANT_MODULES = tuple(QMODULES.values())
 
 
-def to_int8(model: nn.Module, backend: str = "auto") -> dict[str, str]:
+def to_int8(model: nn.Module, backend: Backend | str = Backend.INT8) -> dict[str, str]:
     """Swap, in place, every convertible fake-quant module of ``model`` for its integer twin.
 
     Args:
-        backend: ``"auto"`` (oneDNN on the CPU, ``torch._int_mm`` on CUDA), ``"onednn"`` or ``"int_mm"`` (the
-            GPU path; on the CPU it runs too, which is how it is tested without a GPU).
+        backend: a `Backend` with kernels: ``"int8"`` (alias ``"auto"``: oneDNN on the CPU where it is exact,
+            ``torch._int_mm`` elsewhere), ``"onednn"`` or ``"int_mm"`` (the GPU path; on the CPU it runs too,
+            which is how it is tested without a GPU).
 
     Returns ``{layer: "int8 (<kernel>)" | "fake-quant (<reason>)"}`` for every quantized layer.
     """
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    backend = Backend.parse(backend)
+    if backend.kernels is None:
+        kernels = [b.value for b in Backend if b.kernels is not None]
+        raise ConfigError(f"to_int8 runs integer kernels: backend must be one of {kernels}, got {backend.value!r}")
     status: dict[str, str] = {}
     swaps = []
     for name, module in model.named_modules():
@@ -95,8 +96,8 @@ def to_int8(model: nn.Module, backend: str = "auto") -> dict[str, str]:
             continue
         device = _device(module)
         kernel = backend
-        if kernel == "auto":  # oneDNN on CPUs where it is exact (VNNI / AMX), torch._int_mm elsewhere
-            kernel = "onednn" if device.type == "cpu" and int8_available() else "int_mm"
+        if kernel is Backend.INT8:  # oneDNN on CPUs where it is exact (VNNI / AMX), torch._int_mm elsewhere
+            kernel = Backend.ONEDNN if device.type == "cpu" and int8_available() else Backend.INT_MM
         reason, build = _plan(module, kernel, device)
         if reason:
             status[name] = f"fake-quant ({reason})"
@@ -118,7 +119,7 @@ def _device(module: nn.Module) -> torch.device:
     return next(iter(module.buffers())).device
 
 
-def _plan(module: nn.Module, kernel: str, device: torch.device) -> tuple[str, type[nn.Module] | None]:
+def _plan(module: nn.Module, kernel: Backend, device: torch.device) -> tuple[str, type[nn.Module] | None]:
     """``(reason it stays fake-quant or "", integer module class)``."""
     acts = [m for m in module.children() if isinstance(m, ActQuantizer)]
     if any(a.spec.bits != 8 or a.spec.symmetric for a in acts):
@@ -129,7 +130,7 @@ def _plan(module: nn.Module, kernel: str, device: torch.device) -> tuple[str, ty
         return "Conv1d: no integer kernel wired", None
     if isinstance(module, QMatMul):
         return "", Int8MatMul
-    if kernel == "onednn":
+    if kernel is Backend.ONEDNN:
         if device.type != "cpu":
             return f"oneDNN int8 kernels run on the CPU; the layer is on {device}", None
         if not _onednn_present():
@@ -137,7 +138,7 @@ def _plan(module: nn.Module, kernel: str, device: torch.device) -> tuple[str, ty
         if not onednn_exact():
             raise ConfigError(
                 "oneDNN's u8 x s8 kernels saturate on this CPU (no VNNI: pair sums clip at int16), so they would "
-                "not compute the quantized model; use backend='auto' or 'int_mm' (exact torch._int_mm kernels)"
+                "not compute the quantized model; use backend='int8' or 'int_mm' (exact torch._int_mm kernels)"
             )
         return "", Int8Conv2d if isinstance(module, QConv2d) else Int8Linear
     if isinstance(module, QConv2d):
