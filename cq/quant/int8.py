@@ -24,8 +24,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from .backend import Backend
-from .int_mm import Int8MatMul, IntMMConv1x1, IntMMLinear, int_mm_shape_ok
-from .modules import QMODULES, ActQuantizer, QConv1d, QConv2d, QMatMul
+from .layer_table import LayerKind, fake_quant_classes, integer_classes, kind_of
+from .modules import ActQuantizer
 from .onednn import Int8Conv2d, Int8Linear
 from .quantizer import set_submodule
 
@@ -37,7 +37,6 @@ __all__ = [
     "int8_layers",
     "int8_available",
     "onednn_exact",
-    "INT8_MODULES",
 ]
 
 
@@ -71,10 +70,6 @@ def onednn_exact() -> bool:
     return bool((y == 255 * 127 * 64).all())
 
 
-INT8_MODULES = (Int8Conv2d, Int8Linear, Int8MatMul, IntMMLinear, IntMMConv1x1)
-FAKE_QUANT_MODULES = tuple(QMODULES.values())
-
-
 def to_int8(model: nn.Module, backend: Backend | str = Backend.INT8) -> dict[str, str]:
     """Swap, in place, every convertible fake-quant module of ``model`` for its integer twin.
 
@@ -92,19 +87,20 @@ def to_int8(model: nn.Module, backend: Backend | str = Backend.INT8) -> dict[str
     status: dict[str, str] = {}
     swaps = []
     for name, module in model.named_modules():
-        if not isinstance(module, FAKE_QUANT_MODULES):
+        row = kind_of(module)
+        if row is None or not isinstance(module, row.fake_cls):
             continue
         device = _device(module)
         kernel = backend
         if kernel is Backend.INT8:  # oneDNN on CPUs where it is exact (VNNI / AMX), torch._int_mm elsewhere
             kernel = Backend.ONEDNN if device.type == "cpu" and int8_available() else Backend.INT_MM
-        reason, build = _plan(module, kernel, device)
+        reason, build = _plan(module, row, kernel, device)
         if reason:
             status[name] = f"fake-quant ({reason})"
             continue
         try:
             swaps.append((name, build(module)))
-            status[name] = f"int8 ({'torch._int_mm' if build in _INT_MM else 'oneDNN'})"
+            status[name] = f"int8 ({'oneDNN' if build is row.onednn_cls else 'torch._int_mm'})"
         except RuntimeError as e:  # the kernel refused this shape: keep the exact fake-quant module
             status[name] = f"fake-quant (kernel refused: {str(e).splitlines()[0][:80]})"
     for name, new in swaps:
@@ -112,25 +108,21 @@ def to_int8(model: nn.Module, backend: Backend | str = Backend.INT8) -> dict[str
     return status
 
 
-_INT_MM = (IntMMLinear, IntMMConv1x1, Int8MatMul)
-
-
 def _device(module: nn.Module) -> torch.device:
     return next(iter(module.buffers())).device
 
 
-def _plan(module: nn.Module, kernel: Backend, device: torch.device) -> tuple[str, type[nn.Module] | None]:
-    """``(reason it stays fake-quant or "", integer module class)``."""
+def _plan(
+    module: nn.Module, row: LayerKind, kernel: Backend, device: torch.device
+) -> tuple[str, type[nn.Module] | None]:
+    """``(reason it stays fake-quant or "", integer module class)``; a kind without a oneDNN kernel (attention
+    matmuls) takes its ``torch._int_mm`` one."""
     acts = [m for m in module.children() if isinstance(m, ActQuantizer)]
     if any(a.spec.bits != 8 or a.spec.symmetric for a in acts):
         return "activations are not unsigned 8-bit", None
     if not all(bool(a.calibrated.all()) for a in acts):
         return "activations not calibrated", None
-    if isinstance(module, QConv1d):
-        return "Conv1d: no integer kernel wired", None
-    if isinstance(module, QMatMul):
-        return "", Int8MatMul
-    if kernel is Backend.ONEDNN:
+    if kernel is Backend.ONEDNN and row.onednn_cls is not None:
         if device.type != "cpu":
             return f"oneDNN int8 kernels run on the CPU; the layer is on {device}", None
         if not _onednn_present():
@@ -140,26 +132,18 @@ def _plan(module: nn.Module, kernel: Backend, device: torch.device) -> tuple[str
                 "oneDNN's u8 x s8 kernels saturate on this CPU (no VNNI: pair sums clip at int16), so they would "
                 "not compute the quantized model; use backend='int8' or 'int_mm' (exact torch._int_mm kernels)"
             )
-        return "", Int8Conv2d if isinstance(module, QConv2d) else Int8Linear
-    if isinstance(module, QConv2d):
-        if not IntMMConv1x1.supports(module):
-            size = "x".join(map(str, module.kernel_size))
-            return f"{size} conv: torch has no int8 convolution on {device}", None
-        split = module.split
-        widths, n = ([split, module.in_channels - split] if split else [module.in_channels]), module.out_channels
-    else:
-        widths, n = [module.in_features], module.out_features
-    if not all(int_mm_shape_ok(k, n, device) for k in widths):
-        return f"torch._int_mm on {device} needs K, N multiples of 8 (K >= 16)", None
-    return "", IntMMConv1x1 if isinstance(module, QConv2d) else IntMMLinear
+        return "", row.onednn_cls
+    if row.int_mm_cls is None:
+        return f"{row.float_cls.__name__}: no integer kernel wired", None
+    return row.int_mm_cls.refusal(module, device), row.int_mm_cls
 
 
 def int8_layers(model: nn.Module) -> dict[str, int]:
     """Count of integer-kernel vs fake-quant layers in ``model``."""
     kinds = {"int8": 0, "fake-quant": 0}
     for module in model.modules():
-        if isinstance(module, INT8_MODULES):
+        if isinstance(module, integer_classes()):
             kinds["int8"] += 1
-        elif isinstance(module, FAKE_QUANT_MODULES):
+        elif isinstance(module, fake_quant_classes()):
             kinds["fake-quant"] += 1
     return kinds
