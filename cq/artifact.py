@@ -25,6 +25,7 @@ from .errors import CheckpointFormatError, ConfigError, CqError, StepCountMismat
 from .io import checksum as _checksum
 from .io import fingerprint, save_safetensors
 from .models.loading import build_from_description, describe_model
+from .quant.backend import Backend
 from .quant.packing import pack_nibbles, unpack_nibbles
 from .registry import from_dict, to_dict
 from .sampling.settings import SamplerSettings
@@ -177,7 +178,7 @@ def load(
             f"{path}: the tensors do not fit the model its metadata describes ({str(e).splitlines()[0]})"
         ) from None
     if int8 or recipe.int8_kernels is not None:
-        model.to_int8(recipe.int8_kernels or "auto")
+        model.to_int8(recipe.int8_kernels or Backend.INT8)
     return model.eval()
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .models.presets import sampling_defaults
+from .quant.backend import Backend
 from .report import print_table, tensor_bytes
 
 
@@ -424,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--backend",
         default="fake",
-        choices=["fake", "int8", "onednn", "int_mm"],
+        choices=[b.value for b in Backend],
         help="fake quantization, or integer kernels (saved with the recipe: `cq sample` runs them)",
     )
     fit.add_argument("--steps", type=POSITIVE, default=None)

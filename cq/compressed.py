@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .cache.cacher import Cacher
 from .errors import InputValueError, StepCountMismatchError
+from .quant.backend import Backend
 from .sampling.model import SamplerModel
 from .sampling.settings import SamplerSettings
 from .step import step_scope
@@ -118,10 +119,10 @@ class CompressedUNet(SamplerModel):
                 f"{float(t.max()):g}"
             )
 
-    def to_int8(self, backend: str = "auto") -> dict[str, str]:
+    def to_int8(self, backend: Backend | str = Backend.INT8) -> dict[str, str]:
         """Run quantized layers on integer kernels from now on (in place); returns each layer's execution mode.
 
-        ``backend``: ``"auto"`` picks by device (oneDNN on the CPU, ``torch._int_mm`` on CUDA; see
+        ``backend``: ``"int8"`` (alias ``"auto"``) picks by device (oneDNN on the CPU, ``torch._int_mm`` on CUDA; see
         `cq.quant.int8.to_int8`). The model computes the same function (up to float summation order) and
         saves the same file; ``cq.load(path, int8=True)`` converts a loaded one.
         """

@@ -29,7 +29,7 @@ from .compressed import CompressedUNet
 from .correct import CacheErrorCorrector, Corrector, QuantErrorCorrector, Stage
 from .errors import ConfigError, ReferenceMismatchError
 from .io import fingerprint
-from .quant import Quantizer
+from .quant import Backend, Quantizer
 from .quant import Uniform as UniformQuantizer
 from .registry import RECIPES, check_registered
 
@@ -37,8 +37,6 @@ from .registry import RECIPES, check_registered
 if TYPE_CHECKING:
     from .sampling.settings import SamplerSettings
     from .trace import Trace
-
-BACKENDS = ("fake", "int8", "onednn", "int_mm")
 
 __all__ = ["Recipe", "cachequant", "deepcache", "quant_only", "naive", "parse_bits", "PRESET_RECIPES"]
 
@@ -63,13 +61,14 @@ class Recipe:
     cacher: Cacher | None = None
     quantizer: Quantizer | None = None
     correctors: tuple[Corrector, ...] = field(default_factory=tuple)
-    backend: str = "fake"
+    backend: Backend | str = Backend.FAKE
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"Recipe.backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.backend != "fake" and self.quantizer is None:
-            raise ConfigError(f"Recipe.backend={self.backend!r} runs quantized layers: the recipe needs a quantizer")
+        object.__setattr__(self, "backend", Backend.parse(self.backend))
+        if self.backend is not Backend.FAKE and self.quantizer is None:
+            raise ConfigError(
+                f"Recipe.backend={self.backend.value!r} runs quantized layers: the recipe needs a quantizer"
+            )
         if self.cacher is not None and not isinstance(self.cacher, Cacher):
             raise ConfigError(f"Recipe.cacher must be a Cacher, got {type(self.cacher).__name__}")
         if self.quantizer is not None and not isinstance(self.quantizer, Quantizer):
@@ -135,9 +134,9 @@ class Recipe:
         return model
 
     @property
-    def int8_kernels(self) -> str | None:
+    def int8_kernels(self) -> Backend | None:
         """The `to_int8` backend this recipe runs on, or None for fake quantization."""
-        return {"fake": None, "int8": "auto"}.get(self.backend, self.backend)
+        return self.backend.kernels
 
     def build(
         self,

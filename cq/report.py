@@ -25,6 +25,7 @@ from .errors import ConfigError
 from .metrics.error import sqnr
 from .metrics.evaluate import check_reference
 from .metrics.macs import unet_macs
+from .quant.layer_table import float_classes, integer_classes, kind_of
 from .quant.quantizer import quantized_modules
 
 
@@ -185,7 +186,8 @@ def report(
     steps = [StepReport(i, r, macs["full"] if r else macs[point], sqnrs[i]) for i, r in enumerate(mask)]
     integer = _integer_modules(model.unet)
     q = quantized_modules(model.unet) | integer
-    float_layers = sum(isinstance(m, nn.Conv2d | nn.Conv1d | nn.Linear) for m in model.unet.modules())
+    floats = float_classes()  # float layers with a weight (convs, linears; not attention matmuls)
+    float_layers = sum(isinstance(m, floats) and kind_of(m).weighted for m in model.unet.modules())
     return Report(
         steps=steps,
         full_macs=macs["full"],
@@ -201,9 +203,8 @@ def report(
 
 
 def _integer_modules(unet: nn.Module) -> dict[str, str]:
-    from .quant.int8 import INT8_MODULES
-
-    return {n: type(m).__name__ for n, m in unet.named_modules() if isinstance(m, INT8_MODULES)}
+    integer = integer_classes()
+    return {n: type(m).__name__ for n, m in unet.named_modules() if isinstance(m, integer)}
 
 
 def _execution_notes(execution: dict[str, str]) -> list[str]:

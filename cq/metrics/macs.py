@@ -1,16 +1,15 @@
 """Multiply-accumulate counts of full and shallow (cached) UNet calls, and the speedup a schedule predicts.
 
-Counted: ``nn.Conv2d`` / ``nn.Conv1d`` (out elements x in_ch/groups x kernel size), ``nn.Linear`` (out elements
-x in_features) and the attention `MatMul` modules (out elements x inner dim) -- the same ops
-``torch.utils.flop_counter`` counts (it reports 2 FLOPs per MAC), which the tests cross-check. Norms,
-activations, softmax and resampling are not counted (a few % of the work; DeepCache's and CacheQuant's counts
-leave them out too).
+Counted: every layer in `cq.quant.layer_table` by its row's MAC rule -- convolutions (out elements x in_ch/groups x
+kernel size), linears (out elements x in_features) and the attention `MatMul` modules (out elements x inner dim),
+float, fake-quant or integer alike -- the same ops ``torch.utils.flop_counter`` counts (it reports 2 FLOPs per
+MAC), which the tests cross-check. Norms, activations, softmax and resampling are not counted (a few % of the
+work; DeepCache's and CacheQuant's counts leave them out too).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,21 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from ..cache.view import CacheView
-from ..models.layers import MatMul
-from ..quant.int8 import Int8Conv2d, Int8Linear
-from ..quant.int_mm import Int8MatMul, IntMMConv1x1, IntMMLinear
-from ..quant.modules import QConv1d, QConv2d, QLinear, QMatMul
+from ..quant.layer_table import LayerKind, kind_of
 from ..step import step_scope
 
 
 __all__ = ["MacCount", "count_macs", "unet_macs", "predicted_speedup"]
-
-
-# float, fake-quant and integer-kernel versions of each op: a converted model counts the same MACs
-CONVS = (nn.Conv2d, QConv2d, Int8Conv2d, IntMMConv1x1)
-CONV1DS = (nn.Conv1d, QConv1d)
-LINEARS = (nn.Linear, QLinear, Int8Linear, IntMMLinear)
-MATMULS = (MatMul, QMatMul, Int8MatMul)
 
 
 @dataclass
@@ -52,22 +41,17 @@ class MacCount:
 
 @contextlib.contextmanager
 def _counting(model: nn.Module, count: MacCount) -> Iterator[None]:
-    def hook(name: str, module: nn.Module, inputs: tuple[Any, ...], out: Tensor) -> None:
-        if isinstance(module, CONVS + CONV1DS):
-            kernel = math.prod(module.kernel_size)
-            macs, kind = out.numel() * (module.in_channels // module.groups) * kernel, "conv"
-        elif isinstance(module, LINEARS):
-            macs, kind = out.numel() * module.in_features, "linear"
-        else:
-            macs, kind = out.numel() * inputs[0].shape[-1], "matmul"
-        setattr(count, kind, getattr(count, kind) + macs)
+    def hook(name: str, row: LayerKind, module: nn.Module, inputs: tuple[Any, ...], out: Tensor) -> None:
+        macs = row.macs(module, inputs[0].shape, out.shape)
+        setattr(count, row.op, getattr(count, row.op) + macs)
         count.by_module[name] = count.by_module.get(name, 0) + macs
 
     handles = []
     try:
         for name, module in model.named_modules():
-            if isinstance(module, CONVS + CONV1DS + LINEARS + MATMULS):
-                handles.append(module.register_forward_hook(lambda m, i, o, n=name: hook(n, m, i, o)))
+            row = kind_of(module)
+            if row is not None:
+                handles.append(module.register_forward_hook(lambda m, i, o, n=name, r=row: hook(n, r, m, i, o)))
         yield
     finally:
         for h in handles:

@@ -1,6 +1,9 @@
 """Post-training quantization by module replacement: specs, fake-quant modules, strategies, calibration."""
 
 from ..replay import CalibrationBatch
+from .affine import fake_quantize, qparams
+from .backend import Backend
+from .layer_table import FLOAT_TO_FAKE, LAYERS, LayerKind, fake_quant_classes, float_classes, integer_classes, kind_of
 from .modules import ActQuantizer, QConv1d, QConv2d, QLinear, QMatMul, QuantizedWeight
 from .ptq4dm import PTQ4DM
 from .quantizer import Quantizer, quantized_modules
@@ -9,6 +12,7 @@ from .uniform import Uniform
 
 
 __all__ = [
+    "Backend",
     "QuantSpec",
     "Quantizer",
     "Uniform",
@@ -21,4 +25,13 @@ __all__ = [
     "QuantizedWeight",
     "CalibrationBatch",
     "quantized_modules",
+    "qparams",
+    "fake_quantize",
+    "LayerKind",
+    "LAYERS",
+    "FLOAT_TO_FAKE",
+    "kind_of",
+    "float_classes",
+    "fake_quant_classes",
+    "integer_classes",
 ]

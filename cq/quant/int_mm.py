@@ -30,6 +30,10 @@ def int_mm_shape_ok(k: int, n: int, device: torch.device) -> bool:
     return device.type != "cuda" or (k % 8 == 0 and k >= 16 and n % 8 == 0)
 
 
+def _shape_refusal(device: torch.device) -> str:
+    return f"torch._int_mm on {device} needs K, N multiples of 8 (K >= 16)"
+
+
 def int_matmul(a8: Tensor, b8: Tensor) -> Tensor:
     """``a8 @ b8`` (int8, 2-D) in int32; pads a short ``a8`` on CUDA, whose kernel needs more than 16 rows."""
     m = a8.shape[0]
@@ -85,6 +89,11 @@ class IntMMLinear(nn.Module):
         self.weight, self.bias, self.act = linear.weight, linear.bias, linear.act
         self.gemm = _AffineGemm(linear.weight, slice(None))
 
+    @staticmethod
+    def refusal(linear: QLinear, device: torch.device) -> str:
+        """Why ``linear`` cannot run on ``torch._int_mm`` on ``device`` ("" when it can)."""
+        return "" if int_mm_shape_ok(linear.in_features, linear.out_features, device) else _shape_refusal(device)
+
     def forward(self, x: Tensor) -> Tensor:
         return self.gemm(x, self.act, self.bias)
 
@@ -117,6 +126,16 @@ class IntMMConv1x1(nn.Module):
             and conv.groups == 1
         )
 
+    @classmethod
+    def refusal(cls, conv: QConv2d, device: torch.device) -> str:
+        """Why ``conv`` cannot run on ``torch._int_mm`` on ``device`` ("" when it can)."""
+        if not cls.supports(conv):
+            size = "x".join(map(str, conv.kernel_size))
+            return f"{size} conv: torch has no int8 convolution on {device}"
+        widths = [conv.split, conv.in_channels - conv.split] if conv.split else [conv.in_channels]
+        ok = all(int_mm_shape_ok(k, conv.out_channels, device) for k in widths)
+        return "" if ok else _shape_refusal(device)
+
     def forward(self, x: Tensor) -> Tensor:
         pixels = x.permute(0, 2, 3, 1)  # NHWC view: channels last in memory when x is channels-last
         c = self.split or self.in_channels
@@ -139,6 +158,11 @@ class Int8MatMul(nn.Module):
     def __init__(self, matmul: QMatMul):
         super().__init__()
         self.act, self.act_b = matmul.act, matmul.act_b
+
+    @staticmethod
+    def refusal(matmul: QMatMul, device: torch.device) -> str:
+        """Never refused when converting: shapes are known only per call, and `forward` falls back then."""
+        return ""
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         if not int_mm_shape_ok(a.shape[-1], b.shape[-1], a.device):  # shapes are known only now: fall back

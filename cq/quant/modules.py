@@ -1,4 +1,4 @@
-"""Fake-quant modules that replace ``nn.Conv2d``, ``nn.Linear`` and `MatMul`.
+"""Fake-quant modules that replace ``nn.Conv2d``, ``nn.Conv1d``, ``nn.Linear`` and `MatMul` (`cq.quant.layer_table`).
 
 Each module quantizes its weight (data-free, at construction) and its input activation(s) with an
 `ActQuantizer`. An activation quantizer passes values through until calibration gives it a range
@@ -24,7 +24,7 @@ from .affine import fake_quantize, qparams, search_range
 from .spec import QuantSpec
 
 
-__all__ = ["ActQuantizer", "QuantizedWeight", "QConv2d", "QConv1d", "QLinear", "QMatMul", "QMODULES"]
+__all__ = ["ActQuantizer", "QuantizedWeight", "QConv2d", "QConv1d", "QLinear", "QMatMul"]
 
 
 class ActQuantizer(nn.Module):
@@ -259,13 +259,3 @@ class QMatMul(nn.Module):
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         return torch.matmul(self.act(a), self.act_b(b))
-
-
-# Every fake-quant module takes (float module, weight spec, activation spec, num_steps, split=, split_weights=); only
-# QConv2d has concat inputs (``unet.concat_splits()`` names convolutions), the others accept and ignore the split.
-QMODULES: dict[type[nn.Module], type[nn.Module]] = {
-    nn.Conv2d: QConv2d,
-    nn.Conv1d: QConv1d,
-    nn.Linear: QLinear,
-    MatMul: QMatMul,
-}

@@ -1,9 +1,9 @@
 """`Quantizer`: post-training quantization by module replacement, in three explicit phases.
 
-1. `prepare` (on a deep copy; the input UNet is untouched): every ``nn.Conv2d`` / ``nn.Linear`` / `MatMul` whose
-   fully-qualified name matches ``include`` and none of ``skip`` (fnmatch patterns) becomes a `QConv2d` /
-   `QLinear` / `QMatMul` with its weight quantized; concat inputs (``unet.concat_splits()``) get split activation
-   quantizers.
+1. `prepare` (on a deep copy; the input UNet is untouched): every float layer of `cq.quant.layer_table`
+   (``nn.Conv2d``, ``nn.Conv1d``, ``nn.Linear``, `MatMul`) whose fully-qualified name matches ``include`` and none
+   of ``skip`` (fnmatch patterns) becomes its fake-quant class (`QConv2d`, ...) with its weight quantized; concat
+   inputs (``unet.concat_splits()``) get split activation quantizers.
 2. `calibrate`: run the strategy's calibration batches from a full-precision `Trace` *on the cached model* --
    refresh steps through the full network, cached steps through the shallow path fed with the full-precision
    cached feature of their refresh step (CacheQuant §4.3) -- while scoped hooks record activation ranges.
@@ -27,7 +27,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..replay import CalibrationBatch, replay
 from .calibrate import RangeTables, observe
-from .modules import QMODULES, ActQuantizer
+from .layer_table import FLOAT_TO_FAKE, fake_quant_classes
+from .modules import ActQuantizer
 from .spec import QuantSpec
 
 
@@ -100,14 +101,14 @@ class Quantizer(ABC):
         targets = [
             (name, m)
             for name, m in model.named_modules()
-            if type(m) in QMODULES and self.selects(name) and name not in io
+            if type(m) in FLOAT_TO_FAKE and self.selects(name) and name not in io
         ]
         if not targets:
             raise ConfigError(f"{type(self).__name__}: include={self.include} skip={self.skip} select no module")
         for name, module in targets:
             weight_spec, act_spec = self.specs(name, module)
             split = splits.get(name)
-            qmodule = QMODULES[type(module)](
+            qmodule = FLOAT_TO_FAKE[type(module)](
                 module, weight_spec, act_spec, num_steps, split=split, split_weights=self.split_weights
             )
             set_submodule(model, name, qmodule)
@@ -187,7 +188,8 @@ def _cache_for(
 
 def quantized_modules(model: nn.Module) -> dict[str, str]:
     """``{name: class name}`` of every fake-quant module in ``model``."""
-    return {n: type(m).__name__ for n, m in model.named_modules() if type(m) in set(QMODULES.values())}
+    fake = fake_quant_classes()
+    return {n: type(m).__name__ for n, m in model.named_modules() if type(m) in fake}
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
