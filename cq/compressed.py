@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .cache.cacher import Cacher
 from .errors import ConfigError, InputValueError, StepCountMismatchError
+from .models.unet import check_cacheable
 from .sampling.settings import SamplerSettings
 from .step import step_scope
 
@@ -70,7 +71,7 @@ class CompressedUNet(nn.Module):
         self.cacher = cacher
         self.cache = cacher.build(unet, num_steps) if cacher is not None else None
         self.cache_correction: nn.Module | None = None
-        self.noise_schedule = getattr(unet, "noise_schedule", None)
+        self.noise_schedule = check_cacheable(unet, "CompressedUNet").noise_schedule
 
     def set_cache_correction(self, correction: nn.Module) -> None:
         """Install ``correction(feature, step)`` on the cached feature of shallow calls (DEC cache correction)."""

@@ -126,7 +126,7 @@ class LatentDiffusion(nn.Module):
         self.first_stage = first_stage
         self.conditioner = conditioner
         self.scale_factor = float(scale_factor)
-        self.preset = preset if preset is not None else getattr(unet, "preset", None)
+        self.preset = preset if preset is not None else unet.preset
 
     @property
     def noise_schedule(self):  # noqa: ANN201

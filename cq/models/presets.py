@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from ..sampling.noise import NoiseSchedule
@@ -12,6 +12,10 @@ from .clip_text import CLIPTextConfig
 from .conditioners import ConditionerConfig
 from .ddpm import DDPMConfig
 from .openai_unet import LDMUNetConfig
+
+
+if TYPE_CHECKING:
+    from .unet import CacheableUNet
 
 
 __all__ = ["Preset", "PRESETS", "get_preset", "sampling_defaults"]
@@ -298,7 +302,7 @@ PRESETS.update({p.name: p for p in LDM_PRESETS})
 
 
 def sampling_defaults(
-    unet: object, steps: int | None = None, spacing: str | None = None
+    unet: CacheableUNet, steps: int | None = None, spacing: str | None = None
 ) -> tuple[int, dict[str, Any]]:
     """``(steps, sampler kwargs)`` from a model's preset (``spacing``, ``eta``, ``clip_x0``), ``spacing`` overriding
     the preset's. The same defaults as calling the sampler with these kwargs: nothing is switched silently, so a
@@ -306,7 +310,7 @@ def sampling_defaults(
     any work, with the fix (``spacing='linspace'``)."""
     from ..sampling.noise import ddim_timesteps
 
-    preset = getattr(unet, "preset", None)
+    preset = unet.preset
     defaults = dict(preset.sampling) if preset is not None else {}
     preset_steps = defaults.pop("steps", 50)
     steps = preset_steps if steps is None else steps
@@ -314,7 +318,7 @@ def sampling_defaults(
         raise ConfigError(f"steps must be an int >= 1, got {steps!r}")
     if spacing is not None:
         defaults["spacing"] = spacing
-    noise = getattr(unet, "noise_schedule", None)
+    noise = unet.noise_schedule
     if noise is not None:
         ddim_timesteps(noise.num_timesteps, steps, defaults.get("spacing", "uniform"))
     return steps, defaults

@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..models.unet import CacheableUNet
 
 
 __all__ = ["FullPrecision", "check_step_aware"]
@@ -23,7 +24,7 @@ class FullPrecision(nn.Module):
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
-        self.noise_schedule = getattr(unet, "noise_schedule", None)
+        self.noise_schedule = unet.noise_schedule if isinstance(unet, CacheableUNet) else None
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None, *, step: int) -> Tensor:
         return self.unet(x, t) if cond is None else self.unet(x, t, cond)
