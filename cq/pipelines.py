@@ -141,13 +141,14 @@ class LatentDiffusion(nn.Module):
     ) -> LatentDiffusion:
         """Random weights for every part (tests, demos, benchmarks), in eval mode."""
         p = _ldm_preset(preset)
+        spec = p.pipeline
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
             unet = build(p)
-            first_stage = build_autoencoder(p.autoencoder)
-            conditioner = build_conditioner(p.conditioner, tokenizer) if p.conditioner is not None else None
-        scale = p.scale_factor if p.scale_factor is not None else 1.0
+            first_stage = build_autoencoder(spec.autoencoder)
+            conditioner = build_conditioner(spec.conditioner, tokenizer) if spec.conditioner is not None else None
+        scale = spec.scale_factor if spec.scale_factor is not None else 1.0
         return cls(unet, first_stage, conditioner, scale_factor=scale, preset=p).eval()
 
     @classmethod
@@ -193,7 +194,7 @@ class LatentDiffusion(nn.Module):
             _load_first_stage(pipe.first_stage, parts["first_stage"], source=path)
             _load_conditioner(pipe.conditioner, parts["cond_stage"], source=path)
             scale = parts["scale_factor"]
-        scale = scale if scale is not None else p.scale_factor
+        scale = scale if scale is not None else p.pipeline.scale_factor
         if scale is None:
             raise CheckpointFormatError(
                 f"preset {p.name!r} reads its latent scale_factor from the checkpoint, but {path} holds none"
@@ -272,12 +273,14 @@ class LatentDiffusion(nn.Module):
         from .trace import seeded_noise
 
         p = self.preset
+        spec = p.pipeline if p is not None else None
         defaults = p.sampling if p is not None else {}
         steps = steps or defaults.get("steps", 50)
         eta = defaults.get("eta", 0.0) if eta is None else eta
         spacing = defaults.get("spacing", "ldm")
-        guidance_scale = (p.guidance_scale if p is not None else 1.0) if guidance_scale is None else guidance_scale
-        sampler = sampler or (p.sampler if p is not None else "ddim")
+        if guidance_scale is None:
+            guidance_scale = spec.guidance_scale if spec is not None else 1.0
+        sampler = sampler or (spec.sampler if spec is not None else "ddim")
         if isinstance(sampler, str):
             if sampler not in SAMPLERS:
                 raise ConfigError(f"unknown sampler {sampler!r}; known: {sorted(SAMPLERS)}")
@@ -329,7 +332,7 @@ class LatentDiffusion(nn.Module):
 
 def _ldm_preset(preset: str | Preset) -> Preset:
     p = get_preset(preset) if isinstance(preset, str) else preset
-    if p.family != "ldm" or p.autoencoder is None:
+    if p.pipeline is None:
         raise ConfigError(f"preset {p.name!r} is not a latent-diffusion preset (family {p.family!r})")
     return p
 

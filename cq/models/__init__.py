@@ -6,7 +6,7 @@ from .conditioners import ClassEmbedder, ConditionerConfig, TextConditioner
 from .ddpm import DDPMConfig, DDPMUNet
 from .loading import build, load, load_weights
 from .openai_unet import LDMUNet, LDMUNetConfig
-from .presets import PRESETS, Preset, get_preset
+from .presets import PRESETS, LatentPipelineSpec, Preset, get_preset
 from .tokenizer import CLIPTokenizer
 
 
@@ -29,5 +29,6 @@ __all__ = [
     "load_weights",
     "PRESETS",
     "Preset",
+    "LatentPipelineSpec",
     "get_preset",
 ]

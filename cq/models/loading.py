@@ -24,7 +24,7 @@ from .convert_ldm import (
 )
 from .ddpm import DDPMConfig, DDPMUNet
 from .openai_unet import LDMUNet, LDMUNetConfig
-from .presets import PRESETS, Preset, get_preset
+from .presets import FAMILIES, PRESETS, Preset, family_of, get_preset
 from .unet import CacheableUNet
 
 
@@ -114,13 +114,12 @@ def _load_diffusers_folder(folder: Path) -> CacheableUNet:
 
 def _build_from_diffusers(folder: Path, state: dict[str, Tensor], config: dict) -> CacheableUNet:
     if _is_ldm_diffusers_config(config):
-        family, unet_config = "ldm", ldm_unet_config_from_diffusers(config)
+        unet_config = ldm_unet_config_from_diffusers(config)
         sampling = {"steps": 50, "spacing": "ldm", "eta": 0.0}
     else:
-        family, unet_config, sampling = "ddpm", ddpm_config_from_diffusers(config), {}
+        unet_config, sampling = ddpm_config_from_diffusers(config), {}
     preset = Preset(
         name=folder.name,
-        family=family,
         config=unet_config,
         noise=_diffusers_noise_schedule(folder),
         sampling=sampling,
@@ -165,7 +164,7 @@ def describe_model(unet: nn.Module) -> dict:
     if isinstance(unet, DDPMUNet | LDMUNet):
         noise, preset = unet.noise_schedule, unet.preset
         return {
-            "family": "ddpm" if isinstance(unet, DDPMUNet) else "ldm",
+            "family": family_of(unet.config),
             "config": dataclasses.asdict(unet.config),
             "noise": dataclasses.asdict(noise) if noise is not None else None,
             # only a registered preset is named: a rebuilt "custom" one describes itself as it was saved
@@ -178,15 +177,14 @@ def build_from_description(desc: dict, *, device: str | torch.device | None = No
     """Inverse of `describe_model` (weights are random, or unallocated with ``device="meta"``: load a state dict
     into the result)."""
     family = desc.get("family")
-    config_types = {"ddpm": DDPMConfig, "ldm": LDMUNetConfig}
-    if family not in config_types:
+    if family not in FAMILIES:
         raise ConfigError(f"unknown model family {family!r} in a saved model")
     config = dict(desc["config"])
-    config = config_types[family](**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    config = FAMILIES[family](**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
     noise = NoiseSchedule(**desc["noise"]) if desc.get("noise") else None
     name = desc.get("preset")
     preset = PRESETS[name] if name in PRESETS and PRESETS[name].config == config else None
-    p = preset or Preset(name=name or "custom", family=family, config=config, noise=noise or NoiseSchedule())
+    p = preset or Preset(name=name or "custom", config=config, noise=noise or NoiseSchedule())
     with torch.device(device or "cpu"):
         return _construct(p, noise if noise is not None else p.noise, seed=0)
 
