@@ -29,7 +29,7 @@ from cq.errors import (
 from cq.models import CLIPTokenizer, LDMUNet, build, get_preset, load
 from cq.models.conditioners import ClassEmbedder, TextConditioner
 from cq.models.loading import build_from_description, describe_model
-from cq.pipelines import ClassifierFreeGuidance, LatentDiffusion
+from cq.models.pipelines import ClassifierFreeGuidance, LatentDiffusion
 from cq.sampling import FullPrecision, ddim, plms
 
 

@@ -6,6 +6,7 @@ from .conditioners import ClassEmbedder, ConditionerConfig, TextConditioner
 from .ddpm import DDPMConfig, DDPMUNet
 from .loading import build, load, load_weights
 from .openai_unet import LDMUNet, LDMUNetConfig
+from .pipelines import ClassifierFreeGuidance, LatentDiffusion
 from .presets import PRESETS, LatentPipelineSpec, Preset, get_preset
 from .tokenizer import CLIPTokenizer
 
@@ -31,4 +32,6 @@ __all__ = [
     "Preset",
     "LatentPipelineSpec",
     "get_preset",
+    "LatentDiffusion",
+    "ClassifierFreeGuidance",
 ]

@@ -56,7 +56,7 @@ def load(
         path: weights for the preset: ``.ckpt/.pt/.pth/.bin`` (``weights_only=True``; Lightning ``.ckpt`` files of
             LDM/SD included), ``.safetensors`` or a diffusers folder. Not needed for presets with embedded
             weights (``"demo"``). For latent-diffusion presets a full CompVis checkpoint is fine: only its
-            ``model.diffusion_model.*`` part is read (`cq.pipelines.LatentDiffusion` loads the rest).
+            ``model.diffusion_model.*`` part is read (`cq.models.LatentDiffusion` loads the rest).
         format: key layout of the file; ``"auto"`` detects original vs diffusers keys.
         ema: prefer EMA weights when the file holds both (LDM: the ``model_ema.*`` copy).
         trust_pickle: allow pickles with arbitrary objects (only for files you trust).

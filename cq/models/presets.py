@@ -34,7 +34,7 @@ def family_of(config: object) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class LatentPipelineSpec:
-    """What a latent-diffusion model adds around its UNet (`cq.pipelines.LatentDiffusion`)."""
+    """What a latent-diffusion model adds around its UNet (`cq.models.LatentDiffusion`)."""
 
     autoencoder: AutoencoderConfig  # the first stage decoding latents into images
     conditioner: ConditionerConfig | None = None  # labels/prompts -> cond (None: unconditional or label UNet)
@@ -233,7 +233,7 @@ LDM_PRESETS: list[Preset] = [
         source="CompVis sd-v1-4.ckpt / v1-5-pruned-emaonly.{ckpt,safetensors} (v1-inference.yaml) "
         "or a diffusers StableDiffusionPipeline folder",
     ),
-    # tiny configs for tests and CPU demos (random weights; cq.pipelines.LatentDiffusion.build)
+    # tiny configs for tests and CPU demos (random weights; cq.models.LatentDiffusion.build)
     Preset(
         name="tiny-sd",
         config=LDMUNetConfig(

@@ -28,19 +28,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointFormatError, ConfigError, InputShapeError
-from .models.autoencoders import build_autoencoder
-from .models.checkpoint import read_diffusers_folder, read_state_dict
-from .models.clip_text import CLIPTextConfig
-from .models.conditioners import ClassEmbedder, TextConditioner, build_conditioner
-from .models.convert_ldm import autoencoder_from_diffusers, clip_text_state, split_ldm_checkpoint
-from .models.loading import build, load_weights
-from .models.openai_unet import LDMUNet
-from .models.presets import Preset, get_preset
-from .models.tokenizer import CLIPTokenizer
-from .sampling.adapter import FullPrecision, check_step_aware
-from .sampling.ddim import StepInfo, ddim
-from .sampling.plms import plms
+from ..errors import CheckpointFormatError, ConfigError, InputShapeError
+from ..sampling.adapter import FullPrecision, check_step_aware
+from ..sampling.ddim import StepInfo, ddim
+from ..sampling.plms import plms
+from .autoencoders import build_autoencoder
+from .checkpoint import read_diffusers_folder, read_state_dict
+from .clip_text import CLIPTextConfig
+from .conditioners import ClassEmbedder, TextConditioner, build_conditioner
+from .convert_ldm import autoencoder_from_diffusers, clip_text_state, split_ldm_checkpoint
+from .loading import build, load_weights
+from .openai_unet import LDMUNet
+from .presets import Preset, get_preset
+from .tokenizer import CLIPTokenizer
 
 
 __all__ = ["ClassifierFreeGuidance", "LatentDiffusion", "SAMPLERS"]
@@ -270,7 +270,7 @@ class LatentDiffusion(nn.Module):
             model: the denoiser to sample with, e.g. a `CompressedUNet` around ``self.unet``; guidance wraps it.
             decode: return images (True) or latents ``z`` (False; divide by ``scale_factor`` to decode).
         """
-        from .trace import seeded_noise
+        from ..trace import seeded_noise
 
         p = self.preset
         spec = p.pipeline if p is not None else None
