@@ -1,4 +1,5 @@
-"""Self-contained UNets whose attribute names reproduce the original checkpoints, plus loaders and presets."""
+"""Self-contained UNets whose attribute names reproduce the original checkpoints (all `CacheableUNet`s), plus
+loaders, presets and the latent-diffusion pipeline."""
 
 from .autoencoders import AutoencoderConfig, AutoencoderKL, VQModel
 from .clip_text import CLIPTextConfig, CLIPTextModel
@@ -9,9 +10,12 @@ from .openai_unet import LDMUNet, LDMUNetConfig
 from .pipelines import ClassifierFreeGuidance, LatentDiffusion
 from .presets import PRESETS, LatentPipelineSpec, Preset, get_preset
 from .tokenizer import CLIPTokenizer
+from .unet import CacheableUNet, check_cacheable
 
 
 __all__ = [
+    "CacheableUNet",
+    "check_cacheable",
     "DDPMConfig",
     "DDPMUNet",
     "LDMUNetConfig",
