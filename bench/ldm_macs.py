@@ -54,7 +54,7 @@ def main() -> None:
         preset = cq.models.get_preset(name)
         with torch.device("meta"):
             unet = cq.models.build(name)
-            decoder = build_autoencoder(preset.autoencoder).decoder
+            decoder = build_autoencoder(preset.pipeline.autoencoder).decoder
         c = unet.config
         size = args.latent or c.image_size
         if size != c.image_size:
@@ -69,7 +69,7 @@ def main() -> None:
         view = CacheView.full(record=[point])
         extra_full = conv1d_macs(unet, x, t, cond, view)
         full, shallow = macs["full"], macs[point]  # unet_macs includes the Conv1d share (reported apart below)
-        z = torch.empty(1, preset.autoencoder.z_channels, size, size, device="meta")
+        z = torch.empty(1, preset.pipeline.autoencoder.z_channels, size, size, device="meta")
         dec = 0
 
         def count(module, inputs, out) -> None:

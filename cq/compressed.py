@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .cache.cacher import Cacher
 from .errors import InputValueError, StepCountMismatchError
+from .models.unet import check_cacheable
 from .quant.backend import Backend
 from .sampling.model import SamplerModel
 from .sampling.settings import SamplerSettings
@@ -68,7 +69,7 @@ class CompressedUNet(SamplerModel):
                 f"sampler_settings make {sampler_settings.calls} model calls, num_steps is {num_steps}"
             )
         super().__init__(
-            noise_schedule=getattr(unet, "noise_schedule", None),
+            noise_schedule=check_cacheable(unet, "CompressedUNet").noise_schedule,
             num_steps=num_steps,
             sampler_settings=sampler_settings,
         )

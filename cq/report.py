@@ -25,6 +25,7 @@ from .errors import ConfigError
 from .metrics.error import sqnr
 from .metrics.evaluate import check_reference
 from .metrics.macs import unet_macs
+from .models.unet import check_cacheable
 from .quant.layer_table import float_classes, integer_classes, kind_of
 from .quant.quantizer import quantized_modules
 
@@ -166,7 +167,7 @@ def report(
     if trace is not None and trace.cond is not None:
         cond = trace.cond[0, :1]
     else:  # conditional UNets need a conditioning input of the right kind to be run at all
-        cond = model.unet.example_cond(1) if hasattr(model.unet, "example_cond") else None
+        cond = check_cacheable(model.unet, "cq.report").example_cond(1)
     macs = unet_macs(model.unet, cond=cond, points=[point] if point else [])
     mask = model.refresh_mask()
     sqnrs: list[float | None] = [None] * model.num_steps

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .cache.view import CacheView
 from .errors import ConfigError, InputShapeError, TraceBudgetError
 from .io import fingerprint
+from .models.unet import check_cacheable
 from .sampling.adapter import FullPrecision
 from .sampling.ddim import ddim, resolve_noise_schedule
 from .sampling.model import SamplerModel
@@ -112,7 +113,7 @@ class _Recorder(SamplerModel):
     """Sampler-facing adapter: runs the full UNet, stores the kept rows of each call, feeds the observers."""
 
     def __init__(self, unet: nn.Module, owner: _TraceBuilder, keep_rows: Tensor):
-        super().__init__(noise_schedule=getattr(unet, "noise_schedule", None))
+        super().__init__(noise_schedule=unet.noise_schedule)
         self.unet = unet
         self.owner = owner
         self.keep_rows = keep_rows
@@ -221,14 +222,12 @@ def trace(
     keep = num_samples if keep is None else keep
     if not 0 <= keep <= num_samples:
         raise ConfigError(f"keep must be in [0, num_samples={num_samples}], got {keep}")
-    known = set(unet.cache_points()) if hasattr(unet, "cache_points") else set()
+    known = set(check_cacheable(unet, "cq.trace").cache_points())
     unknown = [p for p in points if p not in known]
     if unknown:
         raise ConfigError(f"unknown cache point(s) {unknown}; the UNet exposes {sorted(known)}")
     if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != num_samples):
         raise InputShapeError(f"cond must be a tensor with first dimension num_samples={num_samples}")
-    if not hasattr(unet, "sample_shape"):
-        raise ConfigError(f"{type(unet).__name__} has no `sample_shape`; trace needs a cq UNet")
     sample_shape = tuple(unet.sample_shape)
 
     # The same `keep` trajectories, spread evenly over the run, are stored at every step.

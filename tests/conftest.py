@@ -32,9 +32,8 @@ def tiny_unet(seed: int = 0, ch: int = 32):
     from cq.sampling import NoiseSchedule
 
     torch.manual_seed(seed)
-    model = DDPMUNet(DDPMConfig(resolution=16, in_channels=1, out_ch=1, ch=ch, ch_mult=(1, 2), attn_resolutions=(8,)))
-    model.noise_schedule = NoiseSchedule()
-    return model.eval()
+    config = DDPMConfig(resolution=16, in_channels=1, out_ch=1, ch=ch, ch_mult=(1, 2), attn_resolutions=(8,))
+    return DDPMUNet(config, noise_schedule=NoiseSchedule()).eval()
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from cq.errors import (
 from cq.models import CLIPTokenizer, LDMUNet, build, get_preset, load
 from cq.models.conditioners import ClassEmbedder, TextConditioner
 from cq.models.loading import build_from_description, describe_model
-from cq.pipelines import ClassifierFreeGuidance, LatentDiffusion
+from cq.models.pipelines import ClassifierFreeGuidance, LatentDiffusion
 from cq.sampling import FullPrecision, ddim, plms
 
 
@@ -190,7 +190,7 @@ def test_guidance_errors(sd):
 
 def test_tiny_sd_samples_end_to_end(sd):
     """Prompts -> CLIP context -> guided PLMS (the preset's defaults: scale 7.5) -> KL decoder."""
-    assert sd.preset.sampler == "plms" and sd.preset.guidance_scale == 7.5
+    assert sd.preset.pipeline.sampler == "plms" and sd.preset.pipeline.guidance_scale == 7.5
     prompts = ["a photo of a cat", "an astronaut riding a horse"]
     images = sd.sample(cond=prompts, steps=5, seed=0)
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
@@ -215,7 +215,7 @@ def test_sampling_with_a_compressed_unet_for_plms(sd):
 
 def test_class_conditional_sampling():
     pipe = LatentDiffusion.build("tiny-ldm-cin", seed=0)
-    assert isinstance(pipe.conditioner, ClassEmbedder) and pipe.preset.guidance_scale == 1.5
+    assert isinstance(pipe.conditioner, ClassEmbedder) and pipe.preset.pipeline.guidance_scale == 1.5
     labels = torch.tensor([88, 207, 999])
     context = pipe.condition(labels)
     assert context.shape == (3, 1, 32)
@@ -320,7 +320,8 @@ def test_scale_factor_buffer_is_read(tmp_path):
     path = tmp_path / "church.safetensors"
     save_file(state, path)
     assert LatentDiffusion.from_pretrained("tiny-ldm-church", path).scale_factor == pytest.approx(0.22884)
-    needs_buffer = dataclasses.replace(get_preset("tiny-ldm-church"), scale_factor=None)
+    church = get_preset("tiny-ldm-church")
+    needs_buffer = dataclasses.replace(church, pipeline=dataclasses.replace(church.pipeline, scale_factor=None))
     del state["scale_factor"]
     save_file(state, path)
     with pytest.raises(CheckpointFormatError, match="scale_factor"):

@@ -411,9 +411,9 @@ def tiny_unet():
         unet = DDPMUNet(
             DDPMConfig(
                 resolution=8, in_channels=1, out_ch=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=()
-            )
+            ),
+            noise_schedule=NoiseSchedule(),
         )
-    unet.noise_schedule = NoiseSchedule()
     return unet.eval()
 
 

@@ -38,9 +38,9 @@ def unet():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = DDPMUNet(
-            DDPMConfig(resolution=RES, in_channels=1, out_ch=1, ch=32, ch_mult=(1, 2), attn_resolutions=(RES // 2,))
+            DDPMConfig(resolution=RES, in_channels=1, out_ch=1, ch=32, ch_mult=(1, 2), attn_resolutions=(RES // 2,)),
+            noise_schedule=NoiseSchedule(),
         )
-    net.noise_schedule = NoiseSchedule()
     return net.eval()
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from ..errors import CachePointError, ConfigError, ScheduleInvalidError
+from ..models.unet import check_cacheable
 from ..registry import CACHERS
 from .cacher import Cacher, FeatureCache
 from .schedule import Schedule
@@ -49,10 +50,9 @@ class DeepCache(Cacher):
             raise ConfigError(f"DeepCache.schedule must be a Schedule, got {type(self.schedule).__name__}")
 
     def resolve_point(self, unet: nn.Module) -> str:
-        points = tuple(unet.cache_points())
+        points = tuple(check_cacheable(unet, "DeepCache").cache_points())
         if self.point is None:
-            default = getattr(unet, "default_cache_point", None)
-            return default() if default is not None else points[-1]
+            return unet.default_cache_point()
         if self.point not in points:
             raise CachePointError(f"unknown cache point {self.point!r}; this UNet exposes {list(points)}")
         return self.point

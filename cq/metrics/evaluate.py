@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..compressed import CompressedUNet
+from ..models.unet import CacheableUNet
 from ..errors import CalibrationSeedsError, ConfigError, ReferenceMismatchError, StepCountMismatchError
 from ..sampling.adapter import FullPrecision
 from ..sampling.ddim import ddim
@@ -231,7 +232,7 @@ def evaluate(
     sampler = ddim if sampler is None else sampler
     steps = _resolve_steps(model, sampler, steps)
     check_reference(model, reference)
-    schedule = sampler_kwargs.get("noise") or getattr(reference, "noise_schedule", None)
+    schedule = sampler_kwargs.get("noise") or reference.noise_schedule
     planned = settings_of_call(sampler, steps, schedule.num_timesteps, sampler_kwargs) if schedule else None
     if planned is not None:
         check_sampler(model, planned)
@@ -312,7 +313,7 @@ def check_reference(model: nn.Module, reference: nn.Module) -> None:
     from ..io import fingerprint
     from ..models.loading import describe_model
 
-    if not hasattr(reference, "sample_shape") or not hasattr(reference, "cache_points"):
+    if not isinstance(reference, CacheableUNet):
         raise ReferenceMismatchError(
             f"the reference must be the full-precision cq UNet the model was fitted on, got {type(reference).__name__}"
         )

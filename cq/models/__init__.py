@@ -1,4 +1,5 @@
-"""Self-contained UNets whose attribute names reproduce the original checkpoints, plus loaders and presets."""
+"""Self-contained UNets whose attribute names reproduce the original checkpoints (all `CacheableUNet`s), plus
+loaders, presets and the latent-diffusion pipeline."""
 
 from .autoencoders import AutoencoderConfig, AutoencoderKL, VQModel
 from .clip_text import CLIPTextConfig, CLIPTextModel
@@ -6,11 +7,15 @@ from .conditioners import ClassEmbedder, ConditionerConfig, TextConditioner
 from .ddpm import DDPMConfig, DDPMUNet
 from .loading import build, load, load_weights
 from .openai_unet import LDMUNet, LDMUNetConfig
-from .presets import PRESETS, Preset, get_preset
+from .pipelines import ClassifierFreeGuidance, LatentDiffusion
+from .presets import PRESETS, LatentPipelineSpec, Preset, get_preset
 from .tokenizer import CLIPTokenizer
+from .unet import CacheableUNet, check_cacheable
 
 
 __all__ = [
+    "CacheableUNet",
+    "check_cacheable",
     "DDPMConfig",
     "DDPMUNet",
     "LDMUNetConfig",
@@ -29,5 +34,8 @@ __all__ = [
     "load_weights",
     "PRESETS",
     "Preset",
+    "LatentPipelineSpec",
     "get_preset",
+    "LatentDiffusion",
+    "ClassifierFreeGuidance",
 ]

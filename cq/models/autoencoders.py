@@ -8,7 +8,7 @@ the DDPM block vocabulary without time embedding, GroupNorm(32, eps=1e-6), asymm
 the stride-2 downsample conv, single-head 1x1-conv attention in the middle blocks.
 
 The pipeline only needs ``decode`` (latents -> images) and, for round trips, ``encode``; LDM scales latents by
-``scale_factor`` outside the autoencoder (`cq.pipelines.LatentDiffusion`).
+``scale_factor`` outside the autoencoder (`cq.models.LatentDiffusion`).
 """
 
 from __future__ import annotations

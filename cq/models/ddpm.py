@@ -15,14 +15,21 @@ these names through `DDPMUNet.deepcache_branch_point` (``branch=2`` -> ``"up.1.b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..cache.view import CacheView
-from ..errors import CachePointError, ConfigError, InputShapeError
+from ..errors import ConfigError, InputShapeError
 from .layers import MatMul, ddpm_timestep_embedding
+from .unet import CacheableUNet
+
+
+if TYPE_CHECKING:
+    from ..cache.view import CacheView
+    from ..sampling.noise import NoiseSchedule
+    from .presets import Preset
 
 
 __all__ = ["DDPMConfig", "DDPMUNet"]
@@ -173,16 +180,20 @@ class _Mid(nn.Module):
 # The UNet
 
 
-class DDPMUNet(nn.Module):
+class DDPMUNet(CacheableUNet):
     """The DDPM UNet (ddim ``Model``) with named cache points. Unconditional: ``cond`` must be None.
+
+    ``noise_schedule`` and ``preset``: see `CacheableUNet` (`cq.models.build` sets both).
 
     Example:
         >>> unet = DDPMUNet(DDPMConfig(resolution=16, ch=32, ch_mult=(1, 2), attn_resolutions=(8,)))
         >>> eps = unet(torch.randn(2, 3, 16, 16), torch.tensor([10, 500]))
     """
 
-    def __init__(self, config: DDPMConfig):
-        super().__init__()
+    def __init__(
+        self, config: DDPMConfig, *, noise_schedule: NoiseSchedule | None = None, preset: Preset | None = None
+    ):
+        super().__init__(noise_schedule=noise_schedule, preset=preset)
         self.config = c = config
         self.temb_ch = 4 * c.ch
         self.num_resolutions = len(c.ch_mult)
@@ -283,10 +294,6 @@ class DDPMUNet(nn.Module):
             splits[f"{point}.nin_shortcut"] = channels
         return splits
 
-    def example_cond(self, batch: int = 1) -> None:
-        """DDPM UNets are unconditional (the same method as `LDMUNet.example_cond`)."""
-        return None
-
     def io_layers(self) -> tuple[str, ...]:
         """The layers that read the sampler's ``x_t`` and write the predicted noise: ``conv_in``, ``conv_out``.
 
@@ -305,10 +312,6 @@ class DDPMUNet(nn.Module):
             raise ConfigError("DeepCache's branch numbering assumes num_res_blocks=2")
         layer, blk = divmod(branch, 3)
         return f"up.{layer + 1}.block.2" if blk == 2 else f"up.{layer}.block.{1 - blk}"
-
-    def _check_point(self, point: str) -> None:
-        if point not in self._cache_channels:
-            raise CachePointError(f"unknown cache point {point!r}; this UNet exposes {list(self.cache_points())}")
 
     def _skips_needed(self, point: str) -> int:
         """How many skips (``hs[0..k]``) the tail from ``point`` pops: what a shallow call's head produces."""
@@ -334,31 +337,16 @@ class DDPMUNet(nn.Module):
                 f"DDPMUNet expects x of shape [B, {c.in_channels}, {c.resolution}, {c.resolution}], "
                 f"got {tuple(x.shape)}"
             )
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise InputShapeError(
-                f"t must be a scalar or have shape [{x.shape[0]}] (one per sample), got {tuple(t.shape)}"
-            )
-        if cache is not None:
-            for point in cache.record:
-                self._check_point(point)
+        t = self._check_timesteps(t, x.shape[0])
+        self._check_cache(cache)
         temb = ddpm_timestep_embedding(t, c.ch)
         temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))
 
         shallow = cache is not None and cache.is_shallow
-        if shallow:
-            self._check_point(cache.read)
         head_len = self._skips_needed(cache.read) if shallow else self._num_skips
         hs = self._encode(x, temb, head_len)
         if shallow:
-            h = cache.cached()
-            want = (x.shape[0], self._cache_channels[cache.read])
-            if tuple(h.shape[:2]) != want:
-                raise InputShapeError(
-                    f"cached feature at {cache.read!r} has shape {tuple(h.shape)}; "
-                    f"expected [{want[0]}, {want[1]}, ...] (same batch as x)"
-                )
+            h = self._cached(cache, x.shape[0])
             start = self._up_index[cache.read]
         else:
             h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(hs[-1], temb)), temb)

@@ -24,7 +24,8 @@ from .convert_ldm import (
 )
 from .ddpm import DDPMConfig, DDPMUNet
 from .openai_unet import LDMUNet, LDMUNetConfig
-from .presets import PRESETS, Preset, get_preset
+from .presets import FAMILIES, PRESETS, Preset, family_of, get_preset
+from .unet import CacheableUNet
 
 
 __all__ = ["build", "load", "load_weights", "embedded_weights_path", "describe_model", "build_from_description"]
@@ -32,21 +33,11 @@ __all__ = ["build", "load", "load_weights", "embedded_weights_path", "describe_m
 KeyFormat = Literal["auto", "original", "diffusers"]
 
 
-def build(preset: str | Preset, *, seed: int | None = None) -> nn.Module:
-    """A randomly initialised UNet of ``preset`` (for benchmarks and tests), in eval mode.
-
-    The model carries ``noise_schedule`` and ``preset`` attributes the samplers and the CLI read.
-    """
+def build(preset: str | Preset, *, seed: int | None = None) -> CacheableUNet:
+    """A randomly initialised UNet of ``preset`` (for benchmarks and tests), in eval mode, constructed with the
+    preset's ``noise_schedule`` and the ``preset`` itself (what the samplers and the CLI read)."""
     p = get_preset(preset) if isinstance(preset, str) else preset
-    if seed is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            unet = _construct(p.config)
-    else:
-        unet = _construct(p.config)
-    unet.noise_schedule = p.noise
-    unet.preset = p
-    return unet.eval()
+    return _construct(p, p.noise, seed)
 
 
 def load(
@@ -56,7 +47,7 @@ def load(
     format: KeyFormat = "auto",
     ema: bool = True,
     trust_pickle: bool = False,
-) -> nn.Module:
+) -> CacheableUNet:
     """Load a cq UNet with real weights, in eval mode.
 
     Args:
@@ -65,7 +56,7 @@ def load(
         path: weights for the preset: ``.ckpt/.pt/.pth/.bin`` (``weights_only=True``; Lightning ``.ckpt`` files of
             LDM/SD included), ``.safetensors`` or a diffusers folder. Not needed for presets with embedded
             weights (``"demo"``). For latent-diffusion presets a full CompVis checkpoint is fine: only its
-            ``model.diffusion_model.*`` part is read (`cq.pipelines.LatentDiffusion` loads the rest).
+            ``model.diffusion_model.*`` part is read (`cq.models.LatentDiffusion` loads the rest).
         format: key layout of the file; ``"auto"`` detects original vs diffusers keys.
         ema: prefer EMA weights when the file holds both (LDM: the ``model_ema.*`` copy).
         trust_pickle: allow pickles with arbitrary objects (only for files you trust).
@@ -108,7 +99,7 @@ def load(
     raise ConfigError(f"{key!r} is neither a preset ({sorted(PRESETS)}) nor an existing diffusers folder")
 
 
-def _load_diffusers_folder(folder: Path) -> nn.Module:
+def _load_diffusers_folder(folder: Path) -> CacheableUNet:
     """A cq UNet built from a diffusers folder's own ``config.json`` (a malformed one is a CheckpointFormatError)."""
     state, config = read_diffusers_folder(folder)
     try:
@@ -121,15 +112,14 @@ def _load_diffusers_folder(folder: Path) -> nn.Module:
         ) from None
 
 
-def _build_from_diffusers(folder: Path, state: dict[str, Tensor], config: dict) -> nn.Module:
+def _build_from_diffusers(folder: Path, state: dict[str, Tensor], config: dict) -> CacheableUNet:
     if _is_ldm_diffusers_config(config):
-        family, unet_config = "ldm", ldm_unet_config_from_diffusers(config)
+        unet_config = ldm_unet_config_from_diffusers(config)
         sampling = {"steps": 50, "spacing": "ldm", "eta": 0.0}
     else:
-        family, unet_config, sampling = "ddpm", ddpm_config_from_diffusers(config), {}
+        unet_config, sampling = ddpm_config_from_diffusers(config), {}
     preset = Preset(
         name=folder.name,
-        family=family,
         config=unet_config,
         noise=_diffusers_noise_schedule(folder),
         sampling=sampling,
@@ -161,7 +151,8 @@ def load_weights(unet: nn.Module, state: dict[str, Tensor], *, format: KeyFormat
         if state[k].shape != expected[k].shape
     ]
     if missing or unexpected or shapes:
-        hint = f"model preset: {getattr(getattr(unet, 'preset', None), 'name', '?')}; is this the right preset?"
+        preset = unet.preset if isinstance(unet, CacheableUNet) else None
+        hint = f"model preset: {preset.name if preset is not None else '?'}; is this the right preset?"
         raise CheckpointKeyMismatchError(missing=missing, unexpected=unexpected, shape_mismatch=shapes, hint=hint)
     with torch.no_grad():
         for k, v in state.items():
@@ -171,10 +162,9 @@ def load_weights(unet: nn.Module, state: dict[str, Tensor], *, format: KeyFormat
 def describe_model(unet: nn.Module) -> dict:
     """JSON-able description from which `build_from_description` rebuilds the architecture (random weights)."""
     if isinstance(unet, DDPMUNet | LDMUNet):
-        noise = getattr(unet, "noise_schedule", None)
-        preset = getattr(unet, "preset", None)
+        noise, preset = unet.noise_schedule, unet.preset
         return {
-            "family": "ddpm" if isinstance(unet, DDPMUNet) else "ldm",
+            "family": family_of(unet.config),
             "config": dataclasses.asdict(unet.config),
             "noise": dataclasses.asdict(noise) if noise is not None else None,
             # only a registered preset is named: a rebuilt "custom" one describes itself as it was saved
@@ -183,24 +173,20 @@ def describe_model(unet: nn.Module) -> dict:
     raise ConfigError(f"cannot describe a {type(unet).__name__} for saving; only cq UNets can be saved")
 
 
-def build_from_description(desc: dict, *, device: str | torch.device | None = None) -> nn.Module:
+def build_from_description(desc: dict, *, device: str | torch.device | None = None) -> CacheableUNet:
     """Inverse of `describe_model` (weights are random, or unallocated with ``device="meta"``: load a state dict
     into the result)."""
     family = desc.get("family")
-    config_types = {"ddpm": DDPMConfig, "ldm": LDMUNetConfig}
-    if family not in config_types:
+    if family not in FAMILIES:
         raise ConfigError(f"unknown model family {family!r} in a saved model")
     config = dict(desc["config"])
-    config = config_types[family](**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    config = FAMILIES[family](**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
     noise = NoiseSchedule(**desc["noise"]) if desc.get("noise") else None
     name = desc.get("preset")
     preset = PRESETS[name] if name in PRESETS and PRESETS[name].config == config else None
-    p = preset or Preset(name=name or "custom", family=family, config=config, noise=noise or NoiseSchedule())
+    p = preset or Preset(name=name or "custom", config=config, noise=noise or NoiseSchedule())
     with torch.device(device or "cpu"):
-        unet = build(p, seed=0)
-    if noise is not None:
-        unet.noise_schedule = noise
-    return unet
+        return _construct(p, noise if noise is not None else p.noise, seed=0)
 
 
 def embedded_weights_path(preset: Preset) -> Path:
@@ -213,12 +199,20 @@ def embedded_weights_path(preset: Preset) -> Path:
     return path
 
 
-def _construct(config: object) -> nn.Module:
+def _construct(preset: Preset, noise: NoiseSchedule, seed: int | None) -> CacheableUNet:
+    """The UNet of ``preset.config``, initialised under ``seed`` (None: the global RNG), in eval mode."""
+    config = preset.config
     if isinstance(config, DDPMConfig):
-        return DDPMUNet(config)
-    if isinstance(config, LDMUNetConfig):
-        return LDMUNet(config)
-    raise ConfigError(f"no model family for config {type(config).__name__}")
+        kind = DDPMUNet
+    elif isinstance(config, LDMUNetConfig):
+        kind = LDMUNet
+    else:
+        raise ConfigError(f"no model family for config {type(config).__name__}")
+    if seed is None:
+        return kind(config, noise_schedule=noise, preset=preset).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return kind(config, noise_schedule=noise, preset=preset).eval()
 
 
 def _is_ldm_diffusers_config(config: dict) -> bool:

@@ -25,14 +25,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..cache.view import CacheView
-from ..errors import CachePointError, ConfigError, InputShapeError
+from ..errors import ConfigError, InputShapeError
 from .layers import MatMul
+from .unet import CacheableUNet
+
+
+if TYPE_CHECKING:
+    from ..cache.view import CacheView
+    from ..sampling.noise import NoiseSchedule
+    from .presets import Preset
 
 
 __all__ = ["LDMUNetConfig", "LDMUNet", "ldm_timestep_embedding"]
@@ -378,8 +385,10 @@ class TimestepEmbedSequential(nn.Sequential):
 # The UNet
 
 
-class LDMUNet(nn.Module):
+class LDMUNet(CacheableUNet):
     """LDM ``openaimodel.UNetModel`` with named cache points.
+
+    ``noise_schedule`` and ``preset``: see `CacheableUNet` (`cq.models.build` sets both).
 
     Example:
         >>> config = LDMUNetConfig(image_size=8, in_channels=4, out_channels=4, model_channels=32,
@@ -389,8 +398,10 @@ class LDMUNet(nn.Module):
         >>> eps = unet(torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32))
     """
 
-    def __init__(self, config: LDMUNetConfig):
-        super().__init__()
+    def __init__(
+        self, config: LDMUNetConfig, *, noise_schedule: NoiseSchedule | None = None, preset: Preset | None = None
+    ):
+        super().__init__(noise_schedule=noise_schedule, preset=preset)
         self.config = c = config
         mc = c.model_channels
         emb_ch = 4 * mc
@@ -479,6 +490,10 @@ class LDMUNet(nn.Module):
         ``"output_blocks.{N-1}"``."""
         return tuple(self._cache_channels)
 
+    def default_cache_point(self) -> str:
+        """The shallowest point, ``"output_blocks.{N-1}"``: CacheQuant's and DeepCache-LDM's cut."""
+        return self.cache_points()[-1]
+
     def cache_channels(self, point: str) -> int:
         """Channels of the cached tensor at ``point`` (the ``h`` half of its consumer's ``cat(h, skip)``)."""
         self._check_point(point)
@@ -516,10 +531,6 @@ class LDMUNet(nn.Module):
         (kept in float by default, see `cq.quant.Uniform.float_io`)."""
         return ("input_blocks.0.0", "out.2")
 
-    def _check_point(self, point: str) -> None:
-        if point not in self._cache_channels:
-            raise CachePointError(f"unknown cache point {point!r}; this UNet exposes {list(self.cache_points())}")
-
     # ------------------------------------------------------------------------------------------------------------
     # Forward
 
@@ -541,14 +552,9 @@ class LDMUNet(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         batch = x.shape[0]
-        if t.ndim == 0:
-            t = t.expand(batch)
-        if t.shape != (batch,):
-            raise InputShapeError(f"t must be a scalar or have shape [{batch}] (one per sample), got {tuple(t.shape)}")
+        t = self._check_timesteps(t, batch)
         context = self._check_cond(cond, batch)
-        if cache is not None:
-            for point in cache.record:
-                self._check_point(point)
+        self._check_cache(cache)
 
         emb = self.time_embed(ldm_timestep_embedding(t, c.model_channels))
         if c.num_classes is not None:
@@ -557,23 +563,13 @@ class LDMUNet(nn.Module):
         shallow = cache is not None and cache.is_shallow
         start = 0
         if shallow:
-            self._check_point(cache.read)
             start = int(cache.read.rpartition(".")[2])
         hs = []
         h = x
         for block in self.input_blocks[: self._num_blocks - start]:
             h = block(h, emb, context)
             hs.append(h)
-        if shallow:
-            h = cache.cached()
-            want = (batch, self._cache_channels[cache.read])
-            if tuple(h.shape[:2]) != want:
-                raise InputShapeError(
-                    f"cached feature at {cache.read!r} has shape {tuple(h.shape)}; "
-                    f"expected [{want[0]}, {want[1]}, ...] (same batch as x)"
-                )
-        else:
-            h = self.middle_block(h, emb, context)
+        h = self._cached(cache, batch) if shallow else self.middle_block(h, emb, context)
         for j in range(start, len(self.output_blocks)):
             if cache is not None:
                 cache.store(f"output_blocks.{j}", h)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from ..sampling.noise import NoiseSchedule
@@ -14,26 +14,57 @@ from .ddpm import DDPMConfig
 from .openai_unet import LDMUNetConfig
 
 
-__all__ = ["Preset", "PRESETS", "get_preset", "sampling_defaults"]
+if TYPE_CHECKING:
+    from .unet import CacheableUNet
+
+
+__all__ = ["Preset", "LatentPipelineSpec", "PRESETS", "FAMILIES", "family_of", "get_preset", "sampling_defaults"]
+
+# model family -> UNet config type; the family names are what saved models store (`describe_model`)
+FAMILIES: dict[str, type] = {"ddpm": DDPMConfig, "ldm": LDMUNetConfig}
+
+
+def family_of(config: object) -> str:
+    """``"ddpm"`` or ``"ldm"``: the family of a UNet config, by its type."""
+    for family, kind in FAMILIES.items():
+        if isinstance(config, kind):
+            return family
+    raise ConfigError(f"no model family for config {type(config).__name__}; expected one of {list(FAMILIES)}")
 
 
 @dataclass(frozen=True, kw_only=True)
-class Preset:
-    """A named model: what to build, how it was trained to denoise, how it is usually sampled."""
+class LatentPipelineSpec:
+    """What a latent-diffusion model adds around its UNet (`cq.models.LatentDiffusion`)."""
 
-    name: str
-    family: str  # "ddpm" | "ldm"
-    config: Any  # DDPMConfig | LDMUNetConfig
-    noise: NoiseSchedule
-    sampling: dict[str, Any] = field(default_factory=dict)  # default sampler kwargs (steps, spacing, eta)
-    embedded: str | None = None  # file under cq/models/weights/ shipped with the package
-    source: str = ""  # where the real weights come from
-    # latent diffusion only (family "ldm"):
-    autoencoder: AutoencoderConfig | None = None  # the first stage decoding latents into images
+    autoencoder: AutoencoderConfig  # the first stage decoding latents into images
     conditioner: ConditionerConfig | None = None  # labels/prompts -> cond (None: unconditional or label UNet)
     scale_factor: float | None = 1.0  # latents are z * scale_factor; None: read it from the checkpoint
     sampler: str = "ddim"  # default sampler ("ddim" | "plms")
     guidance_scale: float = 1.0  # default classifier-free guidance scale (1: no guidance)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preset:
+    """A named UNet: what to build, how it was trained to denoise, how it is usually sampled; ``pipeline`` for
+    the latent-diffusion parts around it."""
+
+    name: str
+    config: DDPMConfig | LDMUNetConfig
+    noise: NoiseSchedule
+    sampling: dict[str, Any] = field(default_factory=dict)  # default sampler kwargs (steps, spacing, eta)
+    embedded: str | None = None  # file under cq/models/weights/ shipped with the package
+    source: str = ""  # where the real weights come from
+    pipeline: LatentPipelineSpec | None = None  # latent diffusion only
+
+    def __post_init__(self) -> None:
+        family = family_of(self.config)
+        if self.pipeline is not None and family != "ldm":
+            raise ConfigError(f"preset {self.name!r}: a latent pipeline needs an LDMUNetConfig, got a {family} UNet")
+
+    @property
+    def family(self) -> str:
+        """``"ddpm"`` | ``"ldm"``, from the config's type."""
+        return family_of(self.config)
 
 
 _DDPM_NOISE = NoiseSchedule(kind="linear", beta_start=1e-4, beta_end=0.02, num_timesteps=1000)
@@ -43,7 +74,6 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset(
             name="cifar10",
-            family="ddpm",
             config=DDPMConfig(
                 resolution=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1
             ),
@@ -53,7 +83,6 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="church",
-            family="ddpm",
             config=DDPMConfig(
                 resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,)
             ),
@@ -63,7 +92,6 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="bedroom",
-            family="ddpm",
             config=DDPMConfig(
                 resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,)
             ),
@@ -73,7 +101,6 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="demo",
-            family="ddpm",
             config=DDPMConfig(
                 resolution=16,
                 in_channels=1,
@@ -117,7 +144,6 @@ _TINY_CLIP = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_lay
 LDM_PRESETS: list[Preset] = [
     Preset(
         name="ldm-cin256-v2",
-        family="ldm",
         config=LDMUNetConfig(
             image_size=64,
             in_channels=3,
@@ -133,15 +159,16 @@ LDM_PRESETS: list[Preset] = [
         ),
         noise=_LDM4_NOISE,
         sampling={"steps": 250, "spacing": "ldm", "eta": 0.0},
-        autoencoder=_VQ_F4,
-        conditioner=ConditionerConfig(kind="class_embedder", n_classes=1001, embed_dim=512, uncond_class=1000),
-        scale_factor=1.0,
-        guidance_scale=1.5,
+        pipeline=LatentPipelineSpec(
+            autoencoder=_VQ_F4,
+            conditioner=ConditionerConfig(kind="class_embedder", n_classes=1001, embed_dim=512, uncond_class=1000),
+            scale_factor=1.0,
+            guidance_scale=1.5,
+        ),
         source="CompVis latent-diffusion models/ldm/cin256-v2/model.ckpt (configs/latent-diffusion/cin256-v2.yaml)",
     ),
     Preset(
         name="ldm-bedroom",
-        family="ldm",
         config=LDMUNetConfig(
             image_size=64,
             in_channels=3,
@@ -154,13 +181,11 @@ LDM_PRESETS: list[Preset] = [
         ),
         noise=_LDM4_NOISE,
         sampling={"steps": 100, "spacing": "ldm", "eta": 0.0},
-        autoencoder=_VQ_F4,
-        scale_factor=1.0,
+        pipeline=LatentPipelineSpec(autoencoder=_VQ_F4, scale_factor=1.0),
         source="CompVis latent-diffusion models/ldm/lsun_beds256/model.ckpt (lsun_bedrooms-ldm-vq-4.yaml)",
     ),
     Preset(
         name="ldm-church",
-        family="ldm",
         config=LDMUNetConfig(
             image_size=32,
             in_channels=4,
@@ -175,13 +200,14 @@ LDM_PRESETS: list[Preset] = [
         ),
         noise=_CHURCH_NOISE,
         sampling={"steps": 100, "spacing": "ldm", "eta": 0.0},
-        autoencoder=_KL_F8,
-        scale_factor=None,  # scale_by_std: the checkpoint stores its `scale_factor` buffer
+        pipeline=LatentPipelineSpec(
+            autoencoder=_KL_F8,
+            scale_factor=None,  # scale_by_std: the checkpoint stores its `scale_factor` buffer
+        ),
         source="CompVis latent-diffusion models/ldm/lsun_churches256/model.ckpt (lsun_churches-ldm-kl-8.yaml)",
     ),
     Preset(
         name="sd-v1",
-        family="ldm",
         config=LDMUNetConfig(
             image_size=64,
             in_channels=4,
@@ -197,18 +223,19 @@ LDM_PRESETS: list[Preset] = [
         ),
         noise=_SD_NOISE,
         sampling={"steps": 50, "spacing": "ldm", "eta": 0.0},
-        autoencoder=_KL_F8,
-        conditioner=ConditionerConfig(kind="clip_text", text=_CLIP_L14),
-        scale_factor=0.18215,
-        sampler="plms",
-        guidance_scale=7.5,
+        pipeline=LatentPipelineSpec(
+            autoencoder=_KL_F8,
+            conditioner=ConditionerConfig(kind="clip_text", text=_CLIP_L14),
+            scale_factor=0.18215,
+            sampler="plms",
+            guidance_scale=7.5,
+        ),
         source="CompVis sd-v1-4.ckpt / v1-5-pruned-emaonly.{ckpt,safetensors} (v1-inference.yaml) "
         "or a diffusers StableDiffusionPipeline folder",
     ),
-    # tiny configs for tests and CPU demos (random weights; cq.pipelines.LatentDiffusion.build)
+    # tiny configs for tests and CPU demos (random weights; cq.models.LatentDiffusion.build)
     Preset(
         name="tiny-sd",
-        family="ldm",
         config=LDMUNetConfig(
             image_size=8,
             in_channels=4,
@@ -223,16 +250,17 @@ LDM_PRESETS: list[Preset] = [
         ),
         noise=_SD_NOISE,
         sampling={"steps": 10, "spacing": "ldm", "eta": 0.0},
-        autoencoder=_TINY_KL,
-        conditioner=ConditionerConfig(kind="clip_text", text=_TINY_CLIP),
-        scale_factor=0.18215,
-        sampler="plms",
-        guidance_scale=7.5,
+        pipeline=LatentPipelineSpec(
+            autoencoder=_TINY_KL,
+            conditioner=ConditionerConfig(kind="clip_text", text=_TINY_CLIP),
+            scale_factor=0.18215,
+            sampler="plms",
+            guidance_scale=7.5,
+        ),
         source="random weights (structure of sd-v1)",
     ),
     Preset(
         name="tiny-ldm-cin",
-        family="ldm",
         config=LDMUNetConfig(
             image_size=8,
             in_channels=3,
@@ -247,15 +275,16 @@ LDM_PRESETS: list[Preset] = [
         ),
         noise=_LDM4_NOISE,
         sampling={"steps": 10, "spacing": "ldm", "eta": 0.0},
-        autoencoder=_TINY_VQ,
-        conditioner=ConditionerConfig(kind="class_embedder", n_classes=1001, embed_dim=32, uncond_class=1000),
-        scale_factor=1.0,
-        guidance_scale=1.5,
+        pipeline=LatentPipelineSpec(
+            autoencoder=_TINY_VQ,
+            conditioner=ConditionerConfig(kind="class_embedder", n_classes=1001, embed_dim=32, uncond_class=1000),
+            scale_factor=1.0,
+            guidance_scale=1.5,
+        ),
         source="random weights (structure of ldm-cin256-v2)",
     ),
     Preset(
         name="tiny-ldm-bedroom",
-        family="ldm",
         config=LDMUNetConfig(
             image_size=8,
             in_channels=3,
@@ -268,13 +297,11 @@ LDM_PRESETS: list[Preset] = [
         ),
         noise=_LDM4_NOISE,
         sampling={"steps": 10, "spacing": "ldm", "eta": 0.0},
-        autoencoder=_TINY_VQ,
-        scale_factor=1.0,
+        pipeline=LatentPipelineSpec(autoencoder=_TINY_VQ, scale_factor=1.0),
         source="random weights (structure of ldm-bedroom)",
     ),
     Preset(
         name="tiny-ldm-church",
-        family="ldm",
         config=LDMUNetConfig(
             image_size=8,
             in_channels=4,
@@ -289,8 +316,7 @@ LDM_PRESETS: list[Preset] = [
         ),
         noise=_CHURCH_NOISE,
         sampling={"steps": 10, "spacing": "ldm", "eta": 0.0},
-        autoencoder=_TINY_KL,
-        scale_factor=0.5,
+        pipeline=LatentPipelineSpec(autoencoder=_TINY_KL, scale_factor=0.5),
         source="random weights (structure of ldm-church)",
     ),
 ]
@@ -298,7 +324,7 @@ PRESETS.update({p.name: p for p in LDM_PRESETS})
 
 
 def sampling_defaults(
-    unet: object, steps: int | None = None, spacing: str | None = None
+    unet: CacheableUNet, steps: int | None = None, spacing: str | None = None
 ) -> tuple[int, dict[str, Any]]:
     """``(steps, sampler kwargs)`` from a model's preset (``spacing``, ``eta``, ``clip_x0``), ``spacing`` overriding
     the preset's. The same defaults as calling the sampler with these kwargs: nothing is switched silently, so a
@@ -306,7 +332,7 @@ def sampling_defaults(
     any work, with the fix (``spacing='linspace'``)."""
     from ..sampling.noise import ddim_timesteps
 
-    preset = getattr(unet, "preset", None)
+    preset = unet.preset
     defaults = dict(preset.sampling) if preset is not None else {}
     preset_steps = defaults.pop("steps", 50)
     steps = preset_steps if steps is None else steps
@@ -314,7 +340,7 @@ def sampling_defaults(
         raise ConfigError(f"steps must be an int >= 1, got {steps!r}")
     if spacing is not None:
         defaults["spacing"] = spacing
-    noise = getattr(unet, "noise_schedule", None)
+    noise = unet.noise_schedule
     if noise is not None:
         ddim_timesteps(noise.num_timesteps, steps, defaults.get("spacing", "uniform"))
     return steps, defaults

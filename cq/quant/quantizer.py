@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.unet import check_cacheable
 from ..replay import CalibrationBatch, replay
 from .calibrate import RangeTables, observe
 from .layer_table import FLOAT_TO_FAKE, fake_quant_classes
@@ -95,9 +96,9 @@ class Quantizer(ABC):
 
         With ``float_io`` the layers ``unet.io_layers()`` names stay float (why: `cq.models.DDPMUNet.io_layers`).
         """
-        model = copy.deepcopy(unet)
-        splits = model.concat_splits() if hasattr(model, "concat_splits") else {}
-        io = set(model.io_layers()) if self.float_io and hasattr(model, "io_layers") else set()
+        model = copy.deepcopy(check_cacheable(unet, f"{type(self).__name__}.prepare"))
+        splits = model.concat_splits()
+        io = set(model.io_layers()) if self.float_io else set()
         targets = [
             (name, m)
             for name, m in model.named_modules()

@@ -22,6 +22,7 @@ class FullPrecision(SamplerModel):
     """
 
     def __init__(self, unet: nn.Module):
+        # a cq UNet declares its schedule (cq.models.CacheableUNet); a plain network may carry one
         super().__init__(noise_schedule=getattr(unet, "noise_schedule", None))
         self.unet = unet
 

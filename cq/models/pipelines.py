@@ -28,25 +28,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointFormatError, ConfigError, InputShapeError
-from .models.autoencoders import build_autoencoder
-from .models.checkpoint import read_diffusers_folder, read_state_dict
-from .models.clip_text import CLIPTextConfig
-from .models.conditioners import ClassEmbedder, TextConditioner, build_conditioner
-from .models.convert_ldm import autoencoder_from_diffusers, clip_text_state, split_ldm_checkpoint
-from .models.loading import build, load_weights
-from .models.openai_unet import LDMUNet
-from .models.presets import Preset, get_preset
-from .models.tokenizer import CLIPTokenizer
-from .sampling.adapter import FullPrecision, check_step_aware
-from .sampling.ddim import StepInfo, ddim
-from .sampling.model import SamplerModel, fields_of
-from .sampling.plms import plms
+from ..errors import CheckpointFormatError, ConfigError, InputShapeError
+from ..sampling.adapter import FullPrecision, check_step_aware
+from ..sampling.ddim import StepInfo
+from ..sampling.model import SamplerModel, fields_of
+from ..sampling.samplers import SAMPLERS
+from .autoencoders import build_autoencoder
+from .checkpoint import read_diffusers_folder, read_state_dict
+from .clip_text import CLIPTextConfig
+from .conditioners import ClassEmbedder, TextConditioner, build_conditioner
+from .convert_ldm import autoencoder_from_diffusers, clip_text_state, split_ldm_checkpoint
+from .loading import build, load_weights
+from .openai_unet import LDMUNet
+from .presets import Preset, get_preset
+from .tokenizer import CLIPTokenizer
 
 
 __all__ = ["ClassifierFreeGuidance", "LatentDiffusion", "SAMPLERS"]
-
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddim": ddim, "plms": plms}
 
 
 class ClassifierFreeGuidance(SamplerModel):
@@ -121,7 +119,7 @@ class LatentDiffusion(nn.Module):
         self.first_stage = first_stage
         self.conditioner = conditioner
         self.scale_factor = float(scale_factor)
-        self.preset = preset if preset is not None else getattr(unet, "preset", None)
+        self.preset = preset if preset is not None else unet.preset
 
     @property
     def noise_schedule(self):  # noqa: ANN201
@@ -136,13 +134,14 @@ class LatentDiffusion(nn.Module):
     ) -> LatentDiffusion:
         """Random weights for every part (tests, demos, benchmarks), in eval mode."""
         p = _ldm_preset(preset)
+        spec = p.pipeline
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
             unet = build(p)
-            first_stage = build_autoencoder(p.autoencoder)
-            conditioner = build_conditioner(p.conditioner, tokenizer) if p.conditioner is not None else None
-        scale = p.scale_factor if p.scale_factor is not None else 1.0
+            first_stage = build_autoencoder(spec.autoencoder)
+            conditioner = build_conditioner(spec.conditioner, tokenizer) if spec.conditioner is not None else None
+        scale = spec.scale_factor if spec.scale_factor is not None else 1.0
         return cls(unet, first_stage, conditioner, scale_factor=scale, preset=p).eval()
 
     @classmethod
@@ -188,7 +187,7 @@ class LatentDiffusion(nn.Module):
             _load_first_stage(pipe.first_stage, parts["first_stage"], source=path)
             _load_conditioner(pipe.conditioner, parts["cond_stage"], source=path)
             scale = parts["scale_factor"]
-        scale = scale if scale is not None else p.scale_factor
+        scale = scale if scale is not None else p.pipeline.scale_factor
         if scale is None:
             raise CheckpointFormatError(
                 f"preset {p.name!r} reads its latent scale_factor from the checkpoint, but {path} holds none"
@@ -218,7 +217,7 @@ class LatentDiffusion(nn.Module):
 
     def unconditional(self, batch: int) -> Tensor:
         """The ``cond`` of the unconditional branch of classifier-free guidance (batch 1 is broadcast)."""
-        if self.conditioner is None or not hasattr(self.conditioner, "unconditional"):
+        if not isinstance(self.conditioner, ClassEmbedder | TextConditioner):
             raise ConfigError(f"preset {self._name} has no unconditional branch for classifier-free guidance")
         return self.conditioner.unconditional(batch)
 
@@ -264,15 +263,17 @@ class LatentDiffusion(nn.Module):
             model: the denoiser to sample with, e.g. a `CompressedUNet` around ``self.unet``; guidance wraps it.
             decode: return images (True) or latents ``z`` (False; divide by ``scale_factor`` to decode).
         """
-        from .sampling.seeded import seeded_noise
+        from ..sampling.seeded import seeded_noise
 
         p = self.preset
+        spec = p.pipeline if p is not None else None
         defaults = p.sampling if p is not None else {}
         steps = steps or defaults.get("steps", 50)
         eta = defaults.get("eta", 0.0) if eta is None else eta
         spacing = defaults.get("spacing", "ldm")
-        guidance_scale = (p.guidance_scale if p is not None else 1.0) if guidance_scale is None else guidance_scale
-        sampler = sampler or (p.sampler if p is not None else "ddim")
+        if guidance_scale is None:
+            guidance_scale = spec.guidance_scale if spec is not None else 1.0
+        sampler = sampler or (spec.sampler if spec is not None else "ddim")
         if isinstance(sampler, str):
             if sampler not in SAMPLERS:
                 raise ConfigError(f"unknown sampler {sampler!r}; known: {sorted(SAMPLERS)}")
@@ -324,7 +325,7 @@ class LatentDiffusion(nn.Module):
 
 def _ldm_preset(preset: str | Preset) -> Preset:
     p = get_preset(preset) if isinstance(preset, str) else preset
-    if p.family != "ldm" or p.autoencoder is None:
+    if p.pipeline is None:
         raise ConfigError(f"preset {p.name!r} is not a latent-diffusion preset (family {p.family!r})")
     return p
 

@@ -1,0 +1,129 @@
+"""`CacheableUNet`: the contract between a diffusion UNet and cq's cachers, quantizers, tracer and report.
+
+A cacheable UNet names its cut points (DeepCache, Ma et al. CVPR 2024: the feature entering a decoder block) and
+takes them through one explicit slot, ``forward(x, t, cond, cache=CacheView)``: a full call records the features
+the view asks for, a shallow call runs only the encoder prefix and decoder suffix around the view's point and
+reads the stored feature there. `DDPMUNet` and `LDMUNet` implement it; subclass it to bring another UNet.
+"""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+
+from ..errors import CachePointError, ConfigError, InputShapeError
+
+
+if TYPE_CHECKING:
+    from ..cache.view import CacheView
+    from ..sampling.noise import NoiseSchedule
+    from .presets import Preset
+
+__all__ = ["CacheableUNet", "check_cacheable"]
+
+
+class CacheableUNet(nn.Module, metaclass=ABCMeta):
+    """A UNet with named cache points and a `CacheView` slot.
+
+    Args:
+        noise_schedule: the betas it was trained with (the samplers' default), or None.
+        preset: the `Preset` it was built from (sampling defaults, saved name), or None.
+    """
+
+    def __init__(self, *, noise_schedule: NoiseSchedule | None = None, preset: Preset | None = None):
+        super().__init__()
+        from ..sampling.noise import NoiseSchedule
+        from .presets import Preset
+
+        if noise_schedule is not None and not isinstance(noise_schedule, NoiseSchedule):
+            raise ConfigError(f"noise_schedule must be a NoiseSchedule or None, got {type(noise_schedule).__name__}")
+        if preset is not None and not isinstance(preset, Preset):
+            raise ConfigError(f"preset must be a cq.models.Preset or None, got {type(preset).__name__}")
+        self.noise_schedule = noise_schedule
+        self.preset = preset
+
+    @property
+    @abstractmethod
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one input sample ``(C, H, W)``."""
+
+    @abstractmethod
+    def cache_points(self) -> tuple[str, ...]:
+        """Names of the cut points, deepest first."""
+
+    @abstractmethod
+    def default_cache_point(self) -> str:
+        """The point `cq.cache.DeepCache` caches when none is given; one of `cache_points`."""
+
+    @abstractmethod
+    def cache_consumer(self, point: str) -> str:
+        """Name of the block that consumes ``cat(cached, skip)`` at ``point``."""
+
+    @abstractmethod
+    def cache_channels(self, point: str) -> int:
+        """Channels of the cached tensor at ``point``."""
+
+    @abstractmethod
+    def concat_splits(self) -> dict[str, int]:
+        """Modules whose input is ``cat(h, skip)`` along channels -> channel count of ``h`` (split quantization)."""
+
+    @abstractmethod
+    def io_layers(self) -> tuple[str, ...]:
+        """The layers reading ``x_t`` and writing the model output (kept float by `cq.quant.Uniform.float_io`)."""
+
+    @abstractmethod
+    def forward(self, x: Tensor, t: Tensor, cond: Any = None, *, cache: CacheView | None = None) -> Tensor:
+        """The model output for ``x_t`` at timesteps ``t``; ``cache`` records features or runs a shallow call."""
+
+    def example_cond(self, batch: int = 1) -> Tensor | None:
+        """A conditioning input of the right kind (for counting MACs); None for unconditional models."""
+        return None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Input checks shared by the implementations
+
+    def _check_point(self, point: str) -> None:
+        if point not in self.cache_points():
+            raise CachePointError(f"unknown cache point {point!r}; this UNet exposes {list(self.cache_points())}")
+
+    def _check_timesteps(self, t: Tensor, batch: int) -> Tensor:
+        """``t`` of shape ``[batch]`` (a scalar is broadcast)."""
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise InputShapeError(f"t must be a scalar or have shape [{batch}] (one per sample), got {tuple(t.shape)}")
+        return t
+
+    def _check_cache(self, cache: CacheView | None) -> None:
+        """Every point ``cache`` records or reads is one of this UNet's."""
+        if cache is None:
+            return
+        for point in cache.record:
+            self._check_point(point)
+        if cache.is_shallow:
+            self._check_point(cache.read)
+
+    def _cached(self, cache: CacheView, batch: int) -> Tensor:
+        """The stored feature a shallow call reads, checked against the point's batch and channels."""
+        h = cache.cached()
+        want = (batch, self.cache_channels(cache.read))
+        if tuple(h.shape[:2]) != want:
+            raise InputShapeError(
+                f"cached feature at {cache.read!r} has shape {tuple(h.shape)}; "
+                f"expected [{want[0]}, {want[1]}, ...] (same batch as x)"
+            )
+        return h
+
+
+def check_cacheable(obj: object, who: str) -> CacheableUNet:
+    """``obj`` if it is a `CacheableUNet`; else a `ConfigError` saying what ``who`` needs."""
+    if isinstance(obj, CacheableUNet):
+        return obj
+    kind = type(obj)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    raise ConfigError(
+        f"{who} needs a cq UNet (a cq.models.CacheableUNet subclass: named cache points and a `cache=` slot), "
+        f"got {name}; build one with cq.models.build/load or subclass CacheableUNet"
+    )
