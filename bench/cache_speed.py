@@ -3,10 +3,10 @@
     python bench/cache_speed.py                      # everything (about 10 minutes on 2 cores)
     python bench/cache_speed.py --part speed --models cifar10 --intervals 5,10
 
-Speed: for each model, cache point and interval, a DDIM run with DeepCache(Uniform(N)) against the full model
+Speed: for each model, cache point and interval, a DDIM run with DeepCache(UniformSchedule(N)) against the full model
 with the same noise, runs interleaved, medians of ``--repeats``. Random weights are used for the presets
 without embedded weights (speed does not depend on the weights).
-Quality (demo model): x0 error against full precision, same noise, for Uniform / Power / DPS at the same number
+Quality (demo model): x0 error against full precision, same noise, for UniformSchedule / Power / DPS at the same number
 of refreshes; DPS is fitted on a trace of other seeds than the ones evaluated.
 """
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_medians, machine_line, print_table  # noqa: E402
 
 import cq  # noqa: E402
-from cq.cache import DPS, Power, Uniform  # noqa: E402
+from cq.cache import DPS, Power, UniformSchedule  # noqa: E402
 from cq.cache.deepcache import DeepCache  # noqa: E402
 from cq.cache.dps import distance_table, dp_partition  # noqa: E402
 from cq.compressed import CompressedUNet  # noqa: E402
@@ -57,7 +57,7 @@ def speed(
         for point in chosen:
             for n in intervals:
                 model = CompressedUNet(
-                    unet, num_steps=steps, cacher=DeepCache(schedule=Uniform(interval=n), point=point)
+                    unet, num_steps=steps, cacher=DeepCache(schedule=UniformSchedule(interval=n), point=point)
                 )
                 configs[(point, n)] = model
                 runs[f"{point} N={n}"] = lambda m=model, z=noise: ddim(m, z, steps=steps, spacing=SPACING)
@@ -134,7 +134,7 @@ def quality(steps: int, intervals: list[int], num: int, calib: int) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             schedules = {
-                "uniform": Uniform(interval=n),
+                "uniform": UniformSchedule(interval=n),
                 "power 1.5": Power(interval=n, power=1.5),
                 "DPS": DPS(refreshes=k, min_len=1, max_len=3 * n),
                 "DPS [N/2,2N]": DPS(interval=n),

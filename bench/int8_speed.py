@@ -84,7 +84,7 @@ def layers(batches: list[int], repeats: int) -> None:
 def fitted(unet, bits: str, interval: int | None, steps: int, *, symmetric: bool = False, point=None, backend="fake"):
     """CacheQuant (or quant-only when interval is None) fitted on a small trace (calibration is not timed)."""
     weight_bits, _ = parse_bits(bits)
-    quantizer = cq.quant.Uniform(
+    quantizer = cq.quant.UniformQuantizer(
         weight_bits=weight_bits, weight_symmetric=symmetric, refresh_samples=4, cached_samples=2
     )
     if interval is None:
@@ -125,7 +125,7 @@ def whole(unet, batches: list[int], repeats: int) -> None:
         ["batch", "fp32 ms", "fake-quant ms", "int8 ms", "int8 sym-w ms", "int8 vs fp32", "sym-w vs fp32"],
         rows,
         title=f"whole UNet forward (W8A8, DDPM-CIFAR10 preset, {torch.get_num_threads()} threads); int8 = "
-        "CacheQuant's asymmetric weights, sym-w = Uniform(weight_symmetric=True)",
+        "CacheQuant's asymmetric weights, sym-w = UniformQuantizer(weight_symmetric=True)",
     )
 
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_medians, machine_line  # noqa: E402
 
 import cq  # noqa: E402
-from cq.quant import Uniform  # noqa: E402
+from cq.quant import UniformQuantizer  # noqa: E402
 from cq.recipe import Recipe  # noqa: E402
 
 
@@ -26,8 +26,8 @@ def main() -> None:
     print(machine_line())
     unet = cq.models.load("demo").eval()
     trace = cq.trace(unet, steps=50, num_samples=8, points=[unet.default_cache_point()], seed=10_000, progress=False)
-    split = Recipe(quantizer=Uniform(refresh_samples=8, cached_samples=4)).fit(unet, trace, progress=False)
-    single = Recipe(quantizer=Uniform(split_weights=False, refresh_samples=8, cached_samples=4)).fit(
+    split = Recipe(quantizer=UniformQuantizer(refresh_samples=8, cached_samples=4)).fit(unet, trace, progress=False)
+    single = Recipe(quantizer=UniformQuantizer(split_weights=False, refresh_samples=8, cached_samples=4)).fit(
         unet, trace, progress=False
     )
     int8 = copy.deepcopy(split)

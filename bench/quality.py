@@ -26,13 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, print_table  # noqa: E402
 
 import cq  # noqa: E402
-from cq.cache import DPS  # noqa: E402
-from cq.cache import Uniform as UniformSchedule  # noqa: E402
+from cq.cache import (
+    DPS,  # noqa: E402
+    UniformSchedule,  # noqa: E402
+)
 from cq.cache.deepcache import DeepCache  # noqa: E402
 from cq.correct import CacheErrorCorrector, QuantErrorCorrector  # noqa: E402
 from cq.metrics.digits import DigitsScorer  # noqa: E402
 from cq.models.presets import sampling_defaults  # noqa: E402
-from cq.quant import PTQ4DM, Uniform  # noqa: E402
+from cq.quant import PTQ4DM, UniformQuantizer  # noqa: E402
 from cq.recipe import Recipe  # noqa: E402
 from cq.sampling import FullPrecision, ddim  # noqa: E402
 from cq.trace import seeded_noise  # noqa: E402
@@ -48,7 +50,7 @@ def demo_cases(n: int) -> list[tuple[str, Recipe]]:
 
 
 def ablation_cases(n: int) -> list[tuple[str, Recipe]]:
-    q = Uniform()
+    q = UniformQuantizer()
     both = (CacheErrorCorrector(), QuantErrorCorrector())
 
     def cached(schedule, quantizer=None, correctors=()):
@@ -86,13 +88,16 @@ def schedule_cases(n: int) -> list[tuple[str, Recipe]]:
 
 def quant_cases() -> list[tuple[str, Recipe]]:
     return [
-        ("W8A8 (per-step tables)", Recipe(quantizer=Uniform())),
-        ("W4A8 (per-step tables)", Recipe(quantizer=Uniform(weight_bits=4))),
-        ("W8A8, one shared range", Recipe(quantizer=Uniform(per_step=False))),
+        ("W8A8 (per-step tables)", Recipe(quantizer=UniformQuantizer())),
+        ("W4A8 (per-step tables)", Recipe(quantizer=UniformQuantizer(weight_bits=4))),
+        ("W8A8, one shared range", Recipe(quantizer=UniformQuantizer(per_step=False))),
         ("W8A8 PTQ4DM (NDTC, shared)", Recipe(quantizer=PTQ4DM())),
         ("W4A8 PTQ4DM (NDTC, shared)", Recipe(quantizer=PTQ4DM(weight_bits=4))),
-        ("W8A8, io layers quantized (CacheQuant's choice)", Recipe(quantizer=Uniform(float_io=False))),
-        ("W8A8, one weight scale across split halves (before H 1)", Recipe(quantizer=Uniform(split_weights=False))),
+        ("W8A8, io layers quantized (CacheQuant's choice)", Recipe(quantizer=UniformQuantizer(float_io=False))),
+        (
+            "W8A8, one weight scale across split halves (before H 1)",
+            Recipe(quantizer=UniformQuantizer(split_weights=False)),
+        ),
     ]
 
 

@@ -36,7 +36,7 @@ class CqError(Exception):
 class ConfigError(CqError, ValueError):
     """A strategy, preset or model configuration holds an invalid value.
 
-    Example: ``Uniform(interval=0)`` -> "interval must be >= 1, got 0".
+    Example: ``UniformSchedule(interval=0)`` -> "interval must be >= 1, got 0".
     """
 
 

@@ -22,15 +22,14 @@ from typing import TYPE_CHECKING, ClassVar
 
 from torch import nn
 
-from .cache import DPS, Uniform
+from .cache import DPS, UniformSchedule
 from .cache.cacher import Cacher
 from .cache.deepcache import DeepCache
 from .compressed import CompressedUNet
 from .correct import CacheErrorCorrector, Corrector, QuantErrorCorrector, Stage
 from .errors import ConfigError, ReferenceMismatchError
 from .io import fingerprint
-from .quant import Backend, Quantizer
-from .quant import Uniform as UniformQuantizer
+from .quant import Backend, Quantizer, UniformQuantizer
 from .registry import RECIPES, check_registered
 
 
@@ -51,7 +50,7 @@ class Recipe:
     recipe: `cq.load` converts again.
 
     Example:
-        >>> recipe = Recipe(cacher=DeepCache(schedule=DPS(interval=5)), quantizer=cq.quant.Uniform(),
+        >>> recipe = Recipe(cacher=DeepCache(schedule=DPS(interval=5)), quantizer=cq.quant.UniformQuantizer(),
         ...                 correctors=(CacheErrorCorrector(), QuantErrorCorrector()), backend="int8")
         >>> trace = cq.trace(unet, steps=50, num_samples=32, points=recipe.points(unet))
         >>> model = recipe.fit(unet, trace)
@@ -194,7 +193,7 @@ def cachequant(interval: int = 5, bits: str = "w8a8", point: str | None = None, 
 
 def deepcache(interval: int = 5, point: str | None = None) -> Recipe:
     """DeepCache alone: uniform refresh every ``interval`` steps, full precision."""
-    return Recipe(cacher=DeepCache(schedule=Uniform(interval=interval), point=point))
+    return Recipe(cacher=DeepCache(schedule=UniformSchedule(interval=interval), point=point))
 
 
 def quant_only(bits: str = "w8a8", backend: str = "fake") -> Recipe:
@@ -204,7 +203,7 @@ def quant_only(bits: str = "w8a8", backend: str = "fake") -> Recipe:
 
 def naive(interval: int = 5, bits: str = "w8a8", point: str | None = None, backend: str = "fake") -> Recipe:
     """DeepCache (uniform) + quantization, without DPS or DEC: the baseline CacheQuant improves on."""
-    cacher = DeepCache(schedule=Uniform(interval=interval), point=point)
+    cacher = DeepCache(schedule=UniformSchedule(interval=interval), point=point)
     return Recipe(cacher=cacher, quantizer=_quantizer(bits), backend=backend)
 
 

@@ -1,11 +1,12 @@
 """Per-kind registries of strategies, used for `to_dict` / `from_dict`, the CLI and test sweeps.
 
-Python users never need a registry: they construct strategies directly (``Uniform(interval=5)``). A registry maps
-the names found in saved recipes and on the command line back to classes. Registration is explicit and greppable::
+Python users never need a registry: they construct strategies directly (``UniformSchedule(interval=5)``). A
+registry maps the names found in saved recipes and on the command line back to classes. Registration is
+explicit and greppable::
 
     @SCHEDULES.register("uniform")
     @dataclass(frozen=True, kw_only=True)
-    class Uniform(Schedule): ...
+    class UniformSchedule(Schedule): ...
 
 Serialised form: ``{"kind": "schedule", "type": "uniform", "version": 1, **fields}``; nested strategies are
 serialised recursively, tuples become lists and come back as tuples.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import typing
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -33,6 +35,7 @@ __all__ = [
     "CORRECTORS",
     "RECIPES",
     "check_registered",
+    "deprecated_alias",
 ]
 
 T = TypeVar("T", bound=type)
@@ -207,3 +210,14 @@ def _wants_tuple(hint: Any) -> bool:
 def _item_hint(hint: Any) -> Any:
     args = typing.get_args(hint)
     return args[0] if args else None
+
+
+def deprecated_alias(old: str, cls: type) -> type:
+    """``cls``, warning that it was asked for by its former public name ``old`` (module ``__getattr__``)."""
+    warnings.warn(
+        f"{old} is deprecated and will be removed in the next release: use {cls.__module__.rsplit('.', 1)[0]}."
+        f"{cls.__name__} (the same class; saved files are unaffected)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return cls

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 import cq
-from cq.cache import DPS, CacheView, Power, Uniform
+from cq.cache import DPS, CacheView, Power, UniformSchedule
 from cq.cache.deepcache import DeepCache
 from cq.compressed import CompressedUNet
 from cq.errors import CacheEmptyError, CachePointError, ScheduleInvalidError, StepCountMismatchError
@@ -33,7 +33,7 @@ def reference(unet, noise) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("point_index", range(6))
-@pytest.mark.parametrize("schedule", [Uniform(interval=1), Power(interval=1), DPS(interval=1)])
+@pytest.mark.parametrize("schedule", [UniformSchedule(interval=1), Power(interval=1), DPS(interval=1)])
 def test_interval_one_is_bit_identical_to_no_cache(unet, noise, reference, schedule, point_index):
     point = unet.cache_points()[point_index]
     trace = cq.trace(unet, steps=STEPS, num_samples=2, points=[point], spacing="linspace", progress=False)
@@ -44,7 +44,7 @@ def test_interval_one_is_bit_identical_to_no_cache(unet, noise, reference, sched
 
 
 def test_caching_changes_the_result_and_skips_work(unet, noise, reference):
-    model = CompressedUNet(unet, num_steps=STEPS, cacher=DeepCache(schedule=Uniform(interval=4)))
+    model = CompressedUNet(unet, num_steps=STEPS, cacher=DeepCache(schedule=UniformSchedule(interval=4)))
     out = ddim(model, noise, steps=STEPS, spacing="linspace")
     assert not torch.equal(out, reference)
     assert model.refresh_mask() == (True, False, False, False, True, False, False, False)
@@ -52,7 +52,7 @@ def test_caching_changes_the_result_and_skips_work(unet, noise, reference):
 
 @given(step=st.integers(0, STEPS - 1))
 def test_same_step_twice_gives_the_same_output(unet, noise, step):
-    model = CompressedUNet(unet, num_steps=STEPS, cacher=DeepCache(schedule=Uniform(interval=3)))
+    model = CompressedUNet(unet, num_steps=STEPS, cacher=DeepCache(schedule=UniformSchedule(interval=3)))
     t = torch.full((3,), 500)
     refresh = model.cache.source[step]
     model(noise, t, step=refresh)  # fill the cache as a sampler would
@@ -62,7 +62,7 @@ def test_same_step_twice_gives_the_same_output(unet, noise, step):
 
 
 def test_cached_step_before_its_refresh_raises(unet, noise):
-    model = CompressedUNet(unet, num_steps=STEPS, cacher=DeepCache(schedule=Uniform(interval=4)))
+    model = CompressedUNet(unet, num_steps=STEPS, cacher=DeepCache(schedule=UniformSchedule(interval=4)))
     t = torch.full((3,), 500)
     with pytest.raises(CacheEmptyError, match="refresh step 0"):
         model(noise, t, step=1)
@@ -75,7 +75,7 @@ def test_cached_step_before_its_refresh_raises(unet, noise):
 
 
 def test_step_out_of_range_and_sampler_step_count_mismatch(unet, noise):
-    model = CompressedUNet(unet, num_steps=STEPS, cacher=DeepCache(schedule=Uniform(interval=2)))
+    model = CompressedUNet(unet, num_steps=STEPS, cacher=DeepCache(schedule=UniformSchedule(interval=2)))
     with pytest.raises(StepCountMismatchError):
         model(noise, torch.full((3,), 1), step=STEPS)
     with pytest.raises(StepCountMismatchError, match=str(STEPS)):
@@ -91,9 +91,13 @@ def test_dps_cacher_needs_a_trace_with_its_point(unet):
 
 
 def test_deepcache_point_resolution(unet):
-    assert DeepCache(schedule=Uniform(interval=2)).resolve_point(unet) == unet.default_cache_point() == "up.1.block.2"
+    assert (
+        DeepCache(schedule=UniformSchedule(interval=2)).resolve_point(unet)
+        == unet.default_cache_point()
+        == "up.1.block.2"
+    )
     with pytest.raises(CachePointError, match="up.9.block.0"):
-        DeepCache(schedule=Uniform(interval=2), point="up.9.block.0").resolve_point(unet)
+        DeepCache(schedule=UniformSchedule(interval=2), point="up.9.block.0").resolve_point(unet)
 
 
 def test_fitted_cacher_round_trips(unet):
@@ -151,7 +155,7 @@ def test_cifar10_preset_macs_match_the_published_count():
 
 @given(T=st.integers(1, 200), N=st.integers(1, 30), ratio=st.floats(0.01, 1.0))
 def test_predicted_speedup_formula(T, N, ratio):
-    mask = Uniform(interval=N).refresh_mask(T)
+    mask = UniformSchedule(interval=N).refresh_mask(T)
     speedup = predicted_speedup(1.0, ratio, mask)
     K = sum(mask)
     assert speedup == pytest.approx(T / (K + (T - K) * ratio))

@@ -9,13 +9,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cq
-from cq.cache import CacheView
-from cq.cache import Uniform as UniformSchedule
+from cq.cache import CacheView, UniformSchedule
 from cq.cache.deepcache import DeepCache
 from cq.compressed import CompressedUNet
 from cq.correct import CacheErrorCorrector, ChannelAffine, ChannelMoments, QuantErrorCorrector, affine_fit
 from cq.errors import ConfigError
-from cq.quant import Uniform as UniformQuantizer
+from cq.quant import UniformQuantizer
 from cq.registry import CORRECTORS, from_dict, to_dict
 from cq.step import step_scope
 

@@ -12,13 +12,12 @@ import pytest
 import torch
 
 import cq
-from cq.cache import DPS
-from cq.cache import Uniform as UniformSchedule
+from cq.cache import DPS, UniformSchedule
 from cq.cache.deepcache import DeepCache
 from cq.correct import CacheErrorCorrector, QuantErrorCorrector
 from cq.metrics import sample_error
 from cq.models.presets import sampling_defaults
-from cq.quant import Uniform as UniformQuantizer
+from cq.quant import UniformQuantizer
 from cq.recipe import Recipe
 from cq.sampling import FullPrecision, ddim
 from cq.trace import seeded_noise

@@ -211,3 +211,42 @@ def test_broken_entry_point_is_a_plugin_error(isolated_schedules):
     (dist / "entry_points.txt").write_text("[cq.strategies]\nbroken = cq_test_missing_module_xyz\n")
     with pytest.raises(PluginError, match="'broken'"):
         from_dict({"kind": "schedule", "type": "still_unknown", "version": 1})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# public names
+
+
+def test_the_two_uniforms_have_distinct_names_and_old_names_warn():
+    from cq.cache import UniformSchedule
+    from cq.quant import UniformQuantizer
+
+    assert UniformSchedule.registry_name == UniformQuantizer.registry_name == "uniform"  # saved files unchanged
+    with pytest.warns(DeprecationWarning, match="cq.cache.UniformSchedule"):
+        assert cq.cache.Uniform is UniformSchedule
+    with pytest.warns(DeprecationWarning, match="cq.quant.UniformQuantizer"):
+        assert cq.quant.Uniform is UniformQuantizer
+    with pytest.raises(AttributeError):
+        cq.cache.NoSuchName  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("package", "names"),
+    [
+        ("cq", ["save", "load", "report", "evaluate", "trace", "Recipe", "CompressedUNet"]),
+        ("cq.cache", ["Cacher", "DeepCache", "FeatureCache", "Schedule", "UniformSchedule", "Power", "DPS"]),
+        ("cq.quant", ["Quantizer", "UniformQuantizer", "PTQ4DM", "QuantSpec", "qparams", "fake_quantize", "Backend"]),
+        ("cq.correct", ["Corrector", "Stage", "CacheErrorCorrector", "QuantErrorCorrector", "ChannelAffine"]),
+        ("cq.sampling", ["ddim", "plms", "seeded_noise", "SamplerModel", "FullPrecision", "SamplerSettings"]),
+        ("cq.models", ["CacheableUNet", "check_cacheable", "LatentDiffusion", "ClassifierFreeGuidance"]),
+        ("cq.registry", ["SCHEDULES", "CACHERS", "QUANTIZERS", "CORRECTORS", "check_registered"]),
+    ],
+)
+def test_public_pieces_are_importable_from_their_package(package, names):
+    import importlib
+
+    module = importlib.import_module(package)
+    missing = [n for n in names if n not in getattr(module, "__all__", ())]
+    assert not missing, f"{package}.__all__ lacks {missing}"
+    for name in names:
+        assert getattr(module, name) is not None

@@ -252,7 +252,9 @@ def _fit(setup, bits: str):
     recipe = cq.Recipe(
         cacher=recipe.cacher,
         correctors=recipe.correctors,
-        quantizer=cq.quant.Uniform(weight_bits=recipe.quantizer.weight_bits, refresh_samples=4, cached_samples=2),
+        quantizer=cq.quant.UniformQuantizer(
+            weight_bits=recipe.quantizer.weight_bits, refresh_samples=4, cached_samples=2
+        ),
     )
     return recipe.fit(unet, trace, progress=False)
 
@@ -337,7 +339,7 @@ def test_to_int8_refuses_unknown_backends_and_keeps_uncalibrated_layers(setup):
     unet, _ = setup
     with pytest.raises(ConfigError, match="backend must be one of"):
         to_int8(unet, backend="tensorrt")
-    prepared = cq.quant.Uniform().prepare(unet, 6)  # structure only: no activation range yet
+    prepared = cq.quant.UniformQuantizer().prepare(unet, 6)  # structure only: no activation range yet
     status = to_int8(prepared)
     assert status and all(v == "fake-quant (activations not calibrated)" for v in status.values())
     assert int8_layers(prepared)["int8"] == 0
@@ -347,7 +349,7 @@ def test_to_int8_refuses_unknown_backends_and_keeps_uncalibrated_layers(setup):
 def test_recipe_backend_int8_fits_converts_saves_and_loads_converted(setup, tmp_path):
     unet, trace = setup
     assert cq.quant_only("w8a8", backend="int8").backend == "int8"
-    recipe = Recipe(quantizer=cq.quant.Uniform(refresh_samples=4, cached_samples=2), backend="int8")
+    recipe = Recipe(quantizer=cq.quant.UniformQuantizer(refresh_samples=4, cached_samples=2), backend="int8")
     model = recipe.fit(unet, trace, progress=False)
     assert int8_layers(model.unet)["fake-quant"] == 0
     assert set(model.execution.values()) == {"int8 (oneDNN)", "int8 (torch._int_mm)"}
@@ -362,7 +364,7 @@ def test_recipe_backend_int8_fits_converts_saves_and_loads_converted(setup, tmp_
 
 def test_recipe_backend_is_checked():
     with pytest.raises(ConfigError, match="backend must be one of"):
-        Recipe(quantizer=cq.quant.Uniform(), backend="int4")
+        Recipe(quantizer=cq.quant.UniformQuantizer(), backend="int4")
     with pytest.raises(ConfigError, match="needs a quantizer"):
         Recipe(cacher=cq.deepcache(5).cacher, backend="int8")
 

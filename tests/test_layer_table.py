@@ -76,7 +76,7 @@ def test_kind_of_follows_subclasses_and_ignores_other_modules():
 
 
 def test_prepare_replaces_each_float_layer_by_its_rows_fake_class(unet):
-    prepared = cq.quant.Uniform(float_io=False).prepare(unet, STEPS)
+    prepared = cq.quant.UniformQuantizer(float_io=False).prepare(unet, STEPS)
     floats = {n: m for n, m in unet.named_modules() if type(m) in FLOAT_TO_FAKE}
     assert floats
     for name, module in floats.items():
@@ -149,7 +149,7 @@ def test_matmul_and_conv1d_macs_are_equal_in_every_stage(m, k, n, batch):
 @pytest.mark.parametrize("backend", ["int8", "int_mm"])
 def test_a_model_counts_the_same_macs_per_layer_float_fake_and_converted(unet, backend):
     """Per layer, and in `report`: converting to integer kernels changes no MAC count."""
-    fake = _calibrate(cq.quant.Uniform().prepare(unet, STEPS))
+    fake = _calibrate(cq.quant.UniformQuantizer().prepare(unet, STEPS))
     converted = copy.deepcopy(fake)
     status = to_int8(converted, backend)
     assert int8_layers(converted)["int8"] > 0 and any(v.startswith("int8") for v in status.values())
@@ -181,7 +181,7 @@ def test_backend_is_saved_as_its_string_and_used_by_recipe_to_int8_and_cli(unet)
     assert json.loads(json.dumps(to_dict(recipe)))["backend"] == "int8"
     assert cq.quant_only("w8a8").int8_kernels is None
     with pytest.raises(ConfigError, match="backend must be one of"):
-        to_int8(cq.quant.Uniform().prepare(unet, STEPS), Backend.FAKE)  # fake has no kernels to convert to
+        to_int8(cq.quant.UniformQuantizer().prepare(unet, STEPS), Backend.FAKE)  # fake has no kernels to convert to
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     option = next(a for a in commands.choices["fit"]._actions if a.dest == "backend")
     assert option.choices == [b.value for b in Backend]

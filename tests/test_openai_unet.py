@@ -673,7 +673,7 @@ def test_attention_matmuls_are_named_modules():
 @pytest.mark.slow
 def test_cachequant_recipe_fits_a_tiny_ldm():
     """The CacheQuant recipe (DPS, per-step quantization, both DEC corrections) runs on an LDM UNet with context."""
-    from cq.quant import Uniform as UniformQuantizer
+    from cq.quant import UniformQuantizer
     from cq.quant.modules import QConv2d
     from cq.recipe import Recipe, cachequant
 
@@ -713,7 +713,7 @@ def test_legacy_attention_conv1d_is_quantized_and_counted():
         unet(x, t)
     assert count_macs(unet, x, t).total == counter.get_total_flops() // 2
     trace = cq.trace(unet, steps=2, num_samples=2, spacing="linspace", progress=False)
-    model = cq.Recipe(quantizer=cq.quant.Uniform(refresh_samples=2)).fit(unet, trace, progress=False)
+    model = cq.Recipe(quantizer=cq.quant.UniformQuantizer(refresh_samples=2)).fit(unet, trace, progress=False)
     kinds = quantized_modules(model.unet)
     conv1d = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv1d)]
     assert conv1d and all(kinds[n] == "QConv1d" for n in conv1d)

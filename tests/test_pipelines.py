@@ -17,7 +17,7 @@ from torch import nn
 
 import cq
 from cq.cache.deepcache import DeepCache
-from cq.cache.uniform import Uniform
+from cq.cache.uniform import UniformSchedule
 from cq.compressed import CompressedUNet
 from cq.errors import (
     CheckpointFormatError,
@@ -159,11 +159,11 @@ def test_guidance_through_a_cached_compressed_unet(sd):
                 ClassifierFreeGuidance(FullPrecision(unet), 7.5, uncond), noise, steps=steps, cond=cond, spacing="ldm"
             )
             calls.clear()
-            every = CompressedUNet(unet, num_steps=steps, cacher=DeepCache(schedule=Uniform(interval=1)))
+            every = CompressedUNet(unet, num_steps=steps, cacher=DeepCache(schedule=UniformSchedule(interval=1)))
             same = ddim(ClassifierFreeGuidance(every, 7.5, uncond), noise, steps=steps, cond=cond, spacing="ldm")
             assert calls == [4] * steps
             calls.clear()
-            cached = CompressedUNet(unet, num_steps=steps, cacher=DeepCache(schedule=Uniform(interval=2)))
+            cached = CompressedUNet(unet, num_steps=steps, cacher=DeepCache(schedule=UniformSchedule(interval=2)))
             guided = ClassifierFreeGuidance(cached, 7.5, uncond)
             assert guided.num_steps == steps and guided.noise_schedule is unet.noise_schedule
             out = ddim(guided, noise, steps=steps, cond=cond, spacing="ldm")
@@ -208,7 +208,9 @@ def test_tiny_sd_samples_end_to_end(sd):
 def test_sampling_with_a_compressed_unet_for_plms(sd):
     """A CompressedUNet fitted for PLMS takes plms.num_calls(steps) as its step count."""
     steps = 5
-    model = CompressedUNet(sd.unet, num_steps=plms.num_calls(steps), cacher=DeepCache(schedule=Uniform(interval=2)))
+    model = CompressedUNet(
+        sd.unet, num_steps=plms.num_calls(steps), cacher=DeepCache(schedule=UniformSchedule(interval=2))
+    )
     images = sd.sample(cond=["a cat"], steps=steps, seed=0, model=model)
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
 

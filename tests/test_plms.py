@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from cq.cache.deepcache import DeepCache
-from cq.cache.uniform import Uniform
+from cq.cache.uniform import UniformSchedule
 from cq.compressed import CompressedUNet
 from cq.errors import ConfigError, StepCountMismatchError
 from cq.models import build
@@ -172,9 +172,9 @@ def test_compressed_unet_fitted_for_plms_calls():
     from cq.sampling import FullPrecision
 
     plain = plms(FullPrecision(unet), x, steps=steps)
-    every = CompressedUNet(unet, num_steps=num_calls(steps), cacher=DeepCache(schedule=Uniform(interval=1)))
+    every = CompressedUNet(unet, num_steps=num_calls(steps), cacher=DeepCache(schedule=UniformSchedule(interval=1)))
     assert torch.equal(plms(every, x, steps=steps), plain)
-    cached = CompressedUNet(unet, num_steps=num_calls(steps), cacher=DeepCache(schedule=Uniform(interval=3)))
+    cached = CompressedUNet(unet, num_steps=num_calls(steps), cacher=DeepCache(schedule=UniformSchedule(interval=3)))
     assert cached.refresh_mask() == (True, False, False, True, False, False)
     out = plms(cached, x, steps=steps)
     assert out.shape == x.shape and torch.isfinite(out).all() and not torch.equal(out, plain)

@@ -9,13 +9,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 import cq
-from cq.cache import Uniform as UniformSchedule
+from cq.cache import UniformSchedule
 from cq.cache.deepcache import DeepCache
 from cq.compressed import CompressedUNet
 from cq.errors import ConfigError, StepNotSetError
 from cq.metrics.error import sqnr
 from cq.models.layers import MatMul
-from cq.quant import PTQ4DM, ActQuantizer, QConv2d, QLinear, QMatMul, Uniform, quantized_modules
+from cq.quant import PTQ4DM, ActQuantizer, QConv2d, QLinear, QMatMul, UniformQuantizer, quantized_modules
 from cq.quant.calibrate import observe
 from cq.quant.ptq4dm import ndtc_steps
 from cq.quant.spec import QuantSpec
@@ -42,7 +42,7 @@ def cacher(unet, trace):
 
 @pytest.fixture(scope="module")
 def w8a8(unet, trace, cacher):
-    return Uniform(refresh_samples=8, cached_samples=4).quantize(unet, trace, cacher=cacher, progress=False)
+    return UniformQuantizer(refresh_samples=8, cached_samples=4).quantize(unet, trace, cacher=cacher, progress=False)
 
 
 def _float_ops(model: nn.Module) -> list[str]:
@@ -53,7 +53,7 @@ def test_every_conv_linear_and_matmul_but_the_io_layers_is_replaced(unet, w8a8):
     replaced = quantized_modules(w8a8)
     assert set(replaced) == set(_float_ops(unet)) - set(unet.io_layers())
     assert _float_ops(w8a8) == list(unet.io_layers())  # the input and output layers stay float (float_io)
-    everything = Uniform(float_io=False).prepare(unet, STEPS)
+    everything = UniformQuantizer(float_io=False).prepare(unet, STEPS)
     assert set(quantized_modules(everything)) == set(_float_ops(unet)) and _float_ops(everything) == []
     kinds = {type(unet.get_submodule(n)): k for n, k in replaced.items()}
     assert kinds == {nn.Conv2d: "QConv2d", nn.Linear: "QLinear", MatMul: "QMatMul"}
@@ -65,16 +65,16 @@ def test_input_unet_is_untouched(unet, w8a8):
 
 
 def test_skip_and_include_patterns(unet, trace):
-    q = Uniform(skip=("*attn*", "temb.*")).prepare(unet, STEPS)
+    q = UniformQuantizer(skip=("*attn*", "temb.*")).prepare(unet, STEPS)
     names = quantized_modules(q)
     assert not any("attn" in n or n.startswith("temb.") for n in names)
     assert isinstance(q.get_submodule("mid.attn_1.q"), nn.Conv2d)
-    only = Uniform(include=("conv_in",), float_io=False).prepare(unet, STEPS)
+    only = UniformQuantizer(include=("conv_in",), float_io=False).prepare(unet, STEPS)
     assert list(quantized_modules(only)) == ["conv_in"]
     with pytest.raises(ConfigError, match="select no module"):  # the io layers are float by default
-        Uniform(include=("conv_in",)).prepare(unet, STEPS)
+        UniformQuantizer(include=("conv_in",)).prepare(unet, STEPS)
     with pytest.raises(ConfigError, match="select no module"):
-        Uniform(include=("nothing*",)).prepare(unet, STEPS)
+        UniformQuantizer(include=("nothing*",)).prepare(unet, STEPS)
 
 
 def test_concat_inputs_get_split_quantizers(unet, w8a8):
@@ -85,7 +85,7 @@ def test_concat_inputs_get_split_quantizers(unet, w8a8):
 
 
 def test_first_and_last_layers_stay_8bit_by_name(unet, trace, cacher):
-    q = Uniform(weight_bits=4, refresh_samples=4, cached_samples=2, float_io=False).prepare(unet, STEPS)
+    q = UniformQuantizer(weight_bits=4, refresh_samples=4, cached_samples=2, float_io=False).prepare(unet, STEPS)
     assert q.conv_in.weight.spec.bits == 8 and q.conv_out.weight.spec.bits == 8
     assert q.get_submodule("up.0.block.0.conv1").weight.spec.bits == 4
     assert int(q.get_submodule("up.0.block.0.conv1").weight.weight_q.max()) <= 15
@@ -99,7 +99,7 @@ def test_no_observer_or_hook_is_left_after_convert(w8a8):
 
 
 def test_observe_removes_its_hooks_even_on_error(unet):
-    q = Uniform().prepare(unet, STEPS)
+    q = UniformQuantizer().prepare(unet, STEPS)
     with pytest.raises(RuntimeError, match="boom"), observe(q):
         raise RuntimeError("boom")
     assert not any(m._forward_pre_hooks for m in q.modules())
@@ -107,8 +107,8 @@ def test_observe_removes_its_hooks_even_on_error(unet):
 
 def test_calibration_runs_the_cached_model(unet, trace, cacher):
     """Deep layers are observed only at refresh steps (the shallow path skips them), tail layers at every step."""
-    q = Uniform(refresh_samples=4, cached_samples=2, float_io=False).prepare(unet, STEPS)
-    tables = Uniform(refresh_samples=4, cached_samples=2).calibrate(q, trace, cacher=cacher, progress=False)
+    q = UniformQuantizer(refresh_samples=4, cached_samples=2, float_io=False).prepare(unet, STEPS)
+    tables = UniformQuantizer(refresh_samples=4, cached_samples=2).calibrate(q, trace, cacher=cacher, progress=False)
     mask = torch.tensor(cacher.schedule.refresh_mask(STEPS))
     assert torch.equal(tables.seen["mid.block_1.conv1.act"], mask)
     assert bool(tables.seen["conv_out.act"].all()) and bool(tables.seen["conv_in.act"].all())
@@ -149,7 +149,7 @@ def test_quantized_state_dict_round_trips(unet, trace, w8a8):
     assert state["up.0.block.0.conv1.weight.weight_q"].dtype == torch.uint8
     float_convs = {k for k, v in state.items() if k.endswith(".weight") and v.is_floating_point() and v.ndim == 4}
     assert float_convs == {"conv_in.weight", "conv_out.weight"}  # only the io layers keep float weights
-    fresh = Uniform().prepare(unet, STEPS)  # weights quantized from the float model, tables uncalibrated
+    fresh = UniformQuantizer().prepare(unet, STEPS)  # weights quantized from the float model, tables uncalibrated
     fresh.load_state_dict(state)
     x, t = trace.x[1, :3], trace.timesteps[1].expand(3)
     with torch.no_grad(), step_scope(1):
@@ -157,7 +157,7 @@ def test_quantized_state_dict_round_trips(unet, trace, w8a8):
 
 
 def test_w8a8_is_close_to_full_precision_and_w4a8_is_worse(unet, trace, cacher, w8a8):
-    w4a8 = Uniform(weight_bits=4, refresh_samples=8, cached_samples=4).quantize(
+    w4a8 = UniformQuantizer(weight_bits=4, refresh_samples=8, cached_samples=4).quantize(
         unet, trace, cacher=cacher, progress=False
     )
     x, t = trace.x[3, :4], trace.timesteps[3].expand(4)
@@ -178,9 +178,9 @@ def test_quantized_model_samples_through_compressed_unet(unet, trace, cacher, w8
 
 
 def test_trace_step_count_must_match(unet, trace):
-    q = Uniform().prepare(unet, STEPS + 1)
+    q = UniformQuantizer().prepare(unet, STEPS + 1)
     with pytest.raises(ConfigError, match="tables"):
-        Uniform().calibrate(q, trace, progress=False)
+        UniformQuantizer().calibrate(q, trace, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,7 +251,7 @@ def test_ptq4dm_shares_one_range_across_steps(unet, trace, cacher):
 
 quantizers = st.one_of(
     st.builds(
-        Uniform,
+        UniformQuantizer,
         weight_bits=st.integers(2, 8),
         act_bits=st.integers(2, 8),
         per_step=st.booleans(),
@@ -280,9 +280,9 @@ def test_registered_quantizers():
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: Uniform(weight_bits=9),
-        lambda: Uniform(act_bits=1),
-        lambda: Uniform(refresh_samples=0),
+        lambda: UniformQuantizer(weight_bits=9),
+        lambda: UniformQuantizer(act_bits=1),
+        lambda: UniformQuantizer(refresh_samples=0),
         lambda: PTQ4DM(std=0),
         lambda: PTQ4DM(samples=0),
     ],
@@ -323,10 +323,10 @@ def test_softmax_operands_keep_the_fixed_unit_range(unet, w8a8):
 def test_version_1_quantizers_keep_their_io_layers_quantized():
     from cq.registry import from_dict, to_dict
 
-    data = to_dict(Uniform())
+    data = to_dict(UniformQuantizer())
     data.pop("float_io")
     data["version"] = 1
-    assert from_dict(data).float_io is False and from_dict(to_dict(Uniform())).float_io is True
+    assert from_dict(data).float_io is False and from_dict(to_dict(UniformQuantizer())).float_io is True
 
 
 def test_shared_ranges_cover_every_step_in_any_order(unet, trace):
@@ -336,7 +336,7 @@ def test_shared_ranges_cover_every_step_in_any_order(unet, trace):
     from cq.replay import CalibrationBatch, replay
 
     def tables(order):
-        model = Uniform(per_step=False).prepare(unet, STEPS)
+        model = UniformQuantizer(per_step=False).prepare(unet, STEPS)
         batches = [CalibrationBatch(step=i, rows=torch.arange(3)) for i in order]
         with observe(model, RangeTables()) as t:
             replay(model, trace, batches)
@@ -356,7 +356,7 @@ def test_split_convs_quantize_each_input_half_on_its_own(unet):
     splits = unet.concat_splits()
     assert splits
     for split_weights in (True, False):
-        q = Uniform(split_weights=split_weights).prepare(unet, num_steps=2)
+        q = UniformQuantizer(split_weights=split_weights).prepare(unet, num_steps=2)
         for name, c in splits.items():
             module, w = q.get_submodule(name), unet.get_submodule(name).weight
             if split_weights:
@@ -365,7 +365,7 @@ def test_split_convs_quantize_each_input_half_on_its_own(unet):
             else:
                 assert module.weight_skip is None and module.weight.weight_q.shape == w.shape
     v2 = from_dict({"kind": "quantizer", "type": "uniform", "version": 2})
-    assert v2.split_weights is False and Uniform().split_weights is True
+    assert v2.split_weights is False and UniformQuantizer().split_weights is True
 
 
 @given(scale=st.floats(1e-3, 1e-1), seed=st.integers(0, 10**6))

@@ -11,13 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cq
-from cq.cache import DPS, Power
-from cq.cache import Uniform as UniformSchedule
+from cq.cache import DPS, Power, UniformSchedule
 from cq.cache.deepcache import DeepCache
 from cq.correct import CacheErrorCorrector, QuantErrorCorrector
 from cq.errors import CheckpointFormatError, ConfigError, StepCountMismatchError
-from cq.quant import PTQ4DM, quantized_modules
-from cq.quant import Uniform as UniformQuantizer
+from cq.quant import PTQ4DM, UniformQuantizer, quantized_modules
 from cq.recipe import PRESET_RECIPES, Recipe, parse_bits
 from cq.registry import from_dict, to_dict
 from cq.sampling import ddim

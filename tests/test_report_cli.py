@@ -23,7 +23,7 @@ def trace(unet):
 @pytest.fixture(scope="module")
 def quantized(unet, trace):
     recipe = cq.naive(interval=3)
-    recipe = Recipe(cacher=recipe.cacher, quantizer=cq.quant.Uniform(refresh_samples=4, cached_samples=2))
+    recipe = Recipe(cacher=recipe.cacher, quantizer=cq.quant.UniformQuantizer(refresh_samples=4, cached_samples=2))
     return recipe.fit(unet, trace, progress=False)
 
 

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cq.cache import DPS, Power, Uniform
+from cq.cache import DPS, Power, UniformSchedule
 from cq.cache.dps import distance_table, dp_partition, partition_cost
 from cq.errors import ConfigError, ScheduleInvalidError, StepCountMismatchError
 from cq.registry import SCHEDULES, from_dict, to_dict
@@ -41,7 +41,7 @@ def random_features(seed: int, steps: int, dim: int = 6) -> torch.Tensor:
 
 @given(T=st.integers(1, 300), N=st.integers(1, 40))
 def test_uniform_mask_contract(T, N):
-    mask = Uniform(interval=N).refresh_mask(T)
+    mask = UniformSchedule(interval=N).refresh_mask(T)
     assert len(mask) == T and mask[0]
     assert sum(mask) == math.ceil(T / N)
     assert [i for i, m in enumerate(mask) if m] == list(range(0, T, N))
@@ -177,8 +177,8 @@ def test_dps_planning_is_fast_for_1000_steps():
 @pytest.mark.parametrize(
     ("make", "field"),
     [
-        (lambda: Uniform(interval=0), "interval"),
-        (lambda: Uniform(interval=2.5), "interval"),
+        (lambda: UniformSchedule(interval=0), "interval"),
+        (lambda: UniformSchedule(interval=2.5), "interval"),
         (lambda: Power(interval=0), "interval"),
         (lambda: Power(interval=3, power=0), "power"),
         (lambda: Power(interval=3, center=-1), "center"),
@@ -195,7 +195,7 @@ def test_invalid_configs_name_the_field(make, field):
 
 
 schedules = st.one_of(
-    st.builds(Uniform, interval=st.integers(1, 50)),
+    st.builds(UniformSchedule, interval=st.integers(1, 50)),
     st.builds(Power, interval=st.integers(1, 50), power=st.floats(0.5, 3.0), center=st.none() | st.integers(0, 99)),
     st.builds(DPS, interval=st.integers(1, 20), distance=st.sampled_from(["l1", "l2", "mse"])),
     st.builds(DPS, refreshes=st.integers(1, 20), min_len=st.none() | st.integers(1, 3)),

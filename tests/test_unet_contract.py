@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import cq
-from cq.cache import DeepCache, Uniform
+from cq.cache import DeepCache, UniformSchedule
 from cq.errors import ConfigError
 from cq.models import (
     PRESETS,
@@ -51,8 +51,8 @@ def test_consumers_refuse_a_plain_module_naming_the_contract():
     conv = nn.Conv2d(3, 3, 1)
     calls = {
         "cq.trace": lambda: cq.trace(conv, steps=2, num_samples=1, noise=NoiseSchedule(), progress=False),
-        "Uniform.prepare": lambda: cq.quant.Uniform().prepare(conv, 2),
-        "DeepCache": lambda: DeepCache(schedule=Uniform(interval=2)).resolve_point(conv),
+        "UniformQuantizer.prepare": lambda: cq.quant.UniformQuantizer().prepare(conv, 2),
+        "DeepCache": lambda: DeepCache(schedule=UniformSchedule(interval=2)).resolve_point(conv),
         "CompressedUNet": lambda: cq.CompressedUNet(conv, num_steps=2),
     }
     for who, call in calls.items():
@@ -85,7 +85,9 @@ def test_ldm_default_cache_point_is_its_shallowest_and_what_deepcache_picked_bef
     points = unet.cache_points()
     shallowest = f"output_blocks.{len(unet.output_blocks) - 1}"
     assert unet.default_cache_point() in points and unet.default_cache_point() == points[-1] == shallowest
-    assert DeepCache(schedule=Uniform(interval=2)).resolve_point(unet) == shallowest  # the old points[-1] fallback
+    assert (
+        DeepCache(schedule=UniformSchedule(interval=2)).resolve_point(unet) == shallowest
+    )  # the old points[-1] fallback
 
 
 def test_an_incomplete_subclass_cannot_be_built():
@@ -147,7 +149,7 @@ def test_a_user_subclass_is_traced_cached_and_sampled():
     toy = _Toy().eval()
     recorded = cq.trace(toy, steps=4, num_samples=2, points=["mid"], spacing="linspace", progress=False)
     assert recorded.features["mid"].shape == (4, 2, 4, 8, 8)
-    cacher = DeepCache(schedule=Uniform(interval=2)).fit(toy, recorded)
+    cacher = DeepCache(schedule=UniformSchedule(interval=2)).fit(toy, recorded)
     model = cq.CompressedUNet(toy, num_steps=4, cacher=cacher)
     assert cacher.point == "mid" and model.noise_schedule is toy.noise_schedule
     toy.deep_calls = 0

@@ -33,7 +33,7 @@ class DeepCache(Cacher):
     """Feature caching at one named point with a pluggable refresh schedule.
 
     Args:
-        schedule: a `Schedule` (`Uniform`, `Power`, `DPS`, ...).
+        schedule: a `Schedule` (`UniformSchedule`, `Power`, `DPS`, ...).
         point: cache point name; None picks the UNet's ``default_cache_point()`` (DDPM: DeepCache's branch 2,
             CacheQuant's CIFAR setting) or else its shallowest point (LDM/SD: CacheQuant's cut).
 

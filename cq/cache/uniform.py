@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..registry import SCHEDULES
+from ..registry import SCHEDULES, deprecated_alias
 from .schedule import Schedule, check_mask, positive_int
 
 
-__all__ = ["Uniform"]
+__all__ = ["UniformSchedule"]
 
 
 @SCHEDULES.register("uniform")
 @dataclass(frozen=True, kw_only=True)
-class Uniform(Schedule):
+class UniformSchedule(Schedule):
     """Refresh steps ``0, N, 2N, ...``; ``ceil(T/N)`` full forwards. ``interval=1`` never reuses the cache.
 
     Args:
@@ -23,7 +23,13 @@ class Uniform(Schedule):
     interval: int
 
     def __post_init__(self) -> None:
-        positive_int("Uniform", "interval", self.interval)
+        positive_int("UniformSchedule", "interval", self.interval)
 
     def refresh_mask(self, num_steps: int) -> tuple[bool, ...]:
         return check_mask(tuple(i % self.interval == 0 for i in range(num_steps)), num_steps, self)
+
+
+def __getattr__(name: str) -> type:
+    if name == "Uniform":  # the name before UniformSchedule; kept one release
+        return deprecated_alias("cq.cache.Uniform", UniformSchedule)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

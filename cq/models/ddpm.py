@@ -297,7 +297,7 @@ class DDPMUNet(CacheableUNet):
     def io_layers(self) -> tuple[str, ...]:
         """The layers that read the sampler's ``x_t`` and write the predicted noise: ``conv_in``, ``conv_out``.
 
-        Quantizers keep them in float by default (`cq.quant.Uniform.float_io`): clamping the unbounded input
+        Quantizers keep them in float by default (`cq.quant.UniformQuantizer.float_io`): clamping the unbounded input
         noise, or a systematic output error that every sampler step integrates, wrecks single samples.
         """
         return ("conv_in", "conv_out")

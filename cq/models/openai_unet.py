@@ -528,7 +528,7 @@ class LDMUNet(CacheableUNet):
 
     def io_layers(self) -> tuple[str, ...]:
         """The layers that read the sampler's ``x_t`` and write the model output: ``input_blocks.0.0``, ``out.2``
-        (kept in float by default, see `cq.quant.Uniform.float_io`)."""
+        (kept in float by default, see `cq.quant.UniformQuantizer.float_io`)."""
         return ("input_blocks.0.0", "out.2")
 
     # ------------------------------------------------------------------------------------------------------------

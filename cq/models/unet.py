@@ -71,7 +71,8 @@ class CacheableUNet(nn.Module, metaclass=ABCMeta):
 
     @abstractmethod
     def io_layers(self) -> tuple[str, ...]:
-        """The layers reading ``x_t`` and writing the model output (kept float by `cq.quant.Uniform.float_io`)."""
+        """The layers reading ``x_t`` and writing the model output (kept float by
+        `cq.quant.UniformQuantizer.float_io`)."""
 
     @abstractmethod
     def forward(self, x: Tensor, t: Tensor, cond: Any = None, *, cache: CacheView | None = None) -> Tensor:

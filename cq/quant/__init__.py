@@ -8,14 +8,14 @@ from .modules import ActQuantizer, QConv1d, QConv2d, QLinear, QMatMul, Quantized
 from .ptq4dm import PTQ4DM
 from .quantizer import Quantizer, quantized_modules
 from .spec import QuantSpec
-from .uniform import Uniform
+from .uniform import UniformQuantizer
 
 
 __all__ = [
     "Backend",
     "QuantSpec",
     "Quantizer",
-    "Uniform",
+    "UniformQuantizer",
     "PTQ4DM",
     "QConv2d",
     "QConv1d",
@@ -35,3 +35,11 @@ __all__ = [
     "fake_quant_classes",
     "integer_classes",
 ]
+
+
+def __getattr__(name: str) -> type:
+    if name == "Uniform":  # the name before UniformQuantizer; kept one release
+        from ..registry import deprecated_alias
+
+        return deprecated_alias("cq.quant.Uniform", UniformQuantizer)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,7 @@ the step's scale and zero point, exact int32 accumulation, float32 output), and 
 `Int8MatMul` on ``torch._int_mm``. Asymmetric (CacheQuant-style) weights ``W = s (q - z)``, ``q`` in [0, 255],
 do not fit the kernels (they ignore weight zero points), so they run as ``q - 128`` (int8) and the remainder
 ``- s (z - 128) * sum_window(x)`` is added from the input's channel sum -- exact; symmetric weights
-(`Uniform(weight_symmetric=True)`) need no remainder. W4 weights run in the same int8 kernels.
+(`UniformQuantizer(weight_symmetric=True)`) need no remainder. W4 weights run in the same int8 kernels.
 
 CUDA: linears, 1x1 convs and attention matmuls on ``torch._int_mm`` (`cq.quant.int_mm`); other convs stay fake
 quantization (torch has no int8 convolution on CUDA). Every layer's mode is returned (`CompressedUNet.execution`)

@@ -49,7 +49,7 @@ class PTQ4DM(Quantizer):
         samples: calibration samples (the reference uses 1024; fewer suffice for small models).
         mean, std: of the normal over the fraction of the trajectory (0 = noisiest).
         seed: for drawing the calibration steps.
-        keep_8bit, float_io, split_weights, include, skip: as in `cq.quant.Uniform`.
+        keep_8bit, float_io, split_weights, include, skip: as in `cq.quant.UniformQuantizer`.
     """
 
     weight_bits: int = 8

@@ -9,7 +9,7 @@
    cached feature of their refresh step (CacheQuant §4.3) -- while scoped hooks record activation ranges.
 3. `convert`: write the ranges into the quantizers (unobserved steps take the nearest observed step).
 
-Strategies (`cq.quant.Uniform`, `cq.quant.PTQ4DM`) choose the specs and the calibration batches.
+Strategies (`cq.quant.UniformQuantizer`, `cq.quant.PTQ4DM`) choose the specs and the calibration batches.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class Quantizer(ABC):
         return fields
 
     def label(self) -> str:
-        """Short description for reports, e.g. ``Uniform(W8A8)``; override to show more."""
+        """Short description for reports, e.g. ``UniformQuantizer(W8A8)``; override to show more."""
         return type(self).__name__
 
     def selects(self, name: str) -> bool:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.layers import MatMul
-from ..registry import QUANTIZERS
+from ..registry import QUANTIZERS, deprecated_alias
 from ..replay import CalibrationBatch, every_step
 from .quantizer import Quantizer
 from .spec import QuantSpec, ScaleMethod
@@ -26,12 +26,12 @@ from .spec import QuantSpec, ScaleMethod
 if TYPE_CHECKING:
     from ..trace import Trace
 
-__all__ = ["Uniform"]
+__all__ = ["UniformQuantizer"]
 
 
 @QUANTIZERS.register("uniform")
 @dataclass(frozen=True, kw_only=True)
-class Uniform(Quantizer):
+class UniformQuantizer(Quantizer):
     """Uniform affine PTQ with per-step activation tables (CacheQuant / Q-Diffusion style).
 
     Args:
@@ -52,7 +52,7 @@ class Uniform(Quantizer):
         refresh_samples, cached_samples: calibration samples per refresh / cached step.
 
     Example:
-        >>> qunet = Uniform(weight_bits=4).quantize(unet, trace, cacher=cacher)
+        >>> qunet = UniformQuantizer(weight_bits=4).quantize(unet, trace, cacher=cacher)
     """
 
     weight_bits: int = 8
@@ -73,7 +73,7 @@ class Uniform(Quantizer):
         self.specs("", nn.Identity())  # validates the bit widths and methods through QuantSpec
         for name in ("refresh_samples", "cached_samples"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"Uniform.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"UniformQuantizer.{name} must be >= 1, got {getattr(self, name)}")
 
     def label(self) -> str:
         return f"{type(self).__name__}(W{self.weight_bits}A{self.act_bits})"
@@ -93,3 +93,9 @@ class Uniform(Quantizer):
         self, trace: Trace, mask: tuple[bool, ...], source: list[int]
     ) -> Iterator[CalibrationBatch]:
         yield from every_step(mask, source, self.refresh_samples, trace.x.shape[1], self.cached_samples)
+
+
+def __getattr__(name: str) -> type:
+    if name == "Uniform":  # the name before UniformQuantizer; kept one release
+        return deprecated_alias("cq.quant.Uniform", UniformQuantizer)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
