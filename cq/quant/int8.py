@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from .backend import Backend
 from .layer_table import LayerKind, fake_quant_classes, integer_classes, kind_of
 from .modules import ActQuantizer
-from .onednn import Int8Conv2d, Int8Linear
+from .onednn import Int8Conv2d, Int8Linear  # re-exported: `from cq.quant.int8 import Int8Conv2d` keeps working
 from .quantizer import set_submodule
 
 
