@@ -8,7 +8,7 @@ schedule was fitted for: samplers with another count are refused (`StepCountMism
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,10 +20,6 @@ from .quant.backend import Backend
 from .sampling.model import SamplerModel
 from .sampling.settings import SamplerSettings
 from .step import step_scope
-
-
-if TYPE_CHECKING:
-    from .recipe import Recipe
 
 
 __all__ = ["CompressedUNet"]
@@ -59,7 +55,7 @@ class CompressedUNet(SamplerModel):
         cacher: Cacher | None = None,
         calibration_seeds: tuple[int, ...] = (),
         sampler_settings: SamplerSettings | None = None,
-        recipe: Recipe | None = None,
+        recipe: Any = None,  # the fitted cq.Recipe (not imported here: recipe.py builds CompressedUNets)
         base_fingerprint: str = "",
     ):
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:

@@ -28,9 +28,8 @@ from ..errors import CalibrationSeedsError, ConfigError, ReferenceMismatchError,
 from ..models.unet import CacheableUNet
 from ..sampling.adapter import FullPrecision
 from ..sampling.ddim import ddim
-from ..sampling.model import fields_of
+from ..sampling.model import check_sampler, fields_of
 from ..sampling.samplers import model_calls, sampler_of, settings_of_call
-from ..sampling.settings import check_sampler
 
 
 __all__ = ["evaluate", "Evaluation", "Scorer", "per_sample_psnr", "check_reference"]

@@ -23,13 +23,12 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, InputShapeError
 from .layers import MatMul, ddpm_timestep_embedding
-from .unet import CacheableUNet
+from .unet import CacheableUNet, PresetInfo
 
 
 if TYPE_CHECKING:
     from ..cache.view import CacheView
     from ..sampling.noise import NoiseSchedule
-    from .presets import Preset
 
 
 __all__ = ["DDPMConfig", "DDPMUNet"]
@@ -191,7 +190,7 @@ class DDPMUNet(CacheableUNet):
     """
 
     def __init__(
-        self, config: DDPMConfig, *, noise_schedule: NoiseSchedule | None = None, preset: Preset | None = None
+        self, config: DDPMConfig, *, noise_schedule: NoiseSchedule | None = None, preset: PresetInfo | None = None
     ):
         super().__init__(noise_schedule=noise_schedule, preset=preset)
         self.config = c = config

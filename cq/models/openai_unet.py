@@ -33,13 +33,12 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, InputShapeError
 from .layers import MatMul
-from .unet import CacheableUNet
+from .unet import CacheableUNet, PresetInfo
 
 
 if TYPE_CHECKING:
     from ..cache.view import CacheView
     from ..sampling.noise import NoiseSchedule
-    from .presets import Preset
 
 
 __all__ = ["LDMUNetConfig", "LDMUNet", "ldm_timestep_embedding"]
@@ -399,7 +398,7 @@ class LDMUNet(CacheableUNet):
     """
 
     def __init__(
-        self, config: LDMUNetConfig, *, noise_schedule: NoiseSchedule | None = None, preset: Preset | None = None
+        self, config: LDMUNetConfig, *, noise_schedule: NoiseSchedule | None = None, preset: PresetInfo | None = None
     ):
         super().__init__(noise_schedule=noise_schedule, preset=preset)
         self.config = c = config

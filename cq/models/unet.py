@@ -9,7 +9,7 @@ reads the stored feature there. `DDPMUNet` and `LDMUNet` implement it; subclass 
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -19,9 +19,20 @@ from ..errors import CachePointError, ConfigError, InputShapeError
 if TYPE_CHECKING:
     from ..cache.view import CacheView
     from ..sampling.noise import NoiseSchedule
-    from .presets import Preset
 
-__all__ = ["CacheableUNet", "check_cacheable"]
+__all__ = ["CacheableUNet", "PresetInfo", "check_cacheable"]
+
+
+@runtime_checkable
+class PresetInfo(Protocol):
+    """What is read of the preset a UNet was built from; `cq.models.Preset` is one. (A protocol, so that the UNet
+    modules need not import the preset table that builds them.)"""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def sampling(self) -> dict[str, Any]: ...
 
 
 class CacheableUNet(nn.Module, metaclass=ABCMeta):
@@ -32,15 +43,16 @@ class CacheableUNet(nn.Module, metaclass=ABCMeta):
         preset: the `Preset` it was built from (sampling defaults, saved name), or None.
     """
 
-    def __init__(self, *, noise_schedule: NoiseSchedule | None = None, preset: Preset | None = None):
+    def __init__(self, *, noise_schedule: NoiseSchedule | None = None, preset: PresetInfo | None = None):
         super().__init__()
         from ..sampling.noise import NoiseSchedule
-        from .presets import Preset
 
         if noise_schedule is not None and not isinstance(noise_schedule, NoiseSchedule):
             raise ConfigError(f"noise_schedule must be a NoiseSchedule or None, got {type(noise_schedule).__name__}")
-        if preset is not None and not isinstance(preset, Preset):
-            raise ConfigError(f"preset must be a cq.models.Preset or None, got {type(preset).__name__}")
+        if preset is not None and not isinstance(preset, PresetInfo):
+            raise ConfigError(
+                f"preset must be a cq.models.Preset (name, sampling defaults) or None, got {type(preset).__name__}"
+            )
         self.noise_schedule = noise_schedule
         self.preset = preset
 

@@ -6,12 +6,12 @@ index: DDIM makes one call per step; PLMS makes ``plms.num_calls(steps) = steps 
 
 from .adapter import FullPrecision
 from .ddim import StepInfo, ddim
-from .model import SamplerFields, SamplerModel, fields_of
+from .model import SamplerFields, SamplerModel, check_sampler, fields_of
 from .noise import NoiseSchedule, ddim_timesteps
 from .plms import plms
 from .samplers import SAMPLERS, model_calls, sampler_of, settings_of_call
 from .seeded import seeded_noise
-from .settings import SamplerSettings, check_sampler
+from .settings import SamplerSettings
 
 
 __all__ = [

@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputShapeError
 from .adapter import check_step_aware
-from .model import fields_of
+from .model import check_sampler, fields_of
 from .noise import NoiseSchedule, Spacing, ddim_timesteps
-from .settings import check_sampler, planned_settings
+from .settings import planned_settings
 
 
 __all__ = ["ddim", "StepInfo", "resolve_noise_schedule"]

@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ..errors import SamplerMismatchError
+from .settings import SamplerSettings
+
 
 if TYPE_CHECKING:
     from .noise import NoiseSchedule
-    from .settings import SamplerSettings
 
-__all__ = ["SamplerModel", "SamplerFields", "fields_of"]
+__all__ = ["SamplerModel", "SamplerFields", "fields_of", "check_sampler"]
 
 
 @dataclass(frozen=True)
@@ -64,3 +66,36 @@ def fields_of(model: Any) -> SamplerFields:
         num_steps=getattr(model, "num_steps", None),
         sampler_settings=getattr(model, "sampler_settings", None),
     )
+
+
+def check_sampler(model: Any, asked: SamplerSettings) -> None:
+    """Refuse to sample ``model`` with settings other than the ones it was fitted for.
+
+    `SamplerModel`\\ s that declare ``sampler_settings`` (fitted `CompressedUNet`\\ s) are compared field by field;
+    models that only declare ``num_steps`` (older artifacts) are compared by their call count.
+    """
+    declared = fields_of(model)
+    fitted = declared.sampler_settings
+    if fitted is not None:
+        diff = fitted.differences(asked)
+        if diff:
+            raise SamplerMismatchError(
+                f"{type(model).__name__} was fitted for {fitted.sampler}(steps={fitted.steps}, "
+                f"spacing={fitted.spacing!r}, eta={fitted.eta:g}"
+                + (f", clip_x0={fitted.clip_x0}" if fitted.sampler == "ddim" else "")
+                + f"); this call differs in {'; '.join(diff)}. Sample it with those settings "
+                "(`model.sampler_settings.call_kwargs()`), or refit on a trace recorded with the ones you want"
+            )
+        return
+    num_steps = declared.num_steps
+    if num_steps is not None and num_steps != asked.calls:
+        raise SamplerMismatchError(
+            f"{type(model).__name__} was fitted for {num_steps} model calls, but {asked.sampler}(steps={asked.steps}) "
+            f"makes {asked.calls}"
+            + (
+                f" (step 0 calls the model twice: plms.num_calls({asked.steps}) = {asked.calls})"
+                if asked.sampler == "plms"
+                else ""
+            )
+            + f"; sample with a sampler making {num_steps} calls or refit on a trace with these settings"
+        )

@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, InputShapeError
 from .adapter import check_step_aware
 from .ddim import StepInfo, resolve_noise_schedule
+from .model import check_sampler
 from .noise import NoiseSchedule, Spacing, ddim_timesteps
-from .settings import check_sampler, planned_settings
+from .settings import planned_settings
 
 
 __all__ = ["plms", "num_calls"]

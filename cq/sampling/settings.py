@@ -13,12 +13,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..errors import SamplerMismatchError
-from .model import fields_of
 from .noise import ddim_timesteps
 
 
-__all__ = ["SamplerSettings", "check_sampler", "planned_settings"]
+__all__ = ["SamplerSettings", "planned_settings"]
 
 
 @dataclass(frozen=True)
@@ -107,39 +105,6 @@ def planned_settings(
     else:
         raise ValueError(f"unknown sampler {sampler!r}")
     return SamplerSettings(sampler, steps, spacing, eta, clip_x0, timesteps=calls)
-
-
-def check_sampler(model: Any, asked: SamplerSettings) -> None:
-    """Refuse to sample ``model`` with settings other than the ones it was fitted for.
-
-    `SamplerModel`\\ s that declare ``sampler_settings`` (fitted `CompressedUNet`\\ s) are compared field by field;
-    models that only declare ``num_steps`` (older artifacts) are compared by their call count.
-    """
-    declared = fields_of(model)
-    fitted = declared.sampler_settings
-    if fitted is not None:
-        diff = fitted.differences(asked)
-        if diff:
-            raise SamplerMismatchError(
-                f"{type(model).__name__} was fitted for {fitted.sampler}(steps={fitted.steps}, "
-                f"spacing={fitted.spacing!r}, eta={fitted.eta:g}"
-                + (f", clip_x0={fitted.clip_x0}" if fitted.sampler == "ddim" else "")
-                + f"); this call differs in {'; '.join(diff)}. Sample it with those settings "
-                "(`model.sampler_settings.call_kwargs()`), or refit on a trace recorded with the ones you want"
-            )
-        return
-    num_steps = declared.num_steps
-    if num_steps is not None and num_steps != asked.calls:
-        raise SamplerMismatchError(
-            f"{type(model).__name__} was fitted for {num_steps} model calls, but {asked.sampler}(steps={asked.steps}) "
-            f"makes {asked.calls}"
-            + (
-                f" (step 0 calls the model twice: plms.num_calls({asked.steps}) = {asked.calls})"
-                if asked.sampler == "plms"
-                else ""
-            )
-            + f"; sample with a sampler making {num_steps} calls or refit on a trace with these settings"
-        )
 
 
 def _short(timesteps: tuple[int, ...]) -> str:
