@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..step import current_step
 from .codes import input_codes
-from .modules import ActQuantizer, QConv2d, QLinear, QMatMul, QuantizedWeight
+from .modules import ActQuantizer, QConv2d, QLinear, QMatMul, QuantizedWeight, adopt_conv_state
 
 
 __all__ = ["int_matmul", "int_mm_shape_ok", "IntMMLinear", "IntMMConv1x1", "Int8MatMul"]
@@ -106,10 +106,7 @@ class IntMMConv1x1(nn.Module):
 
     def __init__(self, conv: QConv2d):
         super().__init__()
-        self.in_channels, self.out_channels, self.split = conv.in_channels, conv.out_channels, conv.split
-        self.kernel_size, self.groups = conv.kernel_size, conv.groups  # the MAC count reads them
-        self.weight, self.bias, self.act, self.act_skip = conv.weight, conv.bias, conv.act, conv.act_skip
-        self.weight_skip, self.correction = conv.weight_skip, conv.correction
+        adopt_conv_state(self, conv)
         c = conv.split or conv.in_channels
         self.cached = _AffineGemm(conv.weight, slice(0, c))
         self.skip = None

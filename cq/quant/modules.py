@@ -24,7 +24,7 @@ from .affine import fake_quantize, qparams, search_range
 from .spec import QuantSpec
 
 
-__all__ = ["ActQuantizer", "QuantizedWeight", "QConv2d", "QConv1d", "QLinear", "QMatMul"]
+__all__ = ["ActQuantizer", "QuantizedWeight", "QConv2d", "QConv1d", "QLinear", "QMatMul", "adopt_conv_state"]
 
 
 class ActQuantizer(nn.Module):
@@ -181,6 +181,15 @@ class QConv2d(nn.Module):
             if self.split
             else ""
         )
+
+
+def adopt_conv_state(target: nn.Module, conv: QConv2d) -> None:
+    """Give an integer-kernel replacement of ``conv`` its shape fields (the MAC count reads them) and its
+    quantizers, weights and correction under the same names, so the state dict is unchanged by the conversion."""
+    target.in_channels, target.out_channels, target.split = conv.in_channels, conv.out_channels, conv.split
+    target.kernel_size, target.groups = conv.kernel_size, conv.groups
+    target.weight, target.bias, target.act, target.act_skip = conv.weight, conv.bias, conv.act, conv.act_skip
+    target.weight_skip, target.correction = conv.weight_skip, conv.correction
 
 
 class QConv1d(nn.Module):

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..step import current_step
 from .codes import input_codes, unsigned
-from .modules import ActQuantizer, QConv2d, QLinear, QuantizedWeight
+from .modules import ActQuantizer, QConv2d, QLinear, QuantizedWeight, adopt_conv_state
 
 
 __all__ = ["Int8Conv2d", "Int8Linear"]
@@ -87,10 +87,7 @@ class Int8Conv2d(nn.Module):
 
     def __init__(self, conv: QConv2d):
         super().__init__()
-        self.in_channels, self.out_channels, self.split = conv.in_channels, conv.out_channels, conv.split
-        self.kernel_size, self.groups = conv.kernel_size, conv.groups  # the MAC count reads them
-        self.weight, self.bias, self.act, self.act_skip = conv.weight, conv.bias, conv.act, conv.act_skip
-        self.weight_skip, self.correction = conv.weight_skip, conv.correction
+        adopt_conv_state(self, conv)
         c = conv.split or conv.in_channels
         self.cached = _Half(conv, 0, c)
         self.skip = _Half(conv, c, conv.in_channels) if conv.split else None
