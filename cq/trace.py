@@ -33,6 +33,7 @@ from .io import fingerprint
 from .models.unet import check_cacheable
 from .sampling.adapter import FullPrecision
 from .sampling.ddim import ddim, resolve_noise_schedule
+from .sampling.guidance import ClassifierFreeGuidance, expand_uncond
 from .sampling.model import SamplerModel
 from .sampling.noise import NoiseSchedule
 from .sampling.samplers import model_calls, settings_of_call
@@ -51,7 +52,8 @@ class Trace:
 
     Attributes:
         timesteps: ``[T]`` model timestep of each sampler step (step 0 = noisiest).
-        x: ``[T, k, *sample]`` model input at each step for the kept trajectories.
+        x: ``[T, k, *sample]`` model input at each step for the kept trajectories (guided traces: ``k`` is twice
+            the kept trajectories, rows ``2i`` / ``2i + 1`` their unconditional / conditional halves).
         cond: ``[T, k, *cond]`` conditioning, or None for unconditional models.
         features: point -> ``[T, k, *feature]`` feature entering that cache point (full, no-cache forward).
         x0: ``[k, *sample]`` final samples of the kept trajectories (fp32).
@@ -65,6 +67,7 @@ class Trace:
             timestep of every call); a model fitted on the trace must be sampled the same way. None for traces
             built by hand or recorded with a sampler other than cq's ``ddim`` / ``plms`` (then only the call
             count is checked).
+        guidance_scale: the classifier-free guidance scale of the run (1: unguided, one row per trajectory).
     """
 
     timesteps: Tensor
@@ -77,6 +80,7 @@ class Trace:
     seeds: tuple[int, ...] = ()
     base_fingerprint: str = ""
     settings: SamplerSettings | None = None
+    guidance_scale: float = 1.0
 
     @property
     def steps(self) -> int:
@@ -110,15 +114,31 @@ class Trace:
 
 
 class _Recorder(SamplerModel):
-    """Sampler-facing adapter: runs the full UNet, stores the kept rows of each call, feeds the observers."""
+    """Sampler-facing adapter: runs the full UNet, stores the kept rows of each call, feeds the observers.
 
-    def __init__(self, unet: nn.Module, owner: _TraceBuilder, keep_rows: Tensor):
+    ``batch`` is the number of trajectories the sampler runs; ``guided``: every call carries the pooled batch
+    ``[uncond; cond]`` of `ClassifierFreeGuidance` and both halves of each kept row are stored, interleaved."""
+
+    def __init__(self, unet: nn.Module, owner: _TraceBuilder, keep_rows: Tensor, *, batch: int, guided: bool):
         super().__init__(noise_schedule=unet.noise_schedule)
         self.unet = unet
         self.owner = owner
-        self.keep_rows = keep_rows
+        self.batch = batch
+        self.guided = guided
+        self.keep_rows = torch.stack([keep_rows, keep_rows + batch], 1).flatten() if guided else keep_rows
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None, *, step: int) -> Tensor:
+        expected = 2 * self.batch if self.guided else self.batch
+        if x.shape[0] != expected:
+            hint = (
+                "the sampler doubled the batch (classifier-free guidance inside the sampler?): pass "
+                "guidance_scale= and uncond= to cq.trace instead, so both halves are recorded"
+                if x.shape[0] == 2 * self.batch
+                else "the sampler must call the model on its whole batch"
+            )
+            raise ConfigError(
+                f"cq.trace: the model was called with {x.shape[0]} rows for {self.batch} trajectories; {hint}"
+            )
         view = CacheView.full(record=self.owner.points)
         eps = self.unet(x, t, cond, cache=view)
         missing = set(self.owner.points) - set(view.features)
@@ -194,6 +214,8 @@ def trace(
     dtype: torch.dtype = torch.float32,
     max_bytes: int | None = None,
     observers: Sequence[Observer] = (),
+    guidance_scale: float = 1.0,
+    uncond: Tensor | None = None,
     progress: bool = True,
     **sampler_kwargs: Any,
 ) -> Trace:
@@ -215,6 +237,11 @@ def trace(
         dtype: storage dtype of x and features (float16 halves the memory).
         max_bytes: refuse (`TraceBudgetError`) a trace that would store more than this.
         observers: ``fn(step, x, t, cond, features)`` called for every batch (for streamed statistics).
+        guidance_scale, uncond: classifier-free guidance (`ClassifierFreeGuidance`) with the unconditional
+            ``uncond`` (``[1, ...]`` or ``[num_samples, ...]``). With a scale other than 1 every model call runs on
+            the pooled batch ``[uncond; cond]`` and the trace stores both halves of each kept trajectory: rows
+            ``2i`` and ``2i + 1`` are its unconditional and conditional rows (CacheQuant fits DPS, the activation
+            tables and DEC on the pooled batch a guided sampler feeds the model).
         progress: show a progress bar over batches.
     """
     if num_samples < 1 or batch_size < 1:
@@ -228,6 +255,7 @@ def trace(
         raise ConfigError(f"unknown cache point(s) {unknown}; the UNet exposes {sorted(known)}")
     if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != num_samples):
         raise InputShapeError(f"cond must be a tensor with first dimension num_samples={num_samples}")
+    guided = _check_guidance(guidance_scale, uncond, cond)
     sample_shape = tuple(unet.sample_shape)
 
     # The same `keep` trajectories, spread evenly over the run, are stored at every step.
@@ -236,8 +264,9 @@ def trace(
     )
     # one record per model call: PLMS calls the model twice at its first step (sampler.num_calls)
     calls = model_calls(sampler, steps)
+    halves = 2 if guided else 1  # guided: rows 2i, 2i + 1 = unconditional, conditional half of trajectory i
     builder = _TraceBuilder(
-        steps=calls, keep=len(kept), points=points, observers=observers, dtype=dtype, max_bytes=max_bytes
+        steps=calls, keep=halves * len(kept), points=points, observers=observers, dtype=dtype, max_bytes=max_bytes
     )
     x0 = torch.empty((len(kept), *sample_shape), dtype=torch.float32)
     device = next(unet.parameters()).device
@@ -245,12 +274,16 @@ def trace(
     for start in tqdm(batches, desc="trace", disable=not progress, unit="batch"):
         ids = torch.arange(start, min(start + batch_size, num_samples))
         rows = torch.nonzero(torch.isin(ids, kept)).flatten()
-        builder.offset = int(torch.searchsorted(kept, ids[0])) if len(kept) else 0
+        first = int(torch.searchsorted(kept, ids[0])) if len(kept) else 0
+        builder.offset = halves * first
         x = seeded_noise(sample_shape, [seed + int(i) for i in ids]).to(device)
         batch_cond = cond[ids].to(device) if cond is not None else None
         generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        recorder = _Recorder(unet, builder, rows.to(device), batch=len(ids), guided=guided)
         out = sampler(
-            _Recorder(unet, builder, rows.to(device)),
+            ClassifierFreeGuidance(recorder, guidance_scale, uncond if uncond.shape[0] == 1 else uncond[ids])
+            if guided
+            else recorder,
             x,
             steps=steps,
             cond=batch_cond,
@@ -258,7 +291,7 @@ def trace(
             generator=generator,
             **sampler_kwargs,
         )
-        x0[builder.offset : builder.offset + len(rows)] = out[rows].float().cpu()
+        x0[first : first + len(rows)] = out[rows].float().cpu()
     return Trace(
         timesteps=builder.timesteps,
         x=builder.x,
@@ -274,6 +307,7 @@ def trace(
             **{k: v for k, v in sampler_kwargs.items() if _is_plain(v)},
         },
         seeds=tuple(range(seed, seed + num_samples)),
+        guidance_scale=float(guidance_scale),
         base_fingerprint=fingerprint(unet),
         settings=_recorded_settings(
             sampler, steps, resolve_noise_schedule(FullPrecision(unet), noise), builder.timesteps, sampler_kwargs
@@ -290,3 +324,24 @@ def _recorded_settings(sampler, steps, noise, timesteps: Tensor, kwargs: dict) -
 
 def _is_plain(v: Any) -> bool:
     return isinstance(v, int | float | str | bool) or v is None
+
+
+def _check_guidance(scale: float, uncond: Tensor | None, cond: Tensor | None) -> bool:
+    """Whether the trace is guided; refuses guidance it cannot run."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or scale != scale:
+        raise ConfigError(f"guidance_scale must be a number, got {scale!r}")
+    if scale == 1.0:
+        if uncond is not None:
+            raise ConfigError("uncond is only used with guidance_scale != 1 (scale 1 runs the conditional model only)")
+        return False
+    if cond is None or uncond is None:
+        raise ConfigError(
+            f"guidance_scale={scale:g} needs cond (the conditional rows) and uncond (the unconditional cond, e.g. "
+            "pipe.unconditional(1))"
+        )
+    if not isinstance(uncond, Tensor):
+        raise ConfigError(f"uncond must be a tensor, got {type(uncond).__name__}")
+    if uncond.shape[0] not in (1, cond.shape[0]):
+        raise InputShapeError(f"uncond must have batch 1 or num_samples={cond.shape[0]}, got {tuple(uncond.shape)}")
+    expand_uncond(uncond[:1], cond[:1])  # same trailing shape as cond
+    return True

@@ -28,6 +28,7 @@ from ..errors import CalibrationSeedsError, ConfigError, ReferenceMismatchError,
 from ..models.unet import CacheableUNet
 from ..sampling.adapter import FullPrecision
 from ..sampling.ddim import ddim
+from ..sampling.guidance import ClassifierFreeGuidance
 from ..sampling.model import check_sampler, fields_of
 from ..sampling.samplers import model_calls, sampler_of, settings_of_call
 
@@ -174,6 +175,8 @@ def evaluate(
     scorer: Scorer | None = None,
     keep_samples: bool = True,
     reference_samples: Tensor | None = None,
+    guidance_scale: float = 1.0,
+    uncond: Tensor | None = None,
     progress: bool = True,
     **sampler_kwargs: Any,
 ) -> Evaluation:
@@ -196,6 +199,8 @@ def evaluate(
         keep_samples: keep both sample sets in the result.
         reference_samples: the full-precision x0 of exactly these seeds with this sampler, from an earlier
             `Evaluation.reference_samples`, to compare several models without sampling the reference again.
+        guidance_scale, uncond: classifier-free guidance for both models (`ClassifierFreeGuidance` around the
+            compressed model and around the full-precision reference), e.g. ``7.5, pipe.unconditional(1)``.
         progress: a progress bar over batches.
 
     Raises:
@@ -248,6 +253,22 @@ def evaluate(
     shape = tuple(reference.sample_shape)
     device = next(reference.parameters()).device
     fp = FullPrecision(reference)
+    if guidance_scale != 1.0 and (
+        cond is None or not isinstance(uncond, Tensor) or uncond.shape[0] not in (1, len(seeds))
+    ):
+        raise ConfigError(
+            f"guidance_scale={guidance_scale:g} needs cond and uncond, the unconditional cond with batch 1 or "
+            f"len(seeds)={len(seeds)}"
+        )
+    if guidance_scale == 1.0 and uncond is not None:
+        raise ConfigError("uncond is only used with guidance_scale != 1")
+
+    def guided(m: nn.Module, start: int, n: int) -> nn.Module:
+        if guidance_scale == 1.0:
+            return m
+        u = uncond if uncond.shape[0] == 1 else uncond[start : start + n]
+        return ClassifierFreeGuidance(m, guidance_scale, u)
+
     outs, refs, seconds, ref_seconds = [], [], 0.0, 0.0
     starts = range(0, len(seeds), batch_size)
     for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress):
@@ -256,11 +277,17 @@ def evaluate(
         c = cond[start : start + len(batch)].to(device) if cond is not None else None
         t0 = time.perf_counter()
         if reference_samples is None:
-            refs.append(sampler(fp, noise, steps=steps, cond=c, generator=_generator(batch), **sampler_kwargs).cpu())
+            ref_model = guided(fp, start, len(batch))
+            refs.append(
+                sampler(ref_model, noise, steps=steps, cond=c, generator=_generator(batch), **sampler_kwargs).cpu()
+            )
         else:
             refs.append(reference_samples[start : start + len(batch)].cpu())
         t1 = time.perf_counter()
-        outs.append(sampler(model, noise, steps=steps, cond=c, generator=_generator(batch), **sampler_kwargs).cpu())
+        test_model = guided(model, start, len(batch))
+        outs.append(
+            sampler(test_model, noise, steps=steps, cond=c, generator=_generator(batch), **sampler_kwargs).cpu()
+        )
         seconds += time.perf_counter() - t1
         ref_seconds += t1 - t0
     out, ref = torch.cat(outs).float(), torch.cat(refs).float()

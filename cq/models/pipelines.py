@@ -1,10 +1,11 @@
 """Latent-diffusion pipelines: conditioning -> sampling latents with a cq sampler -> decoding with the first stage.
 
-* `ClassifierFreeGuidance`: a thin sampler-facing wrapper (Ho & Salimans 2022) that runs the wrapped model *once*
-  per call on the doubled batch ``[uncond; cond]`` and returns ``eps_u + s * (eps_c - eps_u)``, passing ``step=``
-  through. Wrapping a `CompressedUNet` therefore gives its cache one call per step with the doubled batch (and
-  its statistics pool both halves, as CacheQuant's do -- algorithms.md §8.3 trap 14). With ``scale == 1`` it
-  makes the conditional call only, as LDM's samplers do.
+* `ClassifierFreeGuidance` (`cq.sampling.guidance`, re-exported here): a thin sampler-facing wrapper (Ho &
+  Salimans 2022) that runs the wrapped model *once* per call on the doubled batch ``[uncond; cond]`` and returns
+  ``eps_u + s * (eps_c - eps_u)``, passing ``step=`` through. Wrapping a `CompressedUNet` therefore gives its
+  cache one call per step with the doubled batch, whose statistics must pool both halves, as CacheQuant's do
+  (algorithms.md §8.3 trap 14): calibrate on ``cq.trace(..., guidance_scale=, uncond=)``. With ``scale == 1``
+  it makes the conditional call only, as LDM's samplers do.
 * `LatentDiffusion`: UNet + first stage (+ conditioner) of one LDM/SD checkpoint, built from a preset with random
   weights (`LatentDiffusion.build`, for the tiny presets) or loaded from a CompVis ``.ckpt``/``.safetensors``
   (Lightning pickles are read with ``weights_only=True``) or a diffusers pipeline folder
@@ -29,9 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointFormatError, ConfigError, InputShapeError
-from ..sampling.adapter import FullPrecision, check_step_aware
+from ..sampling.adapter import FullPrecision
 from ..sampling.ddim import StepInfo
-from ..sampling.model import SamplerModel, fields_of
+from ..sampling.guidance import ClassifierFreeGuidance
 from ..sampling.samplers import SAMPLERS
 from .autoencoders import build_autoencoder
 from .checkpoint import read_diffusers_folder, read_state_dict
@@ -45,48 +46,6 @@ from .tokenizer import CLIPTokenizer
 
 
 __all__ = ["ClassifierFreeGuidance", "LatentDiffusion", "SAMPLERS"]
-
-
-class ClassifierFreeGuidance(SamplerModel):
-    """``eps_u + scale * (eps_c - eps_u)`` from one call of ``model`` on ``[uncond; cond]``.
-
-    Args:
-        model: a sampler-facing model ``model(x, t, cond, step=i)`` (`FullPrecision(unet)`, a `CompressedUNet`).
-        scale: guidance scale ``s`` (1: conditional model only; LDM-4-G uses 1.5, SD 7.5).
-        uncond: the unconditional ``cond``, ``[1, ...]`` (broadcast over the batch) or ``[B, ...]``: the empty
-            prompt's context for SD, the context of class 1000 for cin256-v2, the label 1000 for label UNets.
-    """
-
-    def __init__(self, model: nn.Module, scale: float, uncond: Tensor):
-        check_step_aware(model)
-        inner = fields_of(model)  # the samplers check the wrapped model's declarations
-        super().__init__(
-            noise_schedule=inner.noise_schedule, num_steps=inner.num_steps, sampler_settings=inner.sampler_settings
-        )
-        if not isinstance(uncond, Tensor):
-            raise ConfigError(f"uncond must be a tensor (the unconditional cond), got {type(uncond).__name__}")
-        self.model = model
-        self.scale = float(scale)
-        self.uncond = uncond
-
-    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None, *, step: int) -> Tensor:
-        if cond is None:
-            raise InputShapeError("classifier-free guidance needs the conditional cond")
-        if self.scale == 1.0:
-            return self.model(x, t, cond, step=step)
-        batch = x.shape[0]
-        uncond = self.uncond.to(cond.device)
-        if uncond.shape[0] == 1 and batch != 1:
-            uncond = uncond.expand(batch, *uncond.shape[1:])
-        if uncond.shape != cond.shape:
-            raise InputShapeError(
-                f"uncond has shape {tuple(self.uncond.shape)}, cond {tuple(cond.shape)}; they must match "
-                "(uncond may have batch 1)"
-            )
-        t = t.expand(batch) if t.ndim == 0 else t
-        out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]), step=step)
-        eps_u, eps_c = out.chunk(2)
-        return eps_u + self.scale * (eps_c - eps_u)
 
 
 class LatentDiffusion(nn.Module):
@@ -150,7 +109,7 @@ class LatentDiffusion(nn.Module):
         preset: str | Preset,
         path: str | Path,
         *,
-        tokenizer: CLIPTokenizer | str | Path | None = None,
+        tokenizer: CLIPTokenizer | str | Path | None = "auto",
         ema: bool = True,
         trust_pickle: bool = False,
     ) -> LatentDiffusion:
@@ -162,8 +121,10 @@ class LatentDiffusion(nn.Module):
                 ``first_stage_model.*`` and ``cond_stage_model.*``; or a diffusers folder with ``unet/``,
                 ``vae/`` and (SD) ``text_encoder/``, ``tokenizer/``.
             tokenizer: SD's CLIP tokenizer: a `CLIPTokenizer`, a folder with ``vocab.json`` + ``merges.txt`` or
-                a ``bpe_simple_vocab_16e6.txt.gz``. CompVis checkpoints do not contain one; without it prompts
-                must be given as token ids. A diffusers folder's ``tokenizer/`` is used when present.
+                ``tokenizer.json`` (transformers 5), or a ``bpe_simple_vocab_16e6.txt.gz``. ``"auto"`` (default):
+                a diffusers folder's ``tokenizer/``; a text-conditioned model without one is refused here, at load
+                time (CompVis checkpoints contain none: pass one). ``None``: no tokenizer, prompts must be given as
+                token ids.
             ema: use the EMA weights when the checkpoint holds both.
             trust_pickle: allow arbitrary pickled objects (only for files you trust).
         """
@@ -171,9 +132,10 @@ class LatentDiffusion(nn.Module):
         path = Path(path)
         if not path.exists():
             raise CheckpointFormatError(f"checkpoint not found: {path}")
-        if isinstance(tokenizer, str | Path):
+        auto = isinstance(tokenizer, str) and tokenizer == "auto"
+        if isinstance(tokenizer, str | Path) and not auto:
             tokenizer = _read_tokenizer(Path(tokenizer))
-        pipe = cls.build(p, tokenizer=tokenizer)
+        pipe = cls.build(p, tokenizer=None if auto else tokenizer)
         if path.is_dir():
             scale = _load_diffusers_pipeline(pipe, path)
         else:
@@ -193,6 +155,13 @@ class LatentDiffusion(nn.Module):
                 f"preset {p.name!r} reads its latent scale_factor from the checkpoint, but {path} holds none"
             )
         pipe.scale_factor = float(scale)
+        if auto and isinstance(pipe.conditioner, TextConditioner) and pipe.conditioner.tokenizer is None:
+            where = f"{path / 'tokenizer'} holds none" if path.is_dir() else "a CompVis checkpoint contains none"
+            raise ConfigError(
+                f"preset {p.name!r} is prompted through a CLIP tokenizer, but {where}: pass tokenizer= (a folder "
+                "with vocab.json + merges.txt or tokenizer.json, a bpe_simple_vocab_16e6.txt.gz, or a "
+                "CLIPTokenizer), or tokenizer=None to give prompts as token ids"
+            )
         return pipe.eval()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -383,7 +352,7 @@ def _load_diffusers_pipeline(pipe: LatentDiffusion, folder: Path) -> float | Non
                     f"{config_file} describes {found}, the preset expects {conditioner.transformer.config}"
                 )
         load_weights(conditioner.transformer, clip_text_state(read_state_dict(weights)))
-        if conditioner.tokenizer is None and (folder / "tokenizer" / "vocab.json").exists():
+        if conditioner.tokenizer is None and CLIPTokenizer.in_folder(folder / "tokenizer"):
             conditioner.tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
     elif conditioner is not None:
         raise ConfigError(f"a diffusers folder carries no {type(conditioner).__name__}; use a CompVis checkpoint")

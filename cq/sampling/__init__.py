@@ -6,6 +6,7 @@ index: DDIM makes one call per step; PLMS makes ``plms.num_calls(steps) = steps 
 
 from .adapter import FullPrecision
 from .ddim import StepInfo, ddim
+from .guidance import ClassifierFreeGuidance
 from .model import SamplerFields, SamplerModel, check_sampler, fields_of
 from .noise import NoiseSchedule, ddim_timesteps
 from .plms import plms
@@ -18,6 +19,7 @@ __all__ = [
     "ddim",
     "plms",
     "FullPrecision",
+    "ClassifierFreeGuidance",
     "NoiseSchedule",
     "StepInfo",
     "ddim_timesteps",
