@@ -314,3 +314,51 @@ def test_tokenizer_errors(tmp_path):
     vocab = CLIPTokenizer.vocab_from_merges([])
     with pytest.raises(ConfigError, match="max_length"):
         CLIPTokenizer(vocab, [], max_length=1)
+
+
+@pytest.fixture(scope="module")
+def transformers5_folder(tokenizer_files, reference_tokenizer, tmp_path_factory):
+    """What transformers 5 writes for a CLIP tokenizer: tokenizer.json + tokenizer_config.json only."""
+    folder = tmp_path_factory.mktemp("clip_tokenizer_json")
+    reference_tokenizer.save_pretrained(str(folder))
+    assert (folder / "tokenizer.json").exists() and not (folder / "vocab.json").exists()
+    return folder
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_tokenizer_json_folder_gives_the_ids_of_transformers(transformers5_folder, reference_tokenizer, prompt):
+    tok = CLIPTokenizer.from_folder(transformers5_folder)
+    assert tok([prompt])[0].tolist() == _reference_ids(reference_tokenizer, prompt)
+
+
+@given(_TEXT)
+def test_tokenizer_json_matches_transformers_on_random_text(transformers5_folder, reference_tokenizer, text):
+    tok = CLIPTokenizer.from_folder(transformers5_folder)
+    assert tok([text])[0].tolist() == _reference_ids(reference_tokenizer, text)
+
+
+def test_tokenizer_json_and_vocab_files_agree(transformers5_folder, tokenizer):
+    tok = CLIPTokenizer.from_folder(transformers5_folder)
+    assert tok.vocab == tokenizer.vocab and tok.ranks == tokenizer.ranks and tok.pad_id == tokenizer.pad_id
+
+
+def test_tokenizer_config_pad_token_is_used(tokenizer_files, tmp_path):
+    """SD 2 folders pad with "!" (id 0 in CLIP's vocab) and say so in tokenizer_config.json."""
+    folder = tmp_path / "sd2_tokenizer"
+    folder.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (folder / name).write_bytes((tokenizer_files[0] / name).read_bytes())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "!"}))
+    tok = CLIPTokenizer.from_folder(folder)
+    assert tok.pad_id == tok.vocab["!"] != tok.eos_id
+    assert CLIPTokenizer.from_folder(folder, pad_id=7).pad_id == 7  # an explicit choice wins
+
+
+def test_malformed_tokenizer_json_is_a_config_error(tmp_path):
+    for text in ("{", json.dumps({"model": {"type": "Unigram", "vocab": []}}), json.dumps({"model": {}})):
+        (tmp_path / "tokenizer.json").write_text(text)
+        with pytest.raises(ConfigError, match="tokenizer.json"):
+            CLIPTokenizer.from_folder(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match="no CLIP tokenizer"):
+        CLIPTokenizer.from_folder(tmp_path)

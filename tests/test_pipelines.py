@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 
 import pytest
 import torch
@@ -468,3 +469,44 @@ def test_tokenizer_from_a_path(diffusers_sd, tmp_path):
     save_file(_ldm_state(source), path)
     pipe = LatentDiffusion.from_pretrained("tiny-sd", path, tokenizer=folder / "tokenizer")
     assert torch.equal(pipe.conditioner.tokenize(["a cat"]), _byte_tokenizer()(["a cat"]))
+
+
+def test_a_missing_tokenizer_is_refused_at_load_time(diffusers_sd, tmp_path):
+    """Issue K 3: prompts through a text-conditioned model without a tokenizer used to fail only at sample()."""
+    source = LatentDiffusion.build("tiny-sd", seed=1)
+    path = tmp_path / "sd.safetensors"
+    save_file(_ldm_state(source), path)
+    with pytest.raises(ConfigError, match="CompVis checkpoint contains none: pass tokenizer="):
+        LatentDiffusion.from_pretrained("tiny-sd", path)
+    ids_only = LatentDiffusion.from_pretrained("tiny-sd", path, tokenizer=None)  # explicit: token ids only
+    assert ids_only.conditioner.tokenizer is None
+    folder = diffusers_sd[0]
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(folder, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer"))
+    with pytest.raises(ConfigError, match="tokenizer holds none"):
+        LatentDiffusion.from_pretrained("tiny-sd", no_tokenizer)
+    assert LatentDiffusion.from_pretrained("tiny-ldm-cin", _cin(tmp_path)).conditioner is not None
+
+
+def _cin(tmp_path):
+    """A class-conditional checkpoint: no tokenizer involved, none is asked for."""
+    source = LatentDiffusion.build("tiny-ldm-cin", seed=2)
+    path = tmp_path / "cin.safetensors"
+    save_file(_ldm_state(source), path)
+    return path
+
+
+def test_a_transformers5_tokenizer_folder_loads(diffusers_sd, tmp_path):
+    """A pipeline folder whose tokenizer/ holds only tokenizer.json (what transformers 5 saves)."""
+    from transformers import CLIPTokenizer as Reference
+
+    folder = tmp_path / "sd_tokenizer_json"
+    shutil.copytree(diffusers_sd[0], folder)
+    reference = Reference.from_pretrained(str(folder / "tokenizer"))
+    shutil.rmtree(folder / "tokenizer")
+    reference.save_pretrained(str(folder / "tokenizer"))
+    assert sorted(p.name for p in (folder / "tokenizer").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    pipe = LatentDiffusion.from_pretrained("tiny-sd", folder)
+    prompts = ["a photo of a cat", ""]
+    expected = reference(prompts, padding="max_length", max_length=77, truncation=True)["input_ids"]
+    assert pipe.conditioner.tokenize(prompts).tolist() == expected

@@ -154,14 +154,50 @@ class CLIPTokenizer:
         return cls(vocab, merges, **kwargs)
 
     @classmethod
+    def from_tokenizer_json(cls, path: str | Path, **kwargs) -> CLIPTokenizer:
+        """From a Hugging Face ``tokenizer.json`` (the only file transformers 5 writes for a fast tokenizer): its
+        BPE ``model.vocab`` and ``model.merges`` (``"a b"`` strings or ``["a", "b"]`` pairs)."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            model = data["model"]
+            if model.get("type") != "BPE":
+                raise ValueError(f"model type {model.get('type')!r}, not BPE")
+            vocab = {str(k): int(v) for k, v in model["vocab"].items()}
+            merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ConfigError(f"{path} is not a CLIP BPE tokenizer.json ({type(e).__name__}: {e})") from None
+        if any(len(m) != 2 for m in merges):
+            raise ConfigError(f"{path}: every merge must be a pair of symbols")
+        return cls(vocab, merges, **kwargs)
+
+    @classmethod
     def from_folder(cls, folder: str | Path, **kwargs) -> CLIPTokenizer:
-        """From a folder holding ``vocab.json`` and ``merges.txt`` (or its ``tokenizer/`` sub-folder)."""
+        """From a tokenizer folder (or a pipeline folder's ``tokenizer/``): ``vocab.json`` + ``merges.txt``, else
+        ``tokenizer.json``. The pad token of its ``tokenizer_config.json`` is used unless ``pad_token`` /
+        ``pad_id`` is given (SD 2 folders pad with ``"!"``, id 0)."""
         folder = Path(folder)
-        if not (folder / "vocab.json").exists() and (folder / "tokenizer" / "vocab.json").exists():
+        if not cls.in_folder(folder) and cls.in_folder(folder / "tokenizer"):
             folder = folder / "tokenizer"
-        if not (folder / "vocab.json").exists() or not (folder / "merges.txt").exists():
-            raise ConfigError(f"{folder} holds no vocab.json + merges.txt (a CLIP tokenizer folder)")
-        return cls.from_files(folder / "vocab.json", folder / "merges.txt", **kwargs)
+        if not cls.in_folder(folder):
+            raise ConfigError(f"{folder} holds no CLIP tokenizer: expected vocab.json + merges.txt, or tokenizer.json")
+        if "pad_token" not in kwargs and "pad_id" not in kwargs and (folder / "tokenizer_config.json").exists():
+            try:
+                pad = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("pad_token")
+            except (OSError, json.JSONDecodeError, AttributeError) as e:
+                raise ConfigError(f"{folder / 'tokenizer_config.json'} is not valid JSON ({e})") from None
+            pad = pad.get("content") if isinstance(pad, dict) else pad  # transformers 4 wrote AddedToken dicts
+            if isinstance(pad, str):
+                kwargs["pad_token"] = pad
+        if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+            return cls.from_files(folder / "vocab.json", folder / "merges.txt", **kwargs)
+        return cls.from_tokenizer_json(folder / "tokenizer.json", **kwargs)
+
+    @staticmethod
+    def in_folder(folder: Path) -> bool:
+        """Whether ``folder`` holds a tokenizer `from_folder` reads."""
+        return ((folder / "vocab.json").exists() and (folder / "merges.txt").exists()) or (
+            folder / "tokenizer.json"
+        ).exists()
 
     @classmethod
     def from_bpe_gz(cls, path: str | Path, *, num_merges: int | None = CLIP_NUM_MERGES, **kwargs) -> CLIPTokenizer:
