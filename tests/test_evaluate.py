@@ -45,7 +45,8 @@ def test_frechet_matches_scipy_sqrtm(seed, d, n):
 @given(seed=st.integers(0, 10_000), d=st.integers(1, 8))
 def test_frechet_properties(seed, d):
     a, b = _random_features(seed, 100, d), _random_features(seed + 7, 100, d, shift=0.5)
-    assert frechet_distance_of(a, a) == pytest.approx(0.0, abs=1e-8)
+    # 0 up to the matrix square root's rounding, which scales with the covariance's trace (2e-8 at seed 204, d 5)
+    assert frechet_distance_of(a, a) == pytest.approx(0.0, abs=1e-8 * (1 + float(a.var(0).sum())))
     assert frechet_distance_of(a, b) == pytest.approx(frechet_distance_of(b, a), rel=1e-6, abs=1e-9)
     assert frechet_distance_of(a, b) >= 0
     # invariant under a common translation and a common rotation of the feature space

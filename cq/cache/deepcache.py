@@ -35,7 +35,7 @@ class DeepCache(Cacher):
     Args:
         schedule: a `Schedule` (`UniformSchedule`, `Power`, `DPS`, ...).
         point: cache point name; None picks the UNet's ``default_cache_point()`` (DDPM: DeepCache's branch 2,
-            CacheQuant's CIFAR setting) or else its shallowest point (LDM/SD: CacheQuant's cut).
+            CacheQuant's CIFAR setting); LDM/SD UNets default to their shallowest point (CacheQuant's cut).
 
     Example:
         >>> cacher = DeepCache(schedule=DPS(interval=5)).fit(unet, trace)
