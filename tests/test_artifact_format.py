@@ -96,3 +96,26 @@ def test_format_1_files_still_load(saved, tmp_path):
     save_file(tensors, str(path), metadata=meta)
     model = cq.load(path)
     assert model.num_steps == 4
+
+
+def test_format_2_files_with_the_cache_correction_at_the_model_load(unet, tmp_path):
+    """Format 2 kept the DEC cache correction under ``cache_correction.*`` (attached to the model); format 3 under
+    ``cache.correction.*`` (owned by the cache). A format-2 file loads to the same model."""
+    trace = cq.trace(unet, steps=4, num_samples=2, points=[unet.default_cache_point()], progress=False)
+    model = cq.cachequant(interval=2).fit(unet, trace, progress=False)
+    path = cq.save(model, tmp_path / "v3.cq")
+    tensors, meta = _read(path)
+    assert {"cache.correction.gain", "cache.correction.offset"} <= tensors.keys()
+    old = {k.replace("cache.correction.", "cache_correction.", 1): v for k, v in tensors.items()}
+    meta["cq_format"] = "2"
+    meta["checksum"] = _checksum(old, meta)
+    save_file(old, str(tmp_path / "v2.cq"), metadata=meta)
+    loaded = cq.load(tmp_path / "v2.cq")
+    assert torch.equal(loaded.cache.correction.gain, model.cache.correction.gain)
+    noise = torch.randn(2, *unet.sample_shape, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(cq.sampling.ddim(loaded, noise, steps=4), cq.sampling.ddim(model, noise, steps=4))
+    newer = dict(meta, cq_format="4")
+    newer["checksum"] = _checksum(tensors, newer)
+    save_file(tensors, str(tmp_path / "v4.cq"), metadata=newer)
+    with pytest.raises(CheckpointFormatError, match="cq format 4; this cq reads <= 3"):
+        cq.load(tmp_path / "v4.cq")
