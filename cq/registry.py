@@ -35,7 +35,7 @@ __all__ = [
     "CORRECTORS",
     "RECIPES",
     "check_registered",
-    "deprecated_alias",
+    "deprecated_names",
 ]
 
 T = TypeVar("T", bound=type)
@@ -212,12 +212,21 @@ def _item_hint(hint: Any) -> Any:
     return args[0] if args else None
 
 
-def deprecated_alias(old: str, cls: type) -> type:
-    """``cls``, warning that it was asked for by its former public name ``old`` (module ``__getattr__``)."""
-    warnings.warn(
-        f"{old} is deprecated and will be removed in the next release: use {cls.__module__.rsplit('.', 1)[0]}."
-        f"{cls.__name__} (the same class; saved files are unaffected)",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    return cls
+def deprecated_names(module: str, renamed: dict[str, type]) -> Callable[[str], type]:
+    """A module ``__getattr__`` resolving former public names (``{"Uniform": UniformSchedule}``) with a
+    `DeprecationWarning`, for one release after a rename; any other name is an `AttributeError`."""
+
+    def __getattr__(name: str) -> type:
+        if name not in renamed:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        cls = renamed[name]
+        warnings.warn(
+            f"{module.split('.')[0]}.{module.split('.')[1]}.{name} is deprecated and will be removed in the next "
+            f"release: use {cls.__module__.rsplit('.', 1)[0]}.{cls.__name__} (the same class; saved files are "
+            "unaffected)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return cls
+
+    return __getattr__

@@ -1,5 +1,6 @@
 """Feature caching: the `CacheView` slot models expose, refresh schedules and cachers."""
 
+from ..registry import deprecated_names
 from .cacher import Cacher, FeatureCache
 from .deepcache import DeepCache
 from .dps import DPS, dp_partition
@@ -22,9 +23,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> type:
-    if name == "Uniform":  # the name before UniformSchedule; kept one release
-        from ..registry import deprecated_alias
-
-        return deprecated_alias("cq.cache.Uniform", UniformSchedule)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = deprecated_names(__name__, {"Uniform": UniformSchedule})  # its former name, for one release

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..registry import SCHEDULES, deprecated_alias
+from ..registry import SCHEDULES, deprecated_names
 from .schedule import Schedule, check_mask, positive_int
 
 
@@ -29,7 +29,4 @@ class UniformSchedule(Schedule):
         return check_mask(tuple(i % self.interval == 0 for i in range(num_steps)), num_steps, self)
 
 
-def __getattr__(name: str) -> type:
-    if name == "Uniform":  # the name before UniformSchedule; kept one release
-        return deprecated_alias("cq.cache.Uniform", UniformSchedule)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = deprecated_names(__name__, {"Uniform": UniformSchedule})  # its former name, for one release

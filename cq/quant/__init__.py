@@ -1,5 +1,6 @@
 """Post-training quantization by module replacement: specs, fake-quant modules, strategies, calibration."""
 
+from ..registry import deprecated_names
 from ..replay import CalibrationBatch
 from .affine import fake_quantize, qparams
 from .backend import Backend
@@ -37,9 +38,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> type:
-    if name == "Uniform":  # the name before UniformQuantizer; kept one release
-        from ..registry import deprecated_alias
-
-        return deprecated_alias("cq.quant.Uniform", UniformQuantizer)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = deprecated_names(
+    __name__, {"Uniform": UniformQuantizer}
+)  # its former name, for one release

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.layers import MatMul
-from ..registry import QUANTIZERS, deprecated_alias
+from ..registry import QUANTIZERS, deprecated_names
 from ..replay import CalibrationBatch, every_step
 from .quantizer import Quantizer
 from .spec import QuantSpec, ScaleMethod
@@ -95,7 +95,6 @@ class UniformQuantizer(Quantizer):
         yield from every_step(mask, source, self.refresh_samples, trace.x.shape[1], self.cached_samples)
 
 
-def __getattr__(name: str) -> type:
-    if name == "Uniform":  # the name before UniformQuantizer; kept one release
-        return deprecated_alias("cq.quant.Uniform", UniformQuantizer)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = deprecated_names(
+    __name__, {"Uniform": UniformQuantizer}
+)  # its former name, for one release
