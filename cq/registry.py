@@ -147,8 +147,15 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 def from_dict(data: dict[str, Any]) -> Any:
     """Inverse of `to_dict`. Unknown names raise `StrategyNotRegisteredError`, unknown fields `ConfigError`."""
+    if not isinstance(data, dict) or not isinstance(data.get("kind"), str) or not isinstance(data.get("type"), str):
+        raise ConfigError(
+            'a serialised strategy is a JSON object with string "kind" and "type" fields (cq.registry.to_dict), '
+            f"got {data!r:.200}"
+        )
     data = dict(data)
     kind, name, version = data.pop("kind"), data.pop("type"), data.pop("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ConfigError(f"{kind} {name!r}: version must be an integer, got {version!r}")
     cls = registry(kind).get(name)
     if version > getattr(cls, "VERSION", 1):
         raise ConfigError(

@@ -250,3 +250,18 @@ def test_public_pieces_are_importable_from_their_package(package, names):
     assert not missing, f"{package}.__all__ lacks {missing}"
     for name in names:
         assert getattr(module, name) is not None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        [],
+        {"kind": "recipe"},
+        {"type": "uniform"},
+        {"kind": 1, "type": "uniform"},
+        {"kind": "schedule", "type": "uniform", "version": "1"},
+    ],
+)
+def test_malformed_strategy_json_is_a_config_error(data):
+    with pytest.raises(ConfigError, match="kind|version"):
+        from_dict(data)
