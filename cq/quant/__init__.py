@@ -38,6 +38,4 @@ __all__ = [
 ]
 
 
-__getattr__ = deprecated_names(
-    __name__, {"Uniform": UniformQuantizer}
-)  # its former name, for one release
+__getattr__ = deprecated_names(__name__, {"Uniform": UniformQuantizer})  # its former name, for one release

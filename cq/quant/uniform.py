@@ -95,6 +95,4 @@ class UniformQuantizer(Quantizer):
         yield from every_step(mask, source, self.refresh_samples, trace.x.shape[1], self.cached_samples)
 
 
-__getattr__ = deprecated_names(
-    __name__, {"Uniform": UniformQuantizer}
-)  # its former name, for one release
+__getattr__ = deprecated_names(__name__, {"Uniform": UniformQuantizer})  # its former name, for one release
