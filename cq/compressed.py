@@ -116,6 +116,18 @@ class CompressedUNet(SamplerModel):
                 f"{float(t.max()):g}"
             )
 
+    def compile(self, **kwargs: Any) -> None:
+        """Compile the UNet in place (`torch.nn.Module.compile`; ``kwargs`` go to `torch.compile`).
+
+        Only the UNet is compiled: the cache's refresh-or-reuse decision, the input checks and the step stay in
+        Python, so the UNet compiles to exactly two graphs -- the full call and the shallow call -- with no
+        graph break, and the per-step activation tables and corrections are indexed by the step as a tensor
+        (`cq.step.current_step_index`), so no step recompiles them. Fake-quant layers compile
+        (Inductor fuses their rounding into the surrounding elementwise ops); the state dict keeps its keys, so
+        a compiled model saves as before. Compiled float kernels sum in another order than eager ones, so
+        measure the compiled model itself (`cq.evaluate`)."""
+        self.unet.compile(**kwargs)
+
     def to_int8(self, backend: Backend | str = Backend.INT8) -> dict[str, str]:
         """Run quantized layers on integer kernels from now on (in place); returns each layer's execution mode.
 

@@ -10,22 +10,38 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 
+import torch
+from torch import Tensor
+
 from .errors import StepNotSetError
 
 
-__all__ = ["step_scope", "current_step"]
+__all__ = ["step_scope", "current_step", "current_step_index", "step_row"]
 
 _STEP: contextvars.ContextVar[int | None] = contextvars.ContextVar("cq_step", default=None)
+# the same step as a 0-d int64 tensor: per-step tables indexed with it are one compiled graph for every step
+# (`torch.compile` specializes on a Python int and would recompile at each step)
+_STEP_INDEX: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("cq_step_index", default=None)
 
 
 @contextlib.contextmanager
 def step_scope(step: int) -> Iterator[int]:
     """Run the enclosed model call as sampling step ``step``."""
     token = _STEP.set(int(step))
+    index = _STEP_INDEX.set(torch.tensor(int(step)))
     try:
         yield int(step)
     finally:
+        _STEP_INDEX.reset(index)
         _STEP.reset(token)
+
+
+def current_step_index() -> Tensor:
+    """`current_step` as a 0-d int64 tensor, for indexing per-step tables inside compiled graphs."""
+    index = _STEP_INDEX.get()
+    if index is None:
+        current_step()  # raises the explanation
+    return index
 
 
 def current_step() -> int:
@@ -37,3 +53,11 @@ def current_step() -> int:
             "or an explicit `with cq.step.step_scope(i):`"
         )
     return step
+
+
+def step_row(table: Tensor, step: int | Tensor) -> Tensor:
+    """Row ``step`` of a per-step table ``[T, ...]``; a tensor step is gathered (``index_select``), never read back
+    as a Python number, so a compiled graph serves every step."""
+    if isinstance(step, Tensor):
+        return table.index_select(0, step.reshape(1).to(table.device)).reshape(table.shape[1:])
+    return table[step]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..step import step_row
+
 
 __all__ = ["ChannelAffine"]
 
@@ -20,9 +22,11 @@ class ChannelAffine(nn.Module):
         self.register_buffer("gain", torch.ones(num_steps, channels))
         self.register_buffer("offset", torch.zeros(num_steps, channels))
 
-    def forward(self, h: Tensor, step: int) -> Tensor:
+    def forward(self, h: Tensor, step: int | Tensor) -> Tensor:
+        """``step``: an int, or the 0-d step tensor of `cq.step.current_step_index` (inside compiled graphs)."""
         shape = (1, -1) + (1,) * (h.ndim - 2)
-        return h * self.gain[step].reshape(shape).to(h.dtype) + self.offset[step].reshape(shape).to(h.dtype)
+        gain, offset = step_row(self.gain, step), step_row(self.offset, step)
+        return h * gain.reshape(shape).to(h.dtype) + offset.reshape(shape).to(h.dtype)
 
     def is_identity(self, step: int) -> bool:
         return bool((self.gain[step] == 1).all() and (self.offset[step] == 0).all())

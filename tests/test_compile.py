@@ -1,0 +1,57 @@
+"""`CompressedUNet.compile`: the UNet compiles to two graphs (full and shallow call) with no graph break, and the
+per-step tables are indexed by a tensor step, so sampling every step recompiles nothing (issue J)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+from torch._dynamo.utils import counters
+
+import cq
+from cq.cache import CacheView
+from cq.sampling import ddim, seeded_noise
+from cq.step import step_scope
+
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def fitted(unet):
+    recipe = cq.cachequant(interval=3)
+    trace = cq.trace(unet, steps=STEPS, num_samples=4, seed=10_000, points=recipe.points(unet), progress=False)
+    return recipe.fit(unet, trace, progress=False), trace
+
+
+def test_full_and_shallow_calls_trace_without_graph_breaks(fitted):
+    model, trace = fitted
+    step = 1  # any step: the tables are indexed by a tensor (the compiled run below covers every step)
+    x, t = trace.x[step, :2], trace.timesteps[step].expand(2)
+    point = model.cache.point
+    views = {
+        "full": lambda: CacheView.full(record=[point]),
+        "shallow": lambda: CacheView.shallow(point, trace.features[point][0, :2]),
+    }
+    for name, view in views.items():
+        with step_scope(step):
+            explained = dynamo.explain(model.unet)(x, t, None, cache=view())
+        assert explained.graph_break_count == 0, (name, [str(r.reason) for r in explained.break_reasons])
+        assert explained.graph_count == 1
+
+
+def test_compiled_sampling_is_two_graphs_for_all_steps_and_equals_eager(fitted, tmp_path):
+    model = copy.deepcopy(fitted[0])
+    noise = seeded_noise(model.sample_shape, range(2000, 2003))
+    eager = ddim(model, noise, steps=STEPS)
+    dynamo.reset()
+    counters.clear()
+    model.compile(backend="aot_eager", fullgraph=True)  # the graphs Inductor would get, without its numerics
+    assert torch.equal(ddim(model, noise, steps=STEPS), eager)
+    assert counters["stats"]["unique_graphs"] == 2  # one full, one shallow call, whatever the step
+    ddim(model, noise, steps=STEPS)
+    assert counters["stats"]["unique_graphs"] == 2  # a second run compiles nothing
+    assert model.state_dict().keys() == fitted[0].state_dict().keys()  # saves as before
+    assert torch.equal(ddim(cq.load(cq.save(model, tmp_path / "m.cq")), noise, steps=STEPS), eager)
