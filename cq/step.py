@@ -16,7 +16,7 @@ from torch import Tensor
 from .errors import StepNotSetError
 
 
-__all__ = ["step_scope", "current_step", "current_step_index", "step_row"]
+__all__ = ["step_scope", "current_step", "current_step_index", "table_step", "step_row"]
 
 _STEP: contextvars.ContextVar[int | None] = contextvars.ContextVar("cq_step", default=None)
 # the same step as a 0-d int64 tensor: per-step tables indexed with it are one compiled graph for every step
@@ -53,6 +53,12 @@ def current_step() -> int:
             "or an explicit `with cq.step.step_scope(i):`"
         )
     return step
+
+
+def table_step() -> int | Tensor:
+    """The step per-step tables are read with: the int `current_step` in eager mode (plain indexing, ~2 us), the
+    tensor `current_step_index` while `torch.compile` traces (one graph for every step)."""
+    return current_step_index() if torch.compiler.is_compiling() else current_step()
 
 
 def step_row(table: Tensor, step: int | Tensor) -> Tensor:

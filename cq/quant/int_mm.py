@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..step import current_step_index
+from ..step import table_step
 from .codes import input_codes
 from .modules import ActQuantizer, QConv2d, QLinear, QMatMul, QuantizedWeight, adopt_conv_state
 
@@ -138,7 +138,7 @@ class IntMMConv1x1(nn.Module):
         c = self.split or self.in_channels
         y = self.cached(pixels[..., :c], self.act, self.bias).permute(0, 3, 1, 2)
         if self.correction is not None:
-            y = self.correction(y, current_step_index())
+            y = self.correction(y, table_step())
         if self.skip is not None:
             y = y + self.skip(pixels[..., c:], self.act_skip).permute(0, 3, 1, 2)
         return y

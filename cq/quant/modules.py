@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import CqError
 from ..models.layers import MatMul
-from ..step import current_step_index, step_row
+from ..step import step_row, table_step
 from .affine import fake_quantize, qparams, search_range
 from .spec import QuantSpec
 
@@ -58,7 +58,7 @@ class ActQuantizer(nn.Module):
         self.calibrated.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:
-        i = current_step_index() if self.spec.per_step else 0
+        i = table_step() if self.spec.per_step else 0
         scale, zero_point, calibrated = (step_row(t, i) for t in (self.scale, self.zero_point, self.calibrated))
         if torch.compiler.is_compiling():  # no data-dependent branch in a graph: an uncalibrated table passes x
             return torch.where(calibrated, fake_quantize(x, scale, zero_point, self.spec), x)
@@ -176,7 +176,7 @@ class QConv2d(nn.Module):
         # Cached half corrected per step: a*(conv(xq_c, W_c) + bias) + b == conv(xq_c, a*W_c) + a*bias + b
         c = self.split
         cached = F.conv2d(xq[:, :c], w[:, :c], self.bias, *args)
-        return self.correction(cached, current_step_index()) + F.conv2d(xq[:, c:], w[:, c:], None, *args)
+        return self.correction(cached, table_step()) + F.conv2d(xq[:, c:], w[:, c:], None, *args)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}" + (

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..step import current_step_index
+from ..step import table_step
 from .codes import input_codes, unsigned
 from .modules import ActQuantizer, QConv2d, QLinear, QuantizedWeight, adopt_conv_state
 
@@ -95,7 +95,7 @@ class Int8Conv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.cached(x, self.act, self.bias)
         if self.correction is not None:
-            y = self.correction(y, current_step_index())
+            y = self.correction(y, table_step())
         if self.skip is not None:
             y = self.skip(x, self.act_skip, accumulate=y.contiguous(memory_format=torch.channels_last))
         return y
