@@ -33,7 +33,7 @@ from .io import fingerprint
 from .models.unet import check_cacheable
 from .sampling.adapter import FullPrecision
 from .sampling.ddim import ddim, resolve_noise_schedule
-from .sampling.guidance import ClassifierFreeGuidance, expand_uncond
+from .sampling.guidance import check_guidance, guided
 from .sampling.model import SamplerModel
 from .sampling.noise import NoiseSchedule
 from .sampling.samplers import model_calls, settings_of_call
@@ -255,7 +255,7 @@ def trace(
         raise ConfigError(f"unknown cache point(s) {unknown}; the UNet exposes {sorted(known)}")
     if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != num_samples):
         raise InputShapeError(f"cond must be a tensor with first dimension num_samples={num_samples}")
-    guided = _check_guidance(guidance_scale, uncond, cond)
+    is_guided = check_guidance(guidance_scale, uncond, cond)
     sample_shape = tuple(unet.sample_shape)
 
     # The same `keep` trajectories, spread evenly over the run, are stored at every step.
@@ -264,7 +264,7 @@ def trace(
     )
     # one record per model call: PLMS calls the model twice at its first step (sampler.num_calls)
     calls = model_calls(sampler, steps)
-    halves = 2 if guided else 1  # guided: rows 2i, 2i + 1 = unconditional, conditional half of trajectory i
+    halves = 2 if is_guided else 1  # guided: rows 2i, 2i + 1 = unconditional, conditional half of trajectory i
     builder = _TraceBuilder(
         steps=calls, keep=halves * len(kept), points=points, observers=observers, dtype=dtype, max_bytes=max_bytes
     )
@@ -279,11 +279,9 @@ def trace(
         x = seeded_noise(sample_shape, [seed + int(i) for i in ids]).to(device)
         batch_cond = cond[ids].to(device) if cond is not None else None
         generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
-        recorder = _Recorder(unet, builder, rows.to(device), batch=len(ids), guided=guided)
+        recorder = _Recorder(unet, builder, rows.to(device), batch=len(ids), guided=is_guided)
         out = sampler(
-            ClassifierFreeGuidance(recorder, guidance_scale, uncond if uncond.shape[0] == 1 else uncond[ids])
-            if guided
-            else recorder,
+            guided(recorder, guidance_scale, uncond, ids),
             x,
             steps=steps,
             cond=batch_cond,
@@ -324,24 +322,3 @@ def _recorded_settings(sampler, steps, noise, timesteps: Tensor, kwargs: dict) -
 
 def _is_plain(v: Any) -> bool:
     return isinstance(v, int | float | str | bool) or v is None
-
-
-def _check_guidance(scale: float, uncond: Tensor | None, cond: Tensor | None) -> bool:
-    """Whether the trace is guided; refuses guidance it cannot run."""
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or scale != scale:
-        raise ConfigError(f"guidance_scale must be a number, got {scale!r}")
-    if scale == 1.0:
-        if uncond is not None:
-            raise ConfigError("uncond is only used with guidance_scale != 1 (scale 1 runs the conditional model only)")
-        return False
-    if cond is None or uncond is None:
-        raise ConfigError(
-            f"guidance_scale={scale:g} needs cond (the conditional rows) and uncond (the unconditional cond, e.g. "
-            "pipe.unconditional(1))"
-        )
-    if not isinstance(uncond, Tensor):
-        raise ConfigError(f"uncond must be a tensor, got {type(uncond).__name__}")
-    if uncond.shape[0] not in (1, cond.shape[0]):
-        raise InputShapeError(f"uncond must have batch 1 or num_samples={cond.shape[0]}, got {tuple(uncond.shape)}")
-    expand_uncond(uncond[:1], cond[:1])  # same trailing shape as cond
-    return True

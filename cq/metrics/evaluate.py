@@ -28,7 +28,7 @@ from ..errors import CalibrationSeedsError, ConfigError, ReferenceMismatchError,
 from ..models.unet import CacheableUNet
 from ..sampling.adapter import FullPrecision
 from ..sampling.ddim import ddim
-from ..sampling.guidance import ClassifierFreeGuidance
+from ..sampling.guidance import check_guidance, guided
 from ..sampling.model import check_sampler, fields_of
 from ..sampling.samplers import model_calls, sampler_of, settings_of_call
 
@@ -253,21 +253,7 @@ def evaluate(
     shape = tuple(reference.sample_shape)
     device = next(reference.parameters()).device
     fp = FullPrecision(reference)
-    if guidance_scale != 1.0 and (
-        cond is None or not isinstance(uncond, Tensor) or uncond.shape[0] not in (1, len(seeds))
-    ):
-        raise ConfigError(
-            f"guidance_scale={guidance_scale:g} needs cond and uncond, the unconditional cond with batch 1 or "
-            f"len(seeds)={len(seeds)}"
-        )
-    if guidance_scale == 1.0 and uncond is not None:
-        raise ConfigError("uncond is only used with guidance_scale != 1")
-
-    def guided(m: nn.Module, start: int, n: int) -> nn.Module:
-        if guidance_scale == 1.0:
-            return m
-        u = uncond if uncond.shape[0] == 1 else uncond[start : start + n]
-        return ClassifierFreeGuidance(m, guidance_scale, u)
+    check_guidance(guidance_scale, uncond, cond)
 
     outs, refs, seconds, ref_seconds = [], [], 0.0, 0.0
     starts = range(0, len(seeds), batch_size)
@@ -277,14 +263,14 @@ def evaluate(
         c = cond[start : start + len(batch)].to(device) if cond is not None else None
         t0 = time.perf_counter()
         if reference_samples is None:
-            ref_model = guided(fp, start, len(batch))
+            ref_model = guided(fp, guidance_scale, uncond, slice(start, start + len(batch)))
             refs.append(
                 sampler(ref_model, noise, steps=steps, cond=c, generator=_generator(batch), **sampler_kwargs).cpu()
             )
         else:
             refs.append(reference_samples[start : start + len(batch)].cpu())
         t1 = time.perf_counter()
-        test_model = guided(model, start, len(batch))
+        test_model = guided(model, guidance_scale, uncond, slice(start, start + len(batch)))
         outs.append(
             sampler(test_model, noise, steps=steps, cond=c, generator=_generator(batch), **sampler_kwargs).cpu()
         )

@@ -15,7 +15,7 @@ from .adapter import check_step_aware
 from .model import SamplerModel, fields_of
 
 
-__all__ = ["ClassifierFreeGuidance", "expand_uncond"]
+__all__ = ["ClassifierFreeGuidance", "expand_uncond", "check_guidance", "guided"]
 
 
 def expand_uncond(uncond: Tensor, cond: Tensor) -> Tensor:
@@ -64,3 +64,32 @@ class ClassifierFreeGuidance(SamplerModel):
         out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]), step=step)
         eps_u, eps_c = out.chunk(2)
         return eps_u + self.scale * (eps_c - eps_u)
+
+
+def check_guidance(scale: float, uncond: Tensor | None, cond: Tensor | None) -> bool:
+    """Whether a run with ``guidance_scale=scale`` is guided (`cq.trace`, `cq.evaluate`); refuses guidance it
+    cannot run: a non-number scale, a missing ``cond`` / ``uncond``, an ``uncond`` of another shape or with a
+    batch other than 1 or ``cond``'s, an ``uncond`` without guidance."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or scale != scale:
+        raise ConfigError(f"guidance_scale must be a number, got {scale!r}")
+    if scale == 1.0:
+        if uncond is not None:
+            raise ConfigError("uncond is only used with guidance_scale != 1 (scale 1 runs the conditional model only)")
+        return False
+    if not isinstance(cond, Tensor) or not isinstance(uncond, Tensor):
+        raise ConfigError(
+            f"guidance_scale={scale:g} needs cond and uncond: the conditional rows and the unconditional cond "
+            "(e.g. pipe.unconditional(1))"
+        )
+    if uncond.shape[0] not in (1, cond.shape[0]):
+        raise InputShapeError(f"uncond must have batch 1 or {cond.shape[0]} (one per row), got {tuple(uncond.shape)}")
+    expand_uncond(uncond[:1], cond[:1])  # same trailing shape as cond
+    return True
+
+
+def guided(model: nn.Module, scale: float, uncond: Tensor | None, rows: slice | Tensor) -> nn.Module:
+    """``model`` guided for the batch ``rows`` of a run checked by `check_guidance` (``uncond`` of batch 1 is
+    shared, a per-row one is sliced); ``model`` itself when the scale is 1."""
+    if scale == 1.0:
+        return model
+    return ClassifierFreeGuidance(model, scale, uncond if uncond.shape[0] == 1 else uncond[rows])
