@@ -200,7 +200,7 @@ def _recipe_of(args: argparse.Namespace):
             kwargs["bits"] = args.bits
             kwargs["backend"] = args.backend
         recipe, described = PRESET_RECIPES[args.recipe](**kwargs), f"{args.recipe} {kwargs}"
-    elif args.recipe.endswith(".json"):
+    else:  # a .json file (`_recipe_arg` admits nothing else)
         try:
             data = json.loads(Path(args.recipe).read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -211,10 +211,6 @@ def _recipe_of(args: argparse.Namespace):
                 '{"kind": "recipe", ...})'
             )
         recipe, described = from_dict(data), args.recipe
-    else:
-        raise ConfigError(
-            f"--recipe must be one of {sorted(PRESET_RECIPES)} or a recipe .json file, got {args.recipe!r}"
-        )
     if not isinstance(recipe, Recipe):
         raise ConfigError(f"--recipe {args.recipe} describes a {type(recipe).__name__}, not a Recipe")
     if args.schedule is not None:
@@ -372,10 +368,13 @@ def _positive_float(text: str) -> float:
 
 def _recipe_arg(text: str) -> str:
     """``--recipe``: a preset name or a ``.json`` file (read later, so its errors name the file)."""
-    presets = ("cachequant", "deepcache", "quant_only", "naive")
-    if text in presets or text.endswith(".json"):
+    from .recipe import PRESET_RECIPES
+
+    if text in PRESET_RECIPES or text.endswith(".json"):
         return text
-    raise argparse.ArgumentTypeError(f"expected one of {', '.join(presets)} or a recipe .json file, got {text!r}")
+    raise argparse.ArgumentTypeError(
+        f"expected one of {', '.join(PRESET_RECIPES)} or a recipe .json file, got {text!r}"
+    )
 
 
 POSITIVE, NON_NEGATIVE = _count(1), _count(0)
