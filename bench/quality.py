@@ -89,7 +89,15 @@ def schedule_cases(n: int) -> list[tuple[str, Recipe]]:
 def quant_cases() -> list[tuple[str, Recipe]]:
     return [
         ("W8A8 (per-step tables)", Recipe(quantizer=UniformQuantizer())),
-        ("W4A8 (per-step tables)", Recipe(quantizer=UniformQuantizer(weight_bits=4))),
+        (
+            "W4A8 (per-step tables, GPTQ weights: the default below 8 bits)",
+            Recipe(quantizer=UniformQuantizer(weight_bits=4)),
+        ),
+        (
+            "W4A8 round-to-nearest weights (CacheQuant's, before G)",
+            Recipe(quantizer=UniformQuantizer(weight_bits=4, weight_rounding="nearest")),
+        ),
+        ("W8A8 GPTQ weights", Recipe(quantizer=UniformQuantizer(weight_rounding="gptq"))),
         ("W8A8, one shared range", Recipe(quantizer=UniformQuantizer(per_step=False))),
         ("W8A8 PTQ4DM (NDTC, shared)", Recipe(quantizer=PTQ4DM())),
         ("W4A8 PTQ4DM (NDTC, shared)", Recipe(quantizer=PTQ4DM(weight_bits=4))),

@@ -257,6 +257,7 @@ quantizers = st.one_of(
         per_step=st.booleans(),
         keep_8bit=st.lists(st.sampled_from(["conv_in", "conv_out", "*.q"]), max_size=2).map(tuple),
         weight_method=st.sampled_from(["mse", "minmax", "percentile"]),
+        weight_rounding=st.sampled_from(["nearest", "gptq", "auto"]),
     ),
     st.builds(
         PTQ4DM,
@@ -285,6 +286,8 @@ def test_registered_quantizers():
         lambda: UniformQuantizer(refresh_samples=0),
         lambda: PTQ4DM(std=0),
         lambda: PTQ4DM(samples=0),
+        lambda: UniformQuantizer(weight_rounding="stochastic"),
+        lambda: PTQ4DM(weight_rounding=None),
     ],
 )
 def test_invalid_quantizers_raise(make):

@@ -49,7 +49,7 @@ class PTQ4DM(Quantizer):
         samples: calibration samples (the reference uses 1024; fewer suffice for small models).
         mean, std: of the normal over the fraction of the trajectory (0 = noisiest).
         seed: for drawing the calibration steps.
-        keep_8bit, float_io, split_weights, include, skip: as in `cq.quant.UniformQuantizer`.
+        keep_8bit, float_io, split_weights, weight_rounding, include, skip: as in `cq.quant.UniformQuantizer`.
     """
 
     weight_bits: int = 8
@@ -61,10 +61,12 @@ class PTQ4DM(Quantizer):
     keep_8bit: tuple[str, ...] = ("conv_in", "conv_out")
     float_io: bool = True
     split_weights: bool = True
+    weight_rounding: str = "auto"
     include: tuple[str, ...] = ("*",)
     skip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.uses_gptq()  # validates weight_rounding
         self.specs("", nn.Identity())
         if self.samples < 1:
             raise ConfigError(f"PTQ4DM.samples must be >= 1, got {self.samples}")

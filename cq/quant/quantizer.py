@@ -28,6 +28,7 @@ from ..errors import ConfigError
 from ..models.unet import check_cacheable
 from ..replay import CalibrationBatch, replay
 from .calibrate import RangeTables, observe
+from .gptq import apply_gptq, record_hessians
 from .layer_table import FLOAT_TO_FAKE, fake_quant_classes
 from .modules import ActQuantizer
 from .spec import QuantSpec
@@ -48,13 +49,17 @@ class Quantizer(ABC):
     """
 
     registry_kind: ClassVar[str] = "quantizer"  # the registry its subclasses register in
-    VERSION: ClassVar[int] = 3  # 2: float_io (input and output layers stay float); 3: split_weights
+    #: 2: float_io (input and output layers stay float); 3: split_weights; 4: weight_rounding (GPTQ below 8 bits)
+    VERSION: ClassVar[int] = 4
     include: tuple[str, ...]
     skip: tuple[str, ...]
     #: keep the UNet's input and output layers (``unet.io_layers()``) in float; subclasses may make it a field
     float_io: bool = True
     #: quantize the two input halves of a split conv's weight separately (CacheQuant); subclasses may make it a field
     split_weights: bool = True
+    #: ``"nearest"`` (round each weight to nearest), ``"gptq"`` (`cq.quant.gptq`: round for the output error on
+    #: the calibration inputs) or ``"auto"`` (GPTQ for weights below 8 bits); subclasses may make it a field
+    weight_rounding: str = "nearest"
 
     @abstractmethod
     def specs(self, name: str, module: nn.Module) -> tuple[QuantSpec | None, QuantSpec]:
@@ -74,13 +79,27 @@ class Quantizer(ABC):
         """Fields saved by ``version`` of this strategy, as this version reads them (`cq.registry.from_dict`).
 
         Before version 2 the UNet's input and output layers were quantized, before version 3 a split conv's weight
-        had one scale per output channel across both halves: such files keep what they were fitted with."""
+        had one scale per output channel across both halves, before version 4 weights were rounded to nearest:
+        such files keep what they were fitted with."""
         names = {f.name for f in dataclasses.fields(cls)}
         if version < 2 and "float_io" in names:
             fields = {"float_io": False, **fields}
         if version < 3 and "split_weights" in names:
             fields = {"split_weights": False, **fields}
+        if version < 4 and "weight_rounding" in names:
+            fields = {"weight_rounding": "nearest", **fields}
         return fields
+
+    def uses_gptq(self) -> bool:
+        """Whether `quantize` re-rounds the weights with GPTQ (``weight_rounding``; "auto": below 8 bits)."""
+        if self.weight_rounding not in ("nearest", "gptq", "auto"):
+            raise ConfigError(
+                f"{type(self).__name__}.weight_rounding must be 'nearest', 'gptq' or 'auto', got "
+                f"{self.weight_rounding!r}"
+            )
+        return self.weight_rounding == "gptq" or (
+            self.weight_rounding == "auto" and getattr(self, "weight_bits", 8) < 8
+        )
 
     def label(self) -> str:
         """Short description for reports, e.g. ``UniformQuantizer(W8A8)``; override to show more."""
@@ -152,6 +171,37 @@ class Quantizer(ABC):
         tables.apply(model)
         return tables
 
+    @torch.no_grad()
+    def round_weights(
+        self,
+        model: nn.Module,
+        unet: nn.Module,
+        trace: Trace,
+        *,
+        cache: FeatureCache | None = None,
+        cacher: Cacher | None = None,
+        progress: bool = True,
+    ) -> list[str]:
+        """GPTQ (`cq.quant.gptq`): re-round the weights of ``model`` (prepared from ``unet``, not yet calibrated)
+        for the output error on the calibration calls of `calibrate`. Returns the layers re-rounded."""
+        if any(
+            isinstance(m, ActQuantizer) and bool(m.calibrated.any()) and m.fixed_range is None for m in model.modules()
+        ):
+            raise ConfigError("round_weights runs before calibration: its inputs must not be quantized yet")
+        cache = _cache_for(model, trace.steps, cache, cacher)
+        mask, source = (cache.mask, cache.source) if cache is not None else ((True,) * trace.steps, None)
+        source = source if source is not None else list(range(trace.steps))
+        with record_hessians(model) as tables:
+            replay(
+                model,
+                trace,
+                self.calibration_batches(trace, mask, source),
+                cache=cache,
+                progress=progress,
+                desc="gptq inputs",
+            )
+        return apply_gptq(model, unet, tables)
+
     def convert(self, model: nn.Module) -> nn.Module:
         """Finish ``model`` after calibration (checks that no observation hook is left)."""
         for name, module in model.named_modules():
@@ -171,6 +221,8 @@ class Quantizer(ABC):
         """prepare -> calibrate -> convert: a quantized copy of ``unet`` for ``trace.steps`` sampling steps
         (``cache`` / ``cacher``: see `calibrate`)."""
         model = self.prepare(unet, trace.steps)
+        if self.uses_gptq():
+            self.round_weights(model, unet, trace, cache=cache, cacher=cacher, progress=progress)
         self.calibrate(model, trace, cache=cache, cacher=cacher, progress=progress)
         return self.convert(model)
 

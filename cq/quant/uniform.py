@@ -45,6 +45,10 @@ class UniformQuantizer(Quantizer):
             CacheQuant, which runs them at 8 bits: the input layer reads Gaussian noise whose held-out tails a
             calibrated range clamps, and the output layer's weight error is a bias every sampler step integrates
             (README, "Quality on held-out seeds"). They are < 0.2% of the MACs.
+        weight_rounding: ``"nearest"`` (CacheQuant), ``"gptq"`` (each layer's weight columns rounded in turn, the
+            rounding error moved onto the columns left, for the output error on the calibration inputs:
+            `cq.quant.gptq`, Frantar et al. 2022) or ``"auto"`` (default): GPTQ below 8 bits, nearest at 8 -- a
+            departure from CacheQuant for W4 (README, "Quality on held-out seeds"). Same storage and kernels.
         split_weights: a conv reading ``cat(cached, skip)`` gets one weight quantizer per input half, each with
             per-output-channel scales (CacheQuant / Q-Diffusion split-shortcut quantization). False: one scale per
             output channel across both halves (files saved before Quantizer version 3).
@@ -64,12 +68,14 @@ class UniformQuantizer(Quantizer):
     keep_8bit: tuple[str, ...] = ("conv_in", "conv_out")
     float_io: bool = True
     split_weights: bool = True
+    weight_rounding: str = "auto"
     include: tuple[str, ...] = ("*",)
     skip: tuple[str, ...] = ()
     refresh_samples: int = 32
     cached_samples: int = 8
 
     def __post_init__(self) -> None:
+        self.uses_gptq()  # validates weight_rounding
         self.specs("", nn.Identity())  # validates the bit widths and methods through QuantSpec
         for name in ("refresh_samples", "cached_samples"):
             if getattr(self, name) < 1:
