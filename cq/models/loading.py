@@ -28,7 +28,15 @@ from .presets import FAMILIES, PRESETS, Preset, family_of, get_preset
 from .unet import CacheableUNet
 
 
-__all__ = ["build", "load", "load_weights", "embedded_weights_path", "describe_model", "build_from_description"]
+__all__ = [
+    "build",
+    "load",
+    "load_weights",
+    "embedded_weights_path",
+    "describe_model",
+    "build_from_description",
+    "diffusers_noise_schedule",
+]
 
 KeyFormat = Literal["auto", "original", "diffusers"]
 
@@ -121,7 +129,7 @@ def _build_from_diffusers(folder: Path, state: dict[str, Tensor], config: dict) 
     preset = Preset(
         name=folder.name,
         config=unet_config,
-        noise=_diffusers_noise_schedule(folder),
+        noise=diffusers_noise_schedule(folder) or NoiseSchedule(),
         sampling=sampling,
         source=str(folder),
     )
@@ -223,8 +231,9 @@ def _is_ldm_diffusers_config(config: dict) -> bool:
     return config.get("flip_sin_to_cos", True) is True and config.get("freq_shift", 0) == 0
 
 
-def _diffusers_noise_schedule(folder: Path) -> NoiseSchedule:
-    """Noise schedule from a diffusers ``scheduler_config.json`` next to the model, or the DDPM default."""
+def diffusers_noise_schedule(folder: Path) -> NoiseSchedule | None:
+    """Noise schedule from a diffusers ``scheduler_config.json`` next to the model (in the model folder, its
+    ``scheduler/`` or its pipeline's ``scheduler/``), or None when there is none."""
     for candidate in (
         folder / "scheduler" / "scheduler_config.json",
         folder.parent / "scheduler" / "scheduler_config.json",
@@ -232,7 +241,7 @@ def _diffusers_noise_schedule(folder: Path) -> NoiseSchedule:
     ):
         if candidate.exists():
             return _noise_from_scheduler_config(candidate)
-    return NoiseSchedule()
+    return None
 
 
 def _noise_from_scheduler_config(path: Path) -> NoiseSchedule:
