@@ -4,88 +4,20 @@ a named preset that disagrees with the folder is refused with the differing fiel
 
 from __future__ import annotations
 
-import json
-
+import diffusers_test_sd
 import pytest
 import torch
 
 from cq.errors import CheckpointFormatError, ConfigError
-from cq.models import CLIPTokenizer, LatentDiffusion
+from cq.models import LatentDiffusion
 from cq.models.folder_config import autoencoder_config_from_diffusers, preset_from_folder
 
 
+DIFFUSERS_TEST_VAE = diffusers_test_sd.DIFFUSERS_TEST_VAE
+save_tiny_sd_pipeline = diffusers_test_sd.save_tiny_sd_pipeline
+
+
 PARITY_ATOL = 5e-5  # fp32; diffusers' SDPA reorders reductions (see test_openai_unet.py)
-
-# diffusers tests/pipelines/stable_diffusion/test_stable_diffusion.py get_dummy_components()
-DIFFUSERS_TEST_UNET = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=2,
-    sample_size=32,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=32,
-)
-DIFFUSERS_TEST_VAE = dict(
-    block_out_channels=[32, 64],
-    in_channels=3,
-    out_channels=3,
-    down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    latent_channels=4,
-)
-DIFFUSERS_TEST_TEXT = dict(
-    bos_token_id=0,
-    eos_token_id=2,
-    hidden_size=32,
-    intermediate_size=37,
-    layer_norm_eps=1e-05,
-    num_attention_heads=4,
-    num_hidden_layers=5,
-    pad_token_id=1,
-    vocab_size=1000,
-)
-
-
-def save_tiny_sd_pipeline(folder, *, unet_kwargs=None, prediction_type="epsilon", seed=0):
-    """diffusers' test StableDiffusionPipeline (random weights, a byte-level CLIP vocabulary written here), saved
-    with ``save_pretrained``; returns the diffusers pipeline."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-    from transformers import CLIPTokenizer as HFTokenizer
-
-    vocab = folder.parent / f"{folder.name}-vocab"
-    vocab.mkdir(parents=True, exist_ok=True)
-    (vocab / "vocab.json").write_text(json.dumps(CLIPTokenizer.vocab_from_merges([])))
-    (vocab / "merges.txt").write_text("#version: 0.2\n")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**(unet_kwargs or DIFFUSERS_TEST_UNET))
-        vae = AutoencoderKL(**DIFFUSERS_TEST_VAE)
-        text = CLIPTextModel(CLIPTextConfig(**DIFFUSERS_TEST_TEXT))
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
-    pipe = StableDiffusionPipeline(
-        unet=unet.eval(),
-        vae=vae.eval(),
-        text_encoder=text.eval(),
-        tokenizer=HFTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pipe.save_pretrained(folder)
-    return pipe
 
 
 @pytest.fixture(scope="module")

@@ -49,8 +49,14 @@ class LDMUNetConfig:
     """Hyper-parameters of ``openaimodel.UNetModel`` (the ``unet_config.params`` of an LDM/SD yaml), same names.
 
     ``attention_resolutions`` are downsampling factors (1 = full resolution), as in the yaml. Heads: a fixed
-    ``num_heads`` per attention layer, or ``num_head_channels`` channels per head (then ``num_heads = ch //
-    num_head_channels``); ``num_heads_upsample`` overrides the heads of the decoder's legacy attention blocks.
+    ``num_heads`` per attention layer (or one per level, as diffusers' per-block ``attention_head_dim`` lists
+    give them), or ``num_head_channels`` channels per head (then ``num_heads = ch // num_head_channels``; SD 2 /
+    SDXL use 64); ``num_heads_upsample`` overrides the heads of the decoder's legacy attention blocks.
+    ``transformer_depth``: blocks per SpatialTransformer, one value or one per level (SDXL ``[0, 2, 10]``; the
+    middle block takes the last level's). ``use_linear_in_transformer`` (SD 2 / SDXL): ``proj_in`` / ``proj_out``
+    are Linear layers on the ``[B, HW, C]`` tokens instead of 1x1 convs. ``upcast_attention``: attention scores and
+    softmax in fp32 whatever the model's dtype (CompVis SD 2's ``ATTN_PRECISION="fp32"``, diffusers
+    ``upcast_attention``; a no-op in fp32).
     """
 
     image_size: int  # default latent side (``sample_shape``); any multiple of 2**(levels-1) runs
@@ -63,22 +69,31 @@ class LDMUNetConfig:
     dropout: float = 0.0
     conv_resample: bool = True
     num_classes: int | None = None  # label-conditional models (label_emb); cond is then the labels [B]
-    num_heads: int = -1
+    num_heads: int | tuple[int, ...] = -1
     num_head_channels: int = -1
     num_heads_upsample: int = -1
     use_scale_shift_norm: bool = False
     resblock_updown: bool = False
     use_spatial_transformer: bool = False
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1
     context_dim: int | None = None
     norm_groups: int = 32
+    use_linear_in_transformer: bool = False
+    upcast_attention: bool = False
 
     def __post_init__(self) -> None:
         for name in ("image_size", "in_channels", "out_channels", "model_channels", "num_res_blocks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"LDMUNetConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.norm_groups < 1 or self.transformer_depth < 1:
-            raise ConfigError("LDMUNetConfig.norm_groups and transformer_depth must be >= 1")
+        if self.norm_groups < 1:
+            raise ConfigError("LDMUNetConfig.norm_groups must be >= 1")
+        levels = len(self.channel_mult)
+        for name in ("num_heads", "transformer_depth"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != levels:
+                raise ConfigError(
+                    f"LDMUNetConfig.{name}={value}: one value per level ({levels}, as channel_mult) or a single int"
+                )
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ConfigError(
                 f"LDMUNetConfig.channel_mult must be a non-empty tuple of ints >= 1, got {self.channel_mult}"
@@ -111,28 +126,39 @@ class LDMUNetConfig:
                     f"LDMUNetConfig: channel count model_channels*mult={ch} is not divisible by "
                     f"norm_groups={self.norm_groups}"
                 )
-        attended = {self.model_channels * self.channel_mult[-1]}  # the middle block always attends
-        attended |= {
-            self.model_channels * m for i, m in enumerate(self.channel_mult) if 2**i in self.attention_resolutions
-        }
-        for ch in sorted(attended):
+        if self.num_head_channels == -1 and min(_as_tuple(self.num_heads, levels)) < 1:
+            raise ConfigError(f"LDMUNetConfig.num_heads must be >= 1, got {self.num_heads}")
+        attended = {levels - 1} | {i for i in range(levels) if 2**i in self.attention_resolutions}  # + middle
+        for level in sorted(attended):
+            ch = self.model_channels * self.channel_mult[level]
+            if self.depth(level) < 1:
+                raise ConfigError(f"LDMUNetConfig.transformer_depth must be >= 1 at attended level {level}")
             if self.num_head_channels != -1 and ch % self.num_head_channels:
                 raise ConfigError(
                     f"LDMUNetConfig: {ch} attention channels are not a multiple of num_head_channels="
                     f"{self.num_head_channels}"
                 )
             for upsample in (False, True):
-                heads = self.heads(ch, upsample=upsample)
+                heads = self.heads(ch, level=level, upsample=upsample)
                 if heads < 1 or ch % heads:
                     raise ConfigError(f"LDMUNetConfig: {ch} channels cannot be split into {heads} attention heads")
 
-    def heads(self, channels: int, *, upsample: bool = False) -> int:
-        """Attention heads of a layer with ``channels`` channels (openaimodel's head arithmetic, legacy or not)."""
+    def heads(self, channels: int, *, level: int, upsample: bool = False) -> int:
+        """Attention heads of a layer with ``channels`` channels at ``level`` (the middle block: the last level),
+        by openaimodel's head arithmetic, legacy or not."""
         if self.num_head_channels != -1:
             return channels // self.num_head_channels
         if upsample and not self.use_spatial_transformer and self.num_heads_upsample != -1:
             return self.num_heads_upsample
-        return self.num_heads
+        return _as_tuple(self.num_heads, len(self.channel_mult))[level]
+
+    def depth(self, level: int) -> int:
+        """Transformer blocks of the SpatialTransformers at ``level`` (the middle block: the last level)."""
+        return _as_tuple(self.transformer_depth, len(self.channel_mult))[level]
+
+
+def _as_tuple(value: int | tuple[int, ...], n: int) -> tuple[int, ...]:
+    return value if isinstance(value, tuple) else (value,) * n
 
 
 def ldm_timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -158,7 +184,8 @@ class GroupNorm32(nn.GroupNorm):
     """``GroupNorm(32, C)`` (eps 1e-5) evaluated in fp32 and cast back (openaimodel ``normalization``)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        weight, bias = (None if p is None else p.float() for p in (self.weight, self.bias))
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 class Downsample(nn.Module):
@@ -273,13 +300,20 @@ class AttentionBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of ``x`` over ``context`` (itself when None); ``to_q/k/v`` without bias, ``to_out.0``."""
+    """Multi-head attention of ``x`` over ``context`` (itself when None); ``to_q/k/v`` without bias, ``to_out.0``.
 
-    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int, dropout: float):
+    ``upcast``: q and k enter the score matmul in fp32 and the softmax runs in fp32, the probabilities are cast
+    back to v's dtype (CompVis SD 2 ``CrossAttention`` under ``ATTN_PRECISION="fp32"``; diffusers
+    ``Attention(upcast_attention=True)``).
+    """
+
+    def __init__(
+        self, query_dim: int, context_dim: int | None, heads: int, dim_head: int, dropout: float, upcast: bool = False
+    ):
         super().__init__()
         inner = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
-        self.heads, self.scale = heads, dim_head**-0.5
+        self.heads, self.scale, self.upcast = heads, dim_head**-0.5, upcast
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
@@ -295,8 +329,10 @@ class CrossAttention(nn.Module):
         q = q.reshape(b, n, heads, -1).transpose(1, 2)  # (B, H, N, dh)
         k = k.reshape(b, k.shape[1], heads, -1).transpose(1, 2)  # (B, H, M, dh)
         v = v.reshape(b, v.shape[1], heads, -1).transpose(1, 2)  # (B, H, M, dh)
+        if self.upcast:
+            q, k = q.float(), k.float()
         sim = self.qk(q, k.transpose(-1, -2)) * self.scale  # (B, H, N, M)
-        out = self.av(sim.softmax(dim=-1), v)  # (B, H, N, dh)
+        out = self.av(sim.softmax(dim=-1).to(v.dtype), v)  # (B, H, N, dh)
         return self.to_out(out.transpose(1, 2).reshape(b, n, inner))
 
 
@@ -324,11 +360,13 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention (``attn1``), cross-attention (``attn2``), GEGLU feed-forward (``ff``)."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float, context_dim: int | None):
+    def __init__(
+        self, dim: int, heads: int, dim_head: int, dropout: float, context_dim: int | None, upcast: bool = False
+    ):
         super().__init__()
-        self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout)
+        self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout, upcast)
         self.ff = FeedForward(dim, dropout)
-        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout, upcast)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
@@ -340,29 +378,48 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """GroupNorm (eps 1e-6), 1x1 ``proj_in``, ``transformer_blocks`` over the H*W tokens, 1x1 ``proj_out``,
-    residual."""
+    """GroupNorm (eps 1e-6), ``proj_in``, ``transformer_blocks`` over the H*W tokens, ``proj_out``, residual.
+
+    ``linear`` (SD 2 / SDXL ``use_linear_in_transformer``): ``proj_in`` / ``proj_out`` are Linear layers applied
+    to the ``[B, HW, C]`` tokens; otherwise 1x1 convs applied before / after the reshape (SD 1).
+    """
 
     def __init__(
-        self, channels: int, heads: int, dim_head: int, *, depth: int, dropout: float, context_dim: int, groups: int
+        self,
+        channels: int,
+        heads: int,
+        dim_head: int,
+        *,
+        depth: int,
+        dropout: float,
+        context_dim: int,
+        groups: int,
+        linear: bool = False,
+        upcast: bool = False,
     ):
         super().__init__()
         inner = heads * dim_head
+        self.linear = linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.proj_in = nn.Linear(channels, inner) if linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(inner, heads, dim_head, dropout, context_dim) for _ in range(depth)]
+            [BasicTransformerBlock(inner, heads, dim_head, dropout, context_dim, upcast) for _ in range(depth)]
         )
-        self.proj_out = nn.Conv2d(inner, channels, 1)
+        self.proj_out = nn.Linear(inner, channels) if linear else nn.Conv2d(inner, channels, 1)
 
     def forward(self, x: Tensor, context: Tensor | None) -> Tensor:
-        b, _, hh, ww = x.shape
-        h = self.proj_in(self.norm(x))
-        c = h.shape[1]
-        h = h.reshape(b, c, hh * ww).transpose(1, 2)  # (B, HW, C)
+        b, c, hh, ww = x.shape
+        h = self.norm(x)
+        if self.linear:
+            h = self.proj_in(h.reshape(b, c, hh * ww).transpose(1, 2))  # (B, HW, inner)
+        else:
+            h = self.proj_in(h)
+            h = h.reshape(b, h.shape[1], hh * ww).transpose(1, 2)  # (B, HW, inner)
         for block in self.transformer_blocks:
             h = block(h, context)
-        h = h.transpose(1, 2).reshape(b, c, hh, ww)
+        if self.linear:
+            return self.proj_out(h).transpose(1, 2).reshape(b, c, hh, ww) + x
+        h = h.transpose(1, 2).reshape(b, h.shape[2], hh, ww)
         return self.proj_out(h) + x
 
 
@@ -418,7 +475,7 @@ class LDMUNet(CacheableUNet):
                 layers: list[nn.Module] = [ResBlock(ch, emb_ch, out_channels=mult * mc, **res)]
                 ch = mult * mc
                 if ds in c.attention_resolutions:
-                    layers.append(self._attention(ch, upsample=False))
+                    layers.append(self._attention(ch, level=level, upsample=False))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(c.channel_mult) - 1:
@@ -433,7 +490,7 @@ class LDMUNet(CacheableUNet):
 
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, emb_ch, out_channels=ch, **res),
-            self._attention(ch, upsample=False),
+            self._attention(ch, level=len(c.channel_mult) - 1, upsample=False),
             ResBlock(ch, emb_ch, out_channels=ch, **res),
         )
 
@@ -446,7 +503,7 @@ class LDMUNet(CacheableUNet):
                 layers = [ResBlock(ch + skip, emb_ch, out_channels=mc * mult, **res)]
                 ch = mc * mult
                 if ds in c.attention_resolutions:
-                    layers.append(self._attention(ch, upsample=True))
+                    layers.append(self._attention(ch, level=level, upsample=True))
                 if level and i == c.num_res_blocks:
                     layers.append(
                         ResBlock(ch, emb_ch, out_channels=ch, up=True, **res)
@@ -461,18 +518,20 @@ class LDMUNet(CacheableUNet):
         )
         self._num_blocks = len(self.input_blocks)
 
-    def _attention(self, ch: int, *, upsample: bool) -> nn.Module:
+    def _attention(self, ch: int, *, level: int, upsample: bool) -> nn.Module:
         c = self.config
-        heads = c.heads(ch, upsample=upsample)
+        heads = c.heads(ch, level=level, upsample=upsample)
         if c.use_spatial_transformer:
             return SpatialTransformer(
                 ch,
                 heads,
                 ch // heads,
-                depth=c.transformer_depth,
+                depth=c.depth(level),
                 dropout=c.dropout,
                 context_dim=c.context_dim,
                 groups=c.norm_groups,
+                linear=c.use_linear_in_transformer,
+                upcast=c.upcast_attention,
             )
         return AttentionBlock(ch, heads, c.norm_groups)
 
@@ -555,7 +614,7 @@ class LDMUNet(CacheableUNet):
         context = self._check_cond(cond, batch)
         self._check_cache(cache)
 
-        emb = self.time_embed(ldm_timestep_embedding(t, c.model_channels))
+        emb = self.time_embed(ldm_timestep_embedding(t, c.model_channels).to(x.dtype))  # diffusers' cast (bf16/fp16)
         if c.num_classes is not None:
             emb = emb + self.label_emb(cond)
 

@@ -312,6 +312,12 @@ class LatentDiffusion(nn.Module):
 def _ldm_preset(preset: str | Preset) -> Preset:
     p = get_preset(preset) if isinstance(preset, str) else preset
     if p.pipeline is None:
+        if p.family == "ldm":
+            raise ConfigError(
+                f"preset {p.name!r} describes a UNet only (cq has no autoencoder / conditioner for it): load the "
+                f"UNet with cq.models.load({p.name!r}, path=...), or a diffusers folder by its own configs with "
+                "LatentDiffusion.from_pretrained(folder)"
+            )
         raise ConfigError(f"preset {p.name!r} is not a latent-diffusion preset (family {p.family!r})")
     return p
 
