@@ -414,7 +414,7 @@ def test_from_diffusers_reports_unknown_keys(cond_pair):
         ("resnet_time_scale_shift", "scale_shift"),
         ("only_cross_attention", True),
         ("class_embed_type", "timestep"),
-        ("addition_embed_type", "text_time"),
+        ("addition_embed_type", "image"),
         ("norm_eps", 1e-6),
     ],
 )

@@ -115,6 +115,9 @@ _FIXED_UNET = {
 }
 
 
+_ADM_UNET = {"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}
+
+
 @dataclass(frozen=True)
 class _Block:
     """One leaf block of the UNet in both layouts; ``kind`` says how its inner names map."""
@@ -130,6 +133,8 @@ def _unet_blocks(config: LDMUNetConfig) -> list[_Block]:
     """Every block of an LDM UNet of this config, with its diffusers name (mirrors `LDMUNet.__init__`)."""
     c = config
     blocks = [_Block(o, d, "fixed") for o, d in _FIXED_UNET.items()]
+    if c.adm_in_channels is not None:  # SDXL's vector conditioning (sgm label_emb.0 <-> add_embedding)
+        blocks += [_Block(o, d, "fixed") for o, d in _ADM_UNET.items()]
     attn_kind = "st" if c.use_spatial_transformer else "attn"
     ch, ds, i = c.model_channels, 1, 1
     for level, mult in enumerate(c.channel_mult):
@@ -332,7 +337,6 @@ def ldm_unet_config_from_diffusers(config: dict[str, Any]) -> LDMUNetConfig:
             "resnet_time_scale_shift": "default",
             "only_cross_attention": False,
             "dual_cross_attention": False,
-            "addition_embed_type": None,
             "encoder_hid_dim": None,
             "time_cond_proj_dim": None,
             "conv_in_kernel": 3,
@@ -390,6 +394,17 @@ def ldm_unet_config_from_diffusers(config: dict[str, Any]) -> LDMUNetConfig:
     )
     if conditional:
         levels = len(channels)
+        addition = config.get("addition_embed_type")
+        if addition not in (None, "text_time"):
+            raise ConfigError(f"diffusers config has addition_embed_type={addition!r}; cq builds None or 'text_time'")
+        if addition == "text_time":
+            adm = config.get("projection_class_embeddings_input_dim")
+            if not isinstance(adm, int) or isinstance(adm, bool) or adm < 1:
+                raise ConfigError(
+                    "addition_embed_type='text_time' needs projection_class_embeddings_input_dim (the width of "
+                    f"the pooled text embedding + the time-id embeddings), got {adm!r}"
+                )
+            kwargs["adm_in_channels"] = adm
         context = config.get("cross_attention_dim", 1280)
         if isinstance(context, list | tuple):
             raise ConfigError(f"cross_attention_dim={context}: the LDM UNet uses one context width")

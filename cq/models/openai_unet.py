@@ -80,6 +80,7 @@ class LDMUNetConfig:
     norm_groups: int = 32
     use_linear_in_transformer: bool = False
     upcast_attention: bool = False
+    adm_in_channels: int | None = None  # SDXL: width of the vector conditioning y (sgm num_classes="sequential")
 
     def __post_init__(self) -> None:
         for name in ("image_size", "in_channels", "out_channels", "model_channels", "num_res_blocks"):
@@ -113,6 +114,14 @@ class LDMUNetConfig:
                 "LDMUNetConfig: a model conditioned on both class labels and a context is not supported "
                 "(cond carries one tensor); LDM class-conditional models condition through a context"
             )
+        if self.adm_in_channels is not None and (self.context_dim is None or self.num_classes is not None):
+            raise ConfigError(
+                "LDMUNetConfig.adm_in_channels (SDXL's vector conditioning) needs a cross-attention model "
+                f"(context_dim) without class labels; got context_dim={self.context_dim}, "
+                f"num_classes={self.num_classes}"
+            )
+        if self.adm_in_channels is not None and self.adm_in_channels < 1:
+            raise ConfigError(f"LDMUNetConfig.adm_in_channels must be >= 1 or None, got {self.adm_in_channels}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ConfigError(f"LDMUNetConfig.num_classes must be >= 1 or None, got {self.num_classes}")
         if self.num_heads == -1 and self.num_head_channels == -1:
@@ -151,6 +160,14 @@ class LDMUNetConfig:
         if upsample and not self.use_spatial_transformer and self.num_heads_upsample != -1:
             return self.num_heads_upsample
         return _as_tuple(self.num_heads, len(self.channel_mult))[level]
+
+    @property
+    def vector_tokens(self) -> int:
+        """Context tokens that carry the vector conditioning y in ``cond`` (``ceil(adm_in_channels / context_dim)``;
+        0 without one)."""
+        if self.adm_in_channels is None:
+            return 0
+        return -(-self.adm_in_channels // self.context_dim)
 
     def depth(self, level: int) -> int:
         """Transformer blocks of the SpatialTransformers at ``level`` (the middle block: the last level)."""
@@ -466,6 +483,10 @@ class LDMUNet(CacheableUNet):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         if c.num_classes is not None:
             self.label_emb = nn.Embedding(c.num_classes, emb_ch)
+        if c.adm_in_channels is not None:  # sgm: label_emb.0.{0,2}; diffusers: add_embedding.linear_{1,2}
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(c.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+            )
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, mc, 3, padding=1))])
         skip_channels = [mc]
@@ -579,7 +600,8 @@ class LDMUNet(CacheableUNet):
         cross-attention width (77: CLIP's context, SD), ``batch`` class labels 0, or None (unconditional)."""
         device = next(self.parameters()).device
         if self.config.context_dim is not None:
-            return torch.zeros((batch, context_length, self.config.context_dim), device=device)
+            tokens = context_length + self.config.vector_tokens
+            return torch.zeros((batch, tokens, self.config.context_dim), device=device)
         if self.config.num_classes is not None:
             return torch.zeros((batch,), dtype=torch.long, device=device)
         return None
@@ -617,6 +639,9 @@ class LDMUNet(CacheableUNet):
         emb = self.time_embed(ldm_timestep_embedding(t, c.model_channels).to(x.dtype))  # diffusers' cast (bf16/fp16)
         if c.num_classes is not None:
             emb = emb + self.label_emb(cond)
+        if c.adm_in_channels is not None:
+            context, y = self.unpack_cond(context)
+            emb = emb + self.label_emb(y)
 
         shallow = cache is not None and cache.is_shallow
         start = 0
@@ -634,6 +659,30 @@ class LDMUNet(CacheableUNet):
             h = self.output_blocks[j](torch.cat([h, hs.pop()], dim=1), emb, context)
         return self.out(h)
 
+    def pack_cond(self, context: Tensor, y: Tensor) -> Tensor:
+        """The ``cond`` of an SDXL-style model: ``context [B, L, D]`` followed by the vector conditioning ``y [B,
+        adm_in_channels]`` (pooled text embedding + size/crop embeddings, `cq.models.conditioners.sdxl_vector`)
+        laid out as ``vector_tokens`` extra tokens, zero-padded. One tensor, so guidance, `cq.trace` and the
+        compressed models pass it as any context; the UNet splits it again (`unpack_cond`)."""
+        c = self.config
+        if c.adm_in_channels is None:
+            raise ConfigError("this LDMUNet takes no vector conditioning (adm_in_channels is None): pass the context")
+        if context.ndim != 3 or context.shape[2] != c.context_dim or y.shape != (context.shape[0], c.adm_in_channels):
+            raise InputShapeError(
+                f"pack_cond expects context [B, L, {c.context_dim}] and y [B, {c.adm_in_channels}], got "
+                f"{tuple(context.shape)} and {tuple(y.shape)}"
+            )
+        k = c.vector_tokens
+        rows = F.pad(y, (0, k * c.context_dim - c.adm_in_channels)).reshape(y.shape[0], k, c.context_dim)
+        return torch.cat([context, rows.to(context.dtype)], dim=1)
+
+    def unpack_cond(self, cond: Tensor) -> tuple[Tensor, Tensor]:
+        """``(context, y)`` of a `pack_cond` tensor."""
+        c = self.config
+        k = c.vector_tokens
+        y = cond[:, -k:].reshape(cond.shape[0], k * c.context_dim)[:, : c.adm_in_channels]
+        return cond[:, :-k], y
+
     def _check_cond(self, cond: Tensor | None, batch: int) -> Tensor | None:
         """The context tensor for the transformer blocks (None for label and unconditional models)."""
         c = self.config
@@ -648,6 +697,12 @@ class LDMUNet(CacheableUNet):
                 raise InputShapeError(
                     f"this LDMUNet is conditioned by cross-attention: cond must be a context of shape "
                     f"[{batch}, L, {c.context_dim}], got {got}"
+                )
+            if cond.shape[1] <= c.vector_tokens:
+                raise InputShapeError(
+                    f"this LDMUNet also takes a vector conditioning (SDXL, adm_in_channels={c.adm_in_channels}): "
+                    f"cond must be unet.pack_cond(context, y), with {c.vector_tokens} trailing tokens after at "
+                    f"least one context token; got {cond.shape[1]} tokens"
                 )
             return cond
         if c.num_classes is not None:

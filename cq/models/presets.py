@@ -318,6 +318,27 @@ LDM_PRESETS: list[Preset] = [
         source="random weights (structure of sd-v1)",
     ),
     Preset(
+        name="tiny-sdxl",  # diffusers' SDXL pipeline-test UNet; UNet only (cond: unet.pack_cond(context, y))
+        config=LDMUNetConfig(
+            image_size=16,
+            in_channels=4,
+            out_channels=4,
+            model_channels=32,
+            num_res_blocks=2,
+            attention_resolutions=(2,),
+            channel_mult=(1, 2),
+            num_heads=4,
+            use_spatial_transformer=True,
+            transformer_depth=(1, 2),
+            context_dim=64,
+            use_linear_in_transformer=True,
+            adm_in_channels=80,  # pooled text 32 + 6 time ids x 8
+        ),
+        noise=_SD_NOISE,
+        sampling={"steps": 10, "spacing": "ldm", "eta": 0.0},
+        source="random weights (structure of SDXL: no attention at the first level, depth per level, vector y)",
+    ),
+    Preset(
         name="tiny-ldm-cin",
         config=LDMUNetConfig(
             image_size=8,
