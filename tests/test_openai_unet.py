@@ -70,8 +70,54 @@ COND_CONFIGS = {
         transformer_layers_per_block=2,
         norm_num_groups=32,
     ),
+    # diffusers' SD 2 pipeline-test UNet (per-block heads, linear projections) with fp32 attention
+    "sd2": dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        upcast_attention=True,
+    ),
+    # heads of one width (16 channels) over both levels: CompVis' num_head_channels
+    "head-width": dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+    ),
+    # heads of different widths and transformer depth per level
+    "per-level": dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 8),
+        transformer_layers_per_block=(1, 2),
+    ),
 }
-CONTEXT_LENGTH = {"sd": 77, "cin": 1, "deep": 5}
+CONTEXT_LENGTH = {"sd": 77, "cin": 1, "deep": 5, "sd2": 7, "head-width": 3, "per-level": 4}
+# how each config's heads and depths arrive in LDMUNetConfig
+EXPECTED_HEADS = {
+    "sd2": dict(num_heads=4, use_linear_in_transformer=True, upcast_attention=True),
+    "head-width": dict(num_heads=-1, num_head_channels=16, use_linear_in_transformer=True),
+    "per-level": dict(num_heads=(2, 8), transformer_depth=(1, 2), use_linear_in_transformer=False),
+}
 
 # ecosystem.md §B: LDM-LSUN-like UNet2DModel (legacy attention). UNet2DModel's attention_head_dim is channels per head.
 LSUN_COMMON = dict(flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5, downsample_padding=1, norm_num_groups=32)
@@ -195,6 +241,8 @@ def test_cross_attention_parity_with_diffusers(cond_pair):
     name, unet, ref = cond_pair
     c = unet.config
     assert c.use_spatial_transformer and c.context_dim == COND_CONFIGS[name]["cross_attention_dim"]
+    for field, value in EXPECTED_HEADS.get(name, {}).items():
+        assert getattr(c, field) == value, field
     assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in ref.parameters())
     x, t = _inputs(4, c.in_channels, c.image_size)
     ctx = torch.randn(4, CONTEXT_LENGTH[name], c.context_dim, generator=torch.Generator().manual_seed(3))
@@ -363,11 +411,10 @@ def test_from_diffusers_reports_unknown_keys(cond_pair):
         ("flip_sin_to_cos", False),
         ("freq_shift", 1),
         ("downsample_padding", 0),
-        ("use_linear_projection", True),
         ("resnet_time_scale_shift", "scale_shift"),
         ("only_cross_attention", True),
         ("class_embed_type", "timestep"),
-        ("addition_embed_type", "text_time"),
+        ("addition_embed_type", "image"),
         ("norm_eps", 1e-6),
     ],
 )
@@ -378,10 +425,12 @@ def test_config_from_diffusers_rejects_other_options(option, value):
         ldm_unet_config_from_diffusers({**base, option: value})
 
 
-def test_config_from_diffusers_rejects_per_level_heads_and_mismatched_levels():
+def test_config_from_diffusers_rejects_nested_depths_and_mismatched_levels():
     base = {"_class_name": "UNet2DConditionModel", **COND_CONFIGS["sd"]}
     with pytest.raises(ConfigError, match="attention_head_dim"):
-        ldm_unet_config_from_diffusers({**base, "attention_head_dim": [4, 8]})
+        ldm_unet_config_from_diffusers({**base, "attention_head_dim": [4, 8, 8]})  # not one per block
+    with pytest.raises(ConfigError, match="nested lists"):
+        ldm_unet_config_from_diffusers({**base, "transformer_layers_per_block": [[1, 2], [1, 2]]})
     with pytest.raises(ConfigError, match="attention levels"):
         ldm_unet_config_from_diffusers({**base, "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D")})
     lsun = {"_class_name": "UNet2DModel", **LSUN_COMMON, **UNCOND_CONFIGS["lsun"]}

@@ -19,10 +19,11 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, InputShapeError
 from .clip_text import CLIPTextConfig, CLIPTextModel
+from .openai_unet import ldm_timestep_embedding
 from .tokenizer import CLIPTokenizer
 
 
-__all__ = ["ConditionerConfig", "ClassEmbedder", "TextConditioner", "build_conditioner"]
+__all__ = ["ConditionerConfig", "ClassEmbedder", "TextConditioner", "build_conditioner", "sdxl_vector"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,6 +116,20 @@ class TextConditioner(nn.Module):
         else:
             ids = self.tokenizer([""])
         return self(ids).expand(batch, -1, -1)
+
+
+def sdxl_vector(pooled: Tensor, time_ids: Tensor, time_dim: int = 256) -> Tensor:
+    """SDXL's vector conditioning ``y``: the pooled text embedding followed by a ``time_dim``-wide cos-first
+    sinusoidal embedding of each size/crop number in ``time_ids`` ``[B, n]`` (original size, crop top-left,
+    target size: n = 6). sgm ``ConcatTimestepEmbedderND`` / diffusers ``add_time_proj`` (``addition_time_embed_dim``)
+    + ``cat([text_embeds, time_embeds])``; pass the result to ``LDMUNet.pack_cond``."""
+    if pooled.ndim != 2 or time_ids.ndim != 2 or pooled.shape[0] != time_ids.shape[0]:
+        raise InputShapeError(
+            f"sdxl_vector expects pooled [B, D] and time_ids [B, n], got {tuple(pooled.shape)}, "
+            f"{tuple(time_ids.shape)}"
+        )
+    embedded = ldm_timestep_embedding(time_ids.flatten(), time_dim).reshape(time_ids.shape[0], -1)
+    return torch.cat([pooled, embedded.to(pooled.dtype)], dim=-1)
 
 
 def build_conditioner(config: ConditionerConfig, tokenizer: CLIPTokenizer | None = None) -> nn.Module:

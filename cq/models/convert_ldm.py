@@ -115,6 +115,9 @@ _FIXED_UNET = {
 }
 
 
+_ADM_UNET = {"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}
+
+
 @dataclass(frozen=True)
 class _Block:
     """One leaf block of the UNet in both layouts; ``kind`` says how its inner names map."""
@@ -130,6 +133,8 @@ def _unet_blocks(config: LDMUNetConfig) -> list[_Block]:
     """Every block of an LDM UNet of this config, with its diffusers name (mirrors `LDMUNet.__init__`)."""
     c = config
     blocks = [_Block(o, d, "fixed") for o, d in _FIXED_UNET.items()]
+    if c.adm_in_channels is not None:  # SDXL's vector conditioning (sgm label_emb.0 <-> add_embedding)
+        blocks += [_Block(o, d, "fixed") for o, d in _ADM_UNET.items()]
     attn_kind = "st" if c.use_spatial_transformer else "attn"
     ch, ds, i = c.model_channels, 1, 1
     for level, mult in enumerate(c.channel_mult):
@@ -137,8 +142,9 @@ def _unet_blocks(config: LDMUNetConfig) -> list[_Block]:
             ch = mult * c.model_channels
             blocks.append(_Block(f"input_blocks.{i}.0", f"down_blocks.{level}.resnets.{r}", "res"))
             if ds in c.attention_resolutions:
+                heads = c.heads(ch, level=level)
                 blocks.append(
-                    _Block(f"input_blocks.{i}.1", f"down_blocks.{level}.attentions.{r}", attn_kind, ch, c.heads(ch))
+                    _Block(f"input_blocks.{i}.1", f"down_blocks.{level}.attentions.{r}", attn_kind, ch, heads)
                 )
             i += 1
         if level != len(c.channel_mult) - 1:
@@ -147,7 +153,8 @@ def _unet_blocks(config: LDMUNetConfig) -> list[_Block]:
             i += 1
             ds *= 2
     blocks.append(_Block("middle_block.0", "mid_block.resnets.0", "res"))
-    blocks.append(_Block("middle_block.1", "mid_block.attentions.0", attn_kind, ch, c.heads(ch)))
+    mid_heads = c.heads(ch, level=len(c.channel_mult) - 1)
+    blocks.append(_Block("middle_block.1", "mid_block.attentions.0", attn_kind, ch, mid_heads))
     blocks.append(_Block("middle_block.2", "mid_block.resnets.1", "res"))
     j = 0
     for up_level, (level, mult) in enumerate(list(enumerate(c.channel_mult))[::-1]):
@@ -156,7 +163,7 @@ def _unet_blocks(config: LDMUNetConfig) -> list[_Block]:
             blocks.append(_Block(f"output_blocks.{j}.0", f"up_blocks.{up_level}.resnets.{r}", "res"))
             sub = 1
             if ds in c.attention_resolutions:
-                heads = c.heads(ch, upsample=True)
+                heads = c.heads(ch, level=level, upsample=True)
                 blocks.append(
                     _Block(f"output_blocks.{j}.1", f"up_blocks.{up_level}.attentions.{r}", attn_kind, ch, heads)
                 )
@@ -328,10 +335,8 @@ def ldm_unet_config_from_diffusers(config: dict[str, Any]) -> LDMUNetConfig:
     if conditional:
         expected |= {
             "resnet_time_scale_shift": "default",
-            "use_linear_projection": False,
             "only_cross_attention": False,
             "dual_cross_attention": False,
-            "addition_embed_type": None,
             "encoder_hid_dim": None,
             "time_cond_proj_dim": None,
             "conv_in_kernel": 3,
@@ -388,17 +393,37 @@ def ldm_unet_config_from_diffusers(config: dict[str, Any]) -> LDMUNetConfig:
         norm_groups=config.get("norm_num_groups", 32),
     )
     if conditional:
-        heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)  # heads, despite the name
-        depth = config.get("transformer_layers_per_block", 1)
+        levels = len(channels)
+        addition = config.get("addition_embed_type")
+        if addition not in (None, "text_time"):
+            raise ConfigError(f"diffusers config has addition_embed_type={addition!r}; cq builds None or 'text_time'")
+        if addition == "text_time":
+            adm = config.get("projection_class_embeddings_input_dim")
+            if not isinstance(adm, int) or isinstance(adm, bool) or adm < 1:
+                raise ConfigError(
+                    "addition_embed_type='text_time' needs projection_class_embeddings_input_dim (the width of "
+                    f"the pooled text embedding + the time-id embeddings), got {adm!r}"
+                )
+            kwargs["adm_in_channels"] = adm
         context = config.get("cross_attention_dim", 1280)
-        for name, value in (("attention_head_dim", heads), ("transformer_layers_per_block", depth)):
-            if isinstance(value, list | tuple) and len(set(value)) != 1:
-                raise ConfigError(f"{name}={value}: the LDM UNet uses one value for every level")
-        heads = heads[0] if isinstance(heads, list | tuple) else heads
-        depth = depth[0] if isinstance(depth, list | tuple) else depth
         if isinstance(context, list | tuple):
             raise ConfigError(f"cross_attention_dim={context}: the LDM UNet uses one context width")
-        kwargs |= dict(num_heads=heads, use_spatial_transformer=True, transformer_depth=depth, context_dim=context)
+        if config.get("reverse_transformer_layers_per_block") is not None:
+            raise ConfigError(
+                "reverse_transformer_layers_per_block is set: the LDM UNet's decoder mirrors its encoder"
+            )
+        if config.get("mid_block_only_cross_attention"):
+            raise ConfigError("mid_block_only_cross_attention=True has no LDM UNet counterpart")
+        kwargs |= dict(
+            use_spatial_transformer=True,
+            context_dim=context,
+            transformer_depth=_per_level(
+                config.get("transformer_layers_per_block", 1), levels, "transformer_layers_per_block"
+            ),
+            use_linear_in_transformer=bool(config.get("use_linear_projection", False)),
+            upcast_attention=bool(config.get("upcast_attention", False)),
+            **_heads_from_diffusers(config, channels, down_attn),
+        )
     else:
         scale_shift = config.get("resnet_time_scale_shift", "default")
         if scale_shift not in ("default", "scale_shift"):
@@ -431,6 +456,39 @@ def ldm_unet_config_from_diffusers(config: dict[str, Any]) -> LDMUNetConfig:
             use_scale_shift_norm=scale_shift == "scale_shift", resblock_updown=updown == {"resnet"}, **heads
         )
     return LDMUNetConfig(**kwargs)
+
+
+def _per_level(value: Any, levels: int, name: str) -> int | tuple[int, ...]:
+    """One int, or a tuple with one int per level (a uniform list collapses to its int)."""
+    if isinstance(value, bool) or not isinstance(value, int | list | tuple):
+        raise ConfigError(f"{name}={value!r}: expected an int or one int per block")
+    if isinstance(value, int):
+        return value
+    if len(value) != levels or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{name}={value!r}: expected one int per block ({levels}); nested lists are not supported")
+    return value[0] if len(set(value)) == 1 else tuple(value)
+
+
+def _heads_from_diffusers(config: dict[str, Any], channels: list[int], attended: list[bool]) -> dict[str, Any]:
+    """Heads of a ``UNet2DConditionModel`` config as LDM arguments.
+
+    ``UNet2DConditionModel.__init__`` sets ``num_attention_heads = num_attention_heads or attention_head_dim``: its
+    ``attention_head_dim`` is, despite the name, the number of heads per block (SD 2's ``[5, 10, 20, 20]`` on
+    channels ``[320, 640, 1280, 1280]`` are 64-channel heads); ``Transformer2DModel(heads, out_channels // heads)``.
+    One count everywhere gives ``num_heads``; counts with one head width over the attended levels (the middle block
+    is the last level) give ``num_head_channels`` (CompVis SD 2 / SDXL); anything else a per-level ``num_heads``.
+    """
+    levels = len(channels)
+    heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+    heads = _per_level(heads, levels, "attention_head_dim")
+    per_level = heads if isinstance(heads, tuple) else (heads,) * levels
+    used = sorted({i for i, a in enumerate(attended) if a} | {levels - 1})
+    if len({per_level[i] for i in used}) == 1:
+        return dict(num_heads=per_level[used[0]])
+    widths = {channels[i] / per_level[i] for i in used}
+    if len(widths) == 1 and all(channels[i] % per_level[i] == 0 for i in used):
+        return dict(num_head_channels=channels[used[0]] // per_level[used[0]])
+    return dict(num_heads=per_level)
 
 
 # ----------------------------------------------------------------------------------------------------------------

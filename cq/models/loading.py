@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointFormatError, CheckpointKeyMismatchError, ConfigError, CqError
-from ..sampling.noise import NoiseSchedule
+from ..sampling.noise import NoiseSchedule, Prediction
 from .checkpoint import read_diffusers_folder, read_state_dict
 from .convert import ddpm_config_from_diffusers, ddpm_from_diffusers, looks_like_diffusers_ddpm
 from .convert_ldm import (
@@ -28,7 +28,15 @@ from .presets import FAMILIES, PRESETS, Preset, family_of, get_preset
 from .unet import CacheableUNet
 
 
-__all__ = ["build", "load", "load_weights", "embedded_weights_path", "describe_model", "build_from_description"]
+__all__ = [
+    "build",
+    "load",
+    "load_weights",
+    "embedded_weights_path",
+    "describe_model",
+    "build_from_description",
+    "diffusers_noise_schedule",
+]
 
 KeyFormat = Literal["auto", "original", "diffusers"]
 
@@ -47,6 +55,7 @@ def load(
     format: KeyFormat = "auto",
     ema: bool = True,
     trust_pickle: bool = False,
+    prediction: Prediction | None = None,
 ) -> CacheableUNet:
     """Load a cq UNet with real weights, in eval mode.
 
@@ -60,6 +69,8 @@ def load(
         format: key layout of the file; ``"auto"`` detects original vs diffusers keys.
         ema: prefer EMA weights when the file holds both (LDM: the ``model_ema.*`` copy).
         trust_pickle: allow pickles with arbitrary objects (only for files you trust).
+        prediction: what the network outputs, overriding the preset's (``"eps"`` or ``"v"``: a CompVis yaml's
+            ``parameterization``); the samplers read it from ``unet.noise_schedule.prediction``.
 
     Raises:
         CheckpointKeyMismatchError: the weights do not fit the preset (lists missing/unexpected/mis-shaped keys).
@@ -74,6 +85,8 @@ def load(
     key = str(preset_or_path)
     if key in PRESETS:
         p = get_preset(key)
+        if prediction is not None:
+            p = dataclasses.replace(p, noise=dataclasses.replace(p.noise, prediction=prediction))
         if path is None:
             if p.embedded is None:
                 raise ConfigError(
@@ -89,6 +102,11 @@ def load(
         return unet
     folder = Path(preset_or_path)
     if folder.is_dir():
+        if prediction is not None:
+            raise ConfigError(
+                "prediction= overrides a preset's; a diffusers folder states its own (scheduler_config.json "
+                "prediction_type)"
+            )
         return _load_diffusers_folder(folder)
     if folder.exists():
         raise ConfigError(
@@ -121,7 +139,7 @@ def _build_from_diffusers(folder: Path, state: dict[str, Tensor], config: dict) 
     preset = Preset(
         name=folder.name,
         config=unet_config,
-        noise=_diffusers_noise_schedule(folder),
+        noise=diffusers_noise_schedule(folder) or NoiseSchedule(),
         sampling=sampling,
         source=str(folder),
     )
@@ -223,8 +241,9 @@ def _is_ldm_diffusers_config(config: dict) -> bool:
     return config.get("flip_sin_to_cos", True) is True and config.get("freq_shift", 0) == 0
 
 
-def _diffusers_noise_schedule(folder: Path) -> NoiseSchedule:
-    """Noise schedule from a diffusers ``scheduler_config.json`` next to the model, or the DDPM default."""
+def diffusers_noise_schedule(folder: Path) -> NoiseSchedule | None:
+    """Noise schedule from a diffusers ``scheduler_config.json`` next to the model (in the model folder, its
+    ``scheduler/`` or its pipeline's ``scheduler/``), or None when there is none."""
     for candidate in (
         folder / "scheduler" / "scheduler_config.json",
         folder.parent / "scheduler" / "scheduler_config.json",
@@ -232,7 +251,7 @@ def _diffusers_noise_schedule(folder: Path) -> NoiseSchedule:
     ):
         if candidate.exists():
             return _noise_from_scheduler_config(candidate)
-    return NoiseSchedule()
+    return None
 
 
 def _noise_from_scheduler_config(path: Path) -> NoiseSchedule:
@@ -254,6 +273,14 @@ def _noise_from_scheduler_config(path: Path) -> NoiseSchedule:
         raise CheckpointFormatError(f"{path}: beta_start, beta_end and num_train_timesteps must be numbers")
     if not isinstance(fields["num_timesteps"], int):
         raise CheckpointFormatError(f"{path}: num_train_timesteps must be an integer")
+    prediction = cfg.get("prediction_type", "epsilon")
+    predictions = {"epsilon": "eps", "v_prediction": "v"}
+    if prediction not in predictions:
+        raise ConfigError(
+            f"{path}: prediction_type={prediction!r}; cq samples models that predict the noise ('epsilon') or the "
+            "velocity ('v_prediction')"
+        )
+    fields["prediction"] = predictions[prediction]
     try:
         return NoiseSchedule(**fields)
     except ConfigError as e:

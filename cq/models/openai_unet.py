@@ -49,8 +49,14 @@ class LDMUNetConfig:
     """Hyper-parameters of ``openaimodel.UNetModel`` (the ``unet_config.params`` of an LDM/SD yaml), same names.
 
     ``attention_resolutions`` are downsampling factors (1 = full resolution), as in the yaml. Heads: a fixed
-    ``num_heads`` per attention layer, or ``num_head_channels`` channels per head (then ``num_heads = ch //
-    num_head_channels``); ``num_heads_upsample`` overrides the heads of the decoder's legacy attention blocks.
+    ``num_heads`` per attention layer (or one per level, as diffusers' per-block ``attention_head_dim`` lists
+    give them), or ``num_head_channels`` channels per head (then ``num_heads = ch // num_head_channels``; SD 2 /
+    SDXL use 64); ``num_heads_upsample`` overrides the heads of the decoder's legacy attention blocks.
+    ``transformer_depth``: blocks per SpatialTransformer, one value or one per level (SDXL ``[0, 2, 10]``; the
+    middle block takes the last level's). ``use_linear_in_transformer`` (SD 2 / SDXL): ``proj_in`` / ``proj_out``
+    are Linear layers on the ``[B, HW, C]`` tokens instead of 1x1 convs. ``upcast_attention``: attention scores and
+    softmax in fp32 whatever the model's dtype (CompVis SD 2's ``ATTN_PRECISION="fp32"``, diffusers
+    ``upcast_attention``; a no-op in fp32).
     """
 
     image_size: int  # default latent side (``sample_shape``); any multiple of 2**(levels-1) runs
@@ -63,22 +69,32 @@ class LDMUNetConfig:
     dropout: float = 0.0
     conv_resample: bool = True
     num_classes: int | None = None  # label-conditional models (label_emb); cond is then the labels [B]
-    num_heads: int = -1
+    num_heads: int | tuple[int, ...] = -1
     num_head_channels: int = -1
     num_heads_upsample: int = -1
     use_scale_shift_norm: bool = False
     resblock_updown: bool = False
     use_spatial_transformer: bool = False
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1
     context_dim: int | None = None
     norm_groups: int = 32
+    use_linear_in_transformer: bool = False
+    upcast_attention: bool = False
+    adm_in_channels: int | None = None  # SDXL: width of the vector conditioning y (sgm num_classes="sequential")
 
     def __post_init__(self) -> None:
         for name in ("image_size", "in_channels", "out_channels", "model_channels", "num_res_blocks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"LDMUNetConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.norm_groups < 1 or self.transformer_depth < 1:
-            raise ConfigError("LDMUNetConfig.norm_groups and transformer_depth must be >= 1")
+        if self.norm_groups < 1:
+            raise ConfigError("LDMUNetConfig.norm_groups must be >= 1")
+        levels = len(self.channel_mult)
+        for name in ("num_heads", "transformer_depth"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != levels:
+                raise ConfigError(
+                    f"LDMUNetConfig.{name}={value}: one value per level ({levels}, as channel_mult) or a single int"
+                )
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ConfigError(
                 f"LDMUNetConfig.channel_mult must be a non-empty tuple of ints >= 1, got {self.channel_mult}"
@@ -98,6 +114,14 @@ class LDMUNetConfig:
                 "LDMUNetConfig: a model conditioned on both class labels and a context is not supported "
                 "(cond carries one tensor); LDM class-conditional models condition through a context"
             )
+        if self.adm_in_channels is not None and (self.context_dim is None or self.num_classes is not None):
+            raise ConfigError(
+                "LDMUNetConfig.adm_in_channels (SDXL's vector conditioning) needs a cross-attention model "
+                f"(context_dim) without class labels; got context_dim={self.context_dim}, "
+                f"num_classes={self.num_classes}"
+            )
+        if self.adm_in_channels is not None and self.adm_in_channels < 1:
+            raise ConfigError(f"LDMUNetConfig.adm_in_channels must be >= 1 or None, got {self.adm_in_channels}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ConfigError(f"LDMUNetConfig.num_classes must be >= 1 or None, got {self.num_classes}")
         if self.num_heads == -1 and self.num_head_channels == -1:
@@ -111,28 +135,47 @@ class LDMUNetConfig:
                     f"LDMUNetConfig: channel count model_channels*mult={ch} is not divisible by "
                     f"norm_groups={self.norm_groups}"
                 )
-        attended = {self.model_channels * self.channel_mult[-1]}  # the middle block always attends
-        attended |= {
-            self.model_channels * m for i, m in enumerate(self.channel_mult) if 2**i in self.attention_resolutions
-        }
-        for ch in sorted(attended):
+        if self.num_head_channels == -1 and min(_as_tuple(self.num_heads, levels)) < 1:
+            raise ConfigError(f"LDMUNetConfig.num_heads must be >= 1, got {self.num_heads}")
+        attended = {levels - 1} | {i for i in range(levels) if 2**i in self.attention_resolutions}  # + middle
+        for level in sorted(attended):
+            ch = self.model_channels * self.channel_mult[level]
+            if self.depth(level) < 1:
+                raise ConfigError(f"LDMUNetConfig.transformer_depth must be >= 1 at attended level {level}")
             if self.num_head_channels != -1 and ch % self.num_head_channels:
                 raise ConfigError(
                     f"LDMUNetConfig: {ch} attention channels are not a multiple of num_head_channels="
                     f"{self.num_head_channels}"
                 )
             for upsample in (False, True):
-                heads = self.heads(ch, upsample=upsample)
+                heads = self.heads(ch, level=level, upsample=upsample)
                 if heads < 1 or ch % heads:
                     raise ConfigError(f"LDMUNetConfig: {ch} channels cannot be split into {heads} attention heads")
 
-    def heads(self, channels: int, *, upsample: bool = False) -> int:
-        """Attention heads of a layer with ``channels`` channels (openaimodel's head arithmetic, legacy or not)."""
+    def heads(self, channels: int, *, level: int, upsample: bool = False) -> int:
+        """Attention heads of a layer with ``channels`` channels at ``level`` (the middle block: the last level),
+        by openaimodel's head arithmetic, legacy or not."""
         if self.num_head_channels != -1:
             return channels // self.num_head_channels
         if upsample and not self.use_spatial_transformer and self.num_heads_upsample != -1:
             return self.num_heads_upsample
-        return self.num_heads
+        return _as_tuple(self.num_heads, len(self.channel_mult))[level]
+
+    @property
+    def vector_tokens(self) -> int:
+        """Context tokens that carry the vector conditioning y in ``cond`` (``ceil(adm_in_channels / context_dim)``;
+        0 without one)."""
+        if self.adm_in_channels is None:
+            return 0
+        return -(-self.adm_in_channels // self.context_dim)
+
+    def depth(self, level: int) -> int:
+        """Transformer blocks of the SpatialTransformers at ``level`` (the middle block: the last level)."""
+        return _as_tuple(self.transformer_depth, len(self.channel_mult))[level]
+
+
+def _as_tuple(value: int | tuple[int, ...], n: int) -> tuple[int, ...]:
+    return value if isinstance(value, tuple) else (value,) * n
 
 
 def ldm_timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -158,7 +201,8 @@ class GroupNorm32(nn.GroupNorm):
     """``GroupNorm(32, C)`` (eps 1e-5) evaluated in fp32 and cast back (openaimodel ``normalization``)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        weight, bias = (None if p is None else p.float() for p in (self.weight, self.bias))
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 class Downsample(nn.Module):
@@ -273,13 +317,20 @@ class AttentionBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of ``x`` over ``context`` (itself when None); ``to_q/k/v`` without bias, ``to_out.0``."""
+    """Multi-head attention of ``x`` over ``context`` (itself when None); ``to_q/k/v`` without bias, ``to_out.0``.
 
-    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int, dropout: float):
+    ``upcast``: q and k enter the score matmul in fp32 and the softmax runs in fp32, the probabilities are cast
+    back to v's dtype (CompVis SD 2 ``CrossAttention`` under ``ATTN_PRECISION="fp32"``; diffusers
+    ``Attention(upcast_attention=True)``).
+    """
+
+    def __init__(
+        self, query_dim: int, context_dim: int | None, heads: int, dim_head: int, dropout: float, upcast: bool = False
+    ):
         super().__init__()
         inner = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
-        self.heads, self.scale = heads, dim_head**-0.5
+        self.heads, self.scale, self.upcast = heads, dim_head**-0.5, upcast
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
@@ -295,8 +346,10 @@ class CrossAttention(nn.Module):
         q = q.reshape(b, n, heads, -1).transpose(1, 2)  # (B, H, N, dh)
         k = k.reshape(b, k.shape[1], heads, -1).transpose(1, 2)  # (B, H, M, dh)
         v = v.reshape(b, v.shape[1], heads, -1).transpose(1, 2)  # (B, H, M, dh)
+        if self.upcast:
+            q, k = q.float(), k.float()
         sim = self.qk(q, k.transpose(-1, -2)) * self.scale  # (B, H, N, M)
-        out = self.av(sim.softmax(dim=-1), v)  # (B, H, N, dh)
+        out = self.av(sim.softmax(dim=-1).to(v.dtype), v)  # (B, H, N, dh)
         return self.to_out(out.transpose(1, 2).reshape(b, n, inner))
 
 
@@ -324,11 +377,13 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention (``attn1``), cross-attention (``attn2``), GEGLU feed-forward (``ff``)."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float, context_dim: int | None):
+    def __init__(
+        self, dim: int, heads: int, dim_head: int, dropout: float, context_dim: int | None, upcast: bool = False
+    ):
         super().__init__()
-        self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout)
+        self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout, upcast)
         self.ff = FeedForward(dim, dropout)
-        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout, upcast)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
@@ -340,29 +395,48 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """GroupNorm (eps 1e-6), 1x1 ``proj_in``, ``transformer_blocks`` over the H*W tokens, 1x1 ``proj_out``,
-    residual."""
+    """GroupNorm (eps 1e-6), ``proj_in``, ``transformer_blocks`` over the H*W tokens, ``proj_out``, residual.
+
+    ``linear`` (SD 2 / SDXL ``use_linear_in_transformer``): ``proj_in`` / ``proj_out`` are Linear layers applied
+    to the ``[B, HW, C]`` tokens; otherwise 1x1 convs applied before / after the reshape (SD 1).
+    """
 
     def __init__(
-        self, channels: int, heads: int, dim_head: int, *, depth: int, dropout: float, context_dim: int, groups: int
+        self,
+        channels: int,
+        heads: int,
+        dim_head: int,
+        *,
+        depth: int,
+        dropout: float,
+        context_dim: int,
+        groups: int,
+        linear: bool = False,
+        upcast: bool = False,
     ):
         super().__init__()
         inner = heads * dim_head
+        self.linear = linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.proj_in = nn.Linear(channels, inner) if linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(inner, heads, dim_head, dropout, context_dim) for _ in range(depth)]
+            [BasicTransformerBlock(inner, heads, dim_head, dropout, context_dim, upcast) for _ in range(depth)]
         )
-        self.proj_out = nn.Conv2d(inner, channels, 1)
+        self.proj_out = nn.Linear(inner, channels) if linear else nn.Conv2d(inner, channels, 1)
 
     def forward(self, x: Tensor, context: Tensor | None) -> Tensor:
-        b, _, hh, ww = x.shape
-        h = self.proj_in(self.norm(x))
-        c = h.shape[1]
-        h = h.reshape(b, c, hh * ww).transpose(1, 2)  # (B, HW, C)
+        b, c, hh, ww = x.shape
+        h = self.norm(x)
+        if self.linear:
+            h = self.proj_in(h.reshape(b, c, hh * ww).transpose(1, 2))  # (B, HW, inner)
+        else:
+            h = self.proj_in(h)
+            h = h.reshape(b, h.shape[1], hh * ww).transpose(1, 2)  # (B, HW, inner)
         for block in self.transformer_blocks:
             h = block(h, context)
-        h = h.transpose(1, 2).reshape(b, c, hh, ww)
+        if self.linear:
+            return self.proj_out(h).transpose(1, 2).reshape(b, c, hh, ww) + x
+        h = h.transpose(1, 2).reshape(b, h.shape[2], hh, ww)
         return self.proj_out(h) + x
 
 
@@ -409,6 +483,10 @@ class LDMUNet(CacheableUNet):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         if c.num_classes is not None:
             self.label_emb = nn.Embedding(c.num_classes, emb_ch)
+        if c.adm_in_channels is not None:  # sgm: label_emb.0.{0,2}; diffusers: add_embedding.linear_{1,2}
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(c.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+            )
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, mc, 3, padding=1))])
         skip_channels = [mc]
@@ -418,7 +496,7 @@ class LDMUNet(CacheableUNet):
                 layers: list[nn.Module] = [ResBlock(ch, emb_ch, out_channels=mult * mc, **res)]
                 ch = mult * mc
                 if ds in c.attention_resolutions:
-                    layers.append(self._attention(ch, upsample=False))
+                    layers.append(self._attention(ch, level=level, upsample=False))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(c.channel_mult) - 1:
@@ -433,7 +511,7 @@ class LDMUNet(CacheableUNet):
 
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, emb_ch, out_channels=ch, **res),
-            self._attention(ch, upsample=False),
+            self._attention(ch, level=len(c.channel_mult) - 1, upsample=False),
             ResBlock(ch, emb_ch, out_channels=ch, **res),
         )
 
@@ -446,7 +524,7 @@ class LDMUNet(CacheableUNet):
                 layers = [ResBlock(ch + skip, emb_ch, out_channels=mc * mult, **res)]
                 ch = mc * mult
                 if ds in c.attention_resolutions:
-                    layers.append(self._attention(ch, upsample=True))
+                    layers.append(self._attention(ch, level=level, upsample=True))
                 if level and i == c.num_res_blocks:
                     layers.append(
                         ResBlock(ch, emb_ch, out_channels=ch, up=True, **res)
@@ -461,18 +539,20 @@ class LDMUNet(CacheableUNet):
         )
         self._num_blocks = len(self.input_blocks)
 
-    def _attention(self, ch: int, *, upsample: bool) -> nn.Module:
+    def _attention(self, ch: int, *, level: int, upsample: bool) -> nn.Module:
         c = self.config
-        heads = c.heads(ch, upsample=upsample)
+        heads = c.heads(ch, level=level, upsample=upsample)
         if c.use_spatial_transformer:
             return SpatialTransformer(
                 ch,
                 heads,
                 ch // heads,
-                depth=c.transformer_depth,
+                depth=c.depth(level),
                 dropout=c.dropout,
                 context_dim=c.context_dim,
                 groups=c.norm_groups,
+                linear=c.use_linear_in_transformer,
+                upcast=c.upcast_attention,
             )
         return AttentionBlock(ch, heads, c.norm_groups)
 
@@ -520,7 +600,8 @@ class LDMUNet(CacheableUNet):
         cross-attention width (77: CLIP's context, SD), ``batch`` class labels 0, or None (unconditional)."""
         device = next(self.parameters()).device
         if self.config.context_dim is not None:
-            return torch.zeros((batch, context_length, self.config.context_dim), device=device)
+            tokens = context_length + self.config.vector_tokens
+            return torch.zeros((batch, tokens, self.config.context_dim), device=device)
         if self.config.num_classes is not None:
             return torch.zeros((batch,), dtype=torch.long, device=device)
         return None
@@ -555,9 +636,12 @@ class LDMUNet(CacheableUNet):
         context = self._check_cond(cond, batch)
         self._check_cache(cache)
 
-        emb = self.time_embed(ldm_timestep_embedding(t, c.model_channels))
+        emb = self.time_embed(ldm_timestep_embedding(t, c.model_channels).to(x.dtype))  # diffusers' cast (bf16/fp16)
         if c.num_classes is not None:
             emb = emb + self.label_emb(cond)
+        if c.adm_in_channels is not None:
+            context, y = self.unpack_cond(context)
+            emb = emb + self.label_emb(y)
 
         shallow = cache is not None and cache.is_shallow
         start = 0
@@ -575,6 +659,30 @@ class LDMUNet(CacheableUNet):
             h = self.output_blocks[j](torch.cat([h, hs.pop()], dim=1), emb, context)
         return self.out(h)
 
+    def pack_cond(self, context: Tensor, y: Tensor) -> Tensor:
+        """The ``cond`` of an SDXL-style model: ``context [B, L, D]`` followed by the vector conditioning ``y [B,
+        adm_in_channels]`` (pooled text embedding + size/crop embeddings, `cq.models.conditioners.sdxl_vector`)
+        laid out as ``vector_tokens`` extra tokens, zero-padded. One tensor, so guidance, `cq.trace` and the
+        compressed models pass it as any context; the UNet splits it again (`unpack_cond`)."""
+        c = self.config
+        if c.adm_in_channels is None:
+            raise ConfigError("this LDMUNet takes no vector conditioning (adm_in_channels is None): pass the context")
+        if context.ndim != 3 or context.shape[2] != c.context_dim or y.shape != (context.shape[0], c.adm_in_channels):
+            raise InputShapeError(
+                f"pack_cond expects context [B, L, {c.context_dim}] and y [B, {c.adm_in_channels}], got "
+                f"{tuple(context.shape)} and {tuple(y.shape)}"
+            )
+        k = c.vector_tokens
+        rows = F.pad(y, (0, k * c.context_dim - c.adm_in_channels)).reshape(y.shape[0], k, c.context_dim)
+        return torch.cat([context, rows.to(context.dtype)], dim=1)
+
+    def unpack_cond(self, cond: Tensor) -> tuple[Tensor, Tensor]:
+        """``(context, y)`` of a `pack_cond` tensor."""
+        c = self.config
+        k = c.vector_tokens
+        y = cond[:, -k:].reshape(cond.shape[0], k * c.context_dim)[:, : c.adm_in_channels]
+        return cond[:, :-k], y
+
     def _check_cond(self, cond: Tensor | None, batch: int) -> Tensor | None:
         """The context tensor for the transformer blocks (None for label and unconditional models)."""
         c = self.config
@@ -589,6 +697,12 @@ class LDMUNet(CacheableUNet):
                 raise InputShapeError(
                     f"this LDMUNet is conditioned by cross-attention: cond must be a context of shape "
                     f"[{batch}, L, {c.context_dim}], got {got}"
+                )
+            if cond.shape[1] <= c.vector_tokens:
+                raise InputShapeError(
+                    f"this LDMUNet also takes a vector conditioning (SDXL, adm_in_channels={c.adm_in_channels}): "
+                    f"cond must be unet.pack_cond(context, y), with {c.vector_tokens} trailing tokens after at "
+                    f"least one context token; got {cond.shape[1]} tokens"
                 )
             return cond
         if c.num_classes is not None:

@@ -39,7 +39,8 @@ from .checkpoint import read_diffusers_folder, read_state_dict
 from .clip_text import CLIPTextConfig
 from .conditioners import ClassEmbedder, TextConditioner, build_conditioner
 from .convert_ldm import autoencoder_from_diffusers, clip_text_state, split_ldm_checkpoint
-from .loading import build, load_weights
+from .folder_config import preset_differences, preset_from_folder
+from .loading import build, diffusers_noise_schedule, load_weights
 from .openai_unet import LDMUNet
 from .presets import Preset, get_preset
 from .tokenizer import CLIPTokenizer
@@ -106,8 +107,8 @@ class LatentDiffusion(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        preset: str | Preset,
-        path: str | Path,
+        preset_or_path: str | Preset | Path,
+        path: str | Path | None = None,
         *,
         tokenizer: CLIPTokenizer | str | Path | None = "auto",
         ema: bool = True,
@@ -116,10 +117,14 @@ class LatentDiffusion(nn.Module):
         """Load every part from one CompVis checkpoint or one diffusers pipeline folder.
 
         Args:
-            preset: the architecture (``"sd-v1"``, ``"ldm-cin256-v2"``, ``"ldm-bedroom"``, ``"ldm-church"``...).
-            path: a CompVis ``.ckpt`` / ``.safetensors`` holding ``model.diffusion_model.*``,
+            preset_or_path: a diffusers pipeline folder, whose architecture is read from its own
+                ``unet/``, ``vae/``, ``text_encoder/`` ``config.json`` and ``scheduler/scheduler_config.json``
+                (`cq.models.folder_config.preset_from_folder`); or the preset (``"sd-v1"``, ``"ldm-cin256-v2"``,
+                ``"ldm-bedroom"``, ``"ldm-church"``...) of the checkpoint at ``path``.
+            path: with a preset: a CompVis ``.ckpt`` / ``.safetensors`` holding ``model.diffusion_model.*``,
                 ``first_stage_model.*`` and ``cond_stage_model.*``; or a diffusers folder with ``unet/``,
-                ``vae/`` and (SD) ``text_encoder/``, ``tokenizer/``.
+                ``vae/`` and (SD) ``text_encoder/``, ``tokenizer/``, which must describe the preset's
+                architecture (a `ConfigError` names every differing field otherwise).
             tokenizer: SD's CLIP tokenizer: a `CLIPTokenizer`, a folder with ``vocab.json`` + ``merges.txt`` or
                 ``tokenizer.json`` (transformers 5), or a ``bpe_simple_vocab_16e6.txt.gz``. ``"auto"`` (default):
                 a diffusers folder's ``tokenizer/``; a text-conditioned model without one is refused here, at load
@@ -128,8 +133,20 @@ class LatentDiffusion(nn.Module):
             ema: use the EMA weights when the checkpoint holds both.
             trust_pickle: allow arbitrary pickled objects (only for files you trust).
         """
-        p = _ldm_preset(preset)
-        path = Path(path)
+        if path is None:
+            if isinstance(preset_or_path, str | Path) and Path(preset_or_path).is_dir():
+                path = Path(preset_or_path)
+                p = preset_from_folder(path)
+            else:
+                raise ConfigError(
+                    f"{str(preset_or_path)!r} is not a diffusers pipeline folder; a CompVis checkpoint holds no "
+                    "architecture: pass its preset and the file, LatentDiffusion.from_pretrained(preset, path)"
+                )
+        else:
+            p = _ldm_preset(preset_or_path if isinstance(preset_or_path, str | Preset) else str(preset_or_path))
+            path = Path(path)
+            if path.is_dir():
+                _check_folder_matches(p, path)
         if not path.exists():
             raise CheckpointFormatError(f"checkpoint not found: {path}")
         auto = isinstance(tokenizer, str) and tokenizer == "auto"
@@ -295,8 +312,27 @@ class LatentDiffusion(nn.Module):
 def _ldm_preset(preset: str | Preset) -> Preset:
     p = get_preset(preset) if isinstance(preset, str) else preset
     if p.pipeline is None:
+        if p.family == "ldm":
+            raise ConfigError(
+                f"preset {p.name!r} describes a UNet only (cq has no autoencoder / conditioner for it): load the "
+                f"UNet with cq.models.load({p.name!r}, path=...), or a diffusers folder by its own configs with "
+                "LatentDiffusion.from_pretrained(folder)"
+            )
         raise ConfigError(f"preset {p.name!r} is not a latent-diffusion preset (family {p.family!r})")
     return p
+
+
+def _check_folder_matches(preset: Preset, folder: Path) -> None:
+    """Refuse a diffusers folder whose own configs describe another architecture than ``preset``."""
+    found = preset_from_folder(folder)
+    stated_noise = diffusers_noise_schedule(folder / "unet") is not None
+    differences = preset_differences(preset, found, noise=stated_noise)
+    if differences:
+        raise ConfigError(
+            f"{folder} does not hold preset {preset.name!r}: its configs differ in " + "; ".join(differences) + ". "
+            f"Load it by its own configs with LatentDiffusion.from_pretrained({str(folder)!r}), or name the "
+            "preset it holds"
+        )
 
 
 def _read_tokenizer(path: Path) -> CLIPTokenizer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -233,7 +234,64 @@ LDM_PRESETS: list[Preset] = [
         source="CompVis sd-v1-4.ckpt / v1-5-pruned-emaonly.{ckpt,safetensors} (v1-inference.yaml) "
         "or a diffusers StableDiffusionPipeline folder",
     ),
+    # SD 2.x UNets (CompVis/Stability v2-inference{,-v}.yaml: 64-channel heads, linear proj_in/out, OpenCLIP
+    # ViT-H context 1024, attention in fp32). UNet only: cq has no OpenCLIP text tower for CompVis checkpoints;
+    # diffusers SD 2 folders load whole by their own configs (LatentDiffusion.from_pretrained(folder)).
+    *(
+        Preset(
+            name=name,
+            config=LDMUNetConfig(
+                image_size=size,
+                in_channels=4,
+                out_channels=4,
+                model_channels=320,
+                num_res_blocks=2,
+                attention_resolutions=(4, 2, 1),
+                channel_mult=(1, 2, 4, 4),
+                num_head_channels=64,
+                use_spatial_transformer=True,
+                transformer_depth=1,
+                context_dim=1024,
+                use_linear_in_transformer=True,
+                upcast_attention=True,
+            ),
+            noise=dataclasses.replace(_SD_NOISE, prediction=prediction),
+            sampling={"steps": 50, "spacing": "ldm", "eta": 0.0},
+            source=source,
+        )
+        for name, size, prediction, source in (
+            ("sd-v2", 96, "v", "v2-1_768-ema-pruned.{ckpt,safetensors} (v2-inference-v.yaml, parameterization v)"),
+            ("sd-v2-base", 64, "eps", "v2-1_512-ema-pruned.{ckpt,safetensors} (v2-inference.yaml)"),
+        )
+    ),
     # tiny configs for tests and CPU demos (random weights; cq.models.LatentDiffusion.build)
+    Preset(
+        name="tiny-sd-v2",
+        config=LDMUNetConfig(
+            image_size=8,
+            in_channels=4,
+            out_channels=4,
+            model_channels=32,
+            num_res_blocks=2,
+            attention_resolutions=(1, 2),
+            channel_mult=(1, 2),
+            num_head_channels=16,
+            use_spatial_transformer=True,
+            context_dim=32,
+            use_linear_in_transformer=True,
+            upcast_attention=True,
+        ),
+        noise=dataclasses.replace(_SD_NOISE, prediction="v"),
+        sampling={"steps": 10, "spacing": "ldm", "eta": 0.0},
+        pipeline=LatentPipelineSpec(
+            autoencoder=_TINY_KL,
+            conditioner=ConditionerConfig(kind="clip_text", text=dataclasses.replace(_TINY_CLIP, hidden_act="gelu")),
+            scale_factor=0.18215,
+            sampler="plms",
+            guidance_scale=7.5,
+        ),
+        source="random weights (structure of sd-v2: v-prediction, linear projections, fp32 attention)",
+    ),
     Preset(
         name="tiny-sd",
         config=LDMUNetConfig(
@@ -258,6 +316,27 @@ LDM_PRESETS: list[Preset] = [
             guidance_scale=7.5,
         ),
         source="random weights (structure of sd-v1)",
+    ),
+    Preset(
+        name="tiny-sdxl",  # diffusers' SDXL pipeline-test UNet; UNet only (cond: unet.pack_cond(context, y))
+        config=LDMUNetConfig(
+            image_size=16,
+            in_channels=4,
+            out_channels=4,
+            model_channels=32,
+            num_res_blocks=2,
+            attention_resolutions=(2,),
+            channel_mult=(1, 2),
+            num_heads=4,
+            use_spatial_transformer=True,
+            transformer_depth=(1, 2),
+            context_dim=64,
+            use_linear_in_transformer=True,
+            adm_in_channels=80,  # pooled text 32 + 6 time ids x 8
+        ),
+        noise=_SD_NOISE,
+        sampling={"steps": 10, "spacing": "ldm", "eta": 0.0},
+        source="random weights (structure of SDXL: no attention at the first level, depth per level, vector y)",
     ),
     Preset(
         name="tiny-ldm-cin",

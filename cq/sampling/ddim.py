@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, InputShapeError
 from .adapter import check_step_aware
 from .model import check_sampler, fields_of
-from .noise import NoiseSchedule, Spacing, ddim_timesteps
+from .noise import NoiseSchedule, Spacing, ddim_timesteps, eps_from_output
 from .settings import planned_settings
 
 
@@ -30,7 +30,7 @@ class StepInfo:
     step: int  # sampler step, 0 = noisiest
     t: int  # model timestep of this step
     x: Tensor  # x_t fed to the model
-    eps: Tensor  # model output
+    eps: Tensor  # noise estimate (the model output, converted to eps for v-prediction models)
     x0_pred: Tensor  # predicted x_0
     x_next: Tensor  # x after the step
 
@@ -96,7 +96,8 @@ def ddim(
         k = steps - 1 - i  # walk the sequence from the end
         t = seq[k]
         at, an = alphas[k].item(), alphas_next[k].item()
-        eps = model(x, torch.full((n,), t, dtype=torch.long, device=x.device), cond, step=i)
+        out = model(x, torch.full((n,), t, dtype=torch.long, device=x.device), cond, step=i)
+        eps = eps_from_output(out, x, at, noise.prediction)
         x0 = (x - eps * (1 - at) ** 0.5) / at**0.5
         if clip_x0:
             x0 = x0.clamp(-1.0, 1.0)

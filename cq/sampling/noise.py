@@ -4,6 +4,11 @@
 ``quad`` / ``scaled_linear``: ``linspace(sqrt(beta_start), sqrt(beta_end), T)**2`` -- the ddim code calls it
 "quad", LDM calls it "linear", diffusers "scaled_linear"; both names are accepted because both are in use.
 Betas are computed in float64, as the originals do, and only cast when used.
+
+``prediction``: what the network outputs. ``"eps"`` (the noise; DDPM, LDM, SD 1.x, SD 2 base) or ``"v"`` (the
+velocity ``v = sqrt(abar) eps - sqrt(1 - abar) x0`` of Salimans & Ho 2022; SD 2.x 768-v, CompVis
+``parameterization: "v"``, diffusers ``prediction_type: "v_prediction"``). The samplers turn every model output
+into eps through `eps_from_output`, the one place the conversion lives.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from torch import Tensor
 from ..errors import ConfigError
 
 
-__all__ = ["NoiseSchedule", "ddim_timesteps", "Spacing"]
+__all__ = ["NoiseSchedule", "ddim_timesteps", "eps_from_output", "Spacing", "Prediction"]
 
 Spacing = Literal["uniform", "quad", "ldm", "linspace"]
+Prediction = Literal["eps", "v"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,8 +37,14 @@ class NoiseSchedule:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     num_timesteps: int = 1000
+    prediction: Prediction = "eps"
 
     def __post_init__(self) -> None:
+        if self.prediction not in ("eps", "v"):
+            raise ConfigError(
+                f"NoiseSchedule.prediction must be 'eps' (the model predicts the noise) or 'v' (the velocity, "
+                f"SD 2.x 768-v), got {self.prediction!r}"
+            )
         if self.kind not in ("linear", "quad", "scaled_linear"):
             raise ConfigError(f"NoiseSchedule.kind must be 'linear', 'quad' or 'scaled_linear', got {self.kind!r}")
         if self.num_timesteps < 1:
@@ -53,6 +65,20 @@ class NoiseSchedule:
     def alphas_cumprod(self) -> Tensor:
         """``[T]`` float64 cumulative products of ``1 - beta``."""
         return torch.cumprod(1.0 - self.betas(), dim=0)
+
+
+def eps_from_output(output: Tensor, x: Tensor, abar: float, prediction: Prediction) -> Tensor:
+    """The noise estimate of a model ``output`` at ``x = x_t`` with ``abar = alphas_cumprod[t]``.
+
+    ``"eps"``: the output itself. ``"v"``: ``eps = sqrt(abar) v + sqrt(1 - abar) x_t`` (from ``x_t = sqrt(abar) x0
+    + sqrt(1 - abar) eps`` and ``v = sqrt(abar) eps - sqrt(1 - abar) x0``; CompVis ``predict_eps_from_z_and_v``,
+    diffusers ``DDIMScheduler`` with ``prediction_type="v_prediction"``).
+    """
+    if prediction == "eps":
+        return output
+    if prediction == "v":
+        return abar**0.5 * output + (1 - abar) ** 0.5 * x
+    raise ConfigError(f"prediction must be 'eps' or 'v', got {prediction!r}")
 
 
 def ddim_timesteps(num_timesteps: int, steps: int, spacing: Spacing = "uniform") -> list[int]:

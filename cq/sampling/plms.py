@@ -34,7 +34,7 @@ from ..errors import ConfigError, InputShapeError
 from .adapter import check_step_aware
 from .ddim import StepInfo, resolve_noise_schedule
 from .model import check_sampler
-from .noise import NoiseSchedule, Spacing, ddim_timesteps
+from .noise import NoiseSchedule, Spacing, ddim_timesteps, eps_from_output
 from .settings import planned_settings
 
 
@@ -107,11 +107,13 @@ def plms(
             x0 = (x - (1 - at) ** 0.5 * eps) / at**0.5
             return ap**0.5 * x0 + (1 - ap) ** 0.5 * eps, x0
 
-        eps = model(x, torch.full((n,), t, dtype=torch.long, device=x.device), cond, step=_call_index(i))
+        out = model(x, torch.full((n,), t, dtype=torch.long, device=x.device), cond, step=_call_index(i))
+        eps = eps_from_output(out, x, at, noise.prediction)
         if not old_eps:
             x_pred, _ = ddim_step(eps)
             t2 = torch.full((n,), t_next, dtype=torch.long, device=x.device)
-            eps_prime = (eps + model(x_pred, t2, cond, step=_call_index(i, second=True))) / 2
+            out2 = model(x_pred, t2, cond, step=_call_index(i, second=True))
+            eps_prime = (eps + eps_from_output(out2, x_pred, abar[t_next].item(), noise.prediction)) / 2
         elif len(old_eps) == 1:
             eps_prime = (3 * eps - old_eps[-1]) / 2
         elif len(old_eps) == 2:

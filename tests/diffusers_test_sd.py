@@ -1,0 +1,82 @@
+"""The tiny Stable Diffusion pipeline of diffusers' own pipeline tests, built offline with random weights and saved
+with ``save_pretrained`` (shared by the folder-config, SD 2 and SDXL tests)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from cq.models import CLIPTokenizer
+
+
+# diffusers tests/pipelines/stable_diffusion/test_stable_diffusion.py get_dummy_components()
+DIFFUSERS_TEST_UNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+)
+DIFFUSERS_TEST_VAE = dict(
+    block_out_channels=[32, 64],
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    latent_channels=4,
+)
+DIFFUSERS_TEST_TEXT = dict(
+    bos_token_id=0,
+    eos_token_id=2,
+    hidden_size=32,
+    intermediate_size=37,
+    layer_norm_eps=1e-05,
+    num_attention_heads=4,
+    num_hidden_layers=5,
+    pad_token_id=1,
+    vocab_size=1000,
+)
+
+
+def save_tiny_sd_pipeline(folder, *, unet_kwargs=None, text_kwargs=None, prediction_type="epsilon", seed=0):
+    """diffusers' test StableDiffusionPipeline (random weights, a byte-level CLIP vocabulary written here), saved
+    with ``save_pretrained``; returns the diffusers pipeline."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    vocab = folder.parent / f"{folder.name}-vocab"
+    vocab.mkdir(parents=True, exist_ok=True)
+    (vocab / "vocab.json").write_text(json.dumps(CLIPTokenizer.vocab_from_merges([])))
+    (vocab / "merges.txt").write_text("#version: 0.2\n")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**(unet_kwargs or DIFFUSERS_TEST_UNET))
+        vae = AutoencoderKL(**DIFFUSERS_TEST_VAE)
+        text = CLIPTextModel(CLIPTextConfig(**{**DIFFUSERS_TEST_TEXT, **(text_kwargs or {})}))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text.eval(),
+        tokenizer=HFTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(folder)
+    return pipe
