@@ -50,6 +50,16 @@ class SamplerSettings:
         """Model calls of one run (= a fitted model's ``num_steps``)."""
         return len(self.timesteps)
 
+    def calls_at(self, t: int) -> tuple[int, ...]:
+        """The model-call indices (``step=`` values) at timestep ``t``: one for DDIM and DPM-Solver, two for the
+        second timestep of PLMS, none for a timestep the run never visits. A pure lookup."""
+        return tuple(i for i, ti in enumerate(self.timesteps) if ti == t)
+
+    def describe(self) -> str:
+        """``sampler(steps=..., spacing=...)`` and every fitted timestep, for error messages."""
+        name = self.sampler.split(" ")[0]
+        return f"{name}(steps={self.steps}, spacing={self.spacing!r}), timesteps {list(self.timesteps)}"
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["timesteps"] = list(self.timesteps)
