@@ -22,7 +22,7 @@ from .sampling.settings import SamplerSettings
 from .step import step_scope
 
 
-__all__ = ["CompressedUNet"]
+__all__ = ["CompressedUNet", "fitted_steps"]
 
 
 class CompressedUNet(SamplerModel):
@@ -111,22 +111,7 @@ class CompressedUNet(SamplerModel):
         """The model-call indices at timestep ``t`` (a number, or a tensor whose entries are all that number) in the
         fitted sampler settings: a pure lookup, nothing counted. Raises `TimestepNotFittedError` when the model
         records no settings or ``t`` is not a fitted timestep."""
-        settings = self.sampler_settings
-        if settings is None:
-            raise TimestepNotFittedError(
-                "this model records no fitted timesteps (fitted on a trace built by hand, or loaded from a file "
-                "written before sampler settings were saved): pass step= (the model-call index)"
-            )
-        value = _single_timestep(t)
-        steps = settings.calls_at(int(value)) if float(value).is_integer() else ()
-        if not steps:
-            raise TimestepNotFittedError(
-                f"timestep {value:g} is not one this model was fitted for: {settings.describe()}. Sample it with "
-                "those settings (`model.sampler_settings.call_kwargs()`; a diffusers scheduler: the same "
-                "num_inference_steps and timestep_spacing), or refit it on a trace of the sampler / scheduler you "
-                "use (cq.trace with its steps and spacing, or cq.diffusers.compress on the pipeline)"
-            )
-        return steps
+        return fitted_steps(self.sampler_settings, t)
 
     def step_of(self, t: Tensor | int | float) -> int:
         """The model-call index of timestep ``t`` (`steps_of`); a timestep two calls share (PLMS's second) raises
@@ -181,6 +166,25 @@ class CompressedUNet(SamplerModel):
     def extra_repr(self) -> str:
         mask = self.refresh_mask()
         return f"num_steps={self.num_steps}, refreshes={sum(mask)}, cacher={self.cacher!r}"
+
+
+def fitted_steps(settings: SamplerSettings | None, t: Tensor | int | float) -> tuple[int, ...]:
+    """`CompressedUNet.steps_of` for any fitted `SamplerSettings` (the `cq.diffusers` adapter uses it too)."""
+    if settings is None:
+        raise TimestepNotFittedError(
+            "this model records no fitted timesteps (fitted on a trace built by hand, or loaded from a file "
+            "written before sampler settings were saved): pass step= (the model-call index)"
+        )
+    value = _single_timestep(t)
+    steps = settings.calls_at(int(value)) if float(value).is_integer() else ()
+    if not steps:
+        raise TimestepNotFittedError(
+            f"timestep {value:g} is not one this model was fitted for: {settings.describe()}. Sample it with "
+            "those settings (`model.sampler_settings.call_kwargs()`; a diffusers scheduler: the same "
+            "num_inference_steps and timestep_spacing), or refit it on a trace of the sampler / scheduler you "
+            "use (cq.trace with its steps and spacing, or cq.diffusers.compress on the pipeline)"
+        )
+    return steps
 
 
 def _single_timestep(t: Tensor | int | float) -> float:
