@@ -1,6 +1,6 @@
 """cq: cache + quantize diffusion UNets without retraining (CacheQuant, Liu et al., CVPR 2025, in pure PyTorch)."""
 
-from . import errors, models, sampling
+from . import diffusers, errors, models, sampling
 from .artifact import load, save
 from .compressed import CompressedUNet
 from .metrics.evaluate import Evaluation, evaluate
@@ -11,6 +11,7 @@ from .trace import Trace, trace
 
 __all__ = [
     "errors",
+    "diffusers",
     "models",
     "sampling",
     "load",

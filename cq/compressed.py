@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .cache.cacher import Cacher
-from .errors import InputValueError, StepCountMismatchError
+from .errors import AmbiguousTimestepError, InputValueError, StepCountMismatchError, TimestepNotFittedError
 from .models.unet import check_cacheable
 from .quant.backend import Backend
 from .sampling.model import SamplerModel
@@ -22,7 +22,7 @@ from .sampling.settings import SamplerSettings
 from .step import step_scope
 
 
-__all__ = ["CompressedUNet"]
+__all__ = ["CompressedUNet", "fitted_steps"]
 
 
 class CompressedUNet(SamplerModel):
@@ -89,7 +89,13 @@ class CompressedUNet(SamplerModel):
         """Per step: True = full forward. All True without a cacher."""
         return self.cache.mask if self.cache is not None else (True,) * self.num_steps
 
-    def forward(self, x: Tensor, t: Tensor, cond: Any = None, *, step: int) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: Any = None, *, step: int | None = None) -> Tensor:
+        """``step``: the model-call index (cq's samplers pass it). Without it, the step is looked up from ``t``
+        among the fitted timesteps (`step_of`): how a diffusers scheduler's loop, which passes only ``t``, drives
+        the model."""
+        if step is None:
+            self._check_inputs(x, t)
+            step = self.step_of(t)
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < self.num_steps:
             raise StepCountMismatchError(
                 f"step must be an int in [0, {self.num_steps}) for a model fitted for {self.num_steps} steps, "
@@ -100,6 +106,23 @@ class CompressedUNet(SamplerModel):
             if self.cache is None:
                 return self.unet(x, t, cond)
             return self.cache.run(self.unet, x, t, cond, step)
+
+    def steps_of(self, t: Tensor | int | float) -> tuple[int, ...]:
+        """The model-call indices at timestep ``t`` (a number, or a tensor whose entries are all that number) in the
+        fitted sampler settings: a pure lookup, nothing counted. Raises `TimestepNotFittedError` when the model
+        records no settings or ``t`` is not a fitted timestep."""
+        return fitted_steps(self.sampler_settings, t)
+
+    def step_of(self, t: Tensor | int | float) -> int:
+        """The model-call index of timestep ``t`` (`steps_of`); a timestep two calls share (PLMS's second) raises
+        `AmbiguousTimestepError`: pass ``step=`` there."""
+        steps = self.steps_of(t)
+        if len(steps) > 1:
+            raise AmbiguousTimestepError(
+                f"timestep {_single_timestep(t):g} is visited by model calls {list(steps)} of "
+                f"{self.sampler_settings.describe()} (PLMS / PNDM call the model twice there): pass step= explicitly"
+            )
+        return steps[0]
 
     def _check_inputs(self, x: Tensor, t: Tensor) -> None:
         """Refuse what the fitted tables cannot represent instead of clamping it silently: timesteps outside the
@@ -143,3 +166,35 @@ class CompressedUNet(SamplerModel):
     def extra_repr(self) -> str:
         mask = self.refresh_mask()
         return f"num_steps={self.num_steps}, refreshes={sum(mask)}, cacher={self.cacher!r}"
+
+
+def fitted_steps(settings: SamplerSettings | None, t: Tensor | int | float) -> tuple[int, ...]:
+    """`CompressedUNet.steps_of` for any fitted `SamplerSettings` (the `cq.diffusers` adapter uses it too)."""
+    if settings is None:
+        raise TimestepNotFittedError(
+            "this model records no fitted timesteps (fitted on a trace built by hand, or loaded from a file "
+            "written before sampler settings were saved): pass step= (the model-call index)"
+        )
+    value = _single_timestep(t)
+    steps = settings.calls_at(int(value)) if float(value).is_integer() else ()
+    if not steps:
+        raise TimestepNotFittedError(
+            f"timestep {value:g} is not one this model was fitted for: {settings.describe()}. Sample it with "
+            "those settings (`model.sampler_settings.call_kwargs()`; a diffusers scheduler: the same "
+            "num_inference_steps and timestep_spacing), or refit it on a trace of the sampler / scheduler you "
+            "use (cq.trace with its steps and spacing, or cq.diffusers.compress on the pipeline)"
+        )
+    return steps
+
+
+def _single_timestep(t: Tensor | int | float) -> float:
+    """The one timestep of a call (a number, or a tensor with all entries equal); `InputValueError` otherwise."""
+    if isinstance(t, bool) or not isinstance(t, Tensor | int | float):
+        raise InputValueError(f"t must be a tensor or a number, got {type(t).__name__}")
+    values = torch.as_tensor(t).flatten()
+    if values.numel() == 0 or not bool((values == values[0]).all()):
+        raise InputValueError(
+            f"a call without step= must have one timestep for the whole batch, got {values.tolist()[:8]}; "
+            "pass step= for a batch of mixed timesteps"
+        )
+    return float(values[0])

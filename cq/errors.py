@@ -19,6 +19,8 @@ __all__ = [
     "StepNotSetError",
     "StepCountMismatchError",
     "SamplerMismatchError",
+    "TimestepNotFittedError",
+    "AmbiguousTimestepError",
     "CacheEmptyError",
     "CachePointError",
     "InputShapeError",
@@ -120,6 +122,17 @@ class StepCountMismatchError(CqError, ValueError):
 class SamplerMismatchError(StepCountMismatchError):
     """A fitted model was sampled with other settings (sampler, steps, spacing, eta, clip_x0, timesteps) than the
     trace it was fitted on; see `cq.sampling.SamplerSettings`."""
+
+
+class TimestepNotFittedError(SamplerMismatchError):
+    """A fitted model was called without ``step=`` at a timestep its sampler settings never visit (another step
+    count, spacing or scheduler than it was fitted for). Fix: sample with the fitted settings, or refit on a trace of
+    the scheduler you use."""
+
+
+class AmbiguousTimestepError(SamplerMismatchError):
+    """A fitted model was called without ``step=`` at a timestep two of its calls share (PLMS / PNDM call the model
+    twice at their second timestep); pass ``step=`` (the model-call index)."""
 
 
 class CacheEmptyError(CqError, RuntimeError):

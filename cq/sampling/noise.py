@@ -23,7 +23,7 @@ from torch import Tensor
 from ..errors import ConfigError
 
 
-__all__ = ["NoiseSchedule", "ddim_timesteps", "eps_from_output", "Spacing", "Prediction"]
+__all__ = ["NoiseSchedule", "ddim_timesteps", "dpm_solver_timesteps", "eps_from_output", "Spacing", "Prediction"]
 
 Spacing = Literal["uniform", "quad", "ldm", "linspace"]
 Prediction = Literal["eps", "v"]
@@ -113,3 +113,29 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: Spacing = "uniform")
     if spacing == "linspace":
         return [int(s) for s in np.round(np.linspace(0, num_timesteps - 1, steps))]
     raise ConfigError(f"spacing must be 'uniform', 'quad', 'ldm' or 'linspace', got {spacing!r}")
+
+
+def dpm_solver_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -> list[int]:
+    """The timesteps `dpm_solver` visits, in increasing order (it walks them from the last), as diffusers'
+    ``DPMSolverMultistepScheduler.set_timesteps`` computes them for ``timestep_spacing=spacing`` (steps_offset 0)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
+        raise ConfigError(f"steps must be an int in [1, {num_timesteps}], got {steps!r}")
+    T = num_timesteps
+    if spacing == "linspace":
+        seq = np.linspace(0, T - 1, steps + 1).round()[1:]
+    elif spacing == "leading":
+        ratio = T // (steps + 1)
+        if ratio < 1:
+            raise ConfigError(f"spacing='leading' needs steps + 1 <= T={T}, got steps={steps}; use 'linspace'")
+        seq = np.arange(1, steps + 1) * ratio
+    elif spacing == "trailing":
+        seq = (np.arange(T, 0, -T / steps).round() - 1)[::-1]
+    else:
+        raise ConfigError(f"dpm_solver spacing must be 'linspace', 'leading' or 'trailing', got {spacing!r}")
+    out = [int(t) for t in seq]
+    if len(out) != steps or len(set(out)) != steps:
+        raise ConfigError(
+            f"spacing={spacing!r} gives {len(set(out))} distinct timesteps for steps={steps} (T={T}); "
+            "use fewer steps or spacing='linspace'"
+        )
+    return out

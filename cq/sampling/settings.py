@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from .noise import ddim_timesteps
+from .noise import ddim_timesteps, dpm_solver_timesteps
 
 
 __all__ = ["SamplerSettings", "planned_settings"]
@@ -24,7 +24,8 @@ class SamplerSettings:
     """What a sampler run is, as far as a fitted model is concerned.
 
     Attributes:
-        sampler: ``"ddim"`` or ``"plms"`` (the sampler function's name).
+        sampler: ``"ddim"``, ``"plms"`` or ``"dpm_solver"`` (the sampler function's name; `cq.diffusers` records
+            ``"diffusers:<scheduler class> <config JSON>"`` for a run of a diffusers pipeline's own loop).
         steps: sampler steps (PLMS makes ``steps + 1`` model calls).
         spacing: timestep convention (`cq.sampling.ddim_timesteps`).
         eta: DDIM's noise scale (0 = deterministic).
@@ -48,6 +49,16 @@ class SamplerSettings:
     def calls(self) -> int:
         """Model calls of one run (= a fitted model's ``num_steps``)."""
         return len(self.timesteps)
+
+    def calls_at(self, t: int) -> tuple[int, ...]:
+        """The model-call indices (``step=`` values) at timestep ``t``: one for DDIM and DPM-Solver, two for the
+        second timestep of PLMS, none for a timestep the run never visits. A pure lookup."""
+        return tuple(i for i, ti in enumerate(self.timesteps) if ti == t)
+
+    def describe(self) -> str:
+        """``sampler(steps=..., spacing=...)`` and every fitted timestep, for error messages."""
+        name = self.sampler.split(" ")[0]
+        return f"{name}(steps={self.steps}, spacing={self.spacing!r}), timesteps {list(self.timesteps)}"
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -95,8 +106,12 @@ class SamplerSettings:
 def planned_settings(
     sampler: str, steps: int, num_timesteps: int, *, spacing: str, eta: float = 0.0, clip_x0: bool = False
 ) -> SamplerSettings:
-    """The settings of a ``ddim`` / ``plms`` run before it starts: the timestep of every model call in call order
-    (DDIM: one call per step, noisiest first; PLMS: step 0 calls at t_0 and t_1, then one call per step)."""
+    """The settings of a ``ddim`` / ``plms`` / ``dpm_solver`` run before it starts: the timestep of every model call
+    in call order (DDIM, DPM-Solver: one call per step, noisiest first; PLMS: step 0 calls at t_0 and t_1, then one
+    call per step)."""
+    if sampler == "dpm_solver":
+        calls = dpm_solver_timesteps(num_timesteps, steps, spacing)[::-1]
+        return SamplerSettings(sampler, steps, spacing, eta, clip_x0, timesteps=calls)
     seq = ddim_timesteps(num_timesteps, steps, spacing)  # increasing
     if sampler == "ddim":
         calls = seq[::-1]
