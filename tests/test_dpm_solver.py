@@ -161,3 +161,38 @@ def test_a_fitted_model_records_and_checks_dpm_solver_settings(tmp_path):
     quality = cq.evaluate(loaded, unet, seeds=range(100, 102), progress=False)
     reference = dpm_solver(FullPrecision(unet), noise, steps=steps, spacing="leading")
     assert torch.equal(quality.reference_samples, reference) and torch.equal(quality.samples, out)
+
+
+class GaussianV(GaussianEps):
+    """The same exact model, answering in v = sqrt(abar) eps - sqrt(1 - abar) x0 (a v-prediction schedule)."""
+
+    def __init__(self, schedule: NoiseSchedule):
+        super().__init__(schedule)
+
+    def forward(self, x, t, cond=None, *, step: int):
+        eps = super().forward(x, t, cond, step=step)
+        a = self.abar[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+
+@pytest.mark.parametrize("steps", [5, 20])
+def test_v_prediction_parity_with_diffusers(steps):
+    """A v-model under dpm_solver equals diffusers' scheduler with prediction_type='v_prediction', and equals the
+    same model answering in eps (the one conversion, `eps_from_output`)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    schedule = NoiseSchedule(kind="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction="v")
+    x = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(5))
+    model = GaussianV(schedule)
+    scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction"
+    )
+    scheduler.set_timesteps(steps)
+    expected = x.clone()
+    for i, t in enumerate(scheduler.timesteps):
+        expected = scheduler.step(model(expected, t.expand(2), step=i), t, expected).prev_sample
+    ours = dpm_solver(model, x, steps=steps)
+    assert (ours - expected).abs().max() <= PARITY_ATOL
+    eps_schedule = NoiseSchedule(kind="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    assert (ours - dpm_solver(GaussianEps(eps_schedule), x, steps=steps)).abs().max() <= 1e-5
