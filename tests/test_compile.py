@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 
 import cq
 from cq.cache import CacheView
+from cq.metrics.error import sqnr
 from cq.sampling import ddim, seeded_noise
 from cq.step import step_scope
 
@@ -55,3 +56,32 @@ def test_compiled_sampling_is_two_graphs_for_all_steps_and_equals_eager(fitted, 
     assert counters["stats"]["unique_graphs"] == 2  # a second run compiles nothing
     assert model.state_dict().keys() == fitted[0].state_dict().keys()  # saves as before
     assert torch.equal(ddim(cq.load(cq.save(model, tmp_path / "m.cq")), noise, steps=STEPS), eager)
+
+
+@pytest.mark.parametrize("kernels", ["int_mm", "onednn"])
+def test_int8_kernels_compile_without_graph_breaks_and_equal_eager(fitted, kernels, monkeypatch):
+    """The integer modules read the step's scale and zero point as tensors while tracing (the kernels' tensor
+    overloads): no ``.item()`` graph break, one graph for every step, and the compiled model equals eager int8.
+    oneDNN is forced on CPUs where it is inexact (no VNNI): both runs take the same kernels. With `_int_mm` the
+    compiled samples are bit-identical; with oneDNN a split conv's fused-sum kernel becomes two kernels and an add
+    (float rounding of the sum differs), so the samples agree to the int8 tolerance of tests/test_int8.py."""
+    import cq.quant.int8 as int8
+
+    if kernels == "onednn":
+        if not int8._onednn_present():
+            pytest.skip("no oneDNN int8 kernels in this torch build")
+        monkeypatch.setattr(int8, "onednn_exact", lambda: True)
+    model = copy.deepcopy(fitted[0])
+    model.to_int8(kernels)
+    assert any(v.startswith("int8") for v in model.execution.values())
+    noise = seeded_noise(model.sample_shape, range(2000, 2002))
+    eager = ddim(model, noise, steps=STEPS)
+    dynamo.reset()
+    counters.clear()
+    model.compile(backend="aot_eager", fullgraph=True)  # fullgraph: a graph break would raise
+    compiled = ddim(model, noise, steps=STEPS)
+    if kernels == "int_mm":
+        assert torch.equal(compiled, eager)
+    else:
+        assert sqnr(compiled, eager) > 40, sqnr(compiled, eager)
+    assert counters["stats"]["unique_graphs"] == 2

@@ -44,7 +44,7 @@ def int_matmul(a8: Tensor, b8: Tensor) -> Tensor:
 
 
 def _add_zero_point_terms(
-    acc: Tensor, a_rowsum: Tensor, a_shift: float, b_colsum: Tensor, b_shift: Tensor | float, k: int
+    acc: Tensor, a_rowsum: Tensor, a_shift: float | Tensor, b_colsum: Tensor, b_shift: Tensor | float, k: int
 ) -> Tensor:
     """In place, the module docstring's ``acc + cb * rowsum(a8) + ca * colsum(b8) + K ca cb``."""
     b_shift = torch.as_tensor(b_shift, dtype=acc.dtype, device=acc.device)
@@ -71,7 +71,7 @@ class _AffineGemm(nn.Module):
 
     def forward(self, x: Tensor, act: ActQuantizer, bias: Tensor | None = None) -> Tensor:
         codes = input_codes(x, act)
-        k, ca = x.shape[-1], float(codes.shift)
+        k, ca = x.shape[-1], codes.shift
         acc = int_matmul(codes.centred.reshape(-1, k).contiguous(), self.w8).float()
         rowsum = codes.exact.sum(-1).reshape(-1, 1)
         y = _add_zero_point_terms(acc, rowsum, ca, self.w_colsum, self.w_shift, k).mul_(self.w_scale * codes.scale)
@@ -169,7 +169,7 @@ class Int8MatMul(nn.Module):
         a8 = a_codes.centred.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
         b8 = b_codes.centred.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
         acc = torch.stack([int_matmul(a8[i], b8[i]) for i in range(a8.shape[0])]).float()
-        k, ca, cb = a.shape[-1], float(a_codes.shift), float(b_codes.shift)
+        k, ca, cb = a.shape[-1], a_codes.shift, b_codes.shift
         rowsum = a_codes.exact.sum(-1, keepdim=True).expand(*batch, a.shape[-2], 1).reshape(-1, a.shape[-2], 1)
         colsum = b_codes.exact.sum(-2, keepdim=True).expand(*batch, 1, b.shape[-1]).reshape(-1, 1, b.shape[-1])
         acc = _add_zero_point_terms(acc, rowsum, ca, colsum, cb, k).mul_(a_codes.scale * b_codes.scale)

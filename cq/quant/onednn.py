@@ -61,12 +61,14 @@ class _Half(nn.Module):
         channel_sum = codes.exact.sum(1, keepdim=True) if self.remainder.numel() else None
         geometry = (self.stride, self.padding, self.dilation, self.groups)
         qx = (unsigned(codes), scale, zp, self.packed, self.w_scale, self.w_zero)
+        # compiled: the overloads taking the step's scale as a tensor (those with fake kernels: qconv_pointwise's)
+        op = torch.ops.onednn.qconv2d_pointwise
         if accumulate is None:
-            y = torch.ops.onednn.qconv2d_pointwise(*qx, bias, *geometry, 1.0, 0, torch.float32, "none", [], "")
+            conv = torch.ops.onednn.qconv_pointwise.tensor if codes.traced else op.default
+            y = conv(*qx, bias, *geometry, 1.0, 0, torch.float32, "none", [], "")
         else:
-            y = torch.ops.onednn.qconv2d_pointwise.binary(
-                *qx, accumulate, bias, *geometry, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], ""
-            )
+            conv = op.binary_tensor if codes.traced else op.binary
+            y = conv(*qx, accumulate, bias, *geometry, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
         if self.remainder.numel():
             # sum over the window of the dequantized input (zero padding = code zp), times s*(z-128) per channel
             channel_sum.add_((128 - zp) * channels)  # integers: the window sums below are exact
@@ -96,6 +98,10 @@ class Int8Conv2d(nn.Module):
         y = self.cached(x, self.act, self.bias)
         if self.correction is not None:
             y = self.correction(y, table_step())
+        if self.skip is not None and torch.compiler.is_compiling():
+            # the fused-sum kernel mutates its accumulator, which the compiler's functionalization cannot trace
+            # through the opaque packed weight: two kernels and an add the compiler may fuse
+            return y + self.skip(x, self.act_skip)
         if self.skip is not None:
             y = self.skip(x, self.act_skip, accumulate=y.contiguous(memory_format=torch.channels_last))
         return y
@@ -122,7 +128,8 @@ class Int8Linear(nn.Module):
         scale, zp, features = codes.scale, codes.zero_point, x.shape[-1]
         total = codes.exact.sum(-1, keepdim=True) if self.remainder.numel() else None
         qx = (unsigned(codes), scale, zp, self.packed, self.w_scale, self.w_zero, self.bias)
-        y = torch.ops.onednn.qlinear_pointwise(*qx, 1.0, 0, torch.float32, "none", [], "")
+        op = torch.ops.onednn.qlinear_pointwise
+        y = (op.tensor if codes.traced else op.default)(*qx, 1.0, 0, torch.float32, "none", [], "")
         if self.remainder.numel():
             total.add_((128 - zp) * features).mul_(scale)
             y.addcmul_(self.remainder, total, value=-1.0)
