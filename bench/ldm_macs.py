@@ -3,6 +3,7 @@ device (no memory, no weights), plus the first-stage decoder.
 
     python bench/ldm_macs.py
     python bench/ldm_macs.py --presets sd-v1 --latent 32     # SD at 256 px
+    python bench/ldm_macs.py --tiny-speed                    # + CPU wall-clock of the tiny configs' calls
 
 ``cq.metrics.unet_macs`` counts Conv2d, Linear and the attention MatMul modules; the legacy attention of the LSUN
 models projects with Conv1d (``qkv``, ``proj_out``), counted here in an extra column and included in the total.
@@ -19,11 +20,11 @@ from torch import nn
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table  # noqa: E402
+from common import interleaved_medians, machine_line, print_table  # noqa: E402
 
 import cq  # noqa: E402
 from cq.cache.view import CacheView  # noqa: E402
-from cq.metrics import unet_macs  # noqa: E402
+from cq.metrics import predicted_speedup, unet_macs  # noqa: E402
 from cq.models.autoencoders import build_autoencoder  # noqa: E402
 
 
@@ -48,6 +49,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="ldm-cin256-v2,ldm-bedroom,ldm-church,sd-v1")
     parser.add_argument("--latent", type=int, default=None, help="latent side (default: the preset's)")
+    parser.add_argument("--interval", type=int, default=5, help="cache interval N of the predicted speedup column")
+    parser.add_argument("--tiny-speed", action="store_true", help="also time the tiny configs' calls on this CPU")
+    parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     rows = []
     for name in args.presets.split(","):
@@ -62,7 +66,7 @@ def main() -> None:
         cond = (
             torch.empty(1, 77 if c.context_dim == 768 else 1, c.context_dim, device="meta") if c.context_dim else None
         )
-        point = unet.cache_points()[-1]
+        point = unet.default_cache_point()
         macs = unet_macs(unet, cond=cond, points=[point])
         x = torch.empty(1, *unet.sample_shape, device="meta")
         t = torch.full((1,), 500, device="meta")
@@ -82,6 +86,8 @@ def main() -> None:
             decoder(z)
         for h in handles:
             h.remove()
+        calls = _calls(preset)
+        mask = [i % args.interval == 0 for i in range(calls)]
         rows.append(
             (
                 name,
@@ -92,6 +98,7 @@ def main() -> None:
                 point,
                 f"{shallow / 1e9:.2f}G",
                 f"{100 * shallow / full:.1f}%",
+                f"{predicted_speedup(full, shallow, mask):.2f}x ({calls} calls, {sum(mask)} full)",
                 f"{dec / 1e9:.0f}G",
             )
         )
@@ -105,10 +112,61 @@ def main() -> None:
             "cache point",
             "shallow call",
             "share",
+            f"MAC speedup N={args.interval}",
             "decoder convs",
         ],
         rows,
         title="MACs per UNet call (batch 1; conv + linear + attention matmuls)",
+    )
+    if args.tiny_speed:
+        tiny_speed(args.repeats)
+
+
+def _calls(preset) -> int:
+    """Model calls of the preset's default sampler run (PLMS: steps + 1)."""
+    steps = preset.sampling.get("steps", 50)
+    return steps + 1 if preset.pipeline is not None and preset.pipeline.sampler == "plms" else steps
+
+
+def tiny_speed(repeats: int) -> None:
+    """Wall-clock of a full and a cached (shallow) UNet call of each tiny config, batch 2 (one guided pair)."""
+    rows = []
+    for name in ("tiny-sd", "tiny-sd-v2", "tiny-ldm-cin", "tiny-ldm-bedroom", "tiny-ldm-church"):
+        unet = cq.models.build(name, seed=0)
+        point = unet.default_cache_point()
+        x = torch.randn(2, *unet.sample_shape)
+        t = torch.full((2,), 500)
+        cond = unet.example_cond(2)
+        view = CacheView.full(record=[point])
+        with torch.no_grad():
+            unet(x, t, cond, cache=view)
+        feature = view.features[point]
+        macs = unet_macs(unet, batch=2, cond=cond, points=[point])
+
+        def full(unet=unet, x=x, t=t, cond=cond):
+            with torch.no_grad():
+                unet(x, t, cond)
+
+        def cached(unet=unet, x=x, t=t, cond=cond, point=point, feature=feature):
+            with torch.no_grad():
+                unet(x, t, cond, cache=CacheView.shallow(point, feature))
+
+        times = interleaved_medians({"full": full, "cached": cached}, repeats, warmup=3)
+        rows.append(
+            (
+                name,
+                f"{tuple(unet.sample_shape)}",
+                f"{macs['full'] / 1e6:.1f}M",
+                f"{1000 * times['full']:.2f}",
+                f"{1000 * times['cached']:.2f}",
+                f"{times['full'] / times['cached']:.2f}x",
+                f"{macs['full'] / macs[point]:.2f}x",
+            )
+        )
+    print_table(
+        ["tiny config", "latent", "MACs/call", "full ms", "cached ms", "measured", "by MACs"],
+        rows,
+        title=f"Tiny configs, CPU wall-clock per UNet call (batch 2, medians of {repeats}; {machine_line()})",
     )
 
 

@@ -3,7 +3,8 @@
 Metadata (all strings): ``cq_format`` (version), ``recipe`` (the fitted recipe as JSON, schedule included),
 ``model`` (how to build the base UNet: family, config, noise schedule, preset), ``num_steps``, ``fingerprint``
 (SHA-256 of the full-precision base weights the recipe was fitted on), ``calibration_seeds``, ``sampler`` (the
-`SamplerSettings` it must be sampled with; absent in files written before them) and ``checksum``:
+`SamplerSettings` it must be sampled with; absent in files written before them), ``guidance_scale`` (the
+classifier-free guidance of the calibration trace; absent before it was saved) and ``checksum``:
 SHA-256 of every saved tensor *and* every other metadata field (format 2; format 1 covered the tensors only
 and still loads), verified on load, so a flipped bit anywhere is refused. Tensors: the model's
 ``state_dict()`` -- quantized weights as integers plus scales, per-step activation tables, corrections.
@@ -87,6 +88,8 @@ def save(model: CompressedUNet, path: str | Path) -> Path:
     }
     if model.sampler_settings is not None:
         metadata["sampler"] = json.dumps(model.sampler_settings.to_dict(), sort_keys=True)
+    if model.calibration_guidance is not None:
+        metadata["guidance_scale"] = json.dumps(model.calibration_guidance)
     metadata = dict(sorted(metadata.items()))
     metadata["checksum"] = _checksum(tensors, metadata)
     path = Path(path)
@@ -151,6 +154,9 @@ def load(
             settings = SamplerSettings.from_dict(_json_field(metadata, "sampler", path))
             if settings.calls != steps:
                 raise ValueError(f"sampler settings make {settings.calls} model calls, num_steps is {steps}")
+        guidance = _json_field(metadata, "guidance_scale", path, default="null")
+        if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, int | float)):
+            raise CheckpointFormatError(f"{path}: guidance_scale must be a number, got {guidance!r}")
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointFormatError(f"{path}: malformed metadata ({e})") from None
     if num_steps is not None and num_steps != steps:
@@ -168,7 +174,12 @@ def load(
         ) from None
     try:
         model = recipe.build(
-            base, steps, calibration_seeds=tuple(seeds), sampler_settings=settings, base_fingerprint=known
+            base,
+            steps,
+            calibration_seeds=tuple(seeds),
+            sampler_settings=settings,
+            base_fingerprint=known,
+            calibration_guidance=guidance,
         ).to_empty(device="cpu")
         model.load_state_dict(tensors, strict=True)
     except CqError as e:

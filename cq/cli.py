@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ import torch
 from .models.presets import sampling_defaults
 from .quant.backend import Backend
 from .report import print_table, tensor_bytes
+from .sampling.samplers import SAMPLERS
 
 
 __all__ = ["main"]
@@ -164,21 +166,75 @@ def _check_writable(out: str) -> None:
 
 def _fit(args: argparse.Namespace) -> int:
     from .artifact import save
+    from .cli_models import conditioning, device_of, load_base, read_conditions
     from .report import report
+    from .trace import trace as record
 
     _check_writable(args.out)
+    device = device_of(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    unet = _load_base(args.model, args.weights)
-    steps, sampler = sampling_defaults(unet, args.steps, args.spacing)
+    conditions = read_conditions(args.prompt, args.prompts, args.class_labels)
     recipe, described = _recipe_of(args)
-    print(f"cq fit: {described} on {args.model}, {steps} steps {sampler}")
-    trace = _trace_for(unet, recipe, steps, args.samples, args.seed, sampler)
+    base = load_base(args.model, args.weights, tokenizer=args.tokenizer).to(device)
+    unet = base.unet
+    steps, sampler = sampling_defaults(unet, args.steps, args.spacing)
+    sample_fn, sampler = _sampler_named(args.sampler or base.default_sampler, sampler)
+    calibration = conditioning(base, conditions, args.samples, args.guidance)
+    print(
+        f"cq fit: {described} on {args.model}, {sample_fn.__name__} {steps} steps {sampler}, {args.samples} "
+        f"calibration trajectories (seeds {args.seed}..{args.seed + args.samples - 1}), {calibration.describe()}, "
+        f"device {device}"
+    )
+    trace = record(
+        unet,
+        sample_fn,
+        steps=steps,
+        num_samples=args.samples,
+        points=recipe.points(unet),
+        keep=args.keep,
+        seed=args.seed,
+        cond=calibration.cond,
+        guidance_scale=calibration.scale,
+        uncond=calibration.uncond,
+        batch_size=min(args.samples, args.batch_size or _default_batch(unet)),
+        **sampler,
+    )
+    print(f"trace: {trace.nbytes / 2**20:.1f} MiB stored ({trace.x.shape[1]} rows per call, {trace.steps} calls)")
     model = recipe.fit(unet, trace)
     path = save(model, args.out)
     print(report(model, reference=unet, trace=trace).summary())
+    if base.pipe is not None:
+        print(_LATENT_NOTE)
     print(f"wrote {path}")
     return 0
+
+
+_LATENT_NOTE = "latent model: SQNR and PSNR are over the latents x0, before the first stage decodes them"
+
+
+def _default_batch(unet) -> int:
+    """Trajectories sampled together by default: 8 for latent UNets (SD's attention at 64x64 is large), else 64."""
+    from .models.openai_unet import LDMUNet
+
+    return 8 if isinstance(unet, LDMUNet) else 64
+
+
+def _sampler_named(name: str, kwargs: dict) -> tuple:
+    """``(sampler function, kwargs it takes)`` for ``--sampler NAME``; preset kwargs it lacks (DDIM's ``clip_x0``
+    under PLMS) are dropped only when they hold their default."""
+    import inspect
+
+    from .errors import ConfigError
+
+    if name not in SAMPLERS:
+        raise ConfigError(f"--sampler {name!r}: expected one of {', '.join(sorted(SAMPLERS))}")
+    fn = SAMPLERS[name]
+    params = inspect.signature(fn).parameters
+    extra = {k: v for k, v in kwargs.items() if k not in params}
+    if any(v for v in extra.values()):
+        raise ConfigError(f"--sampler {name} does not take the preset's {extra}; use --sampler ddim")
+    return fn, {k: v for k, v in kwargs.items() if k in params}
 
 
 def _recipe_of(args: argparse.Namespace):
@@ -242,21 +298,120 @@ def _strategies(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     from .artifact import load
+    from .cli_models import Conditioning, conditioning, device_of, read_conditions
+    from .models.openai_unet import LDMUNet
+    from .sampling.guidance import guided
     from .sampling.seeded import seeded_noise
     from .viz import save_grid
 
+    _check_writable(args.out)
+    if args.npz:
+        _check_writable(args.npz)
+    device = device_of(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    conditions = read_conditions(args.prompt, args.prompts, args.class_labels)
     model = load(args.path, int8=args.int8)
+    latent = isinstance(model.unet, LDMUNet)
+    if not latent:
+        _refuse_conditions(args, conditions)
+    base = _base_for(model, args, required=latent)
+    if latent and base.pipe is None:
+        from .errors import ConfigError
+
+        raise ConfigError(
+            f"{args.path} is a latent-diffusion model, but only a UNet was loaded: pass the checkpoint or diffusers "
+            "pipeline folder with its first stage as --weights, to decode the latents"
+        )
+    num = args.num or (len(conditions.prompts or conditions.labels) if conditions else 64)
+    guidance = _guidance(args, model)
+    cond = conditioning(base, conditions, num, guidance) if base is not None else Conditioning(None, 1.0, None)
     sample_fn, steps, sampler = _fitted_sampler(model, args.spacing)
-    noise = seeded_noise(model.sample_shape, range(args.seed, args.seed + args.num))
-    start = time.perf_counter()
-    x0 = sample_fn(model, noise, steps=steps, progress=True, **sampler)
+    model.to(device)
+    if base is not None and base.pipe is not None:  # to decode; conditions were encoded, the float UNet is idle
+        base.pipe.first_stage.to(device)
+    batch = args.batch_size or _default_batch(model.unet)
+    print(f"cq sample: {num} samples (seeds {args.seed}..{args.seed + num - 1}), {cond.describe()}, device {device}")
+    images, start = [], time.perf_counter()
+    with torch.no_grad():
+        for first in range(0, num, batch):
+            rows = slice(first, min(first + batch, num))
+            noise = seeded_noise(model.sample_shape, range(args.seed + rows.start, args.seed + rows.stop)).to(device)
+            c = cond.cond[rows].to(device) if cond.cond is not None else None
+            denoiser = guided(model, cond.scale, cond.uncond, rows)
+            x0 = sample_fn(denoiser, noise, steps=steps, cond=c, progress=True, **sampler)
+            images.append((base.pipe.decode(x0) if latent else x0).float().cpu())
     seconds = time.perf_counter() - start
-    out = save_grid(x0, args.out, nrow=int(args.num**0.5 + 0.999), scale=args.scale)
-    print(f"{args.num} samples, {model.num_steps} steps: {seconds:.2f} s ({1000 * seconds / args.num:.1f} ms/image)")
+    x = torch.cat(images)
+    scale = args.scale or (3 if max(x.shape[-2:]) <= 64 else 1)
+    out = save_grid(x, args.out, nrow=math.ceil(num**0.5), scale=scale)
+    print(f"{num} samples, {model.num_steps} model calls: {seconds:.2f} s ({1000 * seconds / num:.1f} ms/image)")
     print(f"wrote {out}")
+    if args.npz:
+        print(f"wrote {_save_npz(args.npz, x, cond.per_sample)}")
     return 0
+
+
+def _base_for(model, args: argparse.Namespace, *, required: bool):
+    """The full-precision base of a loaded model from ``--model`` / ``--weights`` (checked against the weights
+    fingerprint the model was fitted on), or None when neither is given and ``required`` is False."""
+    from .cli_models import base_of_artifact
+    from .errors import ConfigError
+    from .io import fingerprint
+
+    base = None
+    if required or args.model or args.weights:
+        base = base_of_artifact(model.unet, args.path, args.model, args.weights, args.tokenizer)
+    if base is None:
+        if required:
+            raise ConfigError(
+                f"{args.path} needs its base model here (to condition and decode): pass --weights, the checkpoint "
+                "file or diffusers folder it was fitted from (and --model PRESET for a checkpoint file)"
+            )
+        return None
+    if model.base_fingerprint and fingerprint(base.unet) != model.base_fingerprint:
+        raise ConfigError(
+            f"{args.path} was fitted on other weights than {args.weights or args.model} (weights fingerprint "
+            "differs); pass the checkpoint it was fitted from"
+        )
+    return base
+
+
+def _refuse_conditions(args: argparse.Namespace, conditions) -> None:
+    """A pixel-space (DDPM) model is unconditional: prompts, labels and guidance are misuse."""
+    from .errors import ConfigError
+
+    if conditions:
+        raise ConfigError(f"{args.path} is an unconditional model: drop {conditions.options()}")
+    if args.guidance is not None and args.guidance != 1.0:
+        raise ConfigError(f"{args.path} is an unconditional model: --guidance does not apply, drop it")
+
+
+def _guidance(args: argparse.Namespace, model) -> float | None:
+    """``--guidance``, else the scale the model was calibrated with (None: the preset's)."""
+    if args.guidance is None:
+        return model.calibration_guidance
+    fitted = model.calibration_guidance
+    if fitted is not None and fitted != args.guidance:
+        print(f"note: {args.path} was calibrated with guidance {fitted:g}; sampling with {args.guidance:g}")
+    return args.guidance
+
+
+def _save_npz(path: str, images: torch.Tensor, per_sample: list) -> Path:
+    """Images as uint8 ``[N, H, W, C]`` under ``arr_0`` (the layout of the ADM/torch-fidelity evaluation
+    batches), class labels under ``arr_1`` or prompts under ``prompts``."""
+    import numpy as np
+
+    from .io import atomic_path
+
+    arrays = {"arr_0": ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()}
+    if per_sample and isinstance(per_sample[0], int):
+        arrays["arr_1"] = np.asarray(per_sample, dtype=np.int64)
+    elif per_sample and isinstance(per_sample[0], str):
+        arrays["prompts"] = np.asarray(per_sample, dtype=str)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    return Path(path)
 
 
 def _fitted_sampler(model, spacing: str | None):
@@ -277,15 +432,33 @@ def _fitted_sampler(model, spacing: str | None):
 
 def _report(args: argparse.Namespace) -> int:
     from .artifact import load
+    from .cli_models import conditioning, device_of, read_conditions
+    from .errors import ConfigError
+    from .models.openai_unet import LDMUNet
     from .report import report
 
+    device = device_of(args.device)
+    conditions = read_conditions(args.prompt, args.prompts, args.class_labels)
     model = load(args.path)
-    reference = trace = None
-    if args.model:
+    if not isinstance(model.unet, LDMUNet):
+        _refuse_conditions(args, conditions)
+    base = _base_for(model, args, required=False)
+    if base is None and (conditions or args.guidance is not None):
+        raise ConfigError(
+            "--prompt / --class-labels / --guidance condition the comparison with the base model: pass --weights "
+            "(and --model PRESET for a checkpoint file)"
+        )
+    reference = trace = evaluation = None
+    if base is not None:
         from .trace import trace as record
 
-        reference = _load_base(args.model, args.weights)
+        reference = base.unet
+        guidance = _guidance(args, model)
+        calibration = conditioning(base, conditions, args.samples, guidance)
+        model.to(device)
+        base.to(device)
         sample_fn, steps, sampler = _fitted_sampler(model, None)
+        batch = args.batch_size or _default_batch(reference)
         trace = record(
             reference,
             sample_fn,
@@ -293,17 +466,36 @@ def _report(args: argparse.Namespace) -> int:
             num_samples=args.samples,
             seed=20_000,
             **sampler,
+            cond=calibration.cond,
+            guidance_scale=calibration.scale,
+            uncond=calibration.uncond,
+            batch_size=min(batch, args.samples),
             points=[model.cache.point] if model.cache is not None else [],
             progress=False,
         )
-    evaluation = None
-    if reference is not None and args.eval > 0:
-        from .metrics.evaluate import evaluate
+        if args.eval > 0:
+            from .metrics.evaluate import evaluate
 
-        seeds = range(args.eval_seed, args.eval_seed + args.eval)
-        evaluation = evaluate(model, reference, sample_fn, seeds=seeds, steps=steps, progress=True, **sampler)
+            held_out = conditioning(base, conditions, args.eval, guidance)
+            seeds = range(args.eval_seed, args.eval_seed + args.eval)
+            evaluation = evaluate(
+                model,
+                reference,
+                sample_fn,
+                seeds=seeds,
+                steps=steps,
+                cond=held_out.cond,
+                guidance_scale=held_out.scale,
+                uncond=held_out.uncond,
+                batch_size=batch,
+                progress=True,
+                **sampler,
+            )
+        print(f"compared with {base.name}: {calibration.describe()}")
     rep = report(model, reference=reference, trace=trace, evaluation=evaluation)
     print(rep.summary())
+    if base is not None and base.pipe is not None:
+        print(_LATENT_NOTE)
     if args.steps_table:
         print(rep.table())
     if args.plot:
@@ -366,6 +558,59 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _add_model_args(parser: argparse.ArgumentParser, *, fit: bool) -> None:
+    """The options every command that runs the base model shares: weights, conditioning, guidance, device."""
+    if not fit:
+        parser.add_argument(
+            "--model",
+            default=None,
+            help="base model preset or diffusers folder (default: the preset the file names, or --weights' folder)",
+        )
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="checkpoint file (.ckpt / .safetensors) or diffusers folder of the preset; latent presets load whole "
+        "(UNet, first stage, text encoder or class embedder)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="CLIP tokenizer for a CompVis SD checkpoint (a folder with vocab.json + merges.txt, or "
+        "bpe_simple_vocab_16e6.txt.gz); diffusers folders carry theirs",
+    )
+    parser.add_argument(
+        "--prompt", action="append", default=[], metavar="TEXT", help="text models: a prompt (repeatable)"
+    )
+    parser.add_argument("--prompts", default=None, metavar="FILE", help="text models: a file, one prompt per line")
+    parser.add_argument(
+        "--class-labels",
+        default=None,
+        metavar="LABELS",
+        help="class-conditional models (ldm-cin256-v2): labels 1,2,3 or a file of labels",
+    )
+    parser.add_argument(
+        "--guidance",
+        type=_finite_float,
+        default=None,
+        help="classifier-free guidance scale (1: none; default: "
+        + ("the preset's, e.g. 7.5 for SD, 1.5 for LDM-ImageNet)" if fit else "the scale the model was fitted with)"),
+    )
+    parser.add_argument(
+        "--batch-size", type=POSITIVE, default=None, help="samples run together (default: 8 latent, 64 pixel models)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps (default: cpu)")
+
+
 def _recipe_arg(text: str) -> str:
     """``--recipe``: a preset name or a ``.json`` file (read later, so its errors name the file)."""
     from .recipe import PRESET_RECIPES
@@ -408,8 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     fit = sub.add_parser("fit", help="fit a recipe on a model and save it")
-    fit.add_argument("--model", default="demo", help="model preset")
-    fit.add_argument("--weights", default=None, help="checkpoint file or diffusers folder for the preset")
+    fit.add_argument("--model", default="demo", help="model preset or diffusers folder")
+    _add_model_args(fit, fit=True)
     fit.add_argument(
         "--recipe",
         default="cachequant",
@@ -429,7 +674,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--steps", type=POSITIVE, default=None)
     fit.add_argument("--spacing", choices=SPACINGS, default=None, help="timestep spacing (default: the preset's)")
+    fit.add_argument(
+        "--sampler", choices=sorted(SAMPLERS), default=None, help="default: the preset's (SD: plms, else ddim)"
+    )
     fit.add_argument("--samples", type=POSITIVE, default=32, help="calibration trajectories")
+    fit.add_argument(
+        "--keep", type=POSITIVE, default=None, help="trajectories stored at every step (default: all; bounds memory)"
+    )
     fit.add_argument("--seed", type=int, default=10_000)
     fit.add_argument("--threads", type=POSITIVE, default=None)
     fit.add_argument("-o", "--out", required=True, help="output file (.cq)")
@@ -437,29 +688,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample", help="sample a saved model into a grid")
     sample.add_argument("path")
-    sample.add_argument("--num", type=POSITIVE, default=64)
+    sample.add_argument(
+        "--num", type=POSITIVE, default=None, help="samples (default: one per prompt / label, 64 unconditional)"
+    )
+    _add_model_args(sample, fit=False)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument(
         "--spacing", choices=SPACINGS, default=None, help="must be the spacing the model was fitted with"
     )
     sample.add_argument("--int8", action="store_true", help="run quantized layers on int8 kernels")
-    sample.add_argument("--scale", type=POSITIVE, default=3)
+    sample.add_argument(
+        "--scale", type=POSITIVE, default=None, help="upscale factor of the PNG (default: 3 up to 64 px, else 1)"
+    )
     sample.add_argument("--threads", type=POSITIVE, default=None)
     sample.add_argument("-o", "--out", default="cq_samples.png")
+    sample.add_argument("--npz", default=None, help="also write the images (uint8 NHWC arr_0; labels arr_1) here")
     sample.set_defaults(func=_sample)
 
     rep = sub.add_parser(
-        "report", help="per-step schedule, MACs, size; given the base model: teacher-forced SQNR and held-out quality"
+        "report",
+        help="per-step schedule, MACs, size; given the base model (--model / --weights): teacher-forced SQNR and "
+        "held-out quality",
     )
     rep.add_argument("path")
-    rep.add_argument("--model", default=None, help="base model preset, to measure SQNR against")
-    rep.add_argument("--weights", default=None)
+    _add_model_args(rep, fit=False)
     rep.add_argument("--samples", type=POSITIVE, default=8, help="trajectories of the teacher-forced per-step SQNR")
     rep.add_argument(
         "--eval",
         type=NON_NEGATIVE,
         default=64,
-        help="held-out samples of the end-to-end evaluation (0: skip; needs --model)",
+        help="held-out samples of the end-to-end evaluation (0: skip; needs the base: --model / --weights)",
     )
     rep.add_argument("--eval-seed", type=int, default=30_000, help="first held-out seed of the evaluation")
     rep.add_argument("--steps-table", action="store_true")

@@ -41,6 +41,8 @@ class CompressedUNet(SamplerModel):
             (`SamplerMismatchError`). None: only the call count ``num_steps`` is checked.
         recipe: the fitted `Recipe` that made this model (set by `Recipe.fit` / `Recipe.build`; `cq.save` needs it).
         base_fingerprint: SHA-256 of the full-precision weights it was fitted on (`cq.io.fingerprint`); "" unknown.
+        calibration_guidance: the classifier-free guidance scale of its trace (`Trace.guidance_scale`; 1: unguided),
+            what sampling should use by default (the CLI does); None: unknown (files written before it was saved).
 
     Example:
         >>> model = CompressedUNet(unet, num_steps=50, cacher=DeepCache(schedule=UniformSchedule(interval=5)))
@@ -57,6 +59,7 @@ class CompressedUNet(SamplerModel):
         sampler_settings: SamplerSettings | None = None,
         recipe: Any = None,  # the fitted cq.Recipe (not imported here: recipe.py builds CompressedUNets)
         base_fingerprint: str = "",
+        calibration_guidance: float | None = None,
     ):
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise StepCountMismatchError(f"num_steps must be an int >= 1, got {num_steps!r}")
@@ -75,6 +78,7 @@ class CompressedUNet(SamplerModel):
         self.cache = cacher.build(unet, num_steps) if cacher is not None else None
         self.recipe = recipe
         self.base_fingerprint = base_fingerprint
+        self.calibration_guidance = None if calibration_guidance is None else float(calibration_guidance)
         #: layer name -> how it runs after `to_int8` ("int8 (oneDNN)", ...); empty while all layers are fake-quant
         self.execution: dict[str, str] = {}
 

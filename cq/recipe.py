@@ -121,6 +121,7 @@ class Recipe:
             sampler_settings=trace.settings,
             recipe=replace(self, cacher=cacher),
             base_fingerprint=base,
+            calibration_guidance=trace.guidance_scale,
         )
         for corrector in self.stage(Stage.BEFORE_QUANTIZATION):
             corrector.fit(model, unet, trace, progress=progress)
@@ -145,6 +146,7 @@ class Recipe:
         calibration_seeds: tuple[int, ...] = (),
         sampler_settings: SamplerSettings | None = None,
         base_fingerprint: str = "",
+        calibration_guidance: float | None = None,
     ) -> CompressedUNet:
         """The structure of a fitted model with identity corrections and unfitted tables (for loading saved
         tensors into). The cacher must be fitted (its schedule part of the recipe); the keyword arguments are the
@@ -158,6 +160,7 @@ class Recipe:
             sampler_settings=sampler_settings,
             recipe=self,
             base_fingerprint=base_fingerprint,
+            calibration_guidance=calibration_guidance,
         )
         for corrector in self.correctors:
             corrector.attach(model)

@@ -164,8 +164,9 @@ def report(
     """Measure ``model``; with ``reference`` (the full-precision UNet) and ``trace``, also the teacher-forced
     per-step SQNR; ``evaluation`` (from `cq.evaluate`) adds the end-to-end held-out quality."""
     point = model.cache.point if model.cache is not None else None
+    device = next(model.unet.parameters()).device  # traces live on the CPU; the model may not
     if trace is not None and trace.cond is not None:
-        cond = trace.cond[0, :1]
+        cond = trace.cond[0, :1].to(device)
     else:  # conditional UNets need a conditioning input of the right kind to be run at all
         cond = check_cacheable(model.unet, "cq.report").example_cond(1)
     macs = unet_macs(model.unet, cond=cond, points=[point] if point else [])
@@ -178,9 +179,9 @@ def report(
             raise ConfigError(f"trace has {trace.steps} steps, the model {model.num_steps}")
         n = min(samples, trace.x.shape[1])
         for step in range(model.num_steps):
-            x = trace.x[step, :n].float()
-            t = trace.timesteps[step].expand(n)
-            cond = trace.cond[step, :n] if trace.cond is not None else None
+            x = trace.x[step, :n].float().to(device)
+            t = trace.timesteps[step].expand(n).to(device)
+            cond = trace.cond[step, :n].to(device) if trace.cond is not None else None
             sqnrs[step] = sqnr(model(x, t, cond, step=step), reference(x, t, cond))
         if model.cache is not None:
             model.cache.clear()

@@ -68,6 +68,7 @@ def test_saving_twice_writes_identical_bytes(saved, unet, tmp_path):
         (lambda m: m.update(recipe=json.dumps({"type": "recipe"})), "invalid"),
         (lambda m: m.update(fingerprint=""), "fingerprint"),
         (lambda m: m.update(calibration_seeds='["a"]'), "calibration_seeds"),
+        (lambda m: m.update(guidance_scale='"7.5"'), "guidance_scale must be a number"),
         (lambda m: m.update(model=m["model"].replace('"ch": 32', '"ch": 64')), "do not fit"),
     ],
 )
@@ -75,6 +76,17 @@ def test_malformed_metadata_is_a_format_error(saved, tmp_path, edit, match):
     bad = _rewrite(saved, tmp_path / "bad.cq", edit_meta=edit)
     with pytest.raises(CheckpointFormatError, match=match):
         cq.load(bad)
+
+
+def test_calibration_guidance_is_saved_and_older_files_state_none(saved, tmp_path):
+    """The trace's guidance scale travels with the file (the CLI samples with it by default); a file written
+    before it was saved loads with None (unknown), not a guessed 1."""
+    loaded = cq.load(saved)
+    assert loaded.calibration_guidance == 1.0  # the fixture's trace is unguided
+    guided = _rewrite(saved, tmp_path / "g.cq", edit_meta=lambda m: m.update(guidance_scale="7.5"))
+    assert cq.load(guided).calibration_guidance == 7.5
+    older = _rewrite(saved, tmp_path / "old.cq", edit_meta=lambda m: m.pop("guidance_scale"))
+    assert cq.load(older).calibration_guidance is None
 
 
 def test_extra_tensors_are_a_format_error(saved, tmp_path):

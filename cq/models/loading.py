@@ -185,8 +185,9 @@ def describe_model(unet: nn.Module) -> dict:
             "family": family_of(unet.config),
             "config": dataclasses.asdict(unet.config),
             "noise": dataclasses.asdict(noise) if noise is not None else None,
-            # only a registered preset is named: a rebuilt "custom" one describes itself as it was saved
-            "preset": preset.name if preset is not None and PRESETS.get(preset.name) is preset else None,
+            # only a registered preset is named (equal, not identical: quantizing copies the UNet); a rebuilt
+            # "custom" one describes itself as it was saved
+            "preset": preset.name if preset is not None and PRESETS.get(preset.name) == preset else None,
         }
     raise ConfigError(f"cannot describe a {type(unet).__name__} for saving; only cq UNets can be saved")
 
