@@ -101,14 +101,27 @@ def test_cachequant_n5_held_out_bounds(held_out):
     assert cachequant.mean_db > deepcache.mean_db
 
 
+def test_w4a8_gptq_held_out(held_out):
+    """W4A8 with its default GPTQ weight rounding (`cq.quant.gptq`) on held-out seeds, end to end."""
+    result = held_out(cq.quant_only("w4a8"))
+    # measured (64 seeds 1000..1063): mean 40.0, worst 14.6 dB (seed 1012); round-to-nearest weights (CacheQuant's):
+    # mean 26.4, worst 13.4. Over 256 seeds: mean 39.5 vs 26.0, 5th pct 29.3 vs 15.8, digits FID 27.1 vs 97.6.
+    assert result.mean_db > 37
+    assert result.min_db > 12, result.below(15)
+    assert result.max_abs_x0 <= 1.5
+
+
 def test_w8a8_sqnr_and_w4a8_below_it(demo):
-    """Teacher-forced per-step SQNR (each step fed the full-precision x_t): W4A8 well below W8A8."""
+    """Teacher-forced per-step SQNR (each step fed the full-precision x_t): W4A8 below W8A8, and GPTQ rounding of
+    the 4-bit weights closes most of the gap that round-to-nearest leaves."""
     unet, _, _, trace, _, _ = demo
     w8 = cq.report(cq.quant_only("w8a8").fit(unet, trace, progress=False), reference=unet, trace=trace)
     w4 = cq.report(cq.quant_only("w4a8").fit(unet, trace, progress=False), reference=unet, trace=trace)
-    # measured (float input/output layers, fixed softmax range): W8A8 40.1, W4A8 31.0 dB
+    nearest = Recipe(quantizer=UniformQuantizer(weight_bits=4, weight_rounding="nearest"))
+    w4_nearest = cq.report(nearest.fit(unet, trace, progress=False), reference=unet, trace=trace)
+    # measured: W8A8 40.3, W4A8 GPTQ 37.5, W4A8 round-to-nearest 31.0 dB
     assert w8.mean_sqnr_db > 30
-    assert w4.mean_sqnr_db < w8.mean_sqnr_db - 3
+    assert w4_nearest.mean_sqnr_db + 3 < w4.mean_sqnr_db < w8.mean_sqnr_db
 
 
 def test_ablation_order_matches_cachequant(held_out):

@@ -10,8 +10,8 @@ int8 kernels, artifacts and MAC counts do not change.
 
 Inputs come from the calibration calls (`cq.replay`, the cached model's own calls: refresh steps full, cached
 steps shallow) with weights rounded to nearest and activations not yet quantized; a conv's input is unfolded
-into its ``C * kh * kw`` patch columns (``torch.nn.functional.unfold``), at most `ROWS_PER_CALL` strided patches
-per call.
+into its ``C * kh * kw`` patch columns (``torch.nn.functional.unfold``), about `ROWS_PER_CALL` rows per call
+(evenly strided samples of the batch, then strided rows).
 """
 
 from __future__ import annotations
@@ -28,26 +28,31 @@ from .modules import QConv1d, QConv2d, QLinear, QuantizedWeight
 
 __all__ = ["HessianTables", "record_hessians", "gptq_round", "apply_gptq"]
 
-ROWS_PER_CALL = 4096  # patches per call entering H (strided): bounds the cost at large batches / resolutions
+ROWS_PER_CALL = 2048  # input rows per call entering H (strided samples, then strided rows): bounds the cost
 DAMPING = 0.01  # fraction of the mean diagonal added to H (GPTQ's "percdamp")
 BLOCK = 128  # columns per lazy batch update (GPTQ §3, step 2)
+ACT_ORDER = True  # round the columns in decreasing order of input energy diag(H) (GPTQ's reference "act-order")
 
 _WEIGHT_LAYERS = (QConv2d, QConv1d, QLinear)
 
 
 class HessianTables:
-    """Per layer name: the running sum of ``x xᵀ`` over input rows (float64) and the row count."""
+    """Per layer name: the running sum of ``x xᵀ`` over input rows (each call's products in float32, the sum over
+    calls in float64) and the row count."""
 
     def __init__(self) -> None:
         self.sums: dict[str, Tensor] = {}
         self.rows: dict[str, int] = {}
 
     def update(self, name: str, module: nn.Module, x: Tensor) -> None:
-        cols = _input_columns(module, x.detach().float())
+        x = x.detach().float()
+        per_sample = x[0].numel() // x.shape[-1] if isinstance(module, QLinear) else _positions(module, x)
+        if x.shape[0] > 1 and x.shape[0] * per_sample > ROWS_PER_CALL:  # evenly strided samples before unfolding
+            x = x[:: max(1, x.shape[0] * per_sample // ROWS_PER_CALL)]
+        cols = _input_columns(module, x)
         if cols.shape[0] > ROWS_PER_CALL:
             cols = cols[:: -(-cols.shape[0] // ROWS_PER_CALL)]
-        cols = cols.double()
-        outer = cols.T @ cols
+        outer = (cols.T @ cols).double()  # float32 products of one call, summed over calls in float64
         if name in self.sums:
             self.sums[name] += outer
             self.rows[name] += cols.shape[0]
@@ -74,6 +79,15 @@ def record_hessians(model: nn.Module) -> Iterator[HessianTables]:
             h.remove()
 
 
+def _positions(module: nn.Module, x: Tensor) -> int:
+    """Output positions per sample of a conv (rows its input unfolds into), from its geometry."""
+    size = 1
+    for i, n in enumerate(x.shape[2:]):
+        k, d, p, st = module.kernel_size[i], module.dilation[i], module.padding[i], module.stride[i]
+        size *= (n + 2 * p - d * (k - 1) - 1) // st + 1
+    return size
+
+
 def _input_columns(module: nn.Module, x: Tensor) -> Tensor:
     """``[rows, in_features]``: the input as the weight's columns see it (conv patches unfolded)."""
     if isinstance(module, QConv2d):
@@ -88,7 +102,15 @@ def _input_columns(module: nn.Module, x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def gptq_round(weight: Tensor, hessian: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+def gptq_round(
+    weight: Tensor,
+    hessian: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    qmin: int,
+    qmax: int,
+    act_order: bool = ACT_ORDER,
+) -> Tensor:
     """Integer codes (as float, ``[out, d]``) for ``weight`` ``[out, d]`` on per-column grids.
 
     ``scale`` / ``zero_point``: ``[out, d]`` (each column's output-channel scales: a split weight's halves have
@@ -99,9 +121,13 @@ def gptq_round(weight: Tensor, hessian: Tensor, scale: Tensor, zero_point: Tenso
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     h += DAMPING * torch.diagonal(h).mean() * torch.eye(d, dtype=h.dtype, device=h.device)
+    s, z = scale.double(), zero_point.double()
+    order = None
+    if act_order:  # the columns with the largest input energy first (GPTQ's "act-order"): their error is spread
+        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        w, h, s, z = w[:, order], h[order][:, order], s[:, order], z[:, order]
     chol = torch.linalg.cholesky(h)
     upper = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
-    s, z = scale.double(), zero_point.double()
     codes = torch.empty_like(w)
     for i1 in range(0, d, BLOCK):
         i2 = min(i1 + BLOCK, d)
@@ -117,6 +143,8 @@ def gptq_round(weight: Tensor, hessian: Tensor, scale: Tensor, zero_point: Tenso
             block[:, i:] -= err[:, None] * u[i, i:][None, :]
             errors[:, i] = err
         w[:, i2:] -= errors @ upper[i1:i2, i2:]
+    if order is not None:
+        codes = codes[:, torch.argsort(order)]
     return codes
 
 
