@@ -15,7 +15,7 @@ projects the pooled output to ``text_embeds``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -41,7 +41,9 @@ class CLIPTextConfig:
     max_position_embeddings: int = 77
     hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"
     layer_norm_eps: float = 1e-5
-    eos_token_id: int = 2  # 2 (the legacy value of the OpenAI configs): the pooled token is argmax(input_ids)
+    # the pooled output's token; 2 (legacy OpenAI configs): argmax(input_ids). Not compared: last_hidden_state and
+    # hidden_states (all SD / SDXL cross-attend to) do not depend on it
+    eos_token_id: int = field(default=2, compare=False)
     projection_dim: int | None = None  # set for CLIPTextModelWithProjection only
 
     def __post_init__(self) -> None:
@@ -177,24 +179,13 @@ class CLIPTextModel(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        return self.encode(input_ids).last_hidden_state
+        return self.final_layer_norm(self._states(input_ids)[-1])
 
     def encode(self, input_ids: Tensor) -> CLIPTextOutput:
         """All outputs. The pooled token follows transformers 5 ``CLIPTextTransformer.forward``: with
         ``eos_token_id == 2`` (legacy configs) the position of the largest id, else the first ``eos_token_id``."""
         c = self.config
-        if input_ids.ndim != 2 or input_ids.shape[1] > c.max_position_embeddings or torch.is_floating_point(input_ids):
-            raise InputShapeError(
-                f"CLIPTextModel expects integer token ids [B, L] with L <= {c.max_position_embeddings}, "
-                f"got {tuple(input_ids.shape)} {input_ids.dtype}"
-            )
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= c.vocab_size):
-            raise InputShapeError(
-                f"token ids must be in [0, {c.vocab_size}), got {input_ids.min()}..{input_ids.max()}"
-            )
-        states = [self.embeddings(input_ids)]
-        for layer in self.encoder.layers:
-            states.append(layer(states[-1]))
+        states = self._states(input_ids)
         last = self.final_layer_norm(states[-1])
         if c.eos_token_id == 2:
             position = input_ids.argmax(dim=-1)
@@ -208,7 +199,23 @@ class CLIPTextModel(nn.Module):
             position = is_eos.int().argmax(dim=-1)
         pooled = last[torch.arange(last.shape[0], device=last.device), position]
         projection = getattr(self, "text_projection", None)
-        return CLIPTextOutput(last, tuple(states), pooled, projection(pooled) if projection is not None else None)
+        return CLIPTextOutput(last, states, pooled, projection(pooled) if projection is not None else None)
+
+    def _states(self, input_ids: Tensor) -> tuple[Tensor, ...]:
+        c = self.config
+        if input_ids.ndim != 2 or input_ids.shape[1] > c.max_position_embeddings or torch.is_floating_point(input_ids):
+            raise InputShapeError(
+                f"CLIPTextModel expects integer token ids [B, L] with L <= {c.max_position_embeddings}, "
+                f"got {tuple(input_ids.shape)} {input_ids.dtype}"
+            )
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= c.vocab_size):
+            raise InputShapeError(
+                f"token ids must be in [0, {c.vocab_size}), got {input_ids.min()}..{input_ids.max()}"
+            )
+        states = [self.embeddings(input_ids)]
+        for layer in self.encoder.layers:
+            states.append(layer(states[-1]))
+        return tuple(states)
 
 
 class CLIPTextModelWithProjection(CLIPTextModel):
