@@ -161,3 +161,29 @@ def test_guided_ddim_sampling_matches_the_diffusers_sdxl_pipeline(tiny_sdxl, tmp
     assert ours.shape == theirs.shape == (2, 3, 32, 32) and theirs.std() > 0.01
     assert ((ours.clamp(-1, 1) + 1) / 2 - theirs).abs().max() <= 1e-4  # measured 1.4e-6 / 1.6e-6
     assert ((other.clamp(-1, 1) + 1) / 2 - theirs).abs().max() > 100 * 1e-4
+
+
+def test_trace_and_deepcache_carry_y_through_guidance(tiny_sdxl):
+    """``cq.trace(guidance_scale=, uncond=)`` records the packed ``[uncond; cond]`` rows (context + y tokens) and
+    ``cq.deepcache`` fits on it: interval 1 reproduces the full-precision guided sample exactly; interval 2 reuses
+    the deep features (measured max |diff| 0.07 on samples of std 0.33) and still follows y (the time ids)."""
+    import cq
+
+    folder, _ = tiny_sdxl
+    pipe = LatentDiffusion.from_pretrained(folder)
+    prompts = ["a photo of a cat", "a red car", "a dog", "a tree"]
+    cond, uncond = pipe.condition(prompts), pipe.unconditional(1)
+    common = dict(steps=10, num_samples=4, cond=cond, seed=0, spacing="ldm", batch_size=4, progress=False)
+    trace = cq.trace(pipe.unet, points=cq.deepcache(2).points(pipe.unet), guidance_scale=5.0, uncond=uncond, **common)
+    assert torch.equal(trace.cond[0, 1::2], cond) and torch.equal(trace.cond[3, 0::2], uncond.expand(4, -1, -1))
+    sample = dict(cond=prompts[:2], seed=50, steps=10, sampler="ddim", guidance_scale=5.0)
+    with torch.no_grad():
+        full = pipe.sample(**sample)
+        exact = pipe.sample(**sample, model=cq.deepcache(1).fit(pipe.unet, trace, progress=False))
+        cached_model = cq.deepcache(2).fit(pipe.unet, trace, progress=False)
+        cached = pipe.sample(**sample, model=cached_model)
+        pipe.conditioner.time_ids = (64, 64, 0, 0, 64, 64)
+        other_size = pipe.sample(**sample, model=cached_model)
+    assert torch.equal(exact, full)
+    assert 1e-3 < (cached - full).abs().max() < 0.5 * full.std()
+    assert (other_size - cached).abs().max() > 1e-3
