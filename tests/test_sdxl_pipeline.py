@@ -187,3 +187,37 @@ def test_trace_and_deepcache_carry_y_through_guidance(tiny_sdxl):
     assert torch.equal(exact, full)
     assert 1e-3 < (cached - full).abs().max() < 0.5 * full.std()
     assert (other_size - cached).abs().max() > 1e-3
+
+
+def test_bad_sdxl_inputs_and_folders_are_named(tiny_sdxl, tmp_path):
+    import shutil
+
+    folder, _ = tiny_sdxl
+    pipe = LatentDiffusion.from_pretrained(folder)
+    cond = pipe.conditioner
+    with pytest.raises(InputShapeError, match="6 numbers"):
+        SDXLConditioner(cond.transformer, cond.transformer_2, time_dim=8, time_ids=(32, 32))
+    with pytest.raises(ConfigError, match="CLIPTextModelWithProjection"):
+        SDXLConditioner(cond.transformer, cond.transformer, time_dim=8)
+    with pytest.raises(ConfigError, match="time_ids is unset"):
+        SDXLConditioner(cond.transformer, cond.transformer_2, time_dim=8)(torch.tensor([[0, 5, 999]]))
+    with pytest.raises(ConfigError, match="both tokenizers"):
+        SDXLConditioner(cond.transformer, cond.transformer_2, cond.tokenizer, time_dim=8)(["a cat"])
+    with pytest.raises(InputShapeError, match="one shape"):
+        cond((torch.tensor([[0, 5, 999]]), torch.tensor([[0, 999]])))
+    with pytest.raises(ConfigError, match="adm_in_channels=80"):
+        LatentDiffusion(pipe.unet, pipe.first_stage, SDXLConditioner(cond.transformer, cond.transformer_2, time_dim=4))
+    ids = torch.tensor([[0, 5, 999] + [999] * 74])
+    assert torch.equal(pipe.condition(ids), pipe.condition((ids, ids)))  # one id tensor feeds both encoders
+
+    refiner = tmp_path / "refiner"
+    shutil.copytree(folder, refiner)
+    shutil.rmtree(refiner / "text_encoder")
+    with pytest.raises(ConfigError, match="SDXL refiner"):
+        LatentDiffusion.from_pretrained(refiner)
+    no_tokenizer = tmp_path / "no-tokenizer-2"
+    shutil.copytree(folder, no_tokenizer)
+    shutil.rmtree(no_tokenizer / "tokenizer_2")
+    with pytest.raises(ConfigError, match="tokenizer_2/"):
+        LatentDiffusion.from_pretrained(no_tokenizer)
+    assert LatentDiffusion.from_pretrained(no_tokenizer, tokenizer=None).conditioner.tokenizer_2 is None
