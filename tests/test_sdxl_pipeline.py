@@ -221,3 +221,26 @@ def test_bad_sdxl_inputs_and_folders_are_named(tiny_sdxl, tmp_path):
     with pytest.raises(ConfigError, match="tokenizer_2/"):
         LatentDiffusion.from_pretrained(no_tokenizer)
     assert LatentDiffusion.from_pretrained(no_tokenizer, tokenizer=None).conditioner.tokenizer_2 is None
+
+
+def test_the_command_line_fits_and_samples_an_sdxl_folder(tiny_sdxl, tmp_path):
+    """``cq fit --model FOLDER --prompt ...`` takes the folder's SDXL defaults (DDIM, guidance 5); ``cq sample``'s
+    images are the pipeline's own guided decode of the compressed model's samples."""
+    import numpy as np
+
+    import cq
+    from cq.cli import main
+
+    folder, _ = tiny_sdxl
+    out, npz = tmp_path / "sdxl.cq", tmp_path / "images.npz"
+    fit = ["fit", "--model", str(folder), "--recipe", "cachequant", "--interval", "2", "--steps", "4"]
+    assert main([*fit, "--samples", "2", "--prompt", "a cat", "--prompt", "a red car", "-o", str(out)]) == 0
+    model = cq.load(out)
+    assert (model.calibration_guidance, model.sampler_settings.sampler, model.num_steps) == (5.0, "ddim", 4)
+    argv = ["sample", str(out), "--weights", str(folder), "--prompt", "a bowl", "--num", "2", "--npz", str(npz)]
+    assert main([*argv, "-o", str(tmp_path / "grid.png")]) == 0
+    pipe = LatentDiffusion.from_pretrained(folder)
+    with torch.no_grad():
+        images = pipe.sample(cond=["a bowl"] * 2, model=cq.load(out), steps=4)
+    expected = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(np.load(npz)["arr_0"].astype(int) - expected.astype(int)).max() <= 1
