@@ -39,10 +39,10 @@ class Base:
     @property
     def kind(self) -> str:
         """``"text"`` (prompts), ``"label"`` (class labels) or ``"none"`` (unconditional)."""
-        from .models.conditioners import ClassEmbedder, TextConditioner
+        from .models.conditioners import ClassEmbedder, SDXLConditioner, TextConditioner
 
         conditioner = self.pipe.conditioner if self.pipe is not None else None
-        if isinstance(conditioner, TextConditioner):
+        if isinstance(conditioner, TextConditioner | SDXLConditioner):
             return "text"
         if isinstance(conditioner, ClassEmbedder):
             return "label"

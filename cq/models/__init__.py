@@ -2,7 +2,7 @@
 loaders, presets and the latent-diffusion pipeline."""
 
 from .autoencoders import AutoencoderConfig, AutoencoderKL, VQModel
-from .clip_text import CLIPTextConfig, CLIPTextModel
+from .clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from .conditioners import ClassEmbedder, ConditionerConfig, TextConditioner
 from .ddpm import DDPMConfig, DDPMUNet
 from .loading import build, load, load_weights
@@ -25,6 +25,7 @@ __all__ = [
     "VQModel",
     "CLIPTextConfig",
     "CLIPTextModel",
+    "CLIPTextModelWithProjection",
     "CLIPTokenizer",
     "ConditionerConfig",
     "ClassEmbedder",

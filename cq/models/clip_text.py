@@ -6,11 +6,16 @@ and SD checkpoints (``cond_stage_model.transformer.text_model.*``) map onto it t
 `cq.models.convert_ldm.clip_text_state`. Pre-norm blocks, causal self-attention, ``quick_gelu`` MLP; the output is
 ``last_hidden_state`` (after ``final_layer_norm``), which is what SD v1 cross-attends to. No attention mask
 for padding (SD's ``FrozenCLIPEmbedder`` passes none).
+
+`CLIPTextModel.encode` also returns what SDXL uses (diffusers ``StableDiffusionXLPipeline.encode_prompt``): every
+layer's hidden states (``hidden_states[-2]``, the penultimate layer, without the final layer norm) and the pooled
+output; `CLIPTextModelWithProjection` (transformers ``CLIPTextModelWithProjection``, key ``text_projection.weight``)
+projects the pooled output to ``text_embeds``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -21,7 +26,7 @@ from ..errors import ConfigError, InputShapeError
 from .layers import MatMul
 
 
-__all__ = ["CLIPTextConfig", "CLIPTextModel"]
+__all__ = ["CLIPTextConfig", "CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTextOutput"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +41,10 @@ class CLIPTextConfig:
     max_position_embeddings: int = 77
     hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    # the pooled output's token; 2 (legacy OpenAI configs): argmax(input_ids). Not compared: last_hidden_state and
+    # hidden_states (all SD / SDXL cross-attend to) do not depend on it
+    eos_token_id: int = field(default=2, compare=False)
+    projection_dim: int | None = None  # set for CLIPTextModelWithProjection only
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
@@ -48,12 +57,26 @@ class CLIPTextConfig:
             )
         if self.hidden_act not in ("quick_gelu", "gelu"):
             raise ConfigError(f"CLIPTextConfig.hidden_act must be 'quick_gelu' or 'gelu', got {self.hidden_act!r}")
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise ConfigError(f"CLIPTextConfig.projection_dim must be None or >= 1, got {self.projection_dim}")
 
     @classmethod
-    def from_transformers(cls, config: dict) -> CLIPTextConfig:
-        """From a transformers ``config.json`` (a ``CLIPTextConfig`` or the ``text_config`` of a ``CLIPConfig``)."""
+    def from_transformers(cls, config: dict, *, with_projection: bool | None = None) -> CLIPTextConfig:
+        """From a transformers ``config.json`` (a ``CLIPTextConfig`` or the ``text_config`` of a ``CLIPConfig``).
+
+        ``projection_dim`` (which every transformers config states) is kept only for a model with projection:
+        ``with_projection``, default: its ``architectures`` name ``CLIPTextModelWithProjection``."""
+        if with_projection is None:
+            with_projection = "CLIPTextModelWithProjection" in (config.get("architectures") or ())
         config = config.get("text_config", config)
-        fields = {f: config[f] for f in cls.__dataclass_fields__ if f in config}
+        fields = {f: config[f] for f in cls.__dataclass_fields__ if f in config and f != "projection_dim"}
+        if with_projection:
+            if not isinstance(config.get("projection_dim"), int):
+                raise ConfigError(
+                    f"a CLIPTextModelWithProjection config needs an integer projection_dim, got "
+                    f"{config.get('projection_dim')!r}"
+                )
+            fields["projection_dim"] = config["projection_dim"]
         return cls(**fields)
 
 
@@ -125,6 +148,20 @@ class _Encoder(nn.Module):
         self.layers = nn.ModuleList([_Layer(c) for _ in range(c.num_hidden_layers)])
 
 
+@dataclass(frozen=True)
+class CLIPTextOutput:
+    """What `CLIPTextModel.encode` returns (transformers ``BaseModelOutputWithPooling`` / ``CLIPTextModelOutput``).
+
+    ``hidden_states``: the embeddings and each layer's output (``num_hidden_layers + 1`` tensors, no final layer
+    norm); ``pooler_output``: ``last_hidden_state`` at the end token; ``text_embeds``: its projection (None
+    without ``text_projection``)."""
+
+    last_hidden_state: Tensor
+    hidden_states: tuple[Tensor, ...]
+    pooler_output: Tensor
+    text_embeds: Tensor | None = None
+
+
 class CLIPTextModel(nn.Module):
     """Token ids ``[B, L]`` (L <= ``max_position_embeddings``) -> ``last_hidden_state`` ``[B, L, hidden_size]``.
 
@@ -142,6 +179,29 @@ class CLIPTextModel(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: Tensor) -> Tensor:
+        return self.final_layer_norm(self._states(input_ids)[-1])
+
+    def encode(self, input_ids: Tensor) -> CLIPTextOutput:
+        """All outputs. The pooled token follows transformers 5 ``CLIPTextTransformer.forward``: with
+        ``eos_token_id == 2`` (legacy configs) the position of the largest id, else the first ``eos_token_id``."""
+        c = self.config
+        states = self._states(input_ids)
+        last = self.final_layer_norm(states[-1])
+        if c.eos_token_id == 2:
+            position = input_ids.argmax(dim=-1)
+        else:
+            is_eos = input_ids == c.eos_token_id
+            if not is_eos.any(dim=-1).all():
+                raise InputShapeError(
+                    f"every row of token ids must hold the end token {c.eos_token_id} (eos_token_id): the pooled "
+                    "output is read there; tokenize prompts with the model's tokenizer"
+                )
+            position = is_eos.int().argmax(dim=-1)
+        pooled = last[torch.arange(last.shape[0], device=last.device), position]
+        projection = getattr(self, "text_projection", None)
+        return CLIPTextOutput(last, states, pooled, projection(pooled) if projection is not None else None)
+
+    def _states(self, input_ids: Tensor) -> tuple[Tensor, ...]:
         c = self.config
         if input_ids.ndim != 2 or input_ids.shape[1] > c.max_position_embeddings or torch.is_floating_point(input_ids):
             raise InputShapeError(
@@ -152,7 +212,20 @@ class CLIPTextModel(nn.Module):
             raise InputShapeError(
                 f"token ids must be in [0, {c.vocab_size}), got {input_ids.min()}..{input_ids.max()}"
             )
-        h = self.embeddings(input_ids)
+        states = [self.embeddings(input_ids)]
         for layer in self.encoder.layers:
-            h = layer(h)
-        return self.final_layer_norm(h)
+            states.append(layer(states[-1]))
+        return tuple(states)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """`CLIPTextModel` + ``text_projection`` (Linear without bias, ``hidden_size -> projection_dim``) of the pooled
+    output: transformers ``CLIPTextModelWithProjection``, SDXL's second text encoder (OpenCLIP ViT-bigG)."""
+
+    def __init__(self, config: CLIPTextConfig):
+        if config.projection_dim is None:
+            raise ConfigError(
+                "CLIPTextModelWithProjection needs CLIPTextConfig.projection_dim (the width of text_embeds)"
+            )
+        super().__init__(config)
+        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)

@@ -5,6 +5,8 @@ A ``StableDiffusionPipeline``-style folder describes every part it holds: ``unet
 ``vae/config.json`` (``AutoencoderKL`` / ``VQModel``), ``text_encoder/config.json`` (transformers
 ``CLIPTextConfig``) and ``scheduler/scheduler_config.json`` (betas, ``prediction_type``). `preset_from_folder`
 turns them into one cq `Preset`; `preset_differences` names the fields where a named preset disagrees with it.
+An SDXL folder (``StableDiffusionXLPipeline``) adds ``text_encoder_2/config.json`` (``CLIPTextModelWithProjection``)
+and states ``force_zeros_for_empty_prompt`` in ``model_index.json``.
 """
 
 from __future__ import annotations
@@ -111,7 +113,9 @@ def preset_from_folder(folder: str | Path) -> Preset:
         vae_config = read_config(folder / "vae" / "config.json")
         autoencoder = autoencoder_config_from_diffusers(vae_config)
         conditioner = None
-        if (folder / "text_encoder").is_dir():
+        if (folder / "text_encoder_2").is_dir():
+            conditioner = _sdxl_conditioner(folder)
+        elif (folder / "text_encoder").is_dir():
             text = CLIPTextConfig.from_transformers(read_config(folder / "text_encoder" / "config.json"))
             conditioner = ConditionerConfig(kind="clip_text", text=text)
     except CqError:
@@ -124,6 +128,17 @@ def preset_from_folder(folder: str | Path) -> Preset:
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
         raise CheckpointFormatError(f"{folder / 'vae' / 'config.json'}: scaling_factor must be a number > 0")
     text_conditioned = conditioner is not None
+    sdxl = text_conditioned and conditioner.kind == "sdxl"
+    if sdxl and (unet.context_dim, unet.adm_in_channels) != (
+        conditioner.text.hidden_size + conditioner.text_2.hidden_size,
+        conditioner.text_2.projection_dim + 6 * conditioner.time_dim,
+    ):
+        raise ConfigError(
+            f"{folder}: the SDXL UNet takes context_dim={unet.context_dim} and adm_in_channels="
+            f"{unet.adm_in_channels}, but the text encoders give {conditioner.text.hidden_size} + "
+            f"{conditioner.text_2.hidden_size} features and projection_dim {conditioner.text_2.projection_dim} + "
+            f"6 * addition_time_embed_dim {conditioner.time_dim}"
+        )
     noise = diffusers_noise_schedule(folder / "unet")
     return Preset(
         name=folder.name,
@@ -135,9 +150,41 @@ def preset_from_folder(folder: str | Path) -> Preset:
             autoencoder=autoencoder,
             conditioner=conditioner,
             scale_factor=float(scale),
-            sampler="plms" if text_conditioned else "ddim",
-            guidance_scale=7.5 if text_conditioned else 1.0,
+            sampler="plms" if text_conditioned and not sdxl else "ddim",
+            guidance_scale=5.0 if sdxl else 7.5 if text_conditioned else 1.0,  # diffusers' SDXL / SD defaults
         ),
+    )
+
+
+def _sdxl_conditioner(folder: Path) -> ConditionerConfig:
+    """text_encoder/ + text_encoder_2/ configs, ``addition_time_embed_dim`` of unet/config.json and
+    ``force_zeros_for_empty_prompt`` of model_index.json (default True, as ``StableDiffusionXLPipeline``)."""
+    if not (folder / "text_encoder").is_dir():
+        raise ConfigError(
+            f"{folder} has text_encoder_2/ but no text_encoder/: cq loads SDXL base folders with both encoders "
+            "(the SDXL refiner, conditioned on encoder 2 and an aesthetic score, is not supported)"
+        )
+    unet_config = read_config(folder / "unet" / "config.json")
+    if unet_config.get("addition_embed_type") != "text_time":
+        raise ConfigError(
+            f"{folder / 'unet' / 'config.json'}: a folder with text_encoder_2/ needs an SDXL UNet "
+            f"(addition_embed_type='text_time'), got {unet_config.get('addition_embed_type')!r}"
+        )
+    force_zeros = True
+    if (folder / "model_index.json").exists():
+        force_zeros = read_config(folder / "model_index.json").get("force_zeros_for_empty_prompt", True)
+        if not isinstance(force_zeros, bool):
+            raise CheckpointFormatError(f"{folder / 'model_index.json'}: force_zeros_for_empty_prompt must be a bool")
+    return ConditionerConfig(
+        kind="sdxl",
+        text=CLIPTextConfig.from_transformers(
+            read_config(folder / "text_encoder" / "config.json"), with_projection=False
+        ),
+        text_2=CLIPTextConfig.from_transformers(
+            read_config(folder / "text_encoder_2" / "config.json"), with_projection=True
+        ),
+        time_dim=unet_config.get("addition_time_embed_dim"),
+        force_zeros_for_empty_prompt=force_zeros,
     )
 
 
@@ -154,6 +201,10 @@ def preset_differences(expected: Preset, found: Preset, *, noise: bool = True) -
         text_e = spec_e.conditioner.text if spec_e.conditioner is not None else None
         text_f = spec_f.conditioner.text if spec_f.conditioner is not None else None
         pairs.append(("text_encoder", text_e, text_f))
+        text2_e = spec_e.conditioner.text_2 if spec_e.conditioner is not None else None
+        text2_f = spec_f.conditioner.text_2 if spec_f.conditioner is not None else None
+        if text2_e is not None or text2_f is not None:
+            pairs.append(("text_encoder_2", text2_e, text2_f))
     out = []
     for part, a, b in pairs:
         if a is None or b is None or type(a) is not type(b):
@@ -161,6 +212,8 @@ def preset_differences(expected: Preset, found: Preset, *, noise: bool = True) -
                 out.append(f"{part}: {a!r} != {b!r}")
             continue
         for f in dataclasses.fields(a):
+            if not f.compare:
+                continue
             va, vb = getattr(a, f.name), getattr(b, f.name)
             if va != vb:
                 out.append(f"{part}.{f.name}: {va!r} != {vb!r}")

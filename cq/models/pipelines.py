@@ -37,7 +37,7 @@ from ..sampling.samplers import SAMPLERS
 from .autoencoders import build_autoencoder
 from .checkpoint import read_diffusers_folder, read_state_dict
 from .clip_text import CLIPTextConfig
-from .conditioners import ClassEmbedder, TextConditioner, build_conditioner
+from .conditioners import ClassEmbedder, SDXLConditioner, TextConditioner, build_conditioner
 from .convert_ldm import autoencoder_from_diffusers, clip_text_state, split_ldm_checkpoint
 from .folder_config import preset_differences, preset_from_folder
 from .loading import build, diffusers_noise_schedule, load_weights
@@ -75,6 +75,18 @@ class LatentDiffusion(nn.Module):
             raise ConfigError(f"LatentDiffusion needs an LDMUNet, got {type(unet).__name__}")
         if scale_factor is None or not scale_factor > 0:
             raise ConfigError(f"scale_factor must be > 0, got {scale_factor}")
+        if isinstance(conditioner, SDXLConditioner):
+            c = unet.config
+            if (c.context_dim, c.adm_in_channels) != (conditioner.context_dim, conditioner.adm_in_channels):
+                raise ConfigError(
+                    f"the SDXL conditioner gives context width {conditioner.context_dim} and y width "
+                    f"{conditioner.adm_in_channels}, the UNet takes context_dim={c.context_dim} and "
+                    f"adm_in_channels={c.adm_in_channels}"
+                )
+            if conditioner.time_ids is None:  # diffusers: original and target size = the output size, no crop
+                ch_mult = getattr(getattr(first_stage, "config", None), "ch_mult", (1,))
+                size = c.image_size * 2 ** (len(ch_mult) - 1)
+                conditioner.time_ids = (size, size, 0.0, 0.0, size, size)
         self.unet = unet
         self.first_stage = first_stage
         self.conditioner = conditioner
@@ -172,6 +184,13 @@ class LatentDiffusion(nn.Module):
                 f"preset {p.name!r} reads its latent scale_factor from the checkpoint, but {path} holds none"
             )
         pipe.scale_factor = float(scale)
+        sdxl = isinstance(pipe.conditioner, SDXLConditioner)
+        if sdxl and auto and None in (pipe.conditioner.tokenizer, pipe.conditioner.tokenizer_2):
+            raise ConfigError(
+                f"{path} is an SDXL folder, but its tokenizer/ and tokenizer_2/ do not both hold a CLIP tokenizer "
+                "(vocab.json + merges.txt or tokenizer.json): pass tokenizer= (used for both encoders), or "
+                "tokenizer=None to give prompts as token ids"
+            )
         if auto and isinstance(pipe.conditioner, TextConditioner) and pipe.conditioner.tokenizer is None:
             where = f"{path / 'tokenizer'} holds none" if path.is_dir() else "a CompVis checkpoint contains none"
             raise ConfigError(
@@ -199,10 +218,14 @@ class LatentDiffusion(nn.Module):
             return cond  # a ready context [B, L, D]
         if self.conditioner is None:
             raise ConfigError(f"preset {self._name} needs a conditioner to turn {type(cond).__name__} into a context")
+        if isinstance(self.conditioner, SDXLConditioner):
+            return self.unet.pack_cond(*self.conditioner(cond))
         return self.conditioner(cond)
 
     def unconditional(self, batch: int) -> Tensor:
         """The ``cond`` of the unconditional branch of classifier-free guidance (batch 1 is broadcast)."""
+        if isinstance(self.conditioner, SDXLConditioner):
+            return self.unet.pack_cond(*self.conditioner.unconditional(batch))
         if not isinstance(self.conditioner, ClassEmbedder | TextConditioner):
             raise ConfigError(f"preset {self._name} has no unconditional branch for classifier-free guidance")
         return self.conditioner.unconditional(batch)
@@ -354,6 +377,11 @@ def _load_first_stage(first_stage: nn.Module, state: dict[str, Tensor], *, sourc
 def _load_conditioner(conditioner: nn.Module | None, state: dict[str, Tensor], *, source: Any) -> None:
     if conditioner is None:
         return
+    if isinstance(conditioner, SDXLConditioner):
+        raise ConfigError(
+            f"{source}: SDXL loads from a diffusers folder only (LatentDiffusion.from_pretrained(folder)); sgm "
+            "checkpoints' conditioner.embedders.* keys are not mapped"
+        )
     if not state:
         raise CheckpointFormatError(f"{source} holds no cond_stage_model.* keys (the conditioner)")
     if isinstance(conditioner, TextConditioner):
@@ -373,23 +401,29 @@ def _load_diffusers_pipeline(pipe: LatentDiffusion, folder: Path) -> float | Non
     c = pipe.first_stage.config
     load_weights(pipe.first_stage, autoencoder_from_diffusers(vae_state, len(c.ch_mult), c.num_res_blocks))
     conditioner = pipe.conditioner
-    if isinstance(conditioner, TextConditioner):
-        encoder = folder / "text_encoder"
-        weights = next(
-            (encoder / n for n in ("model.safetensors", "pytorch_model.bin") if (encoder / n).exists()), None
-        )
-        if weights is None:
-            raise CheckpointFormatError(f"{encoder} holds no model.safetensors or pytorch_model.bin")
-        config_file = encoder / "config.json"
-        if config_file.exists():
-            found = CLIPTextConfig.from_transformers(json.loads(config_file.read_text()))
-            if found != conditioner.transformer.config:
-                raise ConfigError(
-                    f"{config_file} describes {found}, the preset expects {conditioner.transformer.config}"
-                )
-        load_weights(conditioner.transformer, clip_text_state(read_state_dict(weights)))
+    if isinstance(conditioner, TextConditioner | SDXLConditioner):
+        _load_text_encoder(conditioner.transformer, folder / "text_encoder")
         if conditioner.tokenizer is None and CLIPTokenizer.in_folder(folder / "tokenizer"):
             conditioner.tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
-    elif conditioner is not None:
+    if isinstance(conditioner, SDXLConditioner):
+        _load_text_encoder(conditioner.transformer_2, folder / "text_encoder_2")
+        if conditioner.tokenizer_2 is None and CLIPTokenizer.in_folder(folder / "tokenizer_2"):
+            conditioner.tokenizer_2 = CLIPTokenizer.from_folder(folder / "tokenizer_2")
+    elif conditioner is not None and not isinstance(conditioner, TextConditioner):
         raise ConfigError(f"a diffusers folder carries no {type(conditioner).__name__}; use a CompVis checkpoint")
     return vae_config.get("scaling_factor")
+
+
+def _load_text_encoder(model: nn.Module, encoder: Path) -> None:
+    """Weights of a transformers CLIP text encoder folder (``config.json`` must describe ``model``'s config)."""
+    weights = next((encoder / n for n in ("model.safetensors", "pytorch_model.bin") if (encoder / n).exists()), None)
+    if weights is None:
+        raise CheckpointFormatError(f"{encoder} holds no model.safetensors or pytorch_model.bin")
+    config_file = encoder / "config.json"
+    if config_file.exists():
+        with_projection = model.config.projection_dim is not None
+        found = CLIPTextConfig.from_transformers(json.loads(config_file.read_text()), with_projection=with_projection)
+        if found != model.config:
+            raise ConfigError(f"{config_file} describes {found}, the preset expects {model.config}")
+        model.config = found  # equal up to eos_token_id, which the pooled output follows
+    load_weights(model, clip_text_state(read_state_dict(weights)))
