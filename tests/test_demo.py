@@ -104,10 +104,10 @@ def test_cachequant_n5_held_out_bounds(held_out):
 def test_w4a8_gptq_held_out(held_out):
     """W4A8 with its default GPTQ weight rounding (`cq.quant.gptq`) on held-out seeds, end to end."""
     result = held_out(cq.quant_only("w4a8"))
-    # measured (64 seeds 1000..1063): mean 40.0, worst 14.6 dB (seed 1012); round-to-nearest weights (CacheQuant's):
-    # mean 26.4, worst 13.4. Over 256 seeds: mean 39.5 vs 26.0, 5th pct 29.3 vs 15.8, digits FID 27.1 vs 97.6.
+    # measured (64 seeds 1000..1063): mean 39.6, worst 17.7 dB (seed 1016); round-to-nearest weights (CacheQuant's):
+    # mean 26.4, worst 13.4. Over 256 seeds: mean 39.0 vs 26.0, 5th pct 27.7 vs 15.8, digits FID 29.0 vs 97.6.
     assert result.mean_db > 37
-    assert result.min_db > 12, result.below(15)
+    assert result.min_db >= 15.0, result.below(15)  # issue G's W4A8 bound
     assert result.max_abs_x0 <= 1.5
 
 
