@@ -19,7 +19,7 @@ from torch import Tensor
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
 
 
-__all__ = ["read_state_dict", "read_diffusers_folder", "extract_state_dict"]
+__all__ = ["read_state_dict", "read_diffusers_folder", "read_config", "extract_state_dict"]
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -67,6 +67,19 @@ def read_state_dict(path: str | Path, *, ema: bool = True, trust_pickle: bool = 
     )
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """A ``config.json`` as a dict; missing, non-JSON or non-object files are a `CheckpointFormatError`."""
+    if not path.exists():
+        raise CheckpointFormatError(f"{path} is missing: a diffusers pipeline folder describes each part there")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointFormatError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or not config:
+        raise CheckpointFormatError(f"{path} must be a non-empty JSON object (a diffusers / transformers config)")
+    return config
+
+
 def read_diffusers_folder(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Weights and ``config.json`` of a diffusers model folder (or of its ``unet/`` sub-folder)."""
     path = Path(path)
@@ -75,12 +88,7 @@ def read_diffusers_folder(path: str | Path) -> tuple[dict[str, Tensor], dict[str
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointFormatError(f"{path} is a folder but holds no diffusers config.json")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointFormatError(f"{config_file} is not valid JSON: {e}") from None
-    if not isinstance(config, dict) or not config:
-        raise CheckpointFormatError(f"{config_file} must be a non-empty JSON object (a diffusers model config)")
+    config = read_config(config_file)
     for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
         if (path / name).exists():
             return read_state_dict(path / name), config

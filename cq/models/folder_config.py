@@ -12,13 +12,13 @@ and states ``force_zeros_for_empty_prompt`` in ``model_index.json``.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointFormatError, ConfigError, CqError
 from ..sampling.noise import NoiseSchedule
 from .autoencoders import AutoencoderConfig
+from .checkpoint import read_config
 from .clip_text import CLIPTextConfig
 from .conditioners import ConditionerConfig
 from .convert_ldm import ldm_unet_config_from_diffusers
@@ -30,19 +30,6 @@ __all__ = ["autoencoder_config_from_diffusers", "preset_from_folder", "preset_di
 
 # what diffusers' StableDiffusionPipeline defaults to when the VAE config states no scaling_factor
 _SD_SCALE = 0.18215
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """A ``config.json`` as a dict; missing, non-JSON or non-object files are a `CheckpointFormatError`."""
-    if not path.exists():
-        raise CheckpointFormatError(f"{path} is missing: a diffusers pipeline folder describes each part there")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointFormatError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict) or not config:
-        raise CheckpointFormatError(f"{path} must be a non-empty JSON object (a diffusers / transformers config)")
-    return config
 
 
 def autoencoder_config_from_diffusers(config: dict[str, Any]) -> AutoencoderConfig:
