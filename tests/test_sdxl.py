@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers_test_sd import DIFFUSERS_TEST_SDXL_UNET
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -19,23 +20,7 @@ from cq.models.convert_ldm import ldm_unet_config_from_diffusers, ldm_unet_from_
 PARITY_ATOL = 5e-5
 TIME_DIM = 8  # addition_time_embed_dim
 
-# diffusers tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py get_dummy_components() (sample 16)
-SDXL_UNET = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=2,
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(2, 4),
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=TIME_DIM,
-    transformer_layers_per_block=(1, 2),
-    projection_class_embeddings_input_dim=80,  # 6 * 8 + 32
-    cross_attention_dim=64,
-)
+SDXL_UNET = DIFFUSERS_TEST_SDXL_UNET  # diffusers' SDXL test UNet (sample 16), one copy in diffusers_test_sd
 
 
 @pytest.fixture(scope="module")

@@ -19,20 +19,8 @@ from cq.models.convert_ldm import clip_text_state
 
 PARITY_ATOL = 2e-5  # fp32; transformers' SDPA reorders reductions (see test_clip.py)
 
-# diffusers tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py get_dummy_components()
-SDXL_TEXT = dict(
-    bos_token_id=0,
-    eos_token_id=2,
-    hidden_size=32,
-    intermediate_size=37,
-    layer_norm_eps=1e-05,
-    num_attention_heads=4,
-    num_hidden_layers=5,
-    pad_token_id=1,
-    vocab_size=1000,
-    hidden_act="gelu",
-    projection_dim=32,
-)
+# diffusers' SDXL test text encoders: the SD test encoder with a projection (get_dummy_components())
+SDXL_TEXT = {**diffusers_test_sd.DIFFUSERS_TEST_TEXT, "hidden_act": "gelu", "projection_dim": 32}
 
 
 def _reference_encoders(seed: int = 0, **overrides):
