@@ -221,9 +221,10 @@ class Quantizer(ABC):
         """prepare -> calibrate -> convert: a quantized copy of ``unet`` for ``trace.steps`` sampling steps
         (``cache`` / ``cacher``: see `calibrate`)."""
         model = self.prepare(unet, trace.steps)
+        cache = _cache_for(model, trace.steps, cache, cacher)  # one cache for both replays (a cacher builds it once)
         if self.uses_gptq():
-            self.round_weights(model, unet, trace, cache=cache, cacher=cacher, progress=progress)
-        self.calibrate(model, trace, cache=cache, cacher=cacher, progress=progress)
+            self.round_weights(model, unet, trace, cache=cache, progress=progress)
+        self.calibrate(model, trace, cache=cache, progress=progress)
         return self.convert(model)
 
 
