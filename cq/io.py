@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 
-__all__ = ["atomic_path", "save_safetensors", "fingerprint", "checksum", "remove_stale_temps"]
+__all__ = ["atomic_path", "save_safetensors", "fingerprint", "checksum", "file_sha256", "remove_stale_temps"]
 
 
 @contextlib.contextmanager
@@ -123,6 +123,15 @@ def fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 over a model's state dict (sorted keys, shapes, dtypes and bytes): which weights a trace was
     recorded from and a compressed model was fitted on."""
     return checksum(model.state_dict())
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes, read in chunks (a saved model's identity, whatever its name or place)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def checksum(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> str:
