@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -143,6 +144,8 @@ def open_folder(folder: str | Path, manifest: SampleManifest) -> Path:
     if folder.exists() and not folder.is_dir():
         raise SampleFolderError(f"--out {folder} is a file; give a folder (new, or one this run wrote before)")
     if (folder / MANIFEST).exists():
+        if not os.access(folder, os.W_OK):
+            raise SampleFolderError(f"cannot write into --out {folder} (no permission); choose a writable folder")
         found = read_manifest(folder)
         differ = found.differences(manifest)
         if differ:
@@ -156,8 +159,11 @@ def open_folder(folder: str | Path, manifest: SampleManifest) -> Path:
         return folder
     if folder.is_dir() and any(not p.name.startswith(".") for p in folder.iterdir()):
         raise SampleFolderError(f"--out {folder} is not empty and holds no {MANIFEST}; choose a new or empty folder")
-    with atomic_path(folder / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest.to_dict(), indent=1, sort_keys=True) + "\n")
+    try:
+        with atomic_path(folder / MANIFEST) as tmp:
+            tmp.write_text(json.dumps(manifest.to_dict(), indent=1, sort_keys=True) + "\n")
+    except OSError as e:
+        raise SampleFolderError(f"cannot write into --out {folder} ({e.strerror}); choose a writable folder") from None
     return folder
 
 
