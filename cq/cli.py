@@ -311,6 +311,8 @@ def _sample(args: argparse.Namespace) -> int:
             from .errors import ConfigError
 
             raise ConfigError("--shard-size applies to a sample folder: add --out DIR")
+        if args.format != "npz":
+            raise ConfigError("--format applies to a sample folder: add --out DIR (-o writes a PNG grid)")
         args.grid = args.grid or "cq_samples.png"
         _check_writable(args.grid)
         if args.npz:
@@ -421,6 +423,7 @@ def _sample_folder(args: argparse.Namespace, model, base, conditions, num: int, 
             "batch_size": batch,
             "device": device.type,
         },
+        shard_format=args.format,
     )
     with process_group(device) as ranks, torch.no_grad():
         device = ranks.device(device)
@@ -437,12 +440,12 @@ def _sample_folder(args: argparse.Namespace, model, base, conditions, num: int, 
 
         def prepare() -> list[int]:  # rank 0 writes or checks the manifest; every rank learns the finished shards
             open_folder(args.out, manifest)
-            return existing_shards(args.out, plan)
+            return existing_shards(args.out, manifest)
 
         done = ranks.rank_zero_first(prepare)
         pending = [i for i in range(plan.num_shards) if i not in set(done)]
         for i in ranks.share(done):  # complete by construction (atomic writes); checked, a cheap read
-            read_shard(args.out, plan, i)
+            read_shard(args.out, manifest, i)
         if ranks.rank == 0:
             print(
                 f"cq sample: {num} samples (seeds {args.seed}..{args.seed + num - 1}) into {args.out}, "
@@ -454,7 +457,7 @@ def _sample_folder(args: argparse.Namespace, model, base, conditions, num: int, 
         mine = ranks.share(pending)
         write_shards(
             args.out,
-            plan,
+            manifest,
             mine,
             draw,
             batch_size=batch,
@@ -465,7 +468,7 @@ def _sample_folder(args: argparse.Namespace, model, base, conditions, num: int, 
         seconds = time.perf_counter() - start
         ranks.barrier()
         if ranks.rank == 0:
-            finished = len(existing_shards(args.out, plan))
+            finished = len(existing_shards(args.out, manifest))
             print(
                 f"this process: {len(mine)} shards in {seconds:.1f} s; {args.out}: {finished} of "
                 f"{plan.num_shards} shards (read them with cq.sampling.shards.read_samples)"
@@ -854,6 +857,13 @@ def build_parser() -> argparse.ArgumentParser:
         "same command continues a killed run); torchrun --nproc-per-node K -m cq sample splits the shards",
     )
     sample.add_argument("--shard-size", type=POSITIVE, default=None, help="samples per shard with --out (default 256)")
+    sample.add_argument(
+        "--format",
+        choices=("npz", "png"),
+        default="npz",
+        help="--out shards: shard-00000.npz (uint8 NHWC arr_0, seeds, labels arr_1 / prompts), or folders "
+        "shard-00000/ of one PNG per seed + shard.json",
+    )
     sample.set_defaults(func=_sample)
 
     rep = sub.add_parser(

@@ -22,7 +22,15 @@ import cq
 from cq.cli import main
 from cq.errors import ConfigError, SampleFolderError
 from cq.sampling.ranks import Ranks
-from cq.sampling.shards import SampleManifest, ShardPlan, read_samples, shard_path, to_uint8_nhwc
+from cq.sampling.shards import (
+    SampleManifest,
+    ShardPlan,
+    open_folder,
+    read_samples,
+    shard_path,
+    to_uint8_nhwc,
+    write_shards,
+)
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +54,11 @@ def reference(tiny_cq, tmp_path_factory) -> Path:
 
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
 
 
 def _env() -> dict[str, str]:
@@ -87,8 +100,7 @@ def test_resume_replaces_a_missing_shard_and_clears_a_dead_writers_temp(tiny_cq,
     shutil.copytree(reference, out)
     shard_path(out, 5).unlink()
     shard_path(out, 2).unlink()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = out / f".shard-00005.npz.{int(dead.stdout)}.0badc0de.tmp"
+    stale = out / f".shard-00005.npz.{_dead_pid()}.0badc0de.tmp"
     stale.write_bytes(b"half a shard")
     assert main(["sample", str(tiny_cq), *RUN, "--out", str(out)]) == 0
     assert not stale.exists() and _files(out) == _files(reference)
@@ -204,3 +216,45 @@ def test_the_npz_layout_matches_the_single_file_npz(tiny_cq, reference, tmp_path
     assert to_uint8_nhwc(x).reshape(-1).tolist() == [0, 0, 128, 255, 255]
     with np.load(shard_path(reference, 0)) as data:
         assert sorted(data.files) == ["arr_0", "seeds"] and data["seeds"].dtype == np.int64
+
+
+def test_png_shards_hold_the_same_pixels_and_resume_byte_identically(tiny_cq, reference, tmp_path):
+    out = tmp_path / "png"
+    argv = ["sample", str(tiny_cq), *RUN, "--format", "png", "--out", str(out)]
+    assert main(argv) == 0
+    assert sorted(p.name for p in shard_path(out, 0, "png").iterdir()) == [
+        "000000.png",
+        "000001.png",
+        "000002.png",
+        "shard.json",
+    ]
+    images, seeds, labels = read_samples(out)
+    ref_images, ref_seeds, _ = read_samples(reference)
+    assert np.array_equal(images, ref_images) and np.array_equal(seeds, ref_seeds) and labels is None
+    first = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    shutil.rmtree(shard_path(out, 3, "png"))
+    stale = out / f".shard-00003.{_dead_pid()}.0badc0de.tmp"  # a killed writer's half-written folder
+    stale.mkdir()
+    (stale / "000009.png").write_bytes(b"half")
+    assert main(argv) == 0
+    assert not stale.exists()
+    assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == first
+    assert main(["sample", str(tiny_cq), *RUN, "--out", str(out)]) == 2  # npz into a png folder: another run
+
+
+@pytest.mark.parametrize("shard_format", ["npz", "png"])
+@pytest.mark.parametrize("values", [[7, 3], ["a cat", "a dog", "a bowl of fruit"]], ids=["labels", "prompts"])
+def test_labels_and_prompts_are_saved_beside_their_images_in_seed_order(tmp_path, shard_format, values):
+    manifest = SampleManifest(ShardPlan(100, 7, 3), {"conditions": values}, shard_format)
+    open_folder(tmp_path, manifest)
+
+    def draw(seeds: range, rows: range) -> np.ndarray:  # each image encodes its seed and its row
+        return np.stack(
+            [np.full((2, 3, 3), [s % 256, r, 0], dtype=np.uint8) for s, r in zip(seeds, rows, strict=True)]
+        )
+
+    write_shards(tmp_path, manifest, [2, 0, 1], draw, batch_size=2, per_sample=lambda r: values[r % len(values)])
+    images, seeds, labels = read_samples(tmp_path)
+    assert seeds.tolist() == list(range(100, 107)) and images[:, 0, 0, 0].tolist() == list(range(100, 107))
+    assert images[:, 0, 0, 1].tolist() == list(range(7))
+    assert labels == [values[i % len(values)] for i in range(7)]

@@ -4,7 +4,8 @@ A run of ``num`` seeds from ``first_seed`` is cut into shards of ``shard_size`` 
 holds seeds ``first_seed + i * S ..`` whatever the batch size or the number of processes, and each sample depends
 on its own seed only (`seeded_noise`), so the bytes of a shard depend on the run's settings alone. Each shard is
 written atomically (``shard-00000.npz``: uint8 NHWC images ``arr_0`` -- the layout of the ADM / torch-fidelity
-evaluation batches -- their ``seeds``, and labels ``arr_1`` or ``prompts``), so a run killed at any point leaves
+evaluation batches -- their ``seeds``, and labels ``arr_1`` or ``prompts``; or a folder ``shard-00000`` of one
+PNG per seed plus ``shard.json`` with the same fields), so a run killed at any point leaves
 complete shards only, and the same command resumes from them. ``manifest.json`` records what the samples are of
 (model fingerprint, sampler, seeds, conditions, ...); a run with other settings into the same folder is refused.
 """
@@ -26,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, SampleFolderError, SampleSettingsMismatchError
-from ..io import atomic_path
+from ..io import atomic_dir, atomic_path
 
 
 __all__ = [
@@ -44,6 +45,8 @@ __all__ = [
 MANIFEST = "manifest.json"
 FORMAT = "cq-samples"
 VERSION = 1
+SHARD_FORMATS = ("npz", "png")
+_PLAN_KEYS = frozenset({"format", "version", "first_seed", "num", "shard_size", "shard_format"})
 # manifest fields that describe the run to a reader but do not change a sample's bytes
 _INFORMATIONAL = frozenset({"model_file"})
 
@@ -90,20 +93,23 @@ class SampleManifest:
 
     plan: ShardPlan
     settings: Mapping[str, Any] = field(default_factory=dict)
+    shard_format: str = "npz"
 
     def __post_init__(self) -> None:
+        if self.shard_format not in SHARD_FORMATS:
+            raise ConfigError(f"shard format must be one of {', '.join(SHARD_FORMATS)}, got {self.shard_format!r}")
         try:  # JSON-normalised (tuples become lists), so a manifest read back compares equal
             settings = json.loads(json.dumps(dict(self.settings), sort_keys=True, allow_nan=False))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"sample manifest settings must be JSON values ({e})") from None
-        reserved = {"format", "version", "first_seed", "num", "shard_size"} & settings.keys()
+        reserved = _PLAN_KEYS & settings.keys()
         if reserved:
             raise ConfigError(f"sample manifest settings may not set {sorted(reserved)}: the plan holds them")
         object.__setattr__(self, "settings", settings)
 
     def to_dict(self) -> dict[str, Any]:
         plan = {"first_seed": self.plan.first_seed, "num": self.plan.num, "shard_size": self.plan.shard_size}
-        return {"format": FORMAT, "version": VERSION, **plan, **self.settings}
+        return {"format": FORMAT, "version": VERSION, **plan, "shard_format": self.shard_format, **self.settings}
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "manifest") -> SampleManifest:
@@ -115,10 +121,10 @@ class SampleManifest:
             raise SampleFolderError(f"{where}: manifest version {data.get('version')!r}; this cq reads {VERSION}")
         try:
             plan = ShardPlan(data["first_seed"], data["num"], data["shard_size"])
+            rest = {k: v for k, v in data.items() if k not in _PLAN_KEYS}
+            return cls(plan, rest, data["shard_format"])
         except (KeyError, ConfigError) as e:
-            raise SampleFolderError(f"{where}: malformed seed plan ({e})") from None
-        rest = {k: v for k, v in data.items() if k not in {"format", "version", "first_seed", "num", "shard_size"}}
-        return cls(plan, rest)
+            raise SampleFolderError(f"{where}: malformed seed plan ({type(e).__name__}: {e})") from None
 
     def differences(self, other: SampleManifest) -> list[str]:
         """The fields (informational ones aside) in which two manifests differ."""
@@ -167,13 +173,18 @@ def open_folder(folder: str | Path, manifest: SampleManifest) -> Path:
     return folder
 
 
-def shard_path(folder: str | Path, shard: int) -> Path:
-    return Path(folder) / f"shard-{shard:05d}.npz"
+def shard_path(folder: str | Path, shard: int, shard_format: str = "npz") -> Path:
+    """``shard-00000.npz``, or the folder ``shard-00000`` of PNGs (one per seed) + ``shard.json``."""
+    name = f"shard-{shard:05d}"
+    return Path(folder) / (f"{name}.npz" if shard_format == "npz" else name)
 
 
-def existing_shards(folder: str | Path, plan: ShardPlan) -> list[int]:
-    """The shards of ``plan`` whose files exist (each is complete: shards are written atomically)."""
-    return [i for i in range(plan.num_shards) if shard_path(folder, i).is_file()]
+def existing_shards(folder: str | Path, manifest: SampleManifest) -> list[int]:
+    """The shards of ``manifest`` whose file (or PNG folder) exists; each is complete: shards are written
+    atomically."""
+    fmt = manifest.shard_format
+    exists = Path.is_file if fmt == "npz" else Path.is_dir
+    return [i for i in range(manifest.plan.num_shards) if exists(shard_path(folder, i, fmt))]
 
 
 @dataclass(frozen=True)
@@ -186,16 +197,16 @@ class Shard:
     per_sample: list | None
 
 
-def read_shard(folder: str | Path, plan: ShardPlan, shard: int) -> Shard:
-    """Read and check shard ``shard`` of ``plan``: the seeds it must hold, uint8 NHWC images, one label or prompt
-    per image if any."""
-    path = shard_path(folder, shard)
+def read_shard(folder: str | Path, manifest: SampleManifest, shard: int) -> Shard:
+    """Read and check shard ``shard``: the seeds the plan gives it, uint8 NHWC images, one label or prompt per
+    image if any."""
+    plan, fmt = manifest.plan, manifest.shard_format
+    path = shard_path(folder, shard, fmt)
     fix = "delete it and rerun the same command to sample it again"
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise SampleFolderError(f"{path} is not a readable shard ({e}); {fix}") from None
+        arrays = _read_npz(path) if fmt == "npz" else _read_png_folder(path)
+    except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as e:
+        raise SampleFolderError(f"{path} is not a readable shard ({type(e).__name__}: {e}); {fix}") from None
     images, seeds = arrays.get("arr_0"), arrays.get("seeds")
     expected = np.arange(plan.seeds(shard).start, plan.seeds(shard).stop, dtype=np.int64)
     if images is None or seeds is None:
@@ -209,25 +220,63 @@ def read_shard(folder: str | Path, plan: ShardPlan, shard: int) -> Shard:
     per_sample = None
     for key, kind in (("arr_1", int), ("prompts", str)):
         if key in arrays:
-            if arrays[key].shape != expected.shape:
+            if np.shape(arrays[key]) != expected.shape:
                 raise SampleFolderError(f"{path}: {key} must hold one entry per image; {fix}")
-            per_sample = [kind(v) for v in arrays[key].tolist()]
+            per_sample = [kind(v) for v in np.asarray(arrays[key]).tolist()]
     return Shard(images, seeds, per_sample)
 
 
-def _write_shard(path: Path, images: np.ndarray, seeds: range, per_sample: Sequence) -> None:
-    arrays = {"arr_0": images, "seeds": np.arange(seeds.start, seeds.stop, dtype=np.int64)}
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _png_name(seed: int) -> str:
+    return f"{seed:06d}.png"
+
+
+def _read_png_folder(path: Path) -> dict[str, np.ndarray]:
+    from PIL import Image
+
+    meta = json.loads((path / "shard.json").read_text())
+    seeds = np.asarray(meta["seeds"], dtype=np.int64)
+    images = []
+    for seed in seeds.tolist():
+        with Image.open(path / _png_name(seed)) as image:
+            array = np.asarray(image)
+        images.append(array[..., None] if array.ndim == 2 else array)
+    if len({a.shape for a in images}) > 1:
+        raise ValueError("its PNGs have different sizes")
+    arrays = {"arr_0": np.stack(images), "seeds": seeds}
+    arrays.update({k: meta[k] for k in ("arr_1", "prompts") if k in meta})
+    return arrays
+
+
+def _write_shard(path: Path, images: np.ndarray, seeds: range, per_sample: Sequence, shard_format: str) -> None:
+    labels = {}
     if per_sample and isinstance(per_sample[0], int):
-        arrays["arr_1"] = np.asarray(per_sample, dtype=np.int64)
+        labels["arr_1"] = [int(v) for v in per_sample]
     elif per_sample and isinstance(per_sample[0], str):
-        arrays["prompts"] = np.asarray(per_sample, dtype=str)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+        labels["prompts"] = list(per_sample)
+    if shard_format == "npz":
+        arrays = {"arr_0": images, "seeds": np.arange(seeds.start, seeds.stop, dtype=np.int64)}
+        arrays.update({k: np.asarray(v, dtype=np.int64 if k == "arr_1" else str) for k, v in labels.items()})
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        return
+    from PIL import Image
+
+    if images.shape[-1] not in (1, 3, 4):
+        raise ConfigError(f"PNG shards take 1, 3 or 4 channels, the images have {images.shape[-1]}; use npz")
+    with atomic_dir(path) as tmp:
+        for seed, image in zip(seeds, images, strict=True):
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp / _png_name(seed))
+        (tmp / "shard.json").write_text(json.dumps({"seeds": list(seeds), **labels}, indent=1) + "\n")
 
 
 def write_shards(
     folder: str | Path,
-    plan: ShardPlan,
+    manifest: SampleManifest,
     shards: Sequence[int],
     draw: Callable[[range, range], np.ndarray],
     *,
@@ -237,13 +286,14 @@ def write_shards(
     desc: str = "samples",
     position: int = 0,
 ) -> list[Path]:
-    """Sample and write each of ``shards`` (of ``plan``, into ``folder``), in batches of at most ``batch_size``
+    """Sample and write each of ``shards`` (of ``manifest``, into ``folder``), in batches of at most ``batch_size``
     that never cross a shard: ``draw(seeds, rows)`` returns the uint8 NHWC images of those seeds (``rows``: their
     sample indices, for conditions); ``per_sample(row)`` the label or prompt saved with sample ``row``. A tqdm bar
     counts samples; a shard's file appears complete or not at all, so an interrupted call loses only the shard in
     progress. Returns the paths written."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    plan = manifest.plan
     total = sum(len(plan.rows(i)) for i in shards)
     written = []
     with tqdm(total=total, desc=desc, unit="sample", disable=not progress, position=position) as bar:
@@ -259,8 +309,8 @@ def write_shards(
             images = np.concatenate(parts)
             if len(images) != len(rows):
                 raise ConfigError(f"draw returned {len(images)} images for the {len(rows)} seeds of shard {shard}")
-            path = shard_path(folder, shard)
-            _write_shard(path, images, seeds, [per_sample(r) for r in rows])
+            path = shard_path(folder, shard, manifest.shard_format)
+            _write_shard(path, images, seeds, [per_sample(r) for r in rows], manifest.shard_format)
             written.append(path)
     return written
 
@@ -271,13 +321,14 @@ def read_samples(folder: str | Path) -> tuple[np.ndarray, np.ndarray, list | Non
     (`SampleFolderError`: rerun the command that started it)."""
     manifest = read_manifest(folder)
     plan = manifest.plan
-    missing = sorted(set(range(plan.num_shards)) - set(existing_shards(folder, plan)))
+    missing = sorted(set(range(plan.num_shards)) - set(existing_shards(folder, manifest)))
     if missing:
         raise SampleFolderError(
             f"{folder} is unfinished: {len(missing)} of {plan.num_shards} shards missing (first: "
-            f"{shard_path(folder, missing[0]).name}); rerun the `cq sample` command that started it to finish"
+            f"{shard_path(folder, missing[0], manifest.shard_format).name}); rerun the `cq sample` command that "
+            "started it to finish"
         )
-    shards = [read_shard(folder, plan, i) for i in range(plan.num_shards)]
+    shards = [read_shard(folder, manifest, i) for i in range(plan.num_shards)]
     if len({s.images.shape[1:] for s in shards}) != 1:
         raise SampleFolderError(f"{folder}: shards hold images of different shapes; it mixes two runs")
     labels = [v for s in shards for v in s.per_sample] if shards[0].per_sample is not None else None
