@@ -299,6 +299,7 @@ def _strategies(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from .artifact import load
     from .cli_models import Conditioning, conditioning, device_of, read_conditions
+    from .errors import ConfigError
     from .models.openai_unet import LDMUNet
     from .sampling.guidance import guided
     from .sampling.seeded import seeded_noise
@@ -308,8 +309,6 @@ def _sample(args: argparse.Namespace) -> int:
         _check_folder_args(args)
     else:
         if args.shard_size is not None:
-            from .errors import ConfigError
-
             raise ConfigError("--shard-size applies to a sample folder: add --out DIR")
         if args.format != "npz":
             raise ConfigError("--format applies to a sample folder: add --out DIR (-o writes a PNG grid)")

@@ -152,6 +152,7 @@ MISUSE = [
     (["--out", "{tmp}/d", "-o", "{tmp}/g.png"], "-o (a PNG grid)"),
     (["--out", "{foreign}"], "not empty and holds no manifest.json"),
     (["--shard-size", "4"], "add --out DIR"),
+    (["--format", "png"], "--format applies to a sample folder"),
     (["--out", "{tmp}/d", "--scale", "2"], "--scale (its upscale)"),
     (["--out", "{file}/d"], "cannot write into --out"),
 ]
