@@ -28,6 +28,8 @@ __all__ = [
     "TraceBudgetError",
     "CalibrationSeedsError",
     "ReferenceMismatchError",
+    "SampleFolderError",
+    "SampleSettingsMismatchError",
 ]
 
 
@@ -164,6 +166,16 @@ class CalibrationSeedsError(CqError, ValueError):
 
 class ReferenceMismatchError(CqError, ValueError):
     """The full-precision reference is not the model a compressed model was fitted on (architecture or weights)."""
+
+
+class SampleFolderError(CqError, ValueError):
+    """A sample folder (``cq sample --out DIR``) cannot be used: not a folder, a folder of something else, an
+    unreadable manifest or shard, or a run that is not finished yet (`cq.sampling.shards.read_samples`)."""
+
+
+class SampleSettingsMismatchError(SampleFolderError):
+    """A sample folder holds a run with other settings (model, seeds, shard size, sampler, conditions): resuming
+    into it would mix two runs. Fix: the same command as the first run, or a new ``--out`` folder."""
 
 
 def _head(keys: list[str], n: int = 20) -> str:

@@ -7,6 +7,7 @@ import glob
 import hashlib
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,15 @@ import torch
 from torch import Tensor
 
 
-__all__ = ["atomic_path", "save_safetensors", "fingerprint", "checksum", "remove_stale_temps"]
+__all__ = [
+    "atomic_path",
+    "atomic_dir",
+    "save_safetensors",
+    "fingerprint",
+    "checksum",
+    "file_sha256",
+    "remove_stale_temps",
+]
 
 
 @contextlib.contextmanager
@@ -44,15 +53,41 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """`atomic_path` for a folder: yield an empty temporary folder next to ``path``; on success its files are
+    flushed to disk and it is renamed to ``path`` (which must not exist), so a reader sees all of it or nothing.
+    Temporary folders of killed writers are removed on the next write to the same target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for child in tmp.iterdir():
+            _fsync(child)
+        _fsync(tmp)
+        os.rename(tmp, path)
+        _fsync(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def remove_stale_temps(path: Path) -> list[Path]:
-    """Delete ``.<name>.<pid>.<hex>.tmp`` files next to ``path`` whose writer process is gone; returns them."""
+    """Delete ``.<name>.<pid>.<hex>.tmp`` files (or folders) next to ``path`` whose writer process is gone; returns
+    them."""
     removed = []
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         parts = tmp.name[len(path.name) + 2 : -len(".tmp")].split(".")
         if len(parts) != 2 or not parts[0].isdigit() or _alive(int(parts[0])):
             continue
         with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
             removed.append(tmp)
     return removed
 
@@ -123,6 +158,15 @@ def fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 over a model's state dict (sorted keys, shapes, dtypes and bytes): which weights a trace was
     recorded from and a compressed model was fitted on."""
     return checksum(model.state_dict())
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes, read in chunks (a saved model's identity, whatever its name or place)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def checksum(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> str:

@@ -1,0 +1,9 @@
+"""``python -m cq`` (and ``torchrun -m cq``): the ``cq`` command."""
+
+import sys
+
+from .cli import main
+
+
+if __name__ == "__main__":
+    sys.exit(main())
