@@ -1,4 +1,5 @@
-"""The ``cq`` command: ``demo``, ``fit``, ``sample``, ``report``, ``train``, ``train-classifier``."""
+"""The ``cq`` command: ``demo``, ``fit``, ``sample``, ``report``, ``eval``, ``reproduce``, ``train``,
+``train-classifier``."""
 
 from __future__ import annotations
 
@@ -744,6 +745,10 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--epochs", type=POSITIVE, default=30)
     tc.add_argument("-o", "--out", default="digits_classifier.safetensors")
     tc.set_defaults(func=_train_classifier)
+
+    from .cli_eval import add_eval_parser
+
+    add_eval_parser(sub, POSITIVE, NON_NEGATIVE)
 
     st = sub.add_parser("strategies", help="list the registered strategies (plugins and entry points included)")
     st.set_defaults(func=_strategies)

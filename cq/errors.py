@@ -28,6 +28,9 @@ __all__ = [
     "TraceBudgetError",
     "CalibrationSeedsError",
     "ReferenceMismatchError",
+    "ImageSetError",
+    "ReferenceStatsError",
+    "MetricUnavailableError",
 ]
 
 
@@ -164,6 +167,21 @@ class CalibrationSeedsError(CqError, ValueError):
 
 class ReferenceMismatchError(CqError, ValueError):
     """The full-precision reference is not the model a compressed model was fitted on (architecture or weights)."""
+
+
+class ImageSetError(CqError, ValueError):
+    """A sample set (``cq eval`` input or reference) cannot be read as images: no images, an unreadable file,
+    another layout than uint8 ``[N, H, W, C]`` under ``arr_0``, or images of different sizes."""
+
+
+class ReferenceStatsError(CqError, ValueError):
+    """A reference-statistics file (``cq eval --ref``) is unreadable or does not hold ``mu`` ``[D]`` and ``sigma``
+    ``[D, D]`` of the feature extractor in use. Fix: rebuild it with ``cq eval --make-ref IMAGES -o ref.npz``."""
+
+
+class MetricUnavailableError(CqError, RuntimeError):
+    """A metric cannot be computed here: its optional dependency is not installed (``pip install cq[eval]``), its
+    feature-extractor weights are missing, or no library cq trusts provides it (sFID)."""
 
 
 def _head(keys: list[str], n: int = 20) -> str:
