@@ -87,7 +87,7 @@ class Fidelity:
 
 
 def extract_features(
-    extractor: FeatureExtractor,
+    extractor: FeatureExtractor | None,
     images: ImageSet,
     *,
     batch_size: int = 64,
@@ -95,24 +95,26 @@ def extract_features(
     clip: ClipScorer | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(features [N, D], logits [N, K] or None, CLIP scores [N] or None)`` of every image of the set, batch by
-    batch (a progress bar over batches); CLIP scores need the set's prompts."""
+    batch (a progress bar over batches); CLIP scores need the set's prompts. ``extractor=None``: CLIP scores
+    only (features and logits None)."""
     if clip is not None and images.prompts is None:
         raise ConfigError(f"CLIP score needs prompts; {images.path} carries none (npz key 'prompts')")
     feats, logits, clips, seen = [], [], [], 0
     total = -(-images.count // batch_size)
     for batch in tqdm(images.batches(batch_size), total=total, desc="features", unit="batch", disable=not progress):
-        f, z = extractor(batch)
-        if f.ndim != 2 or f.shape[0] != batch.shape[0]:
-            raise ConfigError(f"{extractor.name} returned features {tuple(f.shape)} for {batch.shape[0]} images")
-        feats.append(f.float().cpu())
-        if z is not None:
-            logits.append(z.float().cpu())
+        if extractor is not None:
+            f, z = extractor(batch)
+            if f.ndim != 2 or f.shape[0] != batch.shape[0]:
+                raise ConfigError(f"{extractor.name} returned features {tuple(f.shape)} for {batch.shape[0]} images")
+            feats.append(f.float().cpu())
+            if z is not None:
+                logits.append(z.float().cpu())
         if clip is not None:
             clips.append(clip.scores(batch, images.prompts[seen : seen + batch.shape[0]]))
         seen += batch.shape[0]
     return (
-        torch.cat(feats),
-        torch.cat(logits) if len(logits) == len(feats) else None,
+        torch.cat(feats) if feats else None,
+        torch.cat(logits) if logits and len(logits) == len(feats) else None,
         torch.cat(clips) if clips else None,
     )
 
@@ -168,7 +170,7 @@ def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
 
 def measure(
     images: ImageSet,
-    extractor: FeatureExtractor,
+    extractor: FeatureExtractor | None,
     reference: ReferenceStats | None,
     *,
     metrics: Sequence[str] = ("fid", "is"),
@@ -177,7 +179,8 @@ def measure(
     batch_size: int = 64,
     progress: bool = True,
 ) -> Fidelity:
-    """The requested ``metrics`` (a subset of `METRICS`) of ``images``.
+    """The requested ``metrics`` (a subset of `METRICS`) of ``images``; ``extractor`` may be None when only
+    ``clip`` is requested.
 
     Raises:
         ConfigError: an unknown metric, FID / precision-recall without a reference, CLIP without a scorer.
@@ -192,14 +195,16 @@ def measure(
             "precision / recall need real feature rows in the reference; rebuild it with "
             "cq eval --make-ref IMAGES -o ref.npz --keep-features 10000"
         )
+    if extractor is None and metrics != ("clip",):
+        raise ConfigError(f"metrics {list(metrics)} need a feature extractor; only clip goes without one")
     if "clip" in metrics and clip is None:
         raise ConfigError("CLIP score needs a CLIP model: pass --clip-weights PATH (and --clip-arch)")
     features, logits, clip_scores = extract_features(
         extractor, images, batch_size=batch_size, progress=progress, clip=clip if "clip" in metrics else None
     )
-    if reference is not None:
+    if reference is not None and features is not None:
         reference.check_compatible(extractor.name, features.shape[1])
-    out: dict = {"count": images.count, "extractor": extractor.name}
+    out: dict = {"count": images.count, "extractor": "none" if extractor is None else extractor.name}
     if reference is not None:
         out["reference_count"] = reference.stats.count or None
     if "fid" in metrics:
