@@ -31,6 +31,8 @@ def extractor_named(name: str, inception_weights: str | None, device: str):
 def read_reference(path: str | None, extractor, *, batch_size: int, keep_features: int, progress: bool = True):
     """``--ref``: a statistics ``.npz`` (``mu`` / ``sigma``), a set of real images (statistics computed here), or,
     when omitted, the extractor's own data statistics (the digits classifier has them), else None."""
+    import zipfile
+
     import numpy as np
 
     from .metrics.fidelity import make_reference
@@ -45,8 +47,10 @@ def read_reference(path: str | None, extractor, *, batch_size: int, keep_feature
         try:
             with np.load(file, allow_pickle=False) as z:
                 is_stats = "mu" in z.files
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--ref {path}: not a readable .npz ({e})") from None
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            from .errors import ReferenceStatsError
+
+            raise ReferenceStatsError(f"--ref {path}: not a readable .npz ({e})") from None
         if is_stats:
             return ReferenceStats.load(file)
     images = read_image_set(file)

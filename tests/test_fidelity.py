@@ -354,6 +354,10 @@ def test_cli_eval_and_make_ref(tmp_path, capsys):
     assert "--inception-weights PATH" in capsys.readouterr().err
     assert main(["eval", "--make-ref", str(tmp_path / "real.npz"), "--extractor", "digits"]) == 2
     assert main(["eval"]) == 2
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    junk_ref = ["--ref", str(tmp_path / "junk.npz")]
+    assert main(["eval", str(tmp_path / "real.npz"), "--extractor", "digits", *junk_ref]) == 2
+    assert "not a readable .npz" in capsys.readouterr().err
     big = np.zeros((2, 32, 32, 3), np.uint8)
     np.savez(tmp_path / "big.npz", arr_0=big)
     assert main(["eval", str(tmp_path / "big.npz"), "--extractor", "digits"]) == 2
