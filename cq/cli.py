@@ -1,4 +1,5 @@
-"""The ``cq`` command: ``demo``, ``fit``, ``sample``, ``report``, ``train``, ``train-classifier``."""
+"""The ``cq`` command: ``demo``, ``fit``, ``sample``, ``report``, ``eval``, ``reproduce``, ``train``,
+``train-classifier``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .report import print_table, tensor_bytes
 from .sampling.samplers import SAMPLERS
 
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser", "build_report"]
 
 
 def _load_base(name: str, path: str | None):
@@ -565,6 +566,19 @@ def _fitted_sampler(model, spacing: str | None):
 
 
 def _report(args: argparse.Namespace) -> int:
+    rep, base = build_report(args)
+    print(rep.summary())
+    if base is not None and base.pipe is not None:
+        print(_LATENT_NOTE)
+    if args.steps_table:
+        print(rep.table())
+    if args.plot:
+        print(f"wrote {rep.plot(args.plot)}")
+    return 0
+
+
+def build_report(args: argparse.Namespace):
+    """``(Report, base or None)`` of ``cq report``'s arguments (``cq reproduce`` reads its figures)."""
     from .artifact import load
     from .cli_models import conditioning, device_of, read_conditions
     from .errors import ConfigError
@@ -626,15 +640,7 @@ def _report(args: argparse.Namespace) -> int:
                 **sampler,
             )
         print(f"compared with {base.name}: {calibration.describe()}")
-    rep = report(model, reference=reference, trace=trace, evaluation=evaluation)
-    print(rep.summary())
-    if base is not None and base.pipe is not None:
-        print(_LATENT_NOTE)
-    if args.steps_table:
-        print(rep.table())
-    if args.plot:
-        print(f"wrote {rep.plot(args.plot)}")
-    return 0
+    return report(model, reference=reference, trace=trace, evaluation=evaluation), base
 
 
 def _train_classifier(args: argparse.Namespace) -> int:
@@ -904,6 +910,13 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--epochs", type=POSITIVE, default=30)
     tc.add_argument("-o", "--out", default="digits_classifier.safetensors")
     tc.set_defaults(func=_train_classifier)
+
+    from .cli_eval import add_eval_parser
+
+    add_eval_parser(sub, POSITIVE, NON_NEGATIVE)
+    from .reproduce import add_reproduce_parser
+
+    add_reproduce_parser(sub, POSITIVE)
 
     st = sub.add_parser("strategies", help="list the registered strategies (plugins and entry points included)")
     st.set_defaults(func=_strategies)

@@ -30,6 +30,9 @@ __all__ = [
     "ReferenceMismatchError",
     "SampleFolderError",
     "SampleSettingsMismatchError",
+    "ImageSetError",
+    "ReferenceStatsError",
+    "MetricUnavailableError",
 ]
 
 
@@ -176,6 +179,21 @@ class SampleFolderError(CqError, ValueError):
 class SampleSettingsMismatchError(SampleFolderError):
     """A sample folder holds a run with other settings (model, seeds, shard size, sampler, conditions): resuming
     into it would mix two runs. Fix: the same command as the first run, or a new ``--out`` folder."""
+
+
+class ImageSetError(CqError, ValueError):
+    """A sample set (``cq eval`` input or reference) cannot be read as images: no images, an unreadable file,
+    another layout than uint8 ``[N, H, W, C]`` under ``arr_0``, or images of different sizes."""
+
+
+class ReferenceStatsError(CqError, ValueError):
+    """A reference-statistics file (``cq eval --ref``) is unreadable or does not hold ``mu`` ``[D]`` and ``sigma``
+    ``[D, D]`` of the feature extractor in use. Fix: rebuild it with ``cq eval --make-ref IMAGES -o ref.npz``."""
+
+
+class MetricUnavailableError(CqError, RuntimeError):
+    """A metric cannot be computed here: its optional dependency is not installed (``pip install cq[eval]``), its
+    feature-extractor weights are missing, or no library cq trusts provides it (sFID)."""
 
 
 def _head(keys: list[str], n: int = 20) -> str:

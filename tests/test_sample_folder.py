@@ -259,3 +259,20 @@ def test_labels_and_prompts_are_saved_beside_their_images_in_seed_order(tmp_path
     assert seeds.tolist() == list(range(100, 107)) and images[:, 0, 0, 0].tolist() == list(range(100, 107))
     assert images[:, 0, 0, 1].tolist() == list(range(7))
     assert labels == [values[i % len(values)] for i in range(7)]
+
+
+def test_eval_reads_sample_folders_of_both_formats_and_refuses_unfinished_ones(tiny_cq, reference, tmp_path):
+    """`cq eval`'s reader (`cq.metrics.image_set`) takes a sample folder as `read_samples` does: every image in
+    seed order, npz or PNG shards alike, and refuses a run that is not finished."""
+    from cq.errors import CqError
+    from cq.metrics.image_set import read_image_set
+
+    png = tmp_path / "png"
+    assert main(["sample", str(tiny_cq), *RUN, "--format", "png", "--out", str(png)]) == 0
+    expected, _, _ = read_samples(reference)
+    for folder in (reference, png):
+        images = torch.cat(list(read_image_set(folder).batches(5)))  # uint8 NCHW
+        assert np.array_equal(images.permute(0, 2, 3, 1).numpy(), expected)
+    shutil.rmtree(shard_path(png, 2, "png"))
+    with pytest.raises(CqError, match="unfinished: 1 of 6 shards"):
+        read_image_set(png)

@@ -315,9 +315,8 @@ def write_shards(
     return written
 
 
-def read_samples(folder: str | Path) -> tuple[np.ndarray, np.ndarray, list | None]:
-    """Every sample of a finished ``cq sample --out`` folder, in seed order: ``(uint8 images [N, H, W, C], seeds
-    [N] int64, labels or prompts (a list of N) or None when unconditional)``. An unfinished run is refused
+def finished_manifest(folder: str | Path) -> SampleManifest:
+    """The manifest of a ``cq sample --out`` folder whose every shard is written; an unfinished run is refused
     (`SampleFolderError`: rerun the command that started it)."""
     manifest = read_manifest(folder)
     plan = manifest.plan
@@ -328,7 +327,21 @@ def read_samples(folder: str | Path) -> tuple[np.ndarray, np.ndarray, list | Non
             f"{shard_path(folder, missing[0], manifest.shard_format).name}); rerun the `cq sample` command that "
             "started it to finish"
         )
-    shards = [read_shard(folder, manifest, i) for i in range(plan.num_shards)]
+    return manifest
+
+
+def png_files(folder: str | Path, manifest: SampleManifest) -> list[Path]:
+    """The PNG of every seed of a ``--format png`` folder, in seed order."""
+    plan = manifest.plan
+    return [shard_path(folder, i, "png") / _png_name(seed) for i in range(plan.num_shards) for seed in plan.seeds(i)]
+
+
+def read_samples(folder: str | Path) -> tuple[np.ndarray, np.ndarray, list | None]:
+    """Every sample of a finished ``cq sample --out`` folder, in seed order: ``(uint8 images [N, H, W, C], seeds
+    [N] int64, labels or prompts (a list of N) or None when unconditional)``. An unfinished run is refused
+    (`SampleFolderError`: rerun the command that started it)."""
+    manifest = finished_manifest(folder)
+    shards = [read_shard(folder, manifest, i) for i in range(manifest.plan.num_shards)]
     if len({s.images.shape[1:] for s in shards}) != 1:
         raise SampleFolderError(f"{folder}: shards hold images of different shapes; it mixes two runs")
     labels = [v for s in shards for v in s.per_sample] if shards[0].per_sample is not None else None
