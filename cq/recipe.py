@@ -77,8 +77,15 @@ class Recipe:
         kinds = [type(c) for c in self.correctors]
         if len(set(kinds)) != len(kinds):
             raise ConfigError(f"Recipe.correctors repeats a corrector: {[k.__name__ for k in kinds]}")
+        slots: dict[str, str] = {}
         for corrector in self.correctors:
             name = type(corrector).__name__
+            if corrector.slot and corrector.slot in slots:
+                raise ConfigError(
+                    f"Recipe.correctors: {name} and {slots[corrector.slot]} both install {corrector.slot!r}; "
+                    "keep one of them"
+                )
+            slots[corrector.slot] = name
             if not isinstance(corrector.stage, Stage):
                 raise ConfigError(f"{name}.stage must be a cq.correct.Stage, got {corrector.stage!r}")
             if corrector.needs_cacher and self.cacher is None:
