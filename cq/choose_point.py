@@ -4,12 +4,15 @@ The shallowest point saves the most MACs on a cached step (92% on the demo model
 correction; the deepest saves little. For each candidate point the recipe is fitted on the calibration trace,
 the compressed model samples the first few *calibration* trajectories from their recorded initial noise, and
 each x0 is compared with the trace's full-precision x0 (never held-out seeds: those are for stating quality).
-The MAC speedup is predicted from the fitted schedule (`cq.metrics.macs.predicted_speedup`). The choice is the
-lowest-error point (highest mean x0 PSNR) whose speedup meets ``min_speedup``.
+The MAC speedup is predicted from the fitted schedule (`cq.metrics.macs.predicted_speedup`), a shallow call
+costing its UNet MACs plus the cache correction's (`ChannelAffine`, `LowRankAffine`: ``macs_per_pixel``; another
+correction module counts 0, shown in ``correction_macs``). The choice is the lowest-error point (highest mean x0
+PSNR) whose speedup meets ``min_speedup``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .correct import ChannelAffine, LowRankAffine
 from .errors import BudgetError, ConfigError
 from .metrics.evaluate import per_sample_psnr
 from .metrics.macs import predicted_speedup, unet_macs
@@ -38,7 +42,8 @@ class PointCandidate:
         point: the cache point.
         mean_db, min_db: x0 PSNR vs the trace's full-precision x0 over the trajectories used (mean, worst).
         speedup: predicted MAC speedup of the fitted schedule at this point (full calls vs shallow calls).
-        shallow_fraction: MACs of a shallow call at this point / MACs of a full call.
+        shallow_fraction: MACs of a shallow call at this point (correction included) / MACs of a full call.
+        correction_macs: MACs of the cache correction per cached call (batch 1).
         seconds: fit + sampling time of this candidate.
     """
 
@@ -47,6 +52,7 @@ class PointCandidate:
     min_db: float
     speedup: float
     shallow_fraction: float
+    correction_macs: int
     seconds: float
 
 
@@ -140,12 +146,17 @@ def choose_point(
         model = recipe.fit(unet, trace, progress=False)
         x0 = sampler(model, noise.clone(), cond=cond, **kwargs)
         psnr = per_sample_psnr(x0.float(), reference)
+        correction = model.cache.correction
+        pixels = math.prod(trace.features[point].shape[3:])
+        extra = correction.macs_per_pixel * pixels if isinstance(correction, (ChannelAffine, LowRankAffine)) else 0
+        shallow = macs[point] + extra
         measured[point] = PointCandidate(
             point=point,
             mean_db=float(psnr.mean()),
             min_db=float(psnr.min()),
-            speedup=predicted_speedup(macs["full"], macs[point], model.refresh_mask()),
-            shallow_fraction=macs[point] / macs["full"],
+            speedup=predicted_speedup(macs["full"], shallow, model.refresh_mask()),
+            shallow_fraction=shallow / macs["full"],
+            correction_macs=extra,
             seconds=time.perf_counter() - start,
         )
     found = tuple(measured[p] for p in candidates)

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cq
+from cq.correct import CacheErrorLowRank
 from cq.errors import BudgetError, ConfigError
 
 
@@ -75,3 +76,16 @@ def test_bad_inputs_are_refused(unet, trace):
     narrow = cq.trace(unet, steps=STEPS, num_samples=2, points=[point], spacing="linspace", progress=False)
     with pytest.raises(ConfigError, match="lacks features"):
         cq.choose_point(unet, narrow, deepcache_at, min_speedup=1.5)
+
+
+def test_the_cache_correction_is_counted_in_the_shallow_call(unet, trace, measured):
+    point = unet.cache_points()[-1]
+
+    def corrected(p):
+        return cq.Recipe(cacher=cq.deepcache(3, point=p).cacher, correctors=(CacheErrorLowRank(rank=2),))
+
+    choice = cq.choose_point(unet, trace, corrected, min_speedup=1.0, points=[point], samples=1, progress=False)
+    channels, pixels = unet.cache_channels(point), trace.features[point][0, 0, 0].numel()
+    (candidate,) = choice.candidates
+    assert candidate.correction_macs == (channels + 2 * 2 * channels) * pixels
+    assert candidate.shallow_fraction > measured[point].shallow_fraction and measured[point].correction_macs == 0

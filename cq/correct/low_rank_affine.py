@@ -37,6 +37,12 @@ class LowRankAffine(nn.Module):
     def rank(self) -> int:
         return self.up.shape[2]
 
+    @property
+    def macs_per_pixel(self) -> int:
+        """Multiply-adds per pixel of the corrected feature: the per-channel affine plus two rank-r 1x1 maps."""
+        channels = self.gain.shape[1]
+        return channels + 2 * self.rank * channels
+
     def forward(self, h: Tensor, step: int | Tensor) -> Tensor:
         """``h``: ``[B, C, ...]``; ``step``: an int or the 0-d step tensor (inside compiled graphs)."""
         shape = (1, -1) + (1,) * (h.ndim - 2)
