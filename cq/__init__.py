@@ -2,6 +2,7 @@
 
 from . import diffusers, errors, models, sampling
 from .artifact import load, save
+from .budget import fit_to_budget
 from .choose_point import PointChoice, choose_point
 from .compressed import CompressedUNet
 from .metrics.evaluate import Evaluation, evaluate
@@ -30,6 +31,7 @@ __all__ = [
     "naive",
     "quant_only",
     "choose_point",
+    "fit_to_budget",
     "PointChoice",
 ]
 __version__ = "0.1.0"

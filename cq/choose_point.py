@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .compressed import CompressedUNet
 from .correct import ChannelAffine, LowRankAffine
 from .errors import BudgetError, ConfigError
 from .metrics.evaluate import per_sample_psnr
@@ -56,13 +57,15 @@ class PointCandidate:
     seconds: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PointChoice:
-    """The chosen point and every candidate measured (in the order of ``unet.cache_points()``)."""
+    """The chosen point, every candidate measured (in the order asked for), and the model fitted at the chosen
+    point by this call (None when its measurement came from ``measured``: fit ``recipe_for(point)`` then)."""
 
     point: str
     min_speedup: float
     candidates: tuple[PointCandidate, ...]
+    model: CompressedUNet | None = None
 
     def table(self) -> str:
         lines = ["point | mean dB | worst dB | MAC speedup | shallow MACs | s"]
@@ -133,6 +136,7 @@ def choose_point(
     cond = None if trace.cond is None else trace.cond[0, :samples]
     macs = unet_macs(unet, points=candidates)
     measured = {} if measured is None else measured
+    best_model: tuple[PointCandidate, CompressedUNet] | None = None  # the best feasible model fitted so far
     for point in tqdm(candidates, desc="cache points", disable=not progress):
         if point in measured:
             continue
@@ -159,6 +163,10 @@ def choose_point(
             correction_macs=extra,
             seconds=time.perf_counter() - start,
         )
+        candidate = measured[point]
+        if candidate.speedup >= min_speedup and (best_model is None or candidate.mean_db > best_model[0].mean_db):
+            best_model = (candidate, model)
+        del model
     found = tuple(measured[p] for p in candidates)
     feasible = [c for c in found if c.speedup >= min_speedup]
     if not feasible:
@@ -168,4 +176,5 @@ def choose_point(
             f"{fastest.point!r} at {fastest.speedup:.2f}x: lower min_speedup or raise the cache interval"
         )
     best = max(feasible, key=lambda c: (c.mean_db, c.speedup))
-    return PointChoice(point=best.point, min_speedup=float(min_speedup), candidates=found)
+    model = best_model[1] if best_model is not None and best_model[0] is best else None
+    return PointChoice(point=best.point, min_speedup=float(min_speedup), candidates=found, model=model)

@@ -191,10 +191,23 @@ def _quantizer(bits: str) -> UniformQuantizer:
     return UniformQuantizer(weight_bits=weight_bits, act_bits=act_bits)
 
 
-def cachequant(interval: int = 5, bits: str = "w8a8", point: str | None = None, backend: str = "fake") -> Recipe:
-    """CacheQuant: DPS schedule, per-step quantization on the cached model, both DEC corrections."""
+def cachequant(
+    interval: int | None = None,
+    bits: str = "w8a8",
+    point: str | None = None,
+    backend: str = "fake",
+    *,
+    refreshes: int | None = None,
+) -> Recipe:
+    """CacheQuant: DPS schedule, per-step quantization on the cached model, both DEC corrections.
+
+    ``interval``: the cache interval N (default 5); or ``refreshes``: the number of full calls K, DPS's compute
+    budget (`cq.fit_to_budget` picks it from a MAC budget). Not both."""
+    if interval is not None and refreshes is not None:
+        raise ConfigError(f"cachequant takes interval or refreshes, not both (got {interval} and {refreshes})")
+    schedule = DPS(refreshes=refreshes) if refreshes is not None else DPS(interval=5 if interval is None else interval)
     return Recipe(
-        cacher=DeepCache(schedule=DPS(interval=interval), point=point),
+        cacher=DeepCache(schedule=schedule, point=point),
         quantizer=_quantizer(bits),
         correctors=(CacheErrorCorrector(), QuantErrorCorrector()),
         backend=backend,

@@ -89,3 +89,13 @@ def test_the_cache_correction_is_counted_in_the_shallow_call(unet, trace, measur
     (candidate,) = choice.candidates
     assert candidate.correction_macs == (channels + 2 * 2 * channels) * pixels
     assert candidate.shallow_fraction > measured[point].shallow_fraction and measured[point].correction_macs == 0
+
+
+def test_the_chosen_model_is_returned_when_fitted_here(unet, trace):
+    points = list(unet.cache_points()[-2:])
+    choice = cq.choose_point(unet, trace, deepcache_at, min_speedup=1.0, points=points, samples=1, progress=False)
+    assert choice.model is not None and choice.model.cache.point == choice.point
+    reused = cq.choose_point(
+        unet, trace, deepcache_at, min_speedup=1.0, points=points, measured={c.point: c for c in choice.candidates}
+    )
+    assert reused.model is None and reused.point == choice.point
