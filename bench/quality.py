@@ -4,6 +4,9 @@
     python bench/quality.py --table ablation  [--seeds 256] [--intervals 3,5,10]
     python bench/quality.py --table quant     [--seeds 256]
     python bench/quality.py --table schedules [--seeds 256] [--intervals 2,3,5,10]   # full precision caching
+    python bench/quality.py --table points    [--seeds 64] [--intervals 5,10] [--min-speedup 2]  # cache point,
+                                              # DEC affine vs low-rank correction, cq.choose_point
+    python bench/quality.py --table tables    [--seeds 64] [--intervals 5,10]   # per-step vs per-group act tables
 
 All settings are fitted on one trace of 32 full-precision trajectories (seeds 10000..10031) and evaluated on
 held-out seeds 1000.. (`cq.evaluate` refuses overlaps), with the preset's sampler (DDIM 50, no x0 clipping).
@@ -31,8 +34,9 @@ from cq.cache import (
     UniformSchedule,  # noqa: E402
 )
 from cq.cache.deepcache import DeepCache  # noqa: E402
-from cq.correct import CacheErrorCorrector, QuantErrorCorrector  # noqa: E402
+from cq.correct import CacheErrorCorrector, CacheErrorLowRank, QuantErrorCorrector  # noqa: E402
 from cq.metrics.digits import DigitsScorer  # noqa: E402
+from cq.metrics.macs import unet_macs  # noqa: E402
 from cq.models.presets import sampling_defaults  # noqa: E402
 from cq.quant import PTQ4DM, UniformQuantizer  # noqa: E402
 from cq.recipe import Recipe  # noqa: E402
@@ -86,6 +90,57 @@ def schedule_cases(n: int) -> list[tuple[str, Recipe]]:
     ]
 
 
+SHALLOW_POINT = "up.0.block.2"
+
+
+def cachequant_at(n: int, point: str | None, cache_corrector=None, quantizer=None) -> Recipe:
+    """CacheQuant W8A8 (DPS, quantization on the cached model, both DEC corrections) with another cache correction
+    or quantizer."""
+    return Recipe(
+        cacher=DeepCache(schedule=DPS(interval=n), point=point),
+        quantizer=quantizer or UniformQuantizer(),
+        correctors=(cache_corrector or CacheErrorCorrector(), QuantErrorCorrector()),
+    )
+
+
+def point_cases(n: int, unet, trace, min_speedup: float) -> list[tuple[str, Recipe]]:
+    """Cache points x cache corrections, and the point `cq.choose_point` picks on the calibration trace."""
+    default = unet.default_cache_point()
+    macs = unet_macs(unet)
+    cases = []
+    for point in (default, SHALLOW_POINT):
+        share = f"shallow call {100 * macs[point] / macs['full']:.0f}% of the MACs"
+        cases.append((f"N={n} {point} ({share}), DEC affine = CacheQuant", cachequant_at(n, point)))
+        cases.append((f"N={n} {point}, low-rank DEC (full rank)", cachequant_at(n, point, CacheErrorLowRank())))
+        cases.append((f"N={n} {point}, low-rank DEC (rank 8)", cachequant_at(n, point, CacheErrorLowRank(rank=8))))
+    start = time.perf_counter()
+    choice = cq.choose_point(  # chosen on the calibration trace, with the full-precision cache + correction
+        unet,
+        trace,
+        lambda p: Recipe(cacher=DeepCache(schedule=DPS(interval=n), point=p), correctors=(CacheErrorLowRank(),)),
+        min_speedup=min_speedup,
+        progress=False,
+    )
+    print(f"choose_point N={n} ({time.perf_counter() - start:.0f} s):\n{choice.table()}", file=sys.stderr)
+    cases.append(
+        (
+            f"N={n} choose_point(min_speedup={min_speedup:g}) -> {choice.point}, low-rank DEC",
+            cachequant_at(n, choice.point, CacheErrorLowRank()),
+        )
+    )
+    return cases
+
+
+def table_cases(n: int) -> list[tuple[str, Recipe]]:
+    return [
+        (f"N={n} CacheQuant, per-step activation tables", cachequant_at(n, None)),
+        (
+            f"N={n} CacheQuant, per-group activation tables",
+            cachequant_at(n, None, quantizer=UniformQuantizer(activation_tables="per_group")),
+        ),
+    ]
+
+
 def quant_cases() -> list[tuple[str, Recipe]]:
     return [
         ("W8A8 (per-step tables)", Recipe(quantizer=UniformQuantizer())),
@@ -111,10 +166,11 @@ def quant_cases() -> list[tuple[str, Recipe]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--table", choices=["demo", "ablation", "quant", "schedules"], default="demo")
+    ap.add_argument("--table", choices=["demo", "ablation", "quant", "schedules", "points", "tables"], default="demo")
     ap.add_argument("--seeds", type=int, default=256, help="held-out samples (seeds 1000..)")
     ap.add_argument("--interval", type=int, default=5, help="cache interval of the demo table")
     ap.add_argument("--intervals", default="3,5,10", help="cache intervals of the ablation / schedules tables")
+    ap.add_argument("--min-speedup", type=float, default=2.0, help="MAC budget of choose_point (points table)")
     ap.add_argument("--calib", type=int, default=32, help="calibration trajectories (seeds 10000..)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", default="", help="run only the rows whose label contains this text ('a|b': either)")
@@ -126,9 +182,8 @@ def main() -> None:
     unet = cq.models.load("demo")
     steps, sampler = sampling_defaults(unet)
     seeds = range(1000, 1000 + args.seeds)
-    trace = cq.trace(
-        unet, steps=steps, num_samples=args.calib, points=[unet.default_cache_point()], seed=10_000, **sampler
-    )
+    points = unet.cache_points() if args.table == "points" else [unet.default_cache_point()]
+    trace = cq.trace(unet, steps=steps, num_samples=args.calib, points=points, seed=10_000, **sampler)
     scorer = DigitsScorer.embedded()
     start = time.perf_counter()
     reference = ddim(FullPrecision(unet), seeded_noise(unet.sample_shape, seeds), steps=steps, **sampler)
@@ -140,6 +195,10 @@ def main() -> None:
         cases = demo_cases(args.interval)
     elif args.table == "ablation":
         cases = [c for n in args.intervals.split(",") for c in ablation_cases(int(n))]
+    elif args.table == "points":
+        cases = [c for n in args.intervals.split(",") for c in point_cases(int(n), unet, trace, args.min_speedup)]
+    elif args.table == "tables":
+        cases = [c for n in args.intervals.split(",") for c in table_cases(int(n))]
     elif args.table == "schedules":
         cases = [c for n in args.intervals.split(",") for c in schedule_cases(int(n))]
     else:

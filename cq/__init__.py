@@ -2,6 +2,8 @@
 
 from . import diffusers, errors, models, sampling
 from .artifact import load, save
+from .budget import fit_to_budget
+from .choose_point import PointChoice, choose_point
 from .compressed import CompressedUNet
 from .metrics.evaluate import Evaluation, evaluate
 from .recipe import Recipe, cachequant, deepcache, naive, quant_only
@@ -28,5 +30,8 @@ __all__ = [
     "deepcache",
     "naive",
     "quant_only",
+    "choose_point",
+    "fit_to_budget",
+    "PointChoice",
 ]
 __version__ = "0.1.0"

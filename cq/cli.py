@@ -177,6 +177,15 @@ def _fit(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     conditions = read_conditions(args.prompt, args.prompts, args.class_labels)
     recipe, described = _recipe_of(args)
+    budget = None
+    if args.budget is not None:
+        from .budget import parse_budget
+        from .errors import ConfigError
+
+        budget = parse_budget(args.budget)
+        if args.recipe != "cachequant" or args.schedule is not None:
+            raise ConfigError("--budget picks the schedule and cache point of --recipe cachequant; drop --schedule")
+        described = f"cachequant bits={args.bits} backend={args.backend}, MAC budget {budget:g}x"
     base = load_base(args.model, args.weights, tokenizer=args.tokenizer).to(device)
     unet = base.unet
     steps, sampler = sampling_defaults(unet, args.steps, args.spacing)
@@ -192,7 +201,7 @@ def _fit(args: argparse.Namespace) -> int:
         sample_fn,
         steps=steps,
         num_samples=args.samples,
-        points=recipe.points(unet),
+        points=unet.cache_points() if budget is not None else recipe.points(unet),
         keep=args.keep,
         seed=args.seed,
         cond=calibration.cond,
@@ -202,7 +211,19 @@ def _fit(args: argparse.Namespace) -> int:
         **sampler,
     )
     print(f"trace: {trace.nbytes / 2**20:.1f} MiB stored ({trace.x.shape[1]} rows per call, {trace.steps} calls)")
-    model = recipe.fit(unet, trace)
+    if budget is not None:
+        from .budget import fit_to_budget
+        from .recipe import cachequant
+
+        model, choice = fit_to_budget(
+            unet,
+            trace,
+            budget,
+            recipe_for=lambda p, k: cachequant(bits=args.bits, backend=args.backend, point=p, refreshes=k),
+        )
+        print(f"cache points measured on calibration trajectories (* chosen):\n{choice.table()}")
+    else:
+        model = recipe.fit(unet, trace)
     path = save(model, args.out)
     print(report(model, reference=unet, trace=trace).summary())
     if base.pipe is not None:
@@ -805,6 +826,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--schedule", default=None, help="registered schedule name replacing the recipe's (plugins included)"
     )
     fit.add_argument("--interval", type=POSITIVE, default=5)
+    fit.add_argument(
+        "--budget",
+        default=None,
+        help="MAC speedup to meet, e.g. 5x: picks the refreshes, DPS schedule and cache point with the least "
+        "calibration error (cachequant only; replaces --interval)",
+    )
     fit.add_argument("--bits", default="w8a8")
     fit.add_argument(
         "--backend",

@@ -26,6 +26,7 @@ __all__ = [
     "InputShapeError",
     "InputValueError",
     "TraceBudgetError",
+    "BudgetError",
     "CalibrationSeedsError",
     "ReferenceMismatchError",
     "SampleFolderError",
@@ -161,6 +162,10 @@ class InputValueError(CqError, ValueError):
 
 class TraceBudgetError(CqError, ValueError):
     """A trace would need more memory than the budget the caller allowed."""
+
+
+class BudgetError(CqError, ValueError):
+    """No candidate setting meets the compute budget asked for (e.g. `cq.choose_point`'s ``min_speedup``)."""
 
 
 class CalibrationSeedsError(CqError, ValueError):

@@ -77,8 +77,15 @@ class Recipe:
         kinds = [type(c) for c in self.correctors]
         if len(set(kinds)) != len(kinds):
             raise ConfigError(f"Recipe.correctors repeats a corrector: {[k.__name__ for k in kinds]}")
+        slots: dict[str, str] = {}
         for corrector in self.correctors:
             name = type(corrector).__name__
+            if corrector.slot and corrector.slot in slots:
+                raise ConfigError(
+                    f"Recipe.correctors: {name} and {slots[corrector.slot]} both install {corrector.slot!r}; "
+                    "keep one of them"
+                )
+            slots[corrector.slot] = name
             if not isinstance(corrector.stage, Stage):
                 raise ConfigError(f"{name}.stage must be a cq.correct.Stage, got {corrector.stage!r}")
             if corrector.needs_cacher and self.cacher is None:
@@ -184,10 +191,23 @@ def _quantizer(bits: str) -> UniformQuantizer:
     return UniformQuantizer(weight_bits=weight_bits, act_bits=act_bits)
 
 
-def cachequant(interval: int = 5, bits: str = "w8a8", point: str | None = None, backend: str = "fake") -> Recipe:
-    """CacheQuant: DPS schedule, per-step quantization on the cached model, both DEC corrections."""
+def cachequant(
+    interval: int | None = None,
+    bits: str = "w8a8",
+    point: str | None = None,
+    backend: str = "fake",
+    *,
+    refreshes: int | None = None,
+) -> Recipe:
+    """CacheQuant: DPS schedule, per-step quantization on the cached model, both DEC corrections.
+
+    ``interval``: the cache interval N (default 5); or ``refreshes``: the number of full calls K, DPS's compute
+    budget (`cq.fit_to_budget` picks it from a MAC budget). Not both."""
+    if interval is not None and refreshes is not None:
+        raise ConfigError(f"cachequant takes interval or refreshes, not both (got {interval} and {refreshes})")
+    schedule = DPS(refreshes=refreshes) if refreshes is not None else DPS(interval=5 if interval is None else interval)
     return Recipe(
-        cacher=DeepCache(schedule=DPS(interval=interval), point=point),
+        cacher=DeepCache(schedule=schedule, point=point),
         quantizer=_quantizer(bits),
         correctors=(CacheErrorCorrector(), QuantErrorCorrector()),
         backend=backend,

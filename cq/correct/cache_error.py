@@ -37,6 +37,7 @@ class CacheErrorCorrector(Corrector):
     """
 
     stage: ClassVar[Stage] = Stage.BEFORE_QUANTIZATION
+    slot: ClassVar[str] = "cache.correction"
     chunk: int = 16
 
     def __post_init__(self) -> None:

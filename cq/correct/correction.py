@@ -28,6 +28,11 @@ class ChannelAffine(nn.Module):
         gain, offset = step_row(self.gain, step), step_row(self.offset, step)
         return h * gain.reshape(shape).to(h.dtype) + offset.reshape(shape).to(h.dtype)
 
+    @property
+    def macs_per_pixel(self) -> int:
+        """Multiply-adds per pixel of the corrected feature (one per channel)."""
+        return self.gain.shape[1]
+
     def is_identity(self, step: int) -> bool:
         return bool((self.gain[step] == 1).all() and (self.offset[step] == 0).all())
 

@@ -41,6 +41,8 @@ class Corrector(ABC):
         stage: when `Recipe.fit` calls `fit` (`Stage`).
         needs_cacher: the recipe must cache (the correction acts on the cached feature or its consumers).
         needs_quantizer: the recipe must quantize (the correction removes quantization error).
+        slot: where the correction is installed (e.g. ``"cache.correction"``); two correctors of one recipe may
+            not share a slot (the second would overwrite the first). Empty: no exclusive slot.
     """
 
     registry_kind: ClassVar[str] = "corrector"  # the registry its subclasses register in
@@ -48,6 +50,7 @@ class Corrector(ABC):
     stage: ClassVar[Stage] = Stage.AFTER_QUANTIZATION
     needs_cacher: ClassVar[bool] = True
     needs_quantizer: ClassVar[bool] = False
+    slot: ClassVar[str] = ""
 
     @abstractmethod
     def attach(self, model: CompressedUNet) -> None:

@@ -6,16 +6,21 @@ values reaching it per sampling step, combining batches of the same step with an
 per-step ranges, so its single range covers every calibrated step whatever order the steps come in. On exit the
 hooks are removed; `RangeTables.apply` then writes scales and zero points into the quantizers. Nothing is stored
 inside the modules while observing and no tensor is kept: memory is two floats per table entry (per step).
+
+With ``groups`` (the refresh step each step reuses, `FeatureCache.source`), `RangeTables.apply` writes one range per
+cache group into every step of the group: the union of the group's observed per-step ranges (deployable tables,
+issue M 4: the scales change only at refresh steps).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..step import current_step
 from .affine import search_range
 from .modules import ActQuantizer
@@ -34,10 +39,17 @@ TAIL_ELEMENTS = 256
 
 
 class RangeTables:
-    """Per quantizer: ``lo[n]``, ``hi[n]`` and which entries were observed."""
+    """Per quantizer: ``lo[n]``, ``hi[n]`` and which entries were observed.
 
-    def __init__(self, momentum: float = 0.9):
+    Args:
+        momentum: of the moving average over batches of one step.
+        groups: ``groups[i]``: the group (its first step) step i belongs to; per-step quantizers then get one range
+            per group (the union of its steps' ranges) in `apply`. None: one range per step.
+    """
+
+    def __init__(self, momentum: float = 0.9, groups: Sequence[int] | None = None):
         self.momentum = momentum
+        self.groups = None if groups is None else tuple(int(g) for g in groups)
         self.lo: dict[str, Tensor] = {}
         self.hi: dict[str, Tensor] = {}
         self.seen: dict[str, Tensor] = {}
@@ -85,9 +97,11 @@ class RangeTables:
             if name not in self.seen or not bool(self.seen[name].any()):
                 never.append(name)
                 continue
-            seen = self.seen[name]
+            lo, hi, seen = self.lo[name], self.hi[name], self.seen[name]
+            if self.groups is not None and quantizer.spec.per_step:
+                lo, hi, seen = _group_union(lo, hi, seen, self.groups, name)
             idx = _nearest_seen(seen)
-            quantizer.set_range(self.lo[name][idx], self.hi[name][idx])
+            quantizer.set_range(lo[idx], hi[idx])
         self.unobserved = never
         return never
 
@@ -113,6 +127,27 @@ def _quantizers(model: nn.Module) -> Iterator[tuple[str, ActQuantizer]]:
     for name, module in model.named_modules():
         if isinstance(module, ActQuantizer) and module.fixed_range is None:
             yield name, module
+
+
+def _group_union(
+    lo: Tensor, hi: Tensor, seen: Tensor, groups: tuple[int, ...], name: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-step tables where every step of a group holds the union of the group's observed ranges (steps of a group
+    nothing observed stay unobserved, and `_nearest_seen` fills them from the previous group)."""
+    if len(groups) != lo.shape[0]:
+        raise ConfigError(
+            f"{name} has {lo.shape[0]} per-step tables but the cache groups cover {len(groups)} steps; "
+            "calibrate with the cache built for the trace's step count"
+        )
+    lo, hi, seen = lo.clone(), hi.clone(), seen.clone()
+    group_of = torch.tensor(groups)
+    for g in sorted(set(groups)):
+        members = group_of == g
+        observed = members & seen
+        if not bool(observed.any()):
+            continue
+        lo[members], hi[members], seen[members] = lo[observed].min(), hi[observed].max(), True
+    return lo, hi, seen
 
 
 def _nearest_seen(seen: Tensor) -> Tensor:

@@ -49,8 +49,9 @@ class Quantizer(ABC):
     """
 
     registry_kind: ClassVar[str] = "quantizer"  # the registry its subclasses register in
-    #: 2: float_io (input and output layers stay float); 3: split_weights; 4: weight_rounding (GPTQ below 8 bits)
-    VERSION: ClassVar[int] = 4
+    #: 2: float_io (input and output layers stay float); 3: split_weights; 4: weight_rounding (GPTQ below 8 bits);
+    #: 5: activation_tables (one range per cache group as an option)
+    VERSION: ClassVar[int] = 5
     include: tuple[str, ...]
     skip: tuple[str, ...]
     #: keep the UNet's input and output layers (``unet.io_layers()``) in float; subclasses may make it a field
@@ -60,6 +61,10 @@ class Quantizer(ABC):
     #: ``"nearest"`` (round each weight to nearest), ``"gptq"`` (`cq.quant.gptq`: round for the output error on
     #: the calibration inputs) or ``"auto"`` (GPTQ for weights below 8 bits); subclasses may make it a field
     weight_rounding: str = "nearest"
+    #: per-step activation quantizers: ``"per_step"`` (one range per sampling step, CacheQuant) or ``"per_group"``
+    #: (one range per cache group -- the steps sharing a refresh -- written into each of its steps: the union of
+    #: the group's per-step ranges); subclasses may make it a field
+    activation_tables: str = "per_step"
 
     @abstractmethod
     def specs(self, name: str, module: nn.Module) -> tuple[QuantSpec | None, QuantSpec]:
@@ -80,7 +85,7 @@ class Quantizer(ABC):
 
         Before version 2 the UNet's input and output layers were quantized, before version 3 a split conv's weight
         had one scale per output channel across both halves, before version 4 weights were rounded to nearest:
-        such files keep what they were fitted with."""
+        such files keep what they were fitted with; before version 5 activation tables were per step."""
         names = {f.name for f in dataclasses.fields(cls)}
         if version < 2 and "float_io" in names:
             fields = {"float_io": False, **fields}
@@ -88,7 +93,17 @@ class Quantizer(ABC):
             fields = {"split_weights": False, **fields}
         if version < 4 and "weight_rounding" in names:
             fields = {"weight_rounding": "nearest", **fields}
+        if version < 5 and "activation_tables" in names:
+            fields = {"activation_tables": "per_step", **fields}
         return fields
+
+    def check_activation_tables(self) -> None:
+        """Refuse an unknown ``activation_tables`` (`ConfigError`)."""
+        if self.activation_tables not in ("per_step", "per_group"):
+            raise ConfigError(
+                f"{type(self).__name__}.activation_tables must be 'per_step' or 'per_group', got "
+                f"{self.activation_tables!r}"
+            )
 
     def uses_gptq(self) -> bool:
         """Whether `quantize` re-rounds the weights with GPTQ (``weight_rounding``; "auto": below 8 bits)."""
@@ -151,8 +166,12 @@ class Quantizer(ABC):
         cached feature, as when sampling. ``cacher`` (a fitted `Cacher`) builds a cache without correction
         instead; neither: every step a full call.
 
+        With ``activation_tables="per_group"`` every per-step quantizer gets one range per cache group (the steps
+        of ``cache.source`` sharing a refresh); without a cache each step is its own group.
+
         Returns the range tables: per quantizer which steps were observed (``seen``) and which quantizers saw no
         data at all (``unobserved``; they stay pass-through)."""
+        self.check_activation_tables()
         num_steps = trace.steps
         for name, module in model.named_modules():
             if isinstance(module, ActQuantizer) and module.spec.per_step and module.num_tables != num_steps:
@@ -166,7 +185,8 @@ class Quantizer(ABC):
         else:
             mask, source = (True,) * num_steps, list(range(num_steps))
         batches = self.calibration_batches(trace, mask, source)
-        with observe(model, RangeTables()) as tables:
+        groups = source if self.activation_tables == "per_group" else None
+        with observe(model, RangeTables(groups=groups)) as tables:
             replay(model, trace, batches, cache=cache, progress=progress, desc="calibrate")
         tables.apply(model)
         return tables

@@ -40,6 +40,10 @@ class UniformQuantizer(Quantizer):
             run on the int8 kernels without the window-sum term asymmetric weights need (`cq.quant.int8`).
         weight_method, act_method: range search, ``"mse"`` (default), ``"minmax"`` or ``"percentile"``.
         per_step: one activation table per sampling step (False: one shared range).
+        activation_tables: with ``per_step``, ``"per_step"`` (CacheQuant: one (scale, zero point) per step) or
+            ``"per_group"``: one per cache group (the steps sharing a refresh, from the fitted schedule), the union
+            of the group's per-step ranges -- scales then change only at refresh steps (deployment with fixed
+            scales); the error cost is measured in the README ("Deployable activation tables").
         keep_8bit: fnmatch patterns of layers kept at 8 bits (first and last conv by default, when quantized).
         float_io: keep the UNet's input and output layers (``unet.io_layers()``) in float -- a departure from
             CacheQuant, which runs them at 8 bits: the input layer reads Gaussian noise whose held-out tails a
@@ -65,6 +69,7 @@ class UniformQuantizer(Quantizer):
     weight_method: ScaleMethod = "mse"
     act_method: ScaleMethod = "mse"
     per_step: bool = True
+    activation_tables: str = "per_step"
     keep_8bit: tuple[str, ...] = ("conv_in", "conv_out")
     float_io: bool = True
     split_weights: bool = True
@@ -76,6 +81,12 @@ class UniformQuantizer(Quantizer):
 
     def __post_init__(self) -> None:
         self.uses_gptq()  # validates weight_rounding
+        self.check_activation_tables()
+        if self.activation_tables == "per_group" and not self.per_step:
+            raise ConfigError(
+                "UniformQuantizer(activation_tables='per_group') groups per-step tables: it needs per_step=True "
+                "(per_step=False already shares one range across all steps)"
+            )
         self.specs("", nn.Identity())  # validates the bit widths and methods through QuantSpec
         for name in ("refresh_samples", "cached_samples"):
             if getattr(self, name) < 1:
