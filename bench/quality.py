@@ -113,6 +113,15 @@ def quant_cases() -> list[tuple[str, Recipe]]:
     ]
 
 
+def write_json(path: str, data: dict) -> None:
+    import json
+
+    from cq.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(data))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--table", choices=["demo", "ablation", "quant", "schedules"], default="demo")
@@ -184,6 +193,10 @@ def main() -> None:
             row += [f"{predicted_speedup(macs['full'], shallow, model.refresh_mask()):.2f}x", f"{fit_seconds:.0f}"]
         rows.append(row)
         print(f"  {label}: done ({fit_seconds:.0f} s fit, {r.seconds:.0f} s sampling)", file=sys.stderr, flush=True)
+        print("  | " + " | ".join(str(v) for v in row) + " |", file=sys.stderr, flush=True)
+        if args.per_sample:  # after every row, atomically: an interrupted run keeps the rows it finished
+            per_sample[label]["table_row"] = [str(v) for v in row]
+            write_json(args.per_sample, per_sample)
     print_table(
         [
             "setting",
@@ -203,10 +216,6 @@ def main() -> None:
         f"({seeds.start}..{seeds.stop - 1}), calibration on {args.calib} other trajectories, "
         f"cache point {unet.default_cache_point()}",
     )
-    if args.per_sample:
-        import json
-
-        Path(args.per_sample).write_text(json.dumps(per_sample))
     print(
         f"\nfull precision: {fp_seconds:.1f} s; {out_of_range} of {args.seeds} of its own samples leave [-1.5, 1.5] "
         "(those seeds' per-sample PSNR compares against an already diverged sample)"

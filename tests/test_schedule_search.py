@@ -130,7 +130,7 @@ def trace(unet):
 
 
 def search_recipe(**kwargs) -> Recipe:
-    schedule = TrajectorySearch(interval=3, trajectories=4, budget=4, **kwargs)
+    schedule = TrajectorySearch(interval=3, trajectories=3, budget=3, **kwargs)
     return Recipe(
         cacher=DeepCache(schedule=schedule),
         quantizer=UniformQuantizer(refresh_samples=4, cached_samples=2),
