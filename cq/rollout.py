@@ -8,8 +8,9 @@ the initial noise of the trace's first trajectories, and returns each trajectory
 full-precision x0. Only calibration trajectories are used, never held-out seeds.
 
 Quantization is left out of the loop on purpose: calibrating it costs ~30 s per candidate on the demo model
-against ~2 s for a rollout, and at W8A8 the cached model's error dominates (README, "Schedules at equal
-refreshes", measures how the searched schedule transfers to the quantized model on held-out seeds).
+(idle machine) against ~2-4 s for a rollout of 8 trajectories. At W8A8 the cache error dominates from N=5 on; at
+N=2-3 the quantization error is of the same order, and the searched schedule does not transfer there (README,
+"Schedules at equal refreshes", held-out seeds).
 """
 
 from __future__ import annotations
