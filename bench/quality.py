@@ -3,7 +3,7 @@
     python bench/quality.py --table demo      [--seeds 1024]   # cq demo's settings + digits FID
     python bench/quality.py --table ablation  [--seeds 256] [--intervals 3,5,10]
     python bench/quality.py --table quant     [--seeds 256]
-    python bench/quality.py --table schedules [--seeds 256] [--intervals 2,3,5,10]   # full precision caching
+    python bench/quality.py --table schedules [--seeds 256] [--intervals 2,3,5,10]   # CacheQuant W8A8 + DEC
     python bench/quality.py --table points    [--seeds 64] [--intervals 5,10] [--min-speedup 2]  # cache point,
                                               # DEC affine vs low-rank correction, cq.choose_point
     python bench/quality.py --table tables    [--seeds 64] [--intervals 5,10]   # per-step vs per-group act tables
@@ -12,7 +12,8 @@ All settings are fitted on one trace of 32 full-precision trajectories (seeds 10
 held-out seeds 1000.. (`cq.evaluate` refuses overlaps), with the preset's sampler (DDIM 50, no x0 clipping).
 Columns: x0 PSNR vs full precision from the same seed -- mean, median, 5th percentile, worst -- the samples
 below 25 dB and 15 dB, max |x0|, and the digits FID against the 1797 real digits (only meaningful from ~1000
-samples; full precision's own figure is the first row).
+samples; full precision's own figure is the first row). The schedules table adds the worst sample without the
+full-precision-divergent seed 1222, the speedup by MACs and each row's `Recipe.fit` time.
 """
 
 from __future__ import annotations
@@ -77,16 +78,19 @@ def ablation_cases(n: int) -> list[tuple[str, Recipe]]:
 
 
 def schedule_cases(n: int) -> list[tuple[str, Recipe]]:
+    """CacheQuant W8A8 with both DEC corrections; only the schedule differs."""
     from cq.cache.power import Power
+    from cq.cache.search import TrajectorySearch
 
-    def fp(schedule):
-        return Recipe(cacher=DeepCache(schedule=schedule))
+    def cachequant(schedule):
+        correctors = (CacheErrorCorrector(), QuantErrorCorrector())
+        return Recipe(cacher=DeepCache(schedule=schedule), quantizer=UniformQuantizer(), correctors=correctors)
 
     return [
-        (f"N={n} uniform", fp(UniformSchedule(interval=n))),
-        (f"N={n} power 1.5", fp(Power(interval=n))),
-        (f"N={n} DPS [N/2, 2N] (CacheQuant)", fp(DPS(interval=n))),
-        (f"N={n} DPS, lengths 1..3N", fp(DPS(interval=n, min_len=1, max_len=3 * n))),
+        (f"N={n} uniform", cachequant(UniformSchedule(interval=n))),
+        (f"N={n} power 1.5", cachequant(Power(interval=n))),
+        (f"N={n} DPS (CacheQuant)", cachequant(DPS(interval=n))),
+        (f"N={n} search (cq)", cachequant(TrajectorySearch(interval=n))),
     ]
 
 
@@ -164,6 +168,15 @@ def quant_cases() -> list[tuple[str, Recipe]]:
     ]
 
 
+def write_json(path: str, data: dict) -> None:
+    import json
+
+    from cq.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(data))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--table", choices=["demo", "ablation", "quant", "schedules", "points", "tables"], default="demo")
@@ -204,25 +217,45 @@ def main() -> None:
     else:
         cases = quant_cases()
     per_sample = {"seeds": list(seeds), "full precision max |x0|": reference.abs().flatten(1).amax(1).tolist()}
+    extra = args.table == "schedules"
+    if extra:
+        from cq.metrics.macs import predicted_speedup, unet_macs
+
+        macs = unet_macs(unet, points=[unet.default_cache_point()])
+        rows[0] += ["1.00x", "-"]
     for label, recipe in [c for c in cases if any(part in c[0] for part in args.only.split("|"))]:
+        start = time.perf_counter()
         model = recipe.fit(unet, trace, progress=False)
+        fit_seconds = time.perf_counter() - start
         r = cq.evaluate(model, unet, seeds=seeds, steps=steps, reference_samples=reference, progress=False, **sampler)
-        per_sample[label] = {"psnr_db": r.psnr_db.tolist(), "max_abs": r.max_abs.tolist()}
-        rows.append(
-            [
-                label,
-                sum(model.refresh_mask()),
-                f"{r.mean_db:.2f}",
-                f"{r.median_db:.2f}",
-                f"{r.p5_db:.2f}",
-                f"{r.min_db:.2f} ({r.worst_seed})",
-                len(r.below(25)),
-                len(r.below(15)),
-                f"{r.max_abs_x0:.2f}",
-                f"{scorer.fid(r.samples):.2f}",
-            ]
-        )
-        print(f"  {label}: done ({r.seconds:.0f} s sampling)", file=sys.stderr, flush=True)
+        per_sample[label] = {
+            "psnr_db": r.psnr_db.tolist(),
+            "max_abs": r.max_abs.tolist(),
+            "refresh_steps": [i for i, m in enumerate(model.refresh_mask()) if m],
+        }
+        row = [
+            label,
+            sum(model.refresh_mask()),
+            f"{r.mean_db:.2f}",
+            f"{r.median_db:.2f}",
+            f"{r.p5_db:.2f}",
+            f"{r.min_db:.2f} ({r.worst_seed})",
+            len(r.below(25)),
+            len(r.below(15)),
+            f"{r.max_abs_x0:.2f}",
+            f"{scorer.fid(r.samples):.2f}",
+        ]
+        if extra:
+            others = [p for s, p in zip(r.seeds, r.psnr_db.tolist(), strict=True) if s != 1222]
+            row[5] += f" / {min(others):.2f}"
+            shallow = macs[unet.default_cache_point()]
+            row += [f"{predicted_speedup(macs['full'], shallow, model.refresh_mask()):.2f}x", f"{fit_seconds:.0f}"]
+        rows.append(row)
+        print(f"  {label}: done ({fit_seconds:.0f} s fit, {r.seconds:.0f} s sampling)", file=sys.stderr, flush=True)
+        print("  | " + " | ".join(str(v) for v in row) + " |", file=sys.stderr, flush=True)
+        if args.per_sample:  # after every row, atomically: an interrupted run keeps the rows it finished
+            per_sample[label]["table_row"] = [str(v) for v in row]
+            write_json(args.per_sample, per_sample)
     print_table(
         [
             "setting",
@@ -230,21 +263,18 @@ def main() -> None:
             "mean dB",
             "median dB",
             "p5 dB",
-            "worst dB (seed)",
+            "worst dB (seed) / without 1222" if extra else "worst dB (seed)",
             "< 25 dB",
             "< 15 dB",
             "max |x0|",
             "digits FID",
-        ],
+        ]
+        + (["MAC speedup", "fit s"] if extra else []),
         rows,
         title=f"demo model, DDIM {steps} steps {sampler}, {args.seeds} held-out seeds "
         f"({seeds.start}..{seeds.stop - 1}), calibration on {args.calib} other trajectories, "
         f"cache point {unet.default_cache_point()}",
     )
-    if args.per_sample:
-        import json
-
-        Path(args.per_sample).write_text(json.dumps(per_sample))
     print(
         f"\nfull precision: {fp_seconds:.1f} s; {out_of_range} of {args.seeds} of its own samples leave [-1.5, 1.5] "
         "(those seeds' per-sample PSNR compares against an already diverged sample)"

@@ -2,7 +2,10 @@
 
 ``recipe.fit(unet, trace)`` returns a new `CompressedUNet`; the input UNet is not modified. Order:
 
-1. the cacher fits its schedule on the trace (DPS needs the features at its point);
+1. the cacher fits its schedule on the trace (DPS needs the features at its point); a cacher that declares
+   ``needs_rollout`` (its schedule searches on the compressed model's end-to-end error, `TrajectorySearch`) also
+   gets ``rollout=``, a `cq.rollout.CalibrationRollout` that builds candidate models with this recipe's
+   `Stage.BEFORE_QUANTIZATION` correctors and samples them on the trace's first trajectories;
 2. correctors declaring ``stage = Stage.BEFORE_QUANTIZATION`` (the DEC cache correction) are fitted on the
    full-precision cached model;
 3. the quantizer calibrates on the *cached* model, through the model's own cache with those corrections active
@@ -31,6 +34,7 @@ from .errors import ConfigError, ReferenceMismatchError
 from .io import fingerprint
 from .quant import Backend, Quantizer, UniformQuantizer
 from .registry import RECIPES, check_registered
+from .rollout import CalibrationRollout
 
 
 if TYPE_CHECKING:
@@ -107,7 +111,9 @@ class Recipe:
     def fit(self, unet: nn.Module, trace: Trace, *, progress: bool = True) -> CompressedUNet:
         """Fit every component on ``trace`` (recorded from ``unet`` in full precision) in the order above.
 
-        One `CompressedUNet` (and so one `FeatureCache`) is built first, on the full-precision UNet; correctors of
+        A cacher that `needs_rollout` is fitted with ``rollout=CalibrationRollout(self, unet, trace)`` (candidate
+        models sampled end to end on the trace's first trajectories). One `CompressedUNet` (and so one
+        `FeatureCache`) is built next, on the full-precision UNet; correctors of
         `Stage.BEFORE_QUANTIZATION` fit on it, the quantizer calibrates through its cache (their corrections on),
         its body becomes the quantized copy, and correctors of `Stage.AFTER_QUANTIZATION` fit on that."""
         missing = [p for p in self.points(unet) if p not in trace.features]
@@ -119,7 +125,11 @@ class Recipe:
                 "the trace was recorded from another model than the UNet being fitted (weights fingerprint "
                 "differs); record the trace with cq.trace(unet, ...) of this UNet"
             )
-        cacher = self.cacher.fit(unet, trace) if self.cacher is not None else None
+        cacher = None
+        if self.cacher is not None and self.cacher.needs_rollout:
+            cacher = self.cacher.fit(unet, trace, rollout=CalibrationRollout(self, unet, trace))
+        elif self.cacher is not None:
+            cacher = self.cacher.fit(unet, trace)
         model = CompressedUNet(
             unet,
             num_steps=trace.steps,

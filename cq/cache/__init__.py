@@ -6,6 +6,7 @@ from .deepcache import DeepCache
 from .dps import DPS, dp_partition
 from .power import Power
 from .schedule import Schedule
+from .search import TrajectorySearch
 from .uniform import UniformSchedule
 from .view import CacheView
 
@@ -19,6 +20,7 @@ __all__ = [
     "UniformSchedule",
     "Power",
     "DPS",
+    "TrajectorySearch",
     "dp_partition",
 ]
 

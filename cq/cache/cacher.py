@@ -35,6 +35,13 @@ class Cacher(ABC):
     def points(self, unet: nn.Module) -> tuple[str, ...]:
         """Cache points whose features a trace must record for `fit`."""
 
+    @property
+    def needs_rollout(self) -> bool:
+        """True when `fit` needs ``rollout=`` (its schedule searches on the compressed model's own error):
+        `Recipe.fit` then calls ``fit(unet, trace, rollout=r)`` with ``r(candidate_cacher, trajectories)`` ->
+        per-trajectory x0 MSE of the compressed model built with that cacher (`cq.rollout.CalibrationRollout`)."""
+        return False
+
     @abstractmethod
     def fit(self, unet: nn.Module, trace: Trace | None) -> Cacher:
         """Return a cacher whose schedule is fitted (data-free schedules accept ``trace=None``)."""

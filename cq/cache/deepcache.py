@@ -9,10 +9,11 @@ CacheQuant's CIFAR experiments); for LDM/SD UNets the shallowest point (``input_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import CachePointError, ConfigError, ScheduleInvalidError
 from ..models.unet import check_cacheable
@@ -60,7 +61,15 @@ class DeepCache(Cacher):
     def points(self, unet: nn.Module) -> tuple[str, ...]:
         return (self.resolve_point(unet),)
 
-    def fit(self, unet: nn.Module, trace: Trace | None) -> DeepCache:
+    @property
+    def needs_rollout(self) -> bool:
+        return self.schedule.needs_rollout
+
+    def fit(
+        self, unet: nn.Module, trace: Trace | None, *, rollout: Callable[[DeepCache, int], Tensor] | None = None
+    ) -> DeepCache:
+        """Fit the schedule on the trace's features at the point; a schedule that `needs_rollout` also gets
+        ``rollout`` (from `Recipe.fit`), narrowed to candidate schedules at this point."""
         point = self.resolve_point(unet)
         schedule = self.schedule
         if schedule.needs_fit:
@@ -70,11 +79,18 @@ class DeepCache(Cacher):
                     f"points=[{point!r}] (cq.trace(unet, ..., points=cacher.points(unet)))"
                 )
             features = trace.features[point]
+            kwargs = {}
+            if schedule.needs_rollout:
+                if rollout is None:
+                    raise ScheduleInvalidError(
+                        f"{type(schedule).__name__} searches on the compressed model's end-to-end error: fit it "
+                        "through Recipe.fit(unet, trace), which provides the rollout"
+                    )
+                kwargs["rollout"] = lambda candidate, n: rollout(replace(self, point=point, schedule=candidate), n)
             settings = trace.settings
             if settings is not None and settings.steps != features.shape[0]:  # PLMS: steps + 1 model calls
-                schedule = schedule.fit(features, sampler_steps=settings.steps)
-            else:
-                schedule = schedule.fit(features)
+                kwargs["sampler_steps"] = settings.steps
+            schedule = schedule.fit(features, **kwargs)
         return replace(self, point=point, schedule=schedule)
 
     def label(self) -> str:

@@ -2,19 +2,22 @@
 
 A schedule is a frozen, validated value. ``refresh_mask(T)[i]`` is True when step ``i`` (0 = noisiest) runs the
 full network. Schedules that learn from data implement ``fit(features)`` and return a *new* fitted value.
+A schedule that judges candidates by the error of the compressed model itself declares ``needs_rollout``; its
+``fit`` then also receives ``rollout=`` (a `ScheduleRollout`, provided by `Recipe.fit`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from collections.abc import Callable
+from typing import ClassVar, TypeAlias
 
 from torch import Tensor
 
 from ..errors import ConfigError, ScheduleInvalidError
 
 
-__all__ = ["Schedule", "check_mask", "refresh_steps", "positive_int"]
+__all__ = ["Schedule", "ScheduleRollout", "check_mask", "refresh_steps", "positive_int"]
 
 
 class Schedule(ABC):
@@ -32,6 +35,12 @@ class Schedule(ABC):
         """True when `refresh_mask` needs `fit` first (data-driven schedules)."""
         return False
 
+    @property
+    def needs_rollout(self) -> bool:
+        """True when `fit` needs ``rollout=``: the end-to-end error of the compressed model under a candidate
+        schedule (`ScheduleRollout`). `Recipe.fit` provides it; `DeepCache.fit` passes it on."""
+        return False
+
     def fit(self, features: Tensor) -> Schedule:
         """Return a schedule fitted to per-step features ``[T, ...]``; data-free schedules return themselves.
 
@@ -42,6 +51,12 @@ class Schedule(ABC):
     def num_refreshes(self, num_steps: int) -> int:
         """Full forwards over ``num_steps`` steps. (Named apart from `DPS.refreshes`, DPS's budget field.)"""
         return sum(self.refresh_mask(num_steps))
+
+
+#: ``rollout(candidate, trajectories) -> [trajectories]`` per-trajectory x0 MSE against full precision of the
+#: compressed model whose schedule is ``candidate`` (fitted), sampled end to end from the first ``trajectories``
+#: calibration trajectories' initial noise (`cq.rollout.CalibrationRollout`).
+ScheduleRollout: TypeAlias = Callable[["Schedule", int], Tensor]
 
 
 def check_mask(mask: tuple[bool, ...], num_steps: int, owner: object) -> tuple[bool, ...]:

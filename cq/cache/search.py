@@ -1,0 +1,206 @@
+"""`TrajectorySearch`: the refresh steps that minimise the compressed model's own end-to-end error (cq, issue M).
+
+DPS (CacheQuant) minimises the distance of each cached feature to its group's first feature; what a user sees is
+the error of the final sample of the *cached, quantized, corrected* model, which that distance predicts only
+loosely (on the demo model DPS loses to the uniform schedule by the 5th percentile at N=5 and N=10). This schedule
+searches on that error itself:
+
+1. start from the better of the uniform schedule and DPS with the same number of refreshes K, judged by the
+   objective below on a few calibration trajectories;
+2. coordinate descent: move one refresh step at a time by up to ``max_shift`` steps (K stays fixed, step 0 always
+   refreshes), keep a move only if it lowers the objective, until a whole sweep finds nothing or ``budget``
+   rollouts are spent.
+
+The objective is in dB of x0 PSNR against full precision over the rolled-out trajectories: the mean plus
+``tail`` times the mean of the worst quartile, divided by ``1 + tail`` (higher is better), so a schedule that
+wrecks a few samples to please the rest is not preferred. Each rollout samples the compressed model end to end
+(`ScheduleRollout`, provided by `Recipe.fit`), so the result can never be worse than its start on this objective.
+None of the anchors (CacheQuant, DeepCache) choose the schedule on the compressed trajectory's error. Measured on
+the demo model (README, "Schedules at equal refreshes") it does not yet beat DPS on held-out seeds except by the
+mean at N=10: with 8 trajectories the descent fits calibration noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, ScheduleInvalidError, StepCountMismatchError
+from ..registry import SCHEDULES
+from .dps import DPS
+from .schedule import Schedule, ScheduleRollout, check_mask, positive_int, refresh_steps
+from .uniform import UniformSchedule
+
+
+__all__ = ["TrajectorySearch", "end_to_end_db", "coordinate_descent", "even_steps"]
+
+
+def end_to_end_db(mse: Tensor, tail: float) -> float:
+    """``(mean + tail * worst-quartile mean) / (1 + tail)`` of the per-trajectory PSNR (dB, data range [-1, 1])."""
+    psnr = 10 * torch.log10(4.0 / mse.double().clamp_min(1e-20))
+    worst = psnr.sort().values[: max(1, math.ceil(psnr.numel() / 4))]
+    return float((psnr.mean() + tail * worst.mean()) / (1 + tail))
+
+
+def even_steps(num_steps: int, refreshes: int) -> tuple[int, ...]:
+    """``refreshes`` refresh steps spread evenly over ``num_steps`` (``floor(i T / K)``), starting at 0."""
+    return tuple(sorted({(i * num_steps) // refreshes for i in range(refreshes)}))
+
+
+def coordinate_descent(
+    score: Callable[[tuple[int, ...]], float],
+    start: tuple[int, ...],
+    num_steps: int,
+    *,
+    max_shift: int,
+    budget: int,
+    start_score: float | None = None,
+    progress: bool = False,
+) -> tuple[tuple[int, ...], float, int]:
+    """Maximise ``score(steps)`` by moving one refresh step (never step 0) by ``+-1 .. +-max_shift`` at a time,
+    keeping the count and the order; a move is kept only if it raises the score (first improvement), until a
+    sweep over all steps and shifts improves nothing or ``budget`` scores were computed.
+
+    Returns ``(steps, score, evaluations)``. Deterministic for a deterministic ``score``; never below the start."""
+    best = tuple(start)
+    best_score = score(best) if start_score is None else start_score
+    seen = {best}
+    used = 0 if start_score is not None else 1
+    shifts = [d for k in range(1, max_shift + 1) for d in (k, -k)]
+    bar = tqdm(total=budget, desc="schedule search", unit="rollout", disable=None if progress else True)
+    improved = True
+    while improved and used < budget:
+        improved = False
+        for j in range(1, len(best)):
+            for d in shifts:
+                lo = best[j - 1] + 1
+                hi = best[j + 1] - 1 if j + 1 < len(best) else num_steps - 1
+                moved = best[j] + d
+                candidate = (*best[:j], moved, *best[j + 1 :])
+                if not lo <= moved <= hi or candidate in seen:
+                    continue
+                if used >= budget:
+                    break
+                seen.add(candidate)
+                value = score(candidate)
+                used += 1
+                bar.update(1)
+                if value > best_score:
+                    best, best_score, improved = candidate, value, True
+                    bar.set_postfix(best_db=f"{best_score:.2f}")
+                    break  # the neighbours of the moved step changed: go on from the new schedule
+    bar.close()
+    return best, best_score, used
+
+
+@SCHEDULES.register("search")
+@dataclass(frozen=True, kw_only=True)
+class TrajectorySearch(Schedule):
+    """Refresh steps searched on the end-to-end error of the compressed model (see the module docstring).
+
+    Give either ``interval`` (N; K = ceil(T/N) refreshes, as the uniform schedule and DPS) or ``refreshes`` (K).
+
+    Args:
+        interval, refreshes: the compute budget.
+        trajectories: calibration trajectories rolled out per candidate (the trace's first ones; batched).
+        budget: at most this many rollouts in the descent (the two starting candidates come on top).
+        max_shift: a move shifts one refresh step by at most this many steps.
+        tail: weight of the worst-quartile mean PSNR against the mean in the objective.
+        steps: the fitted refresh steps (set by `fit`; empty before).
+        num_steps: the step count the schedule was fitted for (0 before `fit`).
+        start: which schedule the descent started from, ``"uniform"`` or ``"dps"`` (set by `fit`).
+        start_db, fitted_db: the objective of the start and of the result on the calibration rollouts (dB).
+    """
+
+    interval: int | None = None
+    refreshes: int | None = None
+    trajectories: int = 8
+    budget: int = 48
+    max_shift: int = 1
+    tail: float = 1.0
+    steps: tuple[int, ...] = ()
+    num_steps: int = 0
+    start: str = ""
+    start_db: float | None = None
+    fitted_db: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.interval is None) == (self.refreshes is None):
+            raise ConfigError(
+                f"TrajectorySearch needs exactly one of interval or refreshes, got {self.interval}, {self.refreshes}"
+            )
+        for name in ("interval", "refreshes", "trajectories", "max_shift"):
+            if getattr(self, name) is not None:
+                positive_int("TrajectorySearch", name, getattr(self, name))
+        positive_int("TrajectorySearch", "budget", self.budget, minimum=0)
+        if isinstance(self.tail, bool) or not isinstance(self.tail, int | float) or not self.tail >= 0:
+            raise ConfigError(f"TrajectorySearch.tail must be a number >= 0, got {self.tail!r}")
+        if self.steps and (
+            self.steps[0] != 0 or list(self.steps) != sorted(set(self.steps)) or self.steps[-1] >= self.num_steps
+        ):
+            raise ConfigError(
+                f"TrajectorySearch.steps must be increasing, start at 0 and stay below num_steps; got {self.steps}"
+            )
+
+    @property
+    def needs_fit(self) -> bool:
+        return not self.steps
+
+    @property
+    def needs_rollout(self) -> bool:
+        return not self.steps
+
+    def fit(
+        self, features: Tensor, *, rollout: ScheduleRollout | None = None, sampler_steps: int | None = None
+    ) -> TrajectorySearch:
+        """Search on ``rollout`` (from `Recipe.fit`); ``features`` ``[T, ...]`` at the cache point plan the DPS start.
+        ``sampler_steps``: the sampler steps behind the T model calls when not T (PLMS), as for `DPS.fit`."""
+        if rollout is None:
+            raise ScheduleInvalidError(
+                "TrajectorySearch.fit needs rollout= (the compressed model's end-to-end error): fit it through "
+                "Recipe.fit(unet, trace)"
+            )
+        T = features.shape[0]
+        positive_int("TrajectorySearch.fit", "number of steps", T)
+        dps_budget = {"interval": self.interval} if self.interval is not None else {"refreshes": self.refreshes}
+        dps = DPS(**dps_budget).fit(features, sampler_steps=sampler_steps)
+        K = len(dps.steps)
+        if self.interval is not None and sampler_steps is None:
+            uniform = refresh_steps(UniformSchedule(interval=self.interval).refresh_mask(T))
+        else:
+            uniform = even_steps(T, K)
+
+        def score(steps: tuple[int, ...]) -> float:
+            return end_to_end_db(rollout(replace(self, steps=steps, num_steps=T), self.trajectories), self.tail)
+
+        starts = {"uniform": uniform, "dps": dps.steps}
+        scores = {name: score(steps) for name, steps in starts.items()}
+        first = max(scores, key=lambda name: (scores[name], name == "uniform"))  # ties: uniform
+        steps, best, _ = coordinate_descent(
+            score,
+            starts[first],
+            T,
+            max_shift=self.max_shift,
+            budget=self.budget,
+            start_score=scores[first],
+            progress=True,
+        )
+        return replace(self, steps=steps, num_steps=T, start=first, start_db=scores[first], fitted_db=best)
+
+    def refresh_mask(self, num_steps: int) -> tuple[bool, ...]:
+        if not self.steps:
+            raise ScheduleInvalidError(
+                "TrajectorySearch has not been fitted: Recipe.fit(unet, trace) searches it on the compressed model"
+            )
+        if num_steps != self.num_steps:
+            raise StepCountMismatchError(
+                f"this TrajectorySearch schedule was fitted for {self.num_steps} steps, asked for {num_steps}; "
+                f"refit it on a trace with {num_steps} steps"
+            )
+        hits = set(self.steps)
+        return check_mask(tuple(i in hits for i in range(num_steps)), num_steps, self)

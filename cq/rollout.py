@@ -1,0 +1,88 @@
+"""`CalibrationRollout`: the end-to-end error of a candidate compressed model on calibration trajectories.
+
+What a schedule that `needs_rollout` (e.g. `cq.cache.search.TrajectorySearch`) searches on. `Recipe.fit` builds
+one per fit and hands it to the cacher. A call builds the model the recipe would build with the candidate cacher
+-- the full-precision body with the correctors of `Stage.BEFORE_QUANTIZATION` (the DEC cache correction, cheap:
+it is fitted from the trace's features alone) -- samples it end to end with the trace's own sampler settings from
+the initial noise of the trace's first trajectories, and returns each trajectory's x0 MSE against the trace's
+full-precision x0. Only calibration trajectories are used, never held-out seeds.
+
+Quantization is left out of the loop on purpose: calibrating it costs ~30 s per candidate on the demo model
+(idle machine) against ~2-4 s for a rollout of 8 trajectories. At W8A8 the cache error dominates from N=5 on; at
+N=2-3 the quantization error is of the same order, and the searched schedule does not transfer there (README,
+"Schedules at equal refreshes", held-out seeds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from .cache.cacher import Cacher
+from .compressed import CompressedUNet
+from .correct import Stage
+from .errors import ConfigError
+from .sampling.samplers import sampler_of
+
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
+    from .trace import Trace
+
+__all__ = ["CalibrationRollout"]
+
+
+@dataclass(frozen=True)
+class CalibrationRollout:
+    """``rollout(cacher, trajectories)`` -> ``[trajectories]`` x0 MSE of the recipe's model with ``cacher``.
+
+    Args:
+        recipe: the recipe being fitted (its `Stage.BEFORE_QUANTIZATION` correctors are refitted per candidate).
+        unet: the full-precision UNet (not modified).
+        trace: the calibration trace; needs sampler settings (`cq.trace` records them) and an unguided run.
+    """
+
+    recipe: Recipe
+    unet: nn.Module
+    trace: Trace
+
+    def __post_init__(self) -> None:
+        if self.trace.settings is None:
+            raise ConfigError(
+                "a schedule searched on rollouts needs the trace's sampler settings to roll candidates out; record "
+                "the trace with cq.trace(unet, sampler, ...) (a trace built by hand has none)"
+            )
+        if self.trace.guidance_scale != 1.0:
+            raise ConfigError(
+                f"rollout-searched schedules support unguided traces only (this one: guidance "
+                f"{self.trace.guidance_scale:g}); use DPS or a uniform schedule with guidance"
+            )
+
+    @torch.no_grad()
+    def __call__(self, cacher: Cacher, trajectories: int) -> Tensor:
+        kept = self.trace.x.shape[1]
+        if not isinstance(trajectories, int) or not 1 <= trajectories <= kept:
+            raise ConfigError(
+                f"a rollout uses 1..{kept} of the trace's kept trajectories, asked for {trajectories!r}; record "
+                "more (cq.trace(..., num_samples=, keep=)) or lower the schedule's trajectories"
+            )
+        trace = self.trace
+        model = CompressedUNet(
+            self.unet,
+            num_steps=trace.steps,
+            cacher=cacher,
+            sampler_settings=trace.settings,
+            calibration_seeds=trace.seeds,
+        )
+        for corrector in self.recipe.stage(Stage.BEFORE_QUANTIZATION):
+            corrector.fit(model, self.unet, trace, progress=False)
+        device = next(self.unet.parameters(), torch.empty(0)).device
+        noise = trace.x[0, :trajectories].to(device=device, dtype=torch.float32)
+        cond = trace.cond[0, :trajectories].to(device) if trace.cond is not None else None
+        sampler = sampler_of(trace.settings)
+        x0 = sampler(model, noise, cond=cond, **trace.settings.call_kwargs())
+        reference = trace.x0[:trajectories].to(x0.device, torch.float32)
+        return (x0.double() - reference.double()).pow(2).flatten(1).mean(1).cpu()
