@@ -586,6 +586,23 @@ def _fitted_sampler(model, spacing: str | None):
     return sampler_of(settings), kwargs.pop("steps"), kwargs
 
 
+class _InProcess:
+    """`cq.reproduce.Commands`: ``cq`` sub-commands run in this process (their `CqError`s propagate)."""
+
+    def run(self, argv: list[str]) -> int:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+
+    def report(self, argv: list[str]):
+        return build_report(build_parser().parse_args(argv))[0]
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import run_reproduce
+
+    return run_reproduce(args, _InProcess())
+
+
 def _report(args: argparse.Namespace) -> int:
     rep, base = build_report(args)
     print(rep.summary())
@@ -943,7 +960,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub, POSITIVE, NON_NEGATIVE)
     from .reproduce import add_reproduce_parser
 
-    add_reproduce_parser(sub, POSITIVE)
+    add_reproduce_parser(sub, POSITIVE).set_defaults(func=_reproduce)
 
     st = sub.add_parser("strategies", help="list the registered strategies (plugins and entry points included)")
     st.set_defaults(func=_strategies)

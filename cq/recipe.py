@@ -111,8 +111,9 @@ class Recipe:
     def fit(self, unet: nn.Module, trace: Trace, *, progress: bool = True) -> CompressedUNet:
         """Fit every component on ``trace`` (recorded from ``unet`` in full precision) in the order above.
 
-        A cacher that `needs_rollout` is fitted with ``rollout=CalibrationRollout(self, unet, trace)`` (candidate
-        models sampled end to end on the trace's first trajectories). One `CompressedUNet` (and so one
+        A cacher that `needs_rollout` is fitted with ``rollout=`` a `CalibrationRollout` of this recipe's
+        `Stage.BEFORE_QUANTIZATION` correctors (candidate models sampled end to end on the trace's first
+        trajectories). One `CompressedUNet` (and so one
         `FeatureCache`) is built next, on the full-precision UNet; correctors of
         `Stage.BEFORE_QUANTIZATION` fit on it, the quantizer calibrates through its cache (their corrections on),
         its body becomes the quantized copy, and correctors of `Stage.AFTER_QUANTIZATION` fit on that."""
@@ -127,7 +128,9 @@ class Recipe:
             )
         cacher = None
         if self.cacher is not None and self.cacher.needs_rollout:
-            cacher = self.cacher.fit(unet, trace, rollout=CalibrationRollout(self, unet, trace))
+            cacher = self.cacher.fit(
+                unet, trace, rollout=CalibrationRollout(self.stage(Stage.BEFORE_QUANTIZATION), unet, trace)
+            )
         elif self.cacher is not None:
             cacher = self.cacher.fit(unet, trace)
         model = CompressedUNet(

@@ -20,11 +20,12 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from .errors import ConfigError
 
 
-__all__ = ["PaperNumbers", "PaperRow", "ROWS", "RunPlan", "row_named", "plan", "run_row", "list_rows"]
+__all__ = ["Commands", "PaperNumbers", "PaperRow", "ROWS", "RunPlan", "row_named", "plan", "run_row", "list_rows"]
 
 METRIC_KINDS = ("digits", "inception", "clip")
 CONDITION_KINDS = (None, "imagenet-classes", "prompts")
@@ -296,12 +297,13 @@ LIST_HEADERS = [*LIST_HEADERS, "paper"]
 # running a row
 
 
-def _run(argv: list[str]):
-    """Run one ``cq`` sub-command in-process; its `CqError`s propagate (the outer ``cq`` prints them)."""
-    from .cli import build_parser
+class Commands(Protocol):
+    """How `run_row` runs ``cq`` sub-commands in-process (the CLI passes its own; their `CqError`s propagate)."""
 
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    def run(self, argv: list[str]) -> int: ...
+
+    def report(self, argv: list[str]) -> Any:
+        """The `cq.report.Report` of ``cq report`` with ``argv`` (its figures go into the table)."""
 
 
 @dataclass(frozen=True)
@@ -399,14 +401,15 @@ def run_row(
     prompts: str | None = None,
     device: str = "cpu",
     batch_size: int | None = None,
+    commands: Commands,
 ) -> list[list[str]]:
-    """Fit, sample, evaluate ``row`` under ``out``; returns the ``[quantity, measured, paper]`` table rows.
+    """Fit, sample, evaluate ``row`` under ``out`` (the ``cq`` sub-commands through ``commands``); returns the
+    ``[quantity, measured, paper]`` table rows.
 
     ``num`` / ``calibration`` override the row's sample and calibration counts (fewer: a quick check, not the
     paper's setting -- the table says so). Finished steps (``model.cq``, the shards under ``samples/``) are reused when
     ``out/run.json`` records the same settings; a folder of another run is refused.
     """
-    from .cli import build_parser, build_report
     from .metrics.clip_score import ClipScorer
     from .metrics.extractors import DigitsExtractor, InceptionExtractor
     from .metrics.fidelity import measure
@@ -431,7 +434,7 @@ def run_row(
     settings |= {"prompts": prompts}
     _claim_folder(out, settings)
     conditions = _conditions(row, out, num, calibration, prompts)
-    commands = plan(
+    planned = plan(
         row,
         out,
         num=num,
@@ -442,16 +445,16 @@ def run_row(
         device=device,
         batch_size=batch_size,
     )
-    if commands.model.exists():
-        print(f"[1/4] fit: reusing {commands.model}")
+    if planned.model.exists():
+        print(f"[1/4] fit: reusing {planned.model}")
     else:
         print(f"[1/4] fit: {row.title}, {calibration} calibration trajectories")
-        _run(commands.fit)
+        commands.run(planned.fit)
     print(f"[2/4] sample: {num} samples, seeds {SAMPLE_SEED}..{SAMPLE_SEED + num - 1} (finished shards are kept)")
-    _run(commands.sample)
+    commands.run(planned.sample)
 
-    print(f"[3/4] eval: {row.metric} metrics of {commands.samples}")
-    images = read_image_set(commands.samples)
+    print(f"[3/4] eval: {row.metric} metrics of {planned.samples}")
+    images = read_image_set(planned.samples)
     clip, extractor, reference = None, None, None
     if row.metric == "digits":
         extractor, metrics = DigitsExtractor.embedded(), ["fid", "is"]
@@ -469,7 +472,7 @@ def run_row(
     fidelity = measure(images, extractor, reference, metrics=metrics, clip=clip)
 
     print(f"[4/4] report: MAC speedup and per-sample PSNR on {psnr_samples} held-out seeds")
-    rep, _ = build_report(build_parser().parse_args(commands.report))
+    rep = commands.report(planned.report)
     return _table(row, fidelity, rep, num, calibration, psnr_samples)
 
 
@@ -504,7 +507,8 @@ def _table(row: PaperRow, fid, rep, num: int, calibration: int, psnr_samples: in
 # cq reproduce
 
 
-def run_reproduce(args: argparse.Namespace) -> int:
+def run_reproduce(args: argparse.Namespace, commands: Commands) -> int:
+    """``cq reproduce`` (registered by `add_reproduce_parser`; the CLI passes ``commands``)."""
     from .report import print_table
 
     if args.list:
@@ -532,14 +536,16 @@ def run_reproduce(args: argparse.Namespace) -> int:
         prompts=args.prompts,
         device=args.device,
         batch_size=args.batch_size,
+        commands=commands,
     )
     print_table(["quantity", "measured", "paper"], table, title=f"{row.name}: {row.title}")
     print(f"paper numbers: {row.paper.source}")
     return 0
 
 
-def add_reproduce_parser(sub, positive) -> None:
-    """Register ``cq reproduce`` on the subparsers ``sub``."""
+def add_reproduce_parser(sub, positive) -> argparse.ArgumentParser:
+    """Register ``cq reproduce``'s arguments on the subparsers ``sub``; the CLI sets the handler (it calls
+    `run_reproduce` with its own `Commands`)."""
     rp = sub.add_parser(
         "reproduce",
         help="the CacheQuant paper's rows: --list shows them with their settings; ROW runs fit -> sample -> eval",
@@ -563,4 +569,4 @@ def add_reproduce_parser(sub, positive) -> None:
     rp.add_argument("--prompts", default=None, metavar="FILE", help="prompts of text rows, one per line")
     rp.add_argument("--batch-size", type=positive, default=None)
     rp.add_argument("--device", default="cpu")
-    rp.set_defaults(func=run_reproduce)
+    return rp

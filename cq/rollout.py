@@ -29,7 +29,7 @@ from .sampling.samplers import sampler_of
 
 
 if TYPE_CHECKING:
-    from .recipe import Recipe
+    from .correct import Corrector
     from .trace import Trace
 
 __all__ = ["CalibrationRollout"]
@@ -40,16 +40,24 @@ class CalibrationRollout:
     """``rollout(cacher, trajectories)`` -> ``[trajectories]`` x0 MSE of the recipe's model with ``cacher``.
 
     Args:
-        recipe: the recipe being fitted (its `Stage.BEFORE_QUANTIZATION` correctors are refitted per candidate).
+        correctors: the `Stage.BEFORE_QUANTIZATION` correctors of the recipe being fitted (refitted per
+            candidate; `Recipe.fit` passes ``recipe.stage(Stage.BEFORE_QUANTIZATION)``).
         unet: the full-precision UNet (not modified).
         trace: the calibration trace; needs sampler settings (`cq.trace` records them) and an unguided run.
     """
 
-    recipe: Recipe
+    correctors: tuple[Corrector, ...]
     unet: nn.Module
     trace: Trace
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "correctors", tuple(self.correctors))
+        wrong = [c for c in self.correctors if c.stage is not Stage.BEFORE_QUANTIZATION]
+        if wrong:
+            raise ConfigError(
+                f"a rollout refits the correctors of Stage.BEFORE_QUANTIZATION only (the model it samples is not "
+                f"quantized); got {wrong!r}"
+            )
         if self.trace.settings is None:
             raise ConfigError(
                 "a schedule searched on rollouts needs the trace's sampler settings to roll candidates out; record "
@@ -77,7 +85,7 @@ class CalibrationRollout:
             sampler_settings=trace.settings,
             calibration_seeds=trace.seeds,
         )
-        for corrector in self.recipe.stage(Stage.BEFORE_QUANTIZATION):
+        for corrector in self.correctors:
             corrector.fit(model, self.unet, trace, progress=False)
         device = next(self.unet.parameters(), torch.empty(0)).device
         noise = trace.x[0, :trajectories].to(device=device, dtype=torch.float32)

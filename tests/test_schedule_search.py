@@ -161,7 +161,7 @@ def test_search_round_trips_through_the_registry(fitted):
 
 
 def test_rollout_without_caching_reproduces_the_trace(unet, trace):
-    rollout = CalibrationRollout(Recipe(), unet, trace)
+    rollout = CalibrationRollout((), unet, trace)
     mse = rollout(DeepCache(schedule=UniformSchedule(interval=1)).fit(unet, trace), 3)
     assert mse.shape == (3,) and float(mse.max()) < 1e-8  # the batch differs from the trace's: float summation
     cached = rollout(DeepCache(schedule=UniformSchedule(interval=4)).fit(unet, trace), 3)
