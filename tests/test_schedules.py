@@ -231,9 +231,10 @@ def test_dps_plans_groups_by_sampler_steps(steps, N, seed):
 
 
 def test_dps_under_plms_matches_the_reference_group_count():
+    from conftest import tiny_unet  # not tests.conftest: torch-fidelity installs a top-level `tests` package
+
     import cq
     from cq.sampling import plms
-    from tests.conftest import tiny_unet
 
     unet = tiny_unet()
     point = unet.default_cache_point()
