@@ -29,9 +29,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, ScheduleInvalidError, StepCountMismatchError
+from ..errors import ConfigError, ScheduleInvalidError
 from ..registry import SCHEDULES
-from .schedule import Schedule, check_mask, positive_int
+from .schedule import Schedule, fitted_mask, positive_int
 
 
 __all__ = ["DPS", "dp_partition", "distance_table", "partition_cost", "group_bounds"]
@@ -217,12 +217,5 @@ class DPS(Schedule):
         return replace(self, steps=dp_partition(dist, K, lo, hi, last_lo), num_steps=T)
 
     def refresh_mask(self, num_steps: int) -> tuple[bool, ...]:
-        if not self.steps:
-            raise ScheduleInvalidError("DPS has not been fitted: call fit(features) (Recipe.fit does it on a trace)")
-        if num_steps != self.num_steps:
-            raise StepCountMismatchError(
-                f"this DPS schedule was fitted for {self.num_steps} steps, asked for {num_steps}; refit it on a "
-                f"trace with {num_steps} steps"
-            )
-        hits = set(self.steps)
-        return check_mask(tuple(i in hits for i in range(num_steps)), num_steps, self)
+        unfitted = "call fit(features) (Recipe.fit does it on a trace)"
+        return fitted_mask(self, self.steps, self.num_steps, num_steps, unfitted)

@@ -14,10 +14,10 @@ from typing import ClassVar, TypeAlias
 
 from torch import Tensor
 
-from ..errors import ConfigError, ScheduleInvalidError
+from ..errors import ConfigError, ScheduleInvalidError, StepCountMismatchError
 
 
-__all__ = ["Schedule", "ScheduleRollout", "check_mask", "refresh_steps", "positive_int"]
+__all__ = ["Schedule", "ScheduleRollout", "check_mask", "fitted_mask", "refresh_steps", "positive_int"]
 
 
 class Schedule(ABC):
@@ -68,6 +68,23 @@ def check_mask(mask: tuple[bool, ...], num_steps: int, owner: object) -> tuple[b
     if num_steps and not mask[0]:
         raise ScheduleInvalidError(f"{owner!r}.refresh_mask({num_steps}) does not refresh step 0 (nothing to reuse)")
     return tuple(bool(m) for m in mask)
+
+
+def fitted_mask(
+    owner: object, steps: tuple[int, ...], fitted_for: int, num_steps: int, unfitted: str
+) -> tuple[bool, ...]:
+    """The mask of a schedule fitted to refresh ``steps`` over ``fitted_for`` steps (DPS, `TrajectorySearch`):
+    `ScheduleInvalidError` (message ``unfitted``) before a fit, `StepCountMismatchError` for another step count."""
+    name = type(owner).__name__
+    if not steps:
+        raise ScheduleInvalidError(f"{name} has not been fitted: {unfitted}")
+    if num_steps != fitted_for:
+        raise StepCountMismatchError(
+            f"this {name} schedule was fitted for {fitted_for} steps, asked for {num_steps}; refit it on a "
+            f"trace with {num_steps} steps"
+        )
+    hits = set(steps)
+    return check_mask(tuple(i in hits for i in range(num_steps)), num_steps, owner)
 
 
 def refresh_steps(mask: tuple[bool, ...]) -> tuple[int, ...]:

@@ -30,10 +30,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, ScheduleInvalidError, StepCountMismatchError
+from ..errors import ConfigError, ScheduleInvalidError
 from ..registry import SCHEDULES
 from .dps import DPS
-from .schedule import Schedule, ScheduleRollout, check_mask, positive_int, refresh_steps
+from .schedule import Schedule, ScheduleRollout, fitted_mask, positive_int, refresh_steps
 from .uniform import UniformSchedule
 
 
@@ -193,14 +193,5 @@ class TrajectorySearch(Schedule):
         return replace(self, steps=steps, num_steps=T, start=first, start_db=scores[first], fitted_db=best)
 
     def refresh_mask(self, num_steps: int) -> tuple[bool, ...]:
-        if not self.steps:
-            raise ScheduleInvalidError(
-                "TrajectorySearch has not been fitted: Recipe.fit(unet, trace) searches it on the compressed model"
-            )
-        if num_steps != self.num_steps:
-            raise StepCountMismatchError(
-                f"this TrajectorySearch schedule was fitted for {self.num_steps} steps, asked for {num_steps}; "
-                f"refit it on a trace with {num_steps} steps"
-            )
-        hits = set(self.steps)
-        return check_mask(tuple(i in hits for i in range(num_steps)), num_steps, self)
+        unfitted = "Recipe.fit(unet, trace) searches it on the compressed model"
+        return fitted_mask(self, self.steps, self.num_steps, num_steps, unfitted)
