@@ -146,8 +146,9 @@ def test_compvis_sd2_checkpoints_declare_v_through_the_preset_or_prediction(tmp_
     assert get_preset("sd-v2").config.use_linear_in_transformer
     with pytest.raises(ConfigError, match="prediction must be 'eps'"):
         load("tiny-sd-v2", path=path, prediction="x0")
-    with pytest.raises(ConfigError, match="describes a UNet only"):
-        LatentDiffusion.build("sd-v2")
+    # the SD 2 presets are whole pipelines now (OpenCLIP ViT-H text tower, KL-f8): tests/test_open_clip_text.py
+    spec = get_preset("sd-v2").pipeline
+    assert spec.conditioner.text.num_hidden_layers == 23 and spec.conditioner.pad_id == 0
 
 
 def test_an_unsupported_prediction_type_is_refused(tiny_sd2, tmp_path):

@@ -47,6 +47,9 @@ class ConditionerConfig:
     unconditional branch) or ``"sdxl"`` (``text``, ``text_2``: the two encoders, the second with
     ``projection_dim``; ``time_dim``: diffusers' ``addition_time_embed_dim``; ``force_zeros_for_empty_prompt``:
     the unconditional branch is zeros, as in diffusers' SDXL pipeline by default, else the empty prompt).
+    ``pad_id`` / ``pad_id_2``: the id the (first / second) encoder was trained to see after the end token, applied
+    to whatever tokenizer the pipeline is given (OpenCLIP towers -- SD 2, SDXL's second encoder -- pad with 0;
+    None: the tokenizer's own, ``<|endoftext|>`` for CLIP ViT-L).
     """
 
     kind: Literal["class_embedder", "clip_text", "sdxl"]
@@ -57,8 +60,14 @@ class ConditionerConfig:
     text_2: CLIPTextConfig | None = None
     time_dim: int | None = None
     force_zeros_for_empty_prompt: bool = True
+    pad_id: int | None = None
+    pad_id_2: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("pad_id", "pad_id_2"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigError(f"ConditionerConfig.{name} must be None or an int >= 0, got {value!r}")
         if self.kind == "class_embedder":
             if self.n_classes is None or self.embed_dim is None or self.n_classes < 1 or self.embed_dim < 1:
                 raise ConfigError(f"a class_embedder conditioner needs n_classes and embed_dim >= 1, got {self}")
@@ -279,16 +288,21 @@ def sdxl_vector(pooled: Tensor, time_ids: Tensor, time_dim: int = 256) -> Tensor
 
 
 def build_conditioner(config: ConditionerConfig, tokenizer: CLIPTokenizer | None = None) -> nn.Module:
-    """The conditioner of ``config`` with random weights (an SDXL one uses ``tokenizer`` for both encoders)."""
+    """The conditioner of ``config`` with random weights (an SDXL one uses ``tokenizer`` for both encoders, each
+    padding as its config says)."""
     if config.kind == "class_embedder":
         return ClassEmbedder(config.n_classes, config.embed_dim, uncond_class=config.uncond_class)
+
+    def padded(pad_id: int | None) -> CLIPTokenizer | None:
+        return tokenizer.with_pad_id(pad_id) if tokenizer is not None and pad_id is not None else tokenizer
+
     if config.kind == "sdxl":
         return SDXLConditioner(
             CLIPTextModel(config.text),
             CLIPTextModelWithProjection(config.text_2),
-            tokenizer,
-            tokenizer,
+            padded(config.pad_id),
+            padded(config.pad_id_2),
             time_dim=config.time_dim,
             force_zeros_for_empty_prompt=config.force_zeros_for_empty_prompt,
         )
-    return TextConditioner(CLIPTextModel(config.text), tokenizer)
+    return TextConditioner(CLIPTextModel(config.text), padded(config.pad_id))

@@ -12,6 +12,11 @@ Original layouts are cq's attribute names (the CompVis ``.ckpt`` keys without th
   Linear, ``nin_shortcut`` -> ``conv_shortcut``, ``norm_out`` -> ``conv_norm_out``.
 * CLIP: transformers 4 (``text_model.*``), transformers 5 (flat) and SD (``cond_stage_model.transformer.*``) keys
   all normalise to the flat layout cq uses.
+* OpenCLIP text towers (SD 2's ``cond_stage_model.model.*``, SDXL's ``conditioner.embedders.1.model.*``):
+  ``transformer.resblocks.i`` -> ``encoder.layers.i`` with the fused ``attn.in_proj_{weight,bias}`` split into
+  ``q/k/v_proj``, ``ln_1/ln_2`` -> ``layer_norm1/2``, ``mlp.c_fc/c_proj`` -> ``mlp.fc1/fc2``, ``ln_final`` ->
+  ``final_layer_norm``, ``positional_embedding`` -> ``embeddings.position_embedding.weight`` and the
+  ``text_projection`` matrix (``x @ P``) -> ``text_projection.weight = P^T``.
 
 Every map is an exact inverse of its partner; unknown keys raise instead of being dropped.
 """
@@ -42,19 +47,24 @@ __all__ = [
     "autoencoder_to_diffusers",
     "autoencoder_from_diffusers",
     "clip_text_state",
+    "is_open_clip_text",
+    "open_clip_text_state",
+    "open_clip_num_layers",
+    "SDXL_CONDITIONER_PREFIX",
 ]
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_FIRST_STAGE_PREFIX = "first_stage_model."
 LDM_COND_STAGE_PREFIX = "cond_stage_model."
 LDM_EMA_PREFIX = "model_ema."
+SDXL_CONDITIONER_PREFIX = "conditioner."  # sgm (SDXL) single-file checkpoints: GeneralConditioner's embedders
 
 # ----------------------------------------------------------------------------------------------------------------
 # CompVis checkpoints: the parts of one Lightning state dict
 
 
 def split_ldm_checkpoint(state: dict[str, Tensor], *, ema: bool = True) -> dict[str, Any]:
-    """Split a full LDM/SD state dict into its parts.
+    """Split a full LDM/SD state dict into its parts (an sgm SDXL file's ``conditioner.*`` keys are its cond stage).
 
     Returns ``{"unet": {...}, "first_stage": {...}, "cond_stage": {...}, "scale_factor": float | None,
     "ema_used": bool}`` with the prefixes removed. With ``ema=True`` and a ``model_ema.*`` copy of every UNet
@@ -68,6 +78,7 @@ def split_ldm_checkpoint(state: dict[str, Tensor], *, ema: bool = True) -> dict[
             (LDM_UNET_PREFIX, "unet"),
             (LDM_FIRST_STAGE_PREFIX, "first_stage"),
             (LDM_COND_STAGE_PREFIX, "cond_stage"),
+            (SDXL_CONDITIONER_PREFIX, "cond_stage"),
         ):
             if key.startswith(prefix):
                 parts[part][key[len(prefix) :]] = value
@@ -599,4 +610,84 @@ def clip_text_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
         if key == "embeddings.position_ids":
             continue
         out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OpenCLIP text towers (SD 2, SDXL's second encoder)
+
+_OPEN_CLIP_PREFIXES = ("cond_stage_model.model.", "conditioner.embedders.1.model.", "model.")
+_OPEN_CLIP_BLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
+_OPEN_CLIP_BLOCK_NAMES = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+_OPEN_CLIP_UNUSED = ("logit_scale", "attn_mask")  # CLIP's loss temperature; the causal mask (rebuilt per call)
+
+
+def _strip_open_clip_prefix(key: str) -> str:
+    for prefix in _OPEN_CLIP_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def is_open_clip_text(state: dict[str, Any]) -> bool:
+    """Whether ``state`` holds an OpenCLIP text tower (``transformer.resblocks.*`` keys, any known prefix)."""
+    return any(_OPEN_CLIP_BLOCK.match(_strip_open_clip_prefix(k)) for k in state)
+
+
+def open_clip_num_layers(state: dict[str, Any]) -> int:
+    """The number of residual blocks of an OpenCLIP text tower's state dict."""
+    blocks = {int(m.group(1)) for k in state if (m := _OPEN_CLIP_BLOCK.match(_strip_open_clip_prefix(k)))}
+    return max(blocks) + 1 if blocks else 0
+
+
+def open_clip_text_state(
+    state: dict[str, Tensor], *, num_layers: int | None = None, with_projection: bool = False
+) -> dict[str, Tensor]:
+    """An OpenCLIP text tower (open_clip ``CLIP`` text attributes; SD 2 ``FrozenOpenCLIPEmbedder``, SDXL
+    ``FrozenOpenCLIPEmbedder2``) -> the flat layout of `cq.models.clip_text.CLIPTextModel` (module docstring).
+
+    Args:
+        num_layers: keep blocks ``0 .. num_layers - 1`` only. SD 2 cross-attends to the *penultimate* block's
+            output after ``ln_final`` (``layer="penultimate"``), which is a `CLIPTextModel` of one block fewer --
+            the conversion diffusers' SD 2 text encoders were made with. None: every block.
+        with_projection: keep ``text_projection`` (as ``text_projection.weight``, transposed) for a
+            `CLIPTextModelWithProjection` (SDXL's pooled ``text_embeds``); else it is dropped with ``logit_scale``.
+
+    Keys of other parts (``visual.*``) and unknown keys are kept as they are, so loading reports them.
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        key = _strip_open_clip_prefix(key)
+        if key in _OPEN_CLIP_UNUSED or (key == "text_projection" and not with_projection):
+            continue
+        if key == "token_embedding.weight":
+            out["embeddings.token_embedding.weight"] = value
+        elif key == "positional_embedding":
+            out["embeddings.position_embedding.weight"] = value
+        elif key.startswith("ln_final."):
+            out["final_layer_norm." + key[len("ln_final.") :]] = value
+        elif key == "text_projection":
+            out["text_projection.weight"] = value.t().contiguous()  # open_clip computes x @ P
+        elif m := _OPEN_CLIP_BLOCK.match(key):
+            index, rest = int(m.group(1)), m.group(2)
+            if num_layers is not None and index >= num_layers:
+                continue
+            base = f"encoder.layers.{index}."
+            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                if value.shape[0] % 3:
+                    raise CheckpointFormatError(f"{key}: a fused q/k/v projection has 3 x width rows, got {value.shape}")
+                kind = rest.rsplit("_", 1)[1]
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0), strict=True):
+                    out[f"{base}self_attn.{name}.{kind}"] = part.contiguous()
+                continue
+            module, _, param = rest.rpartition(".")
+            out[base + _OPEN_CLIP_BLOCK_NAMES.get(module, module) + "." + param] = value
+        else:
+            out[key] = value
     return out

@@ -36,9 +36,16 @@ from ..sampling.guidance import ClassifierFreeGuidance
 from ..sampling.samplers import SAMPLERS
 from .autoencoders import build_autoencoder
 from .checkpoint import read_diffusers_folder, read_state_dict
-from .clip_text import CLIPTextConfig
+from .clip_text import CLIPTextConfig, CLIPTextModel
 from .conditioners import ClassEmbedder, SDXLConditioner, TextConditioner, build_conditioner
-from .convert_ldm import autoencoder_from_diffusers, clip_text_state, split_ldm_checkpoint
+from .convert_ldm import (
+    autoencoder_from_diffusers,
+    clip_text_state,
+    is_open_clip_text,
+    open_clip_num_layers,
+    open_clip_text_state,
+    split_ldm_checkpoint,
+)
 from .folder_config import preset_differences, preset_from_folder
 from .loading import build, diffusers_noise_schedule, load_weights
 from .openai_unet import LDMUNet
@@ -134,7 +141,9 @@ class LatentDiffusion(nn.Module):
                 (`cq.models.folder_config.preset_from_folder`); or the preset (``"sd-v1"``, ``"ldm-cin256-v2"``,
                 ``"ldm-bedroom"``, ``"ldm-church"``...) of the checkpoint at ``path``.
             path: with a preset: a CompVis ``.ckpt`` / ``.safetensors`` holding ``model.diffusion_model.*``,
-                ``first_stage_model.*`` and ``cond_stage_model.*``; or a diffusers folder with ``unet/``,
+                ``first_stage_model.*`` and ``cond_stage_model.*`` (SD 1: CLIP ViT-L; SD 2: the OpenCLIP ViT-H
+                tower), an sgm SDXL single file (``conditioner.embedders.{0,1}.*``: CLIP ViT-L and OpenCLIP
+                ViT-bigG); or a diffusers folder with ``unet/``,
                 ``vae/`` and (SD) ``text_encoder/``, ``tokenizer/``, which must describe the preset's
                 architecture (a `ConfigError` names every differing field otherwise).
             tokenizer: SD's CLIP tokenizer: a `CLIPTokenizer`, a folder with ``vocab.json`` + ``merges.txt`` or
@@ -186,9 +195,14 @@ class LatentDiffusion(nn.Module):
         pipe.scale_factor = float(scale)
         sdxl = isinstance(pipe.conditioner, SDXLConditioner)
         if sdxl and auto and None in (pipe.conditioner.tokenizer, pipe.conditioner.tokenizer_2):
-            raise ConfigError(
+            where = (
                 f"{path} is an SDXL folder, but its tokenizer/ and tokenizer_2/ do not both hold a CLIP tokenizer "
-                "(vocab.json + merges.txt or tokenizer.json): pass tokenizer= (used for both encoders), or "
+                "(vocab.json + merges.txt or tokenizer.json)"
+                if path.is_dir()
+                else f"{path} is an sgm SDXL checkpoint, which contains no tokenizer"
+            )
+            raise ConfigError(
+                f"{where}: pass tokenizer= (used for both encoders, each padded as the preset says), or "
                 "tokenizer=None to give prompts as token ids"
             )
         if auto and isinstance(pipe.conditioner, TextConditioner) and pipe.conditioner.tokenizer is None:
@@ -375,19 +389,63 @@ def _load_first_stage(first_stage: nn.Module, state: dict[str, Tensor], *, sourc
 
 
 def _load_conditioner(conditioner: nn.Module | None, state: dict[str, Tensor], *, source: Any) -> None:
+    """The conditioner's weights from a CompVis / sgm checkpoint's cond stage (prefix removed): a CLIP text encoder
+    (SD 1), an OpenCLIP text tower (SD 2: ``model.*``), a class embedding (LDM), or SDXL's two embedders
+    (``embedders.0.transformer.*`` CLIP ViT-L, ``embedders.1.model.*`` OpenCLIP ViT-bigG)."""
     if conditioner is None:
         return
-    if isinstance(conditioner, SDXLConditioner):
-        raise ConfigError(
-            f"{source}: SDXL loads from a diffusers folder only (LatentDiffusion.from_pretrained(folder)); sgm "
-            "checkpoints' conditioner.embedders.* keys are not mapped"
-        )
     if not state:
-        raise CheckpointFormatError(f"{source} holds no cond_stage_model.* keys (the conditioner)")
-    if isinstance(conditioner, TextConditioner):
-        load_weights(conditioner.transformer, clip_text_state(state))
+        raise CheckpointFormatError(
+            f"{source} holds no cond_stage_model.* or conditioner.* keys (the conditioner / text encoder)"
+        )
+    if isinstance(conditioner, SDXLConditioner):
+        _load_sdxl_embedders(conditioner, state, source=source)
+    elif isinstance(conditioner, TextConditioner):
+        _load_text_tower(conditioner.transformer, state, source=source, penultimate=True)
     elif isinstance(conditioner, ClassEmbedder):
         load_weights(conditioner, state)
+
+
+def _load_text_tower(model: CLIPTextModel, state: dict[str, Tensor], *, source: Any, penultimate: bool) -> None:
+    """A CLIP text encoder in transformers / SD 1 keys, or an OpenCLIP text tower. ``penultimate``: the model
+    stands for the tower without its last block (SD 2 ``FrozenOpenCLIPEmbedder(layer="penultimate")``: the
+    penultimate block's output through ``ln_final``), so the checkpoint must hold exactly one block more."""
+    if not is_open_clip_text(state):
+        load_weights(model, clip_text_state(state))
+        return
+    found, layers = open_clip_num_layers(state), model.config.num_hidden_layers
+    expected = layers + 1 if penultimate else layers
+    if found != expected:
+        use = "its penultimate block's output (SD 2)" if penultimate else "every block"
+        raise CheckpointFormatError(
+            f"{source} holds an OpenCLIP text tower of {found} blocks; the preset's text encoder has {layers} "
+            f"layers and reads {use}, so it needs {expected}: is this the right preset?"
+        )
+    load_weights(model, open_clip_text_state(state, num_layers=layers, with_projection=not penultimate))
+
+
+def _load_sdxl_embedders(conditioner: SDXLConditioner, state: dict[str, Tensor], *, source: Any) -> None:
+    """sgm ``GeneralConditioner`` keys: embedder 0 is CLIP ViT-L (transformers 4 keys under ``transformer.``),
+    embedder 1 OpenCLIP ViT-bigG (``model.*``, every block plus ``text_projection``); the size/crop embedders
+    have no weights."""
+    parts: dict[str, dict[str, Tensor]] = {"0": {}, "1": {}}
+    other = []
+    for key, value in state.items():
+        index, _, rest = key.removeprefix("embedders.").partition(".")
+        if key.startswith("embedders.") and index in parts:
+            parts[index][rest] = value
+        else:
+            other.append(key)
+    if other or not all(parts.values()):
+        raise CheckpointFormatError(
+            f"{source} is not an sgm SDXL checkpoint: expected conditioner.embedders.0.* (CLIP ViT-L) and "
+            f"conditioner.embedders.1.* (OpenCLIP ViT-bigG) keys"
+            + (f", found also {other[:5]}" if other else f", found {sorted(state)[:5]}")
+        )
+    _load_text_tower(conditioner.transformer, parts["0"], source=source, penultimate=False)
+    if not is_open_clip_text(parts["1"]):
+        raise CheckpointFormatError(f"{source}: conditioner.embedders.1.* is not an OpenCLIP text tower (model.*)")
+    _load_text_tower(conditioner.transformer_2, parts["1"], source=source, penultimate=False)
 
 
 def _load_diffusers_pipeline(pipe: LatentDiffusion, folder: Path) -> float | None:

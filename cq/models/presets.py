@@ -132,6 +132,19 @@ _LDM4_NOISE = NoiseSchedule(kind="scaled_linear", beta_start=0.0015, beta_end=0.
 _CHURCH_NOISE = NoiseSchedule(kind="scaled_linear", beta_start=0.0015, beta_end=0.0155, num_timesteps=1000)
 _SD_NOISE = NoiseSchedule(kind="scaled_linear", beta_start=0.00085, beta_end=0.012, num_timesteps=1000)
 _CLIP_L14 = CLIPTextConfig()
+# OpenCLIP ViT-H/14's text tower as SD 2 reads it: 24 blocks, of which the first 23 feed ln_final ("penultimate")
+_OPEN_CLIP_H14_SD2 = CLIPTextConfig(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu"
+)
+# OpenCLIP ViT-bigG/14 (SDXL's second encoder: every block, pooled output projected to 1280)
+_OPEN_CLIP_BIGG14 = CLIPTextConfig(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
 
 # tiny versions: same structure (levels, attention kind, conditioning, autoencoder kind), 32 channels
 _TINY_KL = AutoencoderConfig(
@@ -234,9 +247,9 @@ LDM_PRESETS: list[Preset] = [
         source="CompVis sd-v1-4.ckpt / v1-5-pruned-emaonly.{ckpt,safetensors} (v1-inference.yaml) "
         "or a diffusers StableDiffusionPipeline folder",
     ),
-    # SD 2.x UNets (CompVis/Stability v2-inference{,-v}.yaml: 64-channel heads, linear proj_in/out, OpenCLIP
-    # ViT-H context 1024, attention in fp32). UNet only: cq has no OpenCLIP text tower for CompVis checkpoints;
-    # diffusers SD 2 folders load whole by their own configs (LatentDiffusion.from_pretrained(folder)).
+    # SD 2.x (Stability-AI/stablediffusion v2-inference{,-v}.yaml: 64-channel heads, linear proj_in/out, attention
+    # in fp32, FrozenOpenCLIPEmbedder ViT-H-14 layer="penultimate", padding with 0; scripts/txt2img.py's defaults:
+    # DDIM, 50 steps, scale 9). diffusers SD 2 folders also load by their own configs.
     *(
         Preset(
             name=name,
@@ -257,12 +270,53 @@ LDM_PRESETS: list[Preset] = [
             ),
             noise=dataclasses.replace(_SD_NOISE, prediction=prediction),
             sampling={"steps": 50, "spacing": "ldm", "eta": 0.0},
+            pipeline=LatentPipelineSpec(
+                autoencoder=_KL_F8,
+                conditioner=ConditionerConfig(kind="clip_text", text=_OPEN_CLIP_H14_SD2, pad_id=0),
+                scale_factor=0.18215,
+                sampler="ddim",
+                guidance_scale=9.0,
+            ),
             source=source,
         )
         for name, size, prediction, source in (
             ("sd-v2", 96, "v", "v2-1_768-ema-pruned.{ckpt,safetensors} (v2-inference-v.yaml, parameterization v)"),
             ("sd-v2-base", 64, "eps", "v2-1_512-ema-pruned.{ckpt,safetensors} (v2-inference.yaml)"),
         )
+    ),
+    # SDXL base (Stability-AI/generative-models configs/inference/sd_xl_base.yaml): no attention at the first level,
+    # transformer depth (-, 2, 10), context = CLIP ViT-L penultimate states (768) + OpenCLIP bigG penultimate
+    # (1280), y = bigG's pooled text_embeds (1280) + 6 size/crop numbers x 256; VAE scale 0.13025. Defaults:
+    # diffusers' StableDiffusionXLPipeline guidance 5.0, with DDIM 50 (cq's samplers; diffusers uses Euler).
+    Preset(
+        name="sdxl",
+        config=LDMUNetConfig(
+            image_size=128,
+            in_channels=4,
+            out_channels=4,
+            model_channels=320,
+            num_res_blocks=2,
+            attention_resolutions=(4, 2),
+            channel_mult=(1, 2, 4),
+            num_head_channels=64,
+            use_spatial_transformer=True,
+            transformer_depth=(1, 2, 10),
+            context_dim=2048,
+            use_linear_in_transformer=True,
+            adm_in_channels=2816,
+        ),
+        noise=_SD_NOISE,
+        sampling={"steps": 50, "spacing": "ldm", "eta": 0.0},
+        pipeline=LatentPipelineSpec(
+            autoencoder=_KL_F8,
+            conditioner=ConditionerConfig(
+                kind="sdxl", text=_CLIP_L14, text_2=_OPEN_CLIP_BIGG14, time_dim=256, pad_id_2=0
+            ),
+            scale_factor=0.13025,
+            sampler="ddim",
+            guidance_scale=5.0,
+        ),
+        source="sgm sd_xl_base_1.0.safetensors (sd_xl_base.yaml) or a diffusers StableDiffusionXLPipeline folder",
     ),
     # tiny configs for tests and CPU demos (random weights; cq.models.LatentDiffusion.build)
     Preset(

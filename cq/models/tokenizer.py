@@ -31,6 +31,8 @@ Files: ``vocab.json`` + ``merges.txt`` (a diffusers/transformers ``tokenizer/`` 
 
 from __future__ import annotations
 
+import copy
+
 import gzip
 import json
 import re
@@ -141,6 +143,15 @@ class CLIPTokenizer:
         self.pad_id = pad_id
         self._byte_char = bytes_to_unicode()
         self._cache: dict[str, list[str]] = {}
+
+    def with_pad_id(self, pad_id: int) -> CLIPTokenizer:
+        """The same tokenizer padding with ``pad_id`` (OpenCLIP towers -- SD 2, SDXL's second encoder -- were
+        trained with 0, ``"!"``)."""
+        if isinstance(pad_id, bool) or not isinstance(pad_id, int) or pad_id < 0:
+            raise ConfigError(f"pad_id must be an int >= 0, got {pad_id!r}")
+        twin = copy.copy(self)
+        twin.pad_id = pad_id
+        return twin
 
     # ------------------------------------------------------------------------------------------------------------
     # Construction from files
