@@ -63,9 +63,12 @@ def main() -> None:
         size = args.latent or c.image_size
         if size != c.image_size:
             unet.config = type(c)(**{**c.__dict__, "image_size": size})
-        cond = (
-            torch.empty(1, 77 if c.context_dim == 768 else 1, c.context_dim, device="meta") if c.context_dim else None
-        )
+        cond = None
+        if c.context_dim:  # prompts: 77 tokens (SDXL: plus y packed as trailing tokens); class labels: 1
+            text = preset.pipeline.conditioner is not None and preset.pipeline.conditioner.kind != "class_embedder"
+            cond = torch.empty(1, 77 if text else 1, c.context_dim, device="meta")
+            if c.adm_in_channels:
+                cond = unet.pack_cond(cond, torch.empty(1, c.adm_in_channels, device="meta"))
         point = unet.default_cache_point()
         macs = unet_macs(unet, cond=cond, points=[point])
         x = torch.empty(1, *unet.sample_shape, device="meta")
