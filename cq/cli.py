@@ -172,6 +172,10 @@ def _fit(args: argparse.Namespace) -> int:
     from .trace import trace as record
 
     _check_writable(args.out)
+    if args.trace_dir is not None and Path(args.trace_dir).exists():
+        from .errors import TraceStorageError
+
+        raise TraceStorageError(f"--trace-dir {args.trace_dir} exists already: the trace is written to a new folder")
     device = device_of(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -208,9 +212,13 @@ def _fit(args: argparse.Namespace) -> int:
         guidance_scale=calibration.scale,
         uncond=calibration.uncond,
         batch_size=min(args.samples, args.batch_size or _default_batch(unet)),
+        storage=args.trace_dir,
         **sampler,
     )
-    print(f"trace: {trace.nbytes / 2**20:.1f} MiB stored ({trace.x.shape[1]} rows per call, {trace.steps} calls)")
+    where = f" on disk in {args.trace_dir}" if args.trace_dir else ""
+    print(
+        f"trace: {trace.nbytes / 2**20:.1f} MiB stored{where} ({trace.x.shape[1]} rows per call, {trace.steps} calls)"
+    )
     if budget is not None:
         from .budget import fit_to_budget
         from .recipe import cachequant
@@ -864,6 +872,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--samples", type=POSITIVE, default=32, help="calibration trajectories")
     fit.add_argument(
         "--keep", type=POSITIVE, default=None, help="trajectories stored at every step (default: all; bounds memory)"
+    )
+    fit.add_argument(
+        "--trace-dir",
+        default=None,
+        help="keep the calibration trace in this new folder, memory-mapped, instead of memory (every trajectory "
+        "can then be kept: the fit's memory does not grow with --keep or the steps); it is left there for reuse",
     )
     fit.add_argument("--seed", type=int, default=10_000)
     fit.add_argument("--threads", type=POSITIVE, default=None)

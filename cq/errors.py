@@ -26,6 +26,7 @@ __all__ = [
     "InputShapeError",
     "InputValueError",
     "TraceBudgetError",
+    "TraceStorageError",
     "BudgetError",
     "CalibrationSeedsError",
     "ReferenceMismatchError",
@@ -162,6 +163,11 @@ class InputValueError(CqError, ValueError):
 
 class TraceBudgetError(CqError, ValueError):
     """A trace would need more memory than the budget the caller allowed."""
+
+
+class TraceStorageError(CqError, ValueError):
+    """A trace folder (``cq.trace(storage=...)`` / `Trace.open`) cannot be written or read: it exists already, it is
+    incomplete (its writer did not finish), or it is not a trace folder."""
 
 
 class BudgetError(CqError, ValueError):

@@ -13,23 +13,35 @@ Memory (``Trace.estimate_bytes``), with ``k = min(keep, num_samples)`` and ``T =
 (the last term is the final fp32 samples ``x0`` of the kept trajectories). ``max_bytes`` is checked after the
 first model call, when the feature shapes are known, before anything is stored.
 
+``storage=FOLDER`` keeps the trace on disk instead of in memory (issue L 5: the reference holds ~50 GB of
+features in RAM for LDM-4 ImageNet): every tensor is a ``.npy`` file, memory-mapped, written as the sampler runs
+and read back step by step by the fitting stages, so the memory a fit needs no longer grows with ``keep`` or the
+step count -- every trajectory can be kept and every statistic (DPS distances, DEC moments, calibration) is
+computed over all of them. The folder appears only when the trace is complete (written next to it, then renamed);
+`Trace.open` reads it again, so one recorded trace serves many fits.
+
 Features come through the UNet's explicit `CacheView` slot (no forward hooks are needed for named points).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .cache.view import CacheView
-from .errors import ConfigError, InputShapeError, TraceBudgetError
-from .io import fingerprint
+from .errors import ConfigError, InputShapeError, TraceBudgetError, TraceStorageError
+from .io import atomic_dir, fingerprint
 from .models.unet import check_cacheable
 from .sampling.adapter import FullPrecision
 from .sampling.ddim import ddim, resolve_noise_schedule
@@ -92,8 +104,55 @@ class Trace:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the stored tensors (in memory, or on disk for a trace with ``storage``)."""
         tensors = [self.x, self.x0, *self.features.values()] + ([self.cond] if self.cond is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    @classmethod
+    def open(cls, folder: str | Path) -> Trace:
+        """A trace written with ``cq.trace(..., storage=folder)``, its tensors memory-mapped from the folder
+        (copy-on-write: nothing a caller does changes the files)."""
+        folder = Path(folder)
+        meta_file = folder / _TRACE_META
+        if not meta_file.is_file():
+            why = "is not a folder" if not folder.is_dir() else f"holds no {_TRACE_META} (not a complete cq trace)"
+            raise TraceStorageError(f"{folder} {why}; record one with cq.trace(..., storage={str(folder)!r})")
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            if meta.get("format") != _TRACE_FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}, this cq reads format {_TRACE_FORMAT}")
+            arrays = {name: _open_array(folder / f"{name}.npy") for name in meta["arrays"]}
+            settings = SamplerSettings.from_dict(meta["settings"]) if meta["settings"] is not None else None
+            return cls(
+                timesteps=torch.tensor(meta["timesteps"], dtype=torch.long),
+                x=arrays["x"],
+                cond=arrays.get("cond"),
+                features={p: arrays[f"feature{i}"] for i, p in enumerate(meta["points"])},
+                x0=arrays["x0"],
+                sample_ids=torch.tensor(meta["sample_ids"], dtype=torch.long),
+                sampler=dict(meta["sampler"]),
+                seeds=tuple(int(s) for s in meta["seeds"]),
+                base_fingerprint=str(meta["base_fingerprint"]),
+                settings=settings,
+                guidance_scale=float(meta["guidance_scale"]),
+            )
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise TraceStorageError(f"{folder} is not a readable cq trace: {type(e).__name__}: {e}") from None
+
+    def _write_meta(self, folder: Path, arrays: Sequence[str]) -> None:
+        meta = {
+            "format": _TRACE_FORMAT,
+            "arrays": list(arrays),
+            "points": list(self.features),
+            "timesteps": self.timesteps.tolist(),
+            "sample_ids": self.sample_ids.tolist(),
+            "sampler": self.sampler,
+            "seeds": list(self.seeds),
+            "base_fingerprint": self.base_fingerprint,
+            "settings": self.settings.to_dict() if self.settings is not None else None,
+            "guidance_scale": self.guidance_scale,
+        }
+        (folder / _TRACE_META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
     @staticmethod
     def estimate_bytes(
@@ -150,12 +209,26 @@ class _Recorder(SamplerModel):
         return eps
 
 
-class _TraceBuilder:
-    """Pre-allocated storage filled batch by batch (internal to `trace`)."""
+_TRACE_META = "trace.json"
+_TRACE_FORMAT = 1
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
+                 torch.int64: np.int64, torch.int32: np.int32}
 
-    def __init__(self, *, steps, keep, points, observers, dtype, max_bytes):
+
+def _open_array(path: Path) -> Tensor:
+    return torch.from_numpy(np.load(path, mmap_mode="c"))
+
+
+class _TraceBuilder:
+    """Pre-allocated storage filled batch by batch (internal to `trace`): tensors in memory, or memory-mapped
+    ``.npy`` files in ``folder``."""
+
+    def __init__(self, *, steps, keep, points, observers, dtype, max_bytes, folder=None):
         self.steps, self.keep, self.points = steps, keep, tuple(points)
         self.observers, self.dtype, self.max_bytes = list(observers), dtype, max_bytes
+        self.folder: Path | None = folder
+        self.arrays: dict[str, Tensor] = {}  # name -> tensor; on disk: the file name
+        self.maps: list[np.memmap] = []
         self.offset = 0  # index of the first kept row of the current batch in the storage
         self.x = self.cond = None
         self.features: dict[str, Tensor] = {}
@@ -177,12 +250,34 @@ class _TraceBuilder:
                 f"(steps={self.steps}, keep={self.keep}, points={list(self.points)}); "
                 "lower keep or record fewer points"
             )
-        self.x = torch.empty((self.steps, self.keep, *x.shape[1:]), dtype=self.dtype)
+        self.x = self.empty("x", (self.steps, self.keep, *x.shape[1:]), self.dtype)
         if cond_shape is not None:
-            self.cond = torch.empty((self.steps, self.keep, *cond_shape), dtype=cond.dtype)
+            self.cond = self.empty("cond", (self.steps, self.keep, *cond_shape), cond.dtype)
         self.features = {  # in the order the caller asked for
-            p: torch.empty((self.steps, self.keep, *features[p].shape[1:]), dtype=self.dtype) for p in self.points
+            p: self.empty(f"feature{i}", (self.steps, self.keep, *features[p].shape[1:]), self.dtype)
+            for i, p in enumerate(self.points)
         }
+
+    def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """A tensor of ``shape`` in memory, or a memory-mapped ``name.npy`` in the storage folder."""
+        if self.folder is None:
+            tensor = torch.empty(shape, dtype=dtype)
+        else:
+            if dtype not in _NUMPY_DTYPES:
+                raise TraceStorageError(
+                    f"a trace on disk stores float32, float16 or integer tensors, not {dtype}: use "
+                    "dtype=torch.float16 or torch.float32 with storage="
+                )
+            array = np.lib.format.open_memmap(self.folder / f"{name}.npy", "w+", _NUMPY_DTYPES[dtype], shape)
+            self.maps.append(array)
+            tensor = torch.from_numpy(array)
+        self.arrays[name] = tensor
+        return tensor
+
+    def flush(self) -> None:
+        """Write the memory-mapped files' pages out (before the folder is synced and renamed)."""
+        for array in self.maps:
+            array.flush()
 
     def store(self, step, t, x, cond, features, rows) -> None:
         if self.x is None:
@@ -216,6 +311,7 @@ def trace(
     observers: Sequence[Observer] = (),
     guidance_scale: float = 1.0,
     uncond: Tensor | None = None,
+    storage: str | Path | None = None,
     progress: bool = True,
     **sampler_kwargs: Any,
 ) -> Trace:
@@ -242,6 +338,8 @@ def trace(
             the pooled batch ``[uncond; cond]`` and the trace stores both halves of each kept trajectory: rows
             ``2i`` and ``2i + 1`` are its unconditional and conditional rows (CacheQuant fits DPS, the activation
             tables and DEC on the pooled batch a guided sampler feeds the model).
+        storage: a folder (it must not exist) to keep the trace in, memory-mapped, instead of memory (module
+            docstring); it appears only once the trace is complete. ``Trace.open(folder)`` reads it again.
         progress: show a progress bar over batches.
     """
     if num_samples < 1 or batch_size < 1:
@@ -265,52 +363,68 @@ def trace(
     # one record per model call: PLMS calls the model twice at its first step (sampler.num_calls)
     calls = model_calls(sampler, steps)
     halves = 2 if is_guided else 1  # guided: rows 2i, 2i + 1 = unconditional, conditional half of trajectory i
-    builder = _TraceBuilder(
-        steps=calls, keep=halves * len(kept), points=points, observers=observers, dtype=dtype, max_bytes=max_bytes
-    )
-    x0 = torch.empty((len(kept), *sample_shape), dtype=torch.float32)
-    device = next(unet.parameters()).device
-    batches = range(0, num_samples, batch_size)
-    for start in tqdm(batches, desc="trace", disable=not progress, unit="batch"):
-        ids = torch.arange(start, min(start + batch_size, num_samples))
-        rows = torch.nonzero(torch.isin(ids, kept)).flatten()
-        first = int(torch.searchsorted(kept, ids[0])) if len(kept) else 0
-        builder.offset = halves * first
-        x = seeded_noise(sample_shape, [seed + int(i) for i in ids]).to(device)
-        batch_cond = cond[ids].to(device) if cond is not None else None
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
-        recorder = _Recorder(unet, builder, rows.to(device), batch=len(ids), guided=is_guided)
-        out = sampler(
-            guided(recorder, guidance_scale, uncond, ids),
-            x,
-            steps=steps,
-            cond=batch_cond,
-            noise=noise,
-            generator=generator,
-            **sampler_kwargs,
+    if storage is not None and Path(storage).exists():
+        raise TraceStorageError(
+            f"{storage} exists already: a trace is written to a new folder (Trace.open({str(storage)!r}) reads a "
+            "finished one; delete or rename it to record again)"
         )
-        x0[first : first + len(rows)] = out[rows].float().cpu()
-    return Trace(
-        timesteps=builder.timesteps,
-        x=builder.x,
-        cond=builder.cond,
-        features=builder.features,
-        x0=x0,
-        sample_ids=kept,
-        sampler={
-            "name": getattr(sampler, "__name__", str(sampler)),
-            "steps": steps,
-            "seed": seed,
-            "num_samples": num_samples,
-            **{k: v for k, v in sampler_kwargs.items() if _is_plain(v)},
-        },
-        seeds=tuple(range(seed, seed + num_samples)),
-        guidance_scale=float(guidance_scale),
-        base_fingerprint=fingerprint(unet),
-        settings=_recorded_settings(
-            sampler, steps, resolve_noise_schedule(FullPrecision(unet), noise), builder.timesteps, sampler_kwargs
-        ),
-    )
+    with atomic_dir(storage) if storage is not None else contextlib.nullcontext() as folder:
+        builder = _TraceBuilder(
+            steps=calls,
+            keep=halves * len(kept),
+            points=points,
+            observers=observers,
+            dtype=dtype,
+            max_bytes=max_bytes,
+            folder=folder,
+        )
+        x0 = builder.empty("x0", (len(kept), *sample_shape), torch.float32)
+        device = next(unet.parameters()).device
+        batches = range(0, num_samples, batch_size)
+        for start in tqdm(batches, desc="trace", disable=not progress, unit="batch"):
+            ids = torch.arange(start, min(start + batch_size, num_samples))
+            rows = torch.nonzero(torch.isin(ids, kept)).flatten()
+            first = int(torch.searchsorted(kept, ids[0])) if len(kept) else 0
+            builder.offset = halves * first
+            x = seeded_noise(sample_shape, [seed + int(i) for i in ids]).to(device)
+            batch_cond = cond[ids].to(device) if cond is not None else None
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
+            recorder = _Recorder(unet, builder, rows.to(device), batch=len(ids), guided=is_guided)
+            out = sampler(
+                guided(recorder, guidance_scale, uncond, ids),
+                x,
+                steps=steps,
+                cond=batch_cond,
+                noise=noise,
+                generator=generator,
+                **sampler_kwargs,
+            )
+            x0[first : first + len(rows)] = out[rows].float().cpu()
+        result = Trace(
+            timesteps=builder.timesteps,
+            x=builder.x,
+            cond=builder.cond,
+            features=builder.features,
+            x0=x0,
+            sample_ids=kept,
+            sampler={
+                "name": getattr(sampler, "__name__", str(sampler)),
+                "steps": steps,
+                "seed": seed,
+                "num_samples": num_samples,
+                **{k: v for k, v in sampler_kwargs.items() if _is_plain(v)},
+            },
+            seeds=tuple(range(seed, seed + num_samples)),
+            guidance_scale=float(guidance_scale),
+            base_fingerprint=fingerprint(unet),
+            settings=_recorded_settings(
+                sampler, steps, resolve_noise_schedule(FullPrecision(unet), noise), builder.timesteps, sampler_kwargs
+            ),
+        )
+        if folder is not None:
+            builder.flush()
+            result._write_meta(folder, list(builder.arrays))
+    return Trace.open(storage) if storage is not None else result
 
 
 def _recorded_settings(sampler, steps, noise, timesteps: Tensor, kwargs: dict) -> SamplerSettings | None:

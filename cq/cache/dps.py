@@ -44,17 +44,18 @@ def distance_table(features: Tensor, max_len: int, distance: Distance = "l1") ->
 
     ``l1``: sum of absolute differences (CacheQuant's ``get_class_diameter``); ``l2``: Euclidean norm;
     ``mse``: mean squared difference. Computed in blocks of steps x feature chunks that stay in cache (the
-    naive per-lag difference streams ``max_len`` copies of the whole trace through memory, ~9x slower).
+    naive per-lag difference streams ``max_len`` copies of the whole trace through memory, ~9x slower); only one
+    feature chunk is converted to fp32 at a time, so a memory-mapped trace is never copied whole.
     """
     if distance not in ("l1", "l2", "mse"):
         raise ConfigError(f"distance must be 'l1', 'l2' or 'mse', got {distance!r}")
     T = features.shape[0]
-    flat = features.reshape(T, -1).float()  # fp32 differences, fp64 accumulation across chunks
+    flat = features.reshape(T, -1)  # a view: a trace kept on disk is read one feature chunk at a time
     D = flat.shape[1]
     acc = torch.zeros((T, max_len), dtype=torch.float64)
     rows, chunk = 32, 2048
     for c in range(0, D, chunk):
-        part = flat[:, c : c + chunk].contiguous()
+        part = flat[:, c : c + chunk].float().contiguous()  # fp32 differences, fp64 accumulation across chunks
         for b in range(0, T, rows):
             e = min(b + rows, T)
             block = part[b : min(e + max_len - 1, T)]
