@@ -75,7 +75,11 @@ def run_eval(args: argparse.Namespace) -> int:
         ref = make_reference(images, extractor, keep_features=args.keep_features, batch_size=args.batch_size)
         out = ref.save(args.out)
         kept = 0 if ref.features is None else ref.features.shape[0]
-        print(f"wrote {out}: mu/sigma of {images.count} images ({extractor.name}, {ref.dim}-d), {kept} feature rows")
+        spatial = "" if ref.spatial is None else f", mu_s/sigma_s ({ref.spatial.mean.shape[0]}-d spatial, for sFID)"
+        print(
+            f"wrote {out}: mu/sigma of {images.count} images ({extractor.name}, {ref.dim}-d){spatial}, "
+            f"{kept} feature rows"
+        )
         return 0
     if args.path is None:
         raise ConfigError("cq eval needs the samples (a folder of shards, a .npz or an image folder) or --make-ref")
@@ -92,6 +96,8 @@ def run_eval(args: argparse.Namespace) -> int:
     metrics = args.metrics
     if metrics is None:
         metrics = ["fid", "is"] if reference is not None else ["is"]
+        if reference is not None and reference.spatial is not None and callable(getattr(extractor, "with_spatial", None)):
+            metrics.append("sfid")
         if reference is not None and reference.features is not None:
             metrics.append("pr")
         if clip is not None:
@@ -153,8 +159,9 @@ def add_eval_parser(sub, positive, non_negative) -> None:
         "--metrics",
         type=_metrics_arg,
         default=None,
-        help="comma-separated: fid,is,pr,clip (sfid is refused: torch-fidelity has no spatial features); "
-        "default: fid,is (+pr when the reference has features, +clip with --clip-weights)",
+        help="comma-separated: fid,sfid,is,pr,clip (sfid: Inception's spatial features against the reference's "
+        "mu_s / sigma_s); default: fid,is (+sfid when the reference has spatial statistics, +pr when it has "
+        "features, +clip with --clip-weights)",
     )
     ev.add_argument("--clip-arch", default="ViT-L-14", help="open_clip architecture (default ViT-L-14)")
     ev.add_argument(

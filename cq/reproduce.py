@@ -469,6 +469,8 @@ def run_row(
         reference = read_reference(ref, extractor, batch_size=64, keep_features=10_000)
         if row.metric == "inception" and reference.features is not None:
             metrics.append("pr")
+        if row.metric == "inception" and reference.spatial is not None:
+            metrics.append("sfid")
     fidelity = measure(images, extractor, reference, metrics=metrics, clip=clip)
 
     print(f"[4/4] report: MAC speedup and per-sample PSNR on {psnr_samples} held-out seeds")
@@ -483,7 +485,8 @@ def _table(row: PaperRow, fid, rep, num: int, calibration: int, psnr_samples: in
     if fid.fid is not None:
         rows.append([fid_name, f"{fid.fid:.3f}", _known(p.fid)])
     if row.metric == "inception":
-        rows.append(["sFID", "refused (torch-fidelity has no spatial features)", _known(p.sfid)])
+        measured = f"{fid.sfid:.3f}" if fid.sfid is not None else "not measured (the reference has no mu_s / sigma_s)"
+        rows.append(["sFID", measured, _known(p.sfid)])
     if fid.inception_score is not None:
         name = "IS analogue (digits classes)" if row.metric == "digits" else "IS"
         rows.append([name, f"{fid.inception_score:.2f} +- {fid.inception_score_std:.2f}", _known(p.inception_score)])

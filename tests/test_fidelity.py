@@ -151,8 +151,12 @@ def test_measure_refuses_what_it_cannot_compute(tmp_path):
     ex = TinyExtractor()
     images = _set(tmp_path, _images(0))
     ref = make_reference(images, ex, progress=False)
-    with pytest.raises(MetricUnavailableError, match="sFID needs Inception-v3's spatial"):
+    assert ref.spatial is None  # an extractor without spatial features gives no sFID statistics
+    with pytest.raises(ConfigError, match="mu_s / sigma_s"):
         measure(images, ex, ref, metrics=("fid", "sfid"), progress=False)
+    with_spatial = ReferenceStats.of(torch.randn(40, 16), ex.name, spatial=torch.randn(40, 6))
+    with pytest.raises(MetricUnavailableError, match="sFID is defined on Inception-v3's spatial"):
+        measure(images, ex, with_spatial, metrics=("sfid",), progress=False)
     with pytest.raises(ConfigError, match="subset of"):
         measure(images, ex, ref, metrics=("kid",), progress=False)
     with pytest.raises(ConfigError, match="need reference statistics"):
@@ -302,6 +306,58 @@ def test_inception_adapter_on_random_weights(random_inception_weights):
         ex(rgb.float())
 
 
+def test_spatial_features_are_the_first_seven_channels_of_mixed_6d_1x1_in_nhwc_order(random_inception_weights):
+    from cq.metrics.extractors import SPATIAL_LAYER
+
+    ex = InceptionExtractor.load(random_inception_weights)
+    rgb = torch.from_numpy(_images(1, n=3, size=16)).permute(0, 3, 1, 2)
+    layer = ex.net.get_submodule(SPATIAL_LAYER)
+    raw = []
+    handle = layer.register_forward_hook(lambda m, a, out: raw.append(out.clone()))
+    try:
+        pool, logits = ex(rgb)
+    finally:
+        handle.remove()
+    pool_s, logits_s, spatial = ex.with_spatial(rgb)
+    assert spatial.shape == (3, 17 * 17 * 7) and not layer._forward_hooks  # the call's hook is gone
+    assert torch.equal(pool_s, pool) and torch.equal(logits_s, logits)
+    assert raw[0].shape == (3, 192, 17, 17)
+    assert torch.equal(spatial.reshape(3, 17, 17, 7).permute(0, 3, 1, 2), raw[0][:, :7])  # TF's NHWC flattening
+
+
+def test_sfid_of_a_set_with_itself_is_zero_and_grows_with_noise(random_inception_weights, tmp_path):
+    ex = InceptionExtractor.load(random_inception_weights)
+    clean = _images(2, n=24, size=16)
+    ref = make_reference(_set(tmp_path, clean, "ref.npz"), ex, progress=False)
+    assert ref.spatial is not None and ref.spatial.mean.shape == (2023,)
+    same = measure(_set(tmp_path, clean, "same.npz"), ex, ref, metrics=("sfid",), progress=False).sfid
+    scale = float(ref.spatial.cov.diagonal().sum())
+    assert abs(same) <= 1e-6 * scale
+    noisy = measure(_set(tmp_path, _noisy(clean, 40, 3), "noisy.npz"), ex, ref, metrics=("sfid", "fid"),
+                    progress=False)
+    assert noisy.sfid > 1e-3 * scale and noisy.fid > 0 and ["sFID", f"{noisy.sfid:.3f}"] in noisy.rows()
+    ref.save(tmp_path / "ref-stats.npz")  # ADM's key names round-trip
+    loaded = ReferenceStats.load(tmp_path / "ref-stats.npz")
+    assert torch.equal(loaded.spatial.mean, ref.spatial.mean.double()) and loaded.spatial.cov.shape == (2023, 2023)
+    with np.load(tmp_path / "ref-stats.npz") as z:
+        assert {"mu", "sigma", "mu_s", "sigma_s"} <= set(z.files)
+        arrays = dict(z)
+    np.savez(tmp_path / "bad.npz", **{**arrays, "sigma_s": np.zeros((3, 3))})
+    with pytest.raises(ReferenceStatsError, match="mu_s .* do not fit"):
+        ReferenceStats.load(tmp_path / "bad.npz")
+
+
+def test_cli_sfid_with_an_inception_reference(random_inception_weights, tmp_path, capsys):
+    np.savez(tmp_path / "real.npz", arr_0=_images(4, n=16, size=16))
+    np.savez(tmp_path / "fake.npz", arr_0=_noisy(_images(4, n=16, size=16), 30, 1))
+    weights = ["--inception-weights", str(random_inception_weights)]
+    ref = tmp_path / "ref.npz"
+    assert main(["eval", "--make-ref", str(tmp_path / "real.npz"), "-o", str(ref), *weights]) == 0
+    assert "mu_s/sigma_s (2023-d spatial, for sFID)" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "fake.npz"), "--ref", str(ref), "--metrics", "fid,sfid", *weights]) == 0
+    assert "| sFID" in capsys.readouterr().out
+
+
 def test_inception_weights_are_checked_and_never_downloaded(tmp_path):
     with pytest.raises(MetricUnavailableError, match="--inception-weights PATH"):
         InceptionExtractor.load(tmp_path / "missing.pth")
@@ -347,8 +403,8 @@ def test_cli_eval_and_make_ref(tmp_path, capsys):
     assert noisy["fid"] > 1.0 and noisy["count"] == 200 and noisy["precision"] is not None
     assert main(["eval", str(tmp_path / "real.npz"), "--extractor", "digits", "--metrics", "fid"]) == 0
     assert "the extractor data statistics" in capsys.readouterr().out  # no --ref: the real digits
-    assert main(["eval", str(tmp_path / "real.npz"), "--metrics", "sfid"]) == 2
-    assert "sFID" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "real.npz"), "--extractor", "digits", "--metrics", "sfid"]) == 2
+    assert "sFID needs the reference's spatial statistics" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "real.npz"), "--inception-weights", str(tmp_path / "none.pth")]) == 2
     assert "--inception-weights PATH" in capsys.readouterr().err
     assert main(["eval", "--make-ref", str(tmp_path / "real.npz"), "--extractor", "digits"]) == 2

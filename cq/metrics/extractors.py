@@ -2,7 +2,8 @@
 
 - `InceptionExtractor`: torch-fidelity's Inception-v3 port of the TensorFlow FID network (Heusel et al. 2017;
   the network the guided-diffusion evaluator and CacheQuant's tables use): 2048-d pool3 features and the
-  1008-way ``logits_unbiased`` for the Inception score. Needs the ``eval`` extra (``pip install cq[eval]``).
+  1008-way ``logits_unbiased`` for the Inception score, and (`InceptionExtractor.with_spatial`) the spatial
+  features of sFID. Needs the ``eval`` extra (``pip install cq[eval]``).
 - `DigitsExtractor`: the digits classifier shipped with cq (`cq.metrics.digits`), for the 16x16 demo model, where
   Inception means nothing; no extra dependency, no download.
 
@@ -27,6 +28,12 @@ if TYPE_CHECKING:
 __all__ = ["FeatureExtractor", "InceptionExtractor", "DigitsExtractor", "check_images"]
 
 INCEPTION_NAME = "torch-fidelity-inception-v3-compat"
+# sFID (Nash et al. 2021) as the guided-diffusion evaluator defines it: the tensor "mixed_6/conv:0" of the TF graph,
+# its first 7 channels, flattened in TF's NHWC order (17 x 17 x 7 = 2023 values per image). The graph's blocks
+# mixed, mixed_1 .. mixed_10 are torch-fidelity's Mixed_5b .. Mixed_7c (the same TF graph, ported), so mixed_6 is
+# Mixed_6d, and its scope "conv" is the block's 1x1 branch: conv, batch norm, ReLU (torch-fidelity's branch1x1).
+SPATIAL_LAYER = "Mixed_6d.branch1x1"
+SPATIAL_CHANNELS = 7
 
 
 @runtime_checkable
@@ -105,6 +112,20 @@ class InceptionExtractor:
         device = next(self.net.parameters()).device
         pool, logits = self.net(images.to(device))
         return pool.float(), logits.float()
+
+    @torch.no_grad()
+    def with_spatial(self, images: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """``(pool3 [B, 2048], logits [B, 1008], spatial [B, 2023])`` from one forward: the spatial features are
+        read from `SPATIAL_LAYER` by a hook that lives for this call only."""
+        layer = self.net.get_submodule(SPATIAL_LAYER)
+        seen: list[Tensor] = []
+        handle = layer.register_forward_hook(lambda module, args, out: seen.append(out))
+        try:
+            pool, logits = self(images)
+        finally:
+            handle.remove()
+        spatial = seen[0][:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)  # NHWC, the TF graph's layout
+        return pool, logits, spatial.reshape(spatial.shape[0], -1).float()
 
 
 _NO_DOWNLOAD = (

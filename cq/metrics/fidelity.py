@@ -9,8 +9,10 @@
   (k = 3) of some real feature; a real feature is "recalled" when it lies inside a sample's ball. Needs real
   feature rows in the reference (``cq eval --make-ref ... --keep-features``).
 - CLIP score (`cq.metrics.clip_score`): mean and worst sample, for sets that carry prompts.
-- sFID is refused: it needs Inception's spatial ``mixed_6/conv`` features (ADM's definition), which
-  torch-fidelity does not expose; use the guided-diffusion evaluator for it.
+- sFID (Nash et al. 2021), as the guided-diffusion evaluator computes it: the Frechet distance of Inception's
+  spatial features (the first 7 channels of ``mixed_6/conv``, 2023 values per image: `cq.metrics.extractors
+  .SPATIAL_LAYER`) against the reference's ``mu_s`` / ``sigma_s`` (ADM's reference batches carry them; ``cq eval
+  --make-ref`` writes them with the Inception extractor).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, MetricUnavailableError
+from ..errors import ConfigError, MetricUnavailableError, ReferenceStatsError
 from .clip_score import ClipScorer
 from .digits import inception_score
 from .extractors import FeatureExtractor
@@ -43,11 +45,6 @@ __all__ = [
 ]
 
 METRICS = ("fid", "is", "pr", "clip", "sfid")
-SFID_REFUSAL = (
-    "sFID needs Inception-v3's spatial mixed_6/conv features (the guided-diffusion evaluator's definition); "
-    "torch-fidelity exposes only pooled features, and cq does not approximate it: run the guided-diffusion "
-    "evaluator on the samples' .npz for sFID"
-)
 
 
 @dataclass(frozen=True)
@@ -58,6 +55,7 @@ class Fidelity:
     extractor: str
     reference_count: int | None = None
     fid: float | None = None
+    sfid: float | None = None
     inception_score: float | None = None
     inception_score_std: float | None = None
     inception_splits: int | None = None
@@ -74,6 +72,8 @@ class Fidelity:
         out = []
         if self.fid is not None:
             out.append(["FID", f"{self.fid:.3f}"])
+        if self.sfid is not None:
+            out.append(["sFID", f"{self.sfid:.3f}"])
         if self.inception_score is not None:
             spread = f"+- {self.inception_score_std:.3f} ({self.inception_splits} splits)"
             out.append(["IS", f"{self.inception_score:.3f} {spread}"])
@@ -93,17 +93,28 @@ def extract_features(
     batch_size: int = 64,
     progress: bool = True,
     clip: ClipScorer | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``(features [N, D], logits [N, K] or None, CLIP scores [N] or None)`` of every image of the set, batch by
-    batch (a progress bar over batches); CLIP scores need the set's prompts. ``extractor=None``: CLIP scores
+    spatial: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """``(features [N, D], logits [N, K] or None, CLIP scores [N] or None, spatial [N, Ds] or None)`` of every image
+    of the set, batch by batch (a progress bar over batches); CLIP scores need the set's prompts; ``spatial``: also
+    the extractor's spatial features (sFID; `InceptionExtractor.with_spatial`). ``extractor=None``: CLIP scores
     only (features and logits None)."""
     if clip is not None and images.prompts is None:
         raise ConfigError(f"CLIP score needs prompts; {images.path} carries none (npz key 'prompts')")
-    feats, logits, clips, seen = [], [], [], 0
+    if spatial and not callable(getattr(extractor, "with_spatial", None)):
+        name = getattr(extractor, "name", "no extractor")
+        raise MetricUnavailableError(
+            f"sFID is defined on Inception-v3's spatial mixed_6/conv features; {name} has none (--extractor inception)"
+        )
+    feats, logits, clips, spatials, seen = [], [], [], [], 0
     total = -(-images.count // batch_size)
     for batch in tqdm(images.batches(batch_size), total=total, desc="features", unit="batch", disable=not progress):
         if extractor is not None:
-            f, z = extractor(batch)
+            if spatial:
+                f, z, sp = extractor.with_spatial(batch)
+                spatials.append(sp.float().cpu())
+            else:
+                f, z = extractor(batch)
             if f.ndim != 2 or f.shape[0] != batch.shape[0]:
                 raise ConfigError(f"{extractor.name} returned features {tuple(f.shape)} for {batch.shape[0]} images")
             feats.append(f.float().cpu())
@@ -116,6 +127,7 @@ def extract_features(
         torch.cat(feats) if feats else None,
         torch.cat(logits) if logits and len(logits) == len(feats) else None,
         torch.cat(clips) if clips else None,
+        torch.cat(spatials) if spatials else None,
     )
 
 
@@ -158,13 +170,11 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3, chunk: int = 1024) 
 
 
 def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
-    """The metric names, deduplicated; unknown names are refused, and so is ``sfid`` (see the module docstring)."""
+    """The metric names, deduplicated; unknown names are refused."""
     metrics = tuple(dict.fromkeys(metrics))
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise ConfigError(f"metrics must be a non-empty subset of {', '.join(METRICS)}, got {list(metrics)}")
-    if "sfid" in metrics:
-        raise MetricUnavailableError(SFID_REFUSAL)
     return metrics
 
 
@@ -183,13 +193,19 @@ def measure(
     ``clip`` is requested.
 
     Raises:
-        ConfigError: an unknown metric, FID / precision-recall without a reference, CLIP without a scorer.
-        MetricUnavailableError: ``sfid`` (see the module docstring); IS from an extractor without logits.
+        ConfigError: an unknown metric, FID / sFID / precision-recall without a reference (sFID: without its
+            ``mu_s`` / ``sigma_s``), CLIP without a scorer.
+        MetricUnavailableError: sFID from an extractor without spatial features; IS from one without logits.
         ReferenceStatsError: a reference of another feature space.
     """
     metrics = check_metrics(metrics)
-    if ("fid" in metrics or "pr" in metrics) and reference is None:
-        raise ConfigError("FID and precision / recall need reference statistics: pass --ref (cq eval --make-ref)")
+    if ("fid" in metrics or "pr" in metrics or "sfid" in metrics) and reference is None:
+        raise ConfigError("FID, sFID and precision / recall need reference statistics: pass --ref (cq eval --make-ref)")
+    if "sfid" in metrics and reference.spatial is None:
+        raise ConfigError(
+            "sFID needs the reference's spatial statistics (mu_s / sigma_s): build it with cq eval --make-ref "
+            "--extractor inception, or use an ADM reference batch (VIRTUAL_*.npz)"
+        )
     if "pr" in metrics and reference.features is None:
         raise ConfigError(
             "precision / recall need real feature rows in the reference; rebuild it with "
@@ -199,16 +215,28 @@ def measure(
         raise ConfigError(f"metrics {list(metrics)} need a feature extractor; only clip goes without one")
     if "clip" in metrics and clip is None:
         raise ConfigError("CLIP score needs a CLIP model: pass --clip-weights PATH (and --clip-arch)")
-    features, logits, clip_scores = extract_features(
-        extractor, images, batch_size=batch_size, progress=progress, clip=clip if "clip" in metrics else None
+    features, logits, clip_scores, spatial = extract_features(
+        extractor,
+        images,
+        batch_size=batch_size,
+        progress=progress,
+        clip=clip if "clip" in metrics else None,
+        spatial="sfid" in metrics,
     )
     if reference is not None and features is not None:
         reference.check_compatible(extractor.name, features.shape[1])
+    if spatial is not None and reference.spatial.mean.shape[0] != spatial.shape[1]:
+        raise ReferenceStatsError(
+            f"the reference's spatial statistics are {reference.spatial.mean.shape[0]}-d, but {extractor.name} "
+            f"gives {spatial.shape[1]}-d spatial features"
+        )
     out: dict = {"count": images.count, "extractor": "none" if extractor is None else extractor.name}
     if reference is not None:
         out["reference_count"] = reference.stats.count or None
     if "fid" in metrics:
         out["fid"] = frechet_distance(gaussian_stats(features), reference.stats)
+    if spatial is not None:
+        out["sfid"] = frechet_distance(gaussian_stats(spatial), reference.spatial)
     if "is" in metrics:
         if logits is None:
             raise MetricUnavailableError(f"{extractor.name} gives no class logits, so no Inception score")
@@ -231,8 +259,9 @@ def make_reference(
     progress: bool = True,
 ) -> ReferenceStats:
     """`ReferenceStats` of a set of real images (``cq eval --make-ref``); the first ``keep_features`` feature
-    rows are kept for precision / recall."""
+    rows are kept for precision / recall; an extractor with spatial features (Inception) adds sFID's statistics."""
     if isinstance(keep_features, bool) or not isinstance(keep_features, int) or keep_features < 0:
         raise ConfigError(f"keep_features must be an int >= 0, got {keep_features!r}")
-    features, _, _ = extract_features(extractor, images, batch_size=batch_size, progress=progress)
-    return ReferenceStats.of(features, extractor.name, keep_features=keep_features)
+    spatial = callable(getattr(extractor, "with_spatial", None))
+    features, _, _, rows = extract_features(extractor, images, batch_size=batch_size, progress=progress, spatial=spatial)
+    return ReferenceStats.of(features, extractor.name, keep_features=keep_features, spatial=rows)
