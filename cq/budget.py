@@ -10,12 +10,11 @@ keeps the best point whose speedup -- the cache correction's MACs included -- me
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Callable, Sequence
 
 from torch import nn
 
+from .cache.budget_cache import parse_budget, refreshes_for
 from .choose_point import PointChoice, choose_point
 from .compressed import CompressedUNet
 from .errors import BudgetError, ConfigError
@@ -25,28 +24,6 @@ from .trace import Trace
 
 
 __all__ = ["fit_to_budget", "parse_budget", "refreshes_for"]
-
-
-def parse_budget(text: str | float) -> float:
-    """``"5x"`` / ``"5"`` / ``5.0`` -> 5.0 (a MAC speedup >= 1); anything else is a `ConfigError`."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*x?\s*", str(text))
-        if not m:
-            raise ConfigError(f"a budget is a MAC speedup like '5x' or 2.5, got {text!r}")
-        value = float(m.group(1))
-    if not value >= 1:
-        raise ConfigError(f"a budget is a MAC speedup >= 1 (1x: no saving), got {text!r}")
-    return value
-
-
-def refreshes_for(full: float, shallow: float, num_steps: int, min_speedup: float) -> int:
-    """The most full calls K out of ``num_steps`` meeting ``min_speedup``; 0 when even K = 1 does not."""
-    if shallow >= full:
-        return num_steps if min_speedup <= 1 else 0
-    k = math.floor((num_steps * full / min_speedup - num_steps * shallow) / (full - shallow) + 1e-9)
-    return max(0, min(k, num_steps))
 
 
 def fit_to_budget(

@@ -183,13 +183,16 @@ def _fit(args: argparse.Namespace) -> int:
     recipe, described = _recipe_of(args)
     budget = None
     if args.budget is not None:
-        from .budget import parse_budget
+        from .cache.budget_cache import parse_budget_spec
         from .errors import ConfigError
+        from .recipe import cachequant
 
-        budget = parse_budget(args.budget)
+        budget, measure = parse_budget_spec(args.budget)
         if args.recipe != "cachequant" or args.schedule is not None:
             raise ConfigError("--budget picks the schedule and cache point of --recipe cachequant; drop --schedule")
-        described = f"cachequant bits={args.bits} backend={args.backend}, MAC budget {budget:g}x"
+        described = f"cachequant bits={args.bits} backend={args.backend}, {measure} budget {budget:g}x"
+        if measure == "wall":  # timed on this machine inside Recipe.fit (BudgetCache); MAC budgets: fit_to_budget
+            recipe, budget = cachequant(bits=args.bits, backend=args.backend, budget=args.budget), None
     base = load_base(args.model, args.weights, tokenizer=args.tokenizer).to(device)
     unet = base.unet
     steps, sampler = sampling_defaults(unet, args.steps, args.spacing)
@@ -854,8 +857,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--budget",
         default=None,
-        help="MAC speedup to meet, e.g. 5x: picks the refreshes, DPS schedule and cache point with the least "
-        "calibration error (cachequant only; replaces --interval)",
+        help="speedup to meet, e.g. 5x (MACs) or '2.5x wall' (seconds measured on this machine): picks the "
+        "refreshes, DPS schedule and cache point with the least calibration error (cachequant only; replaces "
+        "--interval)",
     )
     fit.add_argument("--bits", default="w8a8")
     fit.add_argument(

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from torch import nn
 
-from .cache import DPS, UniformSchedule
+from .cache import DPS, BudgetCache, UniformSchedule
 from .cache.cacher import Cacher
 from .cache.deepcache import DeepCache
 from .compressed import CompressedUNet
@@ -211,16 +211,26 @@ def cachequant(
     backend: str = "fake",
     *,
     refreshes: int | None = None,
+    budget: str | float | None = None,
 ) -> Recipe:
     """CacheQuant: DPS schedule, per-step quantization on the cached model, both DEC corrections.
 
     ``interval``: the cache interval N (default 5); or ``refreshes``: the number of full calls K, DPS's compute
-    budget (`cq.fit_to_budget` picks it from a MAC budget). Not both."""
-    if interval is not None and refreshes is not None:
-        raise ConfigError(f"cachequant takes interval or refreshes, not both (got {interval} and {refreshes})")
-    schedule = DPS(refreshes=refreshes) if refreshes is not None else DPS(interval=5 if interval is None else interval)
+    budget; or ``budget``: a speedup to meet with the least error, ``"5x"`` (MACs) or ``"2.5x wall"`` (measured
+    seconds on this machine) -- the cache point, K and the schedule are then chosen when the recipe is fitted
+    (`cq.cache.BudgetCache`). One of the three."""
+    given = [name for name, v in (("interval", interval), ("refreshes", refreshes), ("budget", budget)) if v is not None]
+    if len(given) > 1:
+        raise ConfigError(f"cachequant takes one of interval, refreshes or budget, got {' and '.join(given)}")
+    if budget is not None:
+        if point is not None:
+            raise ConfigError("cachequant(budget=) chooses the cache point; pass BudgetCache(candidates=...) instead")
+        cacher: Cacher = BudgetCache(speedup=budget)
+    else:
+        schedule = DPS(refreshes=refreshes) if refreshes is not None else DPS(interval=5 if interval is None else interval)
+        cacher = DeepCache(schedule=schedule, point=point)
     return Recipe(
-        cacher=DeepCache(schedule=schedule, point=point),
+        cacher=cacher,
         quantizer=_quantizer(bits),
         correctors=(CacheErrorCorrector(), QuantErrorCorrector()),
         backend=backend,

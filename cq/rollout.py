@@ -5,7 +5,9 @@ one per fit and hands it to the cacher. A call builds the model the recipe would
 -- the full-precision body with the correctors of `Stage.BEFORE_QUANTIZATION` (the DEC cache correction, cheap:
 it is fitted from the trace's features alone) -- samples it end to end with the trace's own sampler settings from
 the initial noise of the trace's first trajectories, and returns each trajectory's x0 MSE against the trace's
-full-precision x0. Only calibration trajectories are used, never held-out seeds.
+full-precision x0. Only calibration trajectories are used, never held-out seeds. A guided trace (rows ``2i`` /
+``2i + 1``: the unconditional / conditional halves of trajectory ``i``) is rolled out guided, with the trace's
+scale and the unconditional context of its first row.
 
 Quantization is left out of the loop on purpose: calibrating it costs ~30 s per candidate on the demo model
 (idle machine) against ~2-4 s for a rollout of 8 trajectories. At W8A8 the cache error dominates from N=5 on; at
@@ -25,6 +27,7 @@ from .cache.cacher import Cacher
 from .compressed import CompressedUNet
 from .correct import Stage
 from .errors import ConfigError
+from .sampling.guidance import ClassifierFreeGuidance
 from .sampling.samplers import sampler_of
 
 
@@ -63,15 +66,14 @@ class CalibrationRollout:
                 "a schedule searched on rollouts needs the trace's sampler settings to roll candidates out; record "
                 "the trace with cq.trace(unet, sampler, ...) (a trace built by hand has none)"
             )
-        if self.trace.guidance_scale != 1.0:
-            raise ConfigError(
-                f"rollout-searched schedules support unguided traces only (this one: guidance "
-                f"{self.trace.guidance_scale:g}); use DPS or a uniform schedule with guidance"
-            )
+
+    @property
+    def guided(self) -> bool:
+        return self.trace.guidance_scale != 1.0
 
     @torch.no_grad()
     def __call__(self, cacher: Cacher, trajectories: int) -> Tensor:
-        kept = self.trace.x.shape[1]
+        kept = self.trace.x0.shape[0]
         if not isinstance(trajectories, int) or not 1 <= trajectories <= kept:
             raise ConfigError(
                 f"a rollout uses 1..{kept} of the trace's kept trajectories, asked for {trajectories!r}; record "
@@ -88,9 +90,13 @@ class CalibrationRollout:
         for corrector in self.correctors:
             corrector.fit(model, self.unet, trace, progress=False)
         device = next(self.unet.parameters(), torch.empty(0)).device
-        noise = trace.x[0, :trajectories].to(device=device, dtype=torch.float32)
-        cond = trace.cond[0, :trajectories].to(device) if trace.cond is not None else None
+        rows = slice(1, 2 * trajectories, 2) if self.guided else slice(0, trajectories)  # guided: conditional rows
+        noise = trace.x[0, rows].to(device=device, dtype=torch.float32)
+        cond = trace.cond[0, rows].to(device) if trace.cond is not None else None
+        denoiser = model
+        if self.guided:
+            denoiser = ClassifierFreeGuidance(model, trace.guidance_scale, trace.cond[0, :1].to(device))
         sampler = sampler_of(trace.settings)
-        x0 = sampler(model, noise, cond=cond, **trace.settings.call_kwargs())
+        x0 = sampler(denoiser, noise, cond=cond, **trace.settings.call_kwargs())
         reference = trace.x0[:trajectories].to(x0.device, torch.float32)
         return (x0.double() - reference.double()).pow(2).flatten(1).mean(1).cpu()

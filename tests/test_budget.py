@@ -4,12 +4,13 @@ returns a model meeting the budget with the least calibration error among the po
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import cq
 from cq.budget import parse_budget, refreshes_for
-from cq.cache import DPS
+from cq.cache import DPS, BudgetCache, UniformSchedule
 from cq.cache.deepcache import DeepCache
 from cq.cli import main
 from cq.errors import BudgetError, ConfigError
@@ -53,8 +54,15 @@ def test_bad_budgets_are_refused(text):
 def test_cachequant_takes_interval_or_refreshes():
     assert cq.cachequant(refreshes=3).cacher.schedule == DPS(refreshes=3)
     assert cq.cachequant().cacher.schedule == DPS(interval=5)
-    with pytest.raises(ConfigError, match="not both"):
+    with pytest.raises(ConfigError, match="one of interval, refreshes or budget"):
         cq.cachequant(interval=5, refreshes=3)
+    with pytest.raises(ConfigError, match="one of interval, refreshes or budget"):
+        cq.cachequant(interval=5, budget="3x")
+    with pytest.raises(ConfigError, match="chooses the cache point"):
+        cq.cachequant(budget="3x", point="up.0.block.2")
+    with pytest.raises(ConfigError, match="budget"):
+        cq.cachequant(budget="fast")
+    assert cq.cachequant(budget="2.5x wall").cacher == BudgetCache(speedup=2.5, measure="wall")
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +89,84 @@ def test_cli_fit_with_a_budget(tmp_path, capsys):
     argv = ["fit", "--model", "demo", "--steps", "4", "--samples", "2", "--budget", "3x", "-o", str(out)]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "MAC budget 3x" in text and "* |" in text and out.exists()
+    assert "macs budget 3x" in text and "* |" in text and out.exists()
     loaded = cq.load(out)
     assert cq.report(loaded).mac_speedup >= 3
     assert main([*argv[:-2], "--recipe", "deepcache", "-o", str(out)]) == 2
     assert main([*argv[:-4], "--budget", "fast", "-o", str(out)]) == 2
+    wall = tmp_path / "wall.cq"
+    assert main([*argv[:-4], "--budget", "1.2x wall", "-o", str(wall)]) == 0
+    assert "wall budget 1.2x" in capsys.readouterr().out
+    assert isinstance(cq.load(wall).recipe.cacher, DeepCache)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cq.cachequant(budget=): BudgetCache chooses point and refreshes when the recipe is fitted
+
+
+def _rollout_recipe(cacher):
+    return cq.Recipe(cacher=cacher, correctors=(cq.correct.CacheErrorCorrector(),))
+
+
+def test_budget_cache_keeps_the_least_error_point_that_meets_the_budget(unet, trace):
+    budget = BudgetCache(speedup=1.5, trajectories=2)
+    model = _rollout_recipe(budget).fit(unet, trace, progress=False)
+    chosen = model.recipe.cacher
+    assert isinstance(chosen, DeepCache) and model.cache.point == chosen.point  # what is saved is the choice
+    macs = cq.metrics.unet_macs(unet, points=unet.cache_points())
+    assert predicted_speedup(macs["full"], macs[chosen.point], model.cache.mask) >= 1.5 * (1 - 1e-9)
+    assert sum(model.cache.mask) == refreshes_for(macs["full"], macs[chosen.point], STEPS, 1.5)
+    rollout = cq.rollout.CalibrationRollout((cq.correct.CacheErrorCorrector(),), unet, trace)
+    errors = {}
+    for point in unet.cache_points():
+        k = refreshes_for(macs["full"], macs[point], STEPS, 1.5)
+        if k >= 1:
+            errors[point] = float(rollout(DeepCache(schedule=DPS(refreshes=k), point=point).fit(unet, trace), 2).mean())
+    assert chosen.point in errors and errors[chosen.point] == min(errors.values())
+    with pytest.raises(BudgetError, match="no cache point reaches 50x"):
+        _rollout_recipe(BudgetCache(speedup=50)).fit(unet, trace, progress=False)
+
+
+def test_a_wall_clock_budget_plans_on_measured_seconds(unet, trace, monkeypatch):
+    import cq.metrics.call_time as call_time
+
+    points = unet.cache_points()
+    fast = points[-1]
+    measured = call_time.call_seconds(unet, trace.x[0], trace.timesteps[0].expand(2), points=points, repeats=1)
+    assert set(measured) == {"full", *points} and all(v > 0 for v in measured.values())
+    fake = {"full": 1.0, **{p: (0.1 if p == fast else 0.9) for p in points}}
+    monkeypatch.setattr(call_time, "call_seconds", lambda *a, **k: fake)
+    model = _rollout_recipe(BudgetCache(speedup="2x wall", trajectories=1)).fit(unet, trace, progress=False)
+    assert model.cache.point == fast and sum(model.cache.mask) == refreshes_for(1.0, 0.1, STEPS, 2.0)
+
+
+def test_budget_cache_misuse_is_named(unet, trace, tmp_path):
+    with pytest.raises(ConfigError, match="measure must be one of"):
+        BudgetCache(speedup=2, measure="flops")
+    with pytest.raises(ConfigError, match="trajectories must be an int"):
+        BudgetCache(speedup=2, trajectories=0)
+    with pytest.raises(ConfigError, match="unknown cache points"):
+        BudgetCache(speedup=2, candidates=("nowhere",)).points(unet)
+    with pytest.raises(cq.errors.ScheduleInvalidError, match="through Recipe.fit"):
+        BudgetCache(speedup=2).fit(unet, trace)
+    with pytest.raises(ConfigError, match="picks its point and schedule when fitted"):
+        BudgetCache(speedup=2).build(unet, STEPS)
+    model = _rollout_recipe(BudgetCache(speedup=1.2, trajectories=1)).fit(unet, trace, progress=False)
+    cq.save(model, tmp_path / "budget.cq")
+    assert cq.load(tmp_path / "budget.cq", unet=unet).recipe.cacher == model.recipe.cacher
+
+
+def test_guided_rollouts_sample_the_conditional_rows_with_guidance():
+    """A rollout of a guided trace reproduces the trace's own x0 when nothing is cached (so rows and guidance
+    are the trace's), and differs when features are reused."""
+    from cq.models import LatentDiffusion
+
+    pipe = LatentDiffusion.build("tiny-ldm-cin", seed=0)
+    labels = torch.tensor([3, 7, 1])
+    trace = cq.trace(pipe.unet, steps=5, num_samples=3, cond=pipe.condition(labels), guidance_scale=3.0,
+                     uncond=pipe.unconditional(1), spacing="ldm", points=pipe.unet.cache_points()[-1:], progress=False)
+    rollout = cq.rollout.CalibrationRollout((), pipe.unet, trace)
+    point = pipe.unet.cache_points()[-1]
+    exact = rollout(DeepCache(schedule=UniformSchedule(interval=1), point=point), 3)
+    cached = rollout(DeepCache(schedule=UniformSchedule(interval=3), point=point), 3)
+    assert exact.shape == (3,) and float(exact.max()) <= 1e-10 and float(cached.min()) > 1e-8

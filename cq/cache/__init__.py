@@ -1,6 +1,7 @@
 """Feature caching: the `CacheView` slot models expose, refresh schedules and cachers."""
 
 from ..registry import deprecated_names
+from .budget_cache import BudgetCache
 from .cacher import Cacher, FeatureCache
 from .deepcache import DeepCache
 from .dps import DPS, dp_partition
@@ -15,6 +16,7 @@ __all__ = [
     "CacheView",
     "Cacher",
     "DeepCache",
+    "BudgetCache",
     "FeatureCache",
     "Schedule",
     "UniformSchedule",

@@ -1,0 +1,180 @@
+"""`BudgetCache`: meet a compute budget with the least error -- the cache point, the number of full calls and
+their placement chosen when the recipe is fitted (issue M 2: ``cq.cachequant(budget="5x")``).
+
+A budget ``B`` (a speedup over the uncached model) fixes, for each candidate point p, the most full calls K a
+schedule may make: ``T F / (K F + (T - K) S_p) >= B``, with F and ``S_p`` the cost of a full call and of a shallow
+call at p -- counted MACs (``measure="macs"``, `cq.metrics.macs.unet_macs`) or measured seconds on this machine
+(``measure="wall"``, `cq.metrics.call_time.call_seconds`, on the trace's first-step inputs). More full calls never
+hurt, so each point gets its largest K and DPS places them (``DPS(refreshes=K)``). Every feasible point is then
+rolled out end to end on calibration trajectories by `Recipe.fit`'s rollout (the full-precision body with the
+recipe's cache correction, `cq.rollout.CalibrationRollout`; quantization is left out of the loop, see there) and
+the lowest-error point is kept. The fitted cacher is a plain `DeepCache`: what is saved is the choice.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from ..errors import BudgetError, ConfigError, ScheduleInvalidError
+from ..models.unet import check_cacheable
+from ..registry import CACHERS
+from .cacher import Cacher, FeatureCache
+from .deepcache import DeepCache
+from .dps import DPS
+
+
+if TYPE_CHECKING:
+    from ..trace import Trace
+
+__all__ = ["BudgetCache", "parse_budget", "parse_budget_spec", "refreshes_for", "MEASURES"]
+
+MEASURES = ("macs", "wall")
+
+
+def parse_budget(text: str | float) -> float:
+    """``"5x"`` / ``"5"`` / ``5.0`` -> 5.0 (a speedup >= 1); anything else is a `ConfigError`."""
+    return parse_budget_spec(text)[0] if isinstance(text, str) else _speedup(text, text)
+
+
+def parse_budget_spec(text: str | float) -> tuple[float, str]:
+    """``"5x"`` -> ``(5.0, "macs")``, ``"2.5x wall"`` -> ``(2.5, "wall")``; a number is a MAC budget."""
+    if not isinstance(text, str):
+        return _speedup(text, text), "macs"
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*x?\s*(macs|wall)?\s*", text)
+    if not m:
+        raise ConfigError(
+            f"a budget is a speedup like '5x' (MACs) or '2.5x wall' (measured seconds on this machine), got {text!r}"
+        )
+    return _speedup(float(m.group(1)), text), m.group(2) or "macs"
+
+
+def _speedup(value: object, text: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 1 or math.isinf(value):
+        raise ConfigError(f"a budget is a finite speedup >= 1 (1x: no saving), got {text!r}")
+    return float(value)
+
+
+def refreshes_for(full: float, shallow: float, num_steps: int, min_speedup: float) -> int:
+    """The most full calls K out of ``num_steps`` meeting ``min_speedup``; 0 when even K = 1 does not."""
+    if shallow >= full:
+        return num_steps if min_speedup <= 1 else 0
+    k = math.floor((num_steps * full / min_speedup - num_steps * shallow) / (full - shallow) + 1e-9)
+    return max(0, min(k, num_steps))
+
+
+@CACHERS.register("budget")
+@dataclass(frozen=True, kw_only=True)
+class BudgetCache(Cacher):
+    """Caching that meets ``speedup`` with the least calibration error (module docstring).
+
+    Args:
+        speedup: the budget, a speedup >= 1 over the uncached model (``"5x"`` is parsed too).
+        measure: ``"macs"`` (counted, machine-independent) or ``"wall"`` (measured on this machine at fit time:
+            the choice then depends on the machine and its load).
+        candidates: cache points to choose from (default: all of the UNet's).
+        trajectories: calibration trajectories each candidate is rolled out on.
+        repeats: timed repetitions per call for ``measure="wall"``.
+
+    Example:
+        >>> recipe = cq.cachequant(budget="3x")                       # = Recipe(cacher=BudgetCache(speedup=3), ...)
+        >>> trace = cq.trace(unet, steps=50, num_samples=32, points=recipe.points(unet))   # every candidate point
+        >>> model = recipe.fit(unet, trace)                           # model.recipe.cacher: the DeepCache chosen
+    """
+
+    speedup: float
+    measure: str = "macs"
+    candidates: tuple[str, ...] = ()
+    trajectories: int = 4
+    repeats: int = 5
+
+    def __post_init__(self) -> None:
+        speedup, measure = parse_budget_spec(self.speedup) if isinstance(self.speedup, str) else (self.speedup, None)
+        object.__setattr__(self, "speedup", _speedup(speedup, self.speedup))
+        if measure is not None and measure != "macs" and self.measure == "macs":
+            object.__setattr__(self, "measure", measure)
+        if self.measure not in MEASURES:
+            raise ConfigError(f"BudgetCache.measure must be one of {MEASURES}, got {self.measure!r}")
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        for name in ("trajectories", "repeats"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"BudgetCache.{name} must be an int >= 1, got {value!r}")
+
+    def points(self, unet: nn.Module) -> tuple[str, ...]:
+        known = tuple(check_cacheable(unet, "BudgetCache").cache_points())
+        unknown = [p for p in self.candidates if p not in known]
+        if unknown:
+            raise ConfigError(f"BudgetCache.candidates: unknown cache points {unknown}; this UNet exposes {known}")
+        return self.candidates or known
+
+    @property
+    def needs_rollout(self) -> bool:
+        return True
+
+    def costs(self, unet: nn.Module, trace: Trace) -> dict[str, float]:
+        """``{"full": F, point: S_point}``: MACs per call (batch 1), or measured seconds on the trace's first-step
+        inputs."""
+        points = self.points(unet)
+        cond = trace.cond[0, :1] if trace.cond is not None else None
+        if self.measure == "macs":
+            from ..metrics.macs import unet_macs
+
+            return {k: float(v) for k, v in unet_macs(unet, cond=cond, points=points).items()}
+        from ..metrics.call_time import call_seconds
+
+        device = next(unet.parameters()).device
+        rows = slice(0, trace.x.shape[1])
+        x = trace.x[0, rows].float().to(device)
+        t = trace.timesteps[0].expand(x.shape[0]).to(device)
+        cond = trace.cond[0, rows].to(device) if trace.cond is not None else None
+        return call_seconds(unet, x, t, cond, points=points, repeats=self.repeats)
+
+    def fit(
+        self, unet: nn.Module, trace: Trace | None, *, rollout: Callable[[Cacher, int], Tensor] | None = None
+    ) -> DeepCache:
+        if trace is None or rollout is None:
+            raise ScheduleInvalidError(
+                "BudgetCache chooses the point and schedule on the compressed model's end-to-end error: fit it "
+                "through Recipe.fit(unet, trace) on a trace recorded with points=recipe.points(unet)"
+            )
+        points = self.points(unet)
+        missing = [p for p in points if p not in trace.features]
+        if missing:
+            raise ConfigError(f"BudgetCache needs trace features at {missing}; record with points=recipe.points(unet)")
+        costs = self.costs(unet, trace)
+        steps = trace.steps
+        refreshes = {p: refreshes_for(costs["full"], costs[p], steps, self.speedup) for p in points}
+        feasible = [p for p in points if refreshes[p] >= 1]
+        if not feasible:
+            best = min(points, key=lambda p: costs[p])
+            reach = steps * costs["full"] / (costs["full"] + (steps - 1) * costs[best])
+            raise BudgetError(
+                f"no cache point reaches {self.speedup:g}x ({self.measure}) over {steps} calls: even one full call at "
+                f"the cheapest point {best!r} gives {reach:.2f}x; lower the budget"
+            )
+        settings = trace.settings
+        sampler_steps = {"sampler_steps": settings.steps} if settings is not None and settings.steps != steps else {}
+        trajectories = min(self.trajectories, trace.x0.shape[0])
+        chosen, lowest = None, math.inf
+        for point in feasible:
+            schedule = DPS(refreshes=refreshes[point]).fit(trace.features[point], **sampler_steps)
+            candidate = DeepCache(schedule=schedule, point=point)
+            error = float(rollout(candidate, trajectories).mean())
+            if error < lowest:
+                chosen, lowest = candidate, error
+        return chosen
+
+    def build(self, unet: nn.Module, num_steps: int) -> FeatureCache:
+        raise ConfigError(
+            "a BudgetCache picks its point and schedule when fitted (Recipe.fit); the fitted recipe holds the "
+            "DeepCache it chose"
+        )
+
+    def label(self) -> str:
+        return f"BudgetCache({self.speedup:g}x {self.measure})"
