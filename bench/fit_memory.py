@@ -102,11 +102,19 @@ def main() -> None:
     finally:
         if args.storage:
             shutil.rmtree(args.storage, ignore_errors=True)
-    rows.append(["fit (CacheQuant N=5 W8A8)", f"{time.perf_counter() - start:.0f}", f"{peak_gib():.2f}",
-                 f"{anon.take():.2f}", "-"])
+    rows.append(
+        [
+            "fit (CacheQuant N=5 W8A8)",
+            f"{time.perf_counter() - start:.0f}",
+            f"{peak_gib():.2f}",
+            f"{anon.take():.2f}",
+            "-",
+        ]
+    )
     params = sum(p.numel() for p in unet.parameters()) / 1e6
-    title = (f"{args.preset} ({params:.0f} M params), {args.steps} calls, {args.samples} samples, keep {args.keep}"
-             + (", trace on disk" if args.storage else ""))
+    title = f"{args.preset} ({params:.0f} M params), {args.steps} calls, {args.samples} samples, keep {args.keep}" + (
+        ", trace on disk" if args.storage else ""
+    )
     print_table(["phase", "s", "peak RSS GiB", "peak anonymous GiB", "trace stored GiB"], rows, title=title)
 
 

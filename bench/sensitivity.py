@@ -54,16 +54,24 @@ def main() -> None:
         if args.summary:
             worst = psnr.argsort()[:5].tolist()
             rows.append(
-                [f"{eps:g}", f"{float(psnr.mean()):.1f}", int((psnr < 25).sum()), int((psnr < 35).sum()),
-                 ", ".join(f"{seeds[i]}: {float(psnr[i]):.1f}" for i in worst)]
+                [
+                    f"{eps:g}",
+                    f"{float(psnr.mean()):.1f}",
+                    int((psnr < 25).sum()),
+                    int((psnr < 35).sum()),
+                    ", ".join(f"{seeds[i]}: {float(psnr[i]):.1f}" for i in worst),
+                ]
             )
         else:
             rows.append([f"{eps:g}", *(f"{float(v):.1f}" for v in psnr)])
     if not args.summary:
         print_table(["nudge eps", *(f"seed {s} dB" for s in seeds)], rows)
         return
-    print_table(["nudge eps", "mean dB", "< 25 dB", "< 35 dB", "worst seeds (dB)"], rows,
-                title=f"full precision under a nudge of the initial noise, {len(seeds)} seeds")
+    print_table(
+        ["nudge eps", "mean dB", "< 25 dB", "< 35 dB", "worst seeds (dB)"],
+        rows,
+        title=f"full precision under a nudge of the initial noise, {len(seeds)} seeds",
+    )
     from cq.train import digits_dataset
 
     data = digits_dataset(unet.sample_shape[-1]).flatten(1)
@@ -71,9 +79,11 @@ def main() -> None:
     between = torch.cdist(data, data).square().fill_diagonal_(float("inf")).min(dim=1).values / data.shape[1]
     print_table(
         ["median MSE", "value"],
-        [["sample -> nearest training digit", f"{float(to_data[:, 0].median()):.4f}"],
-         ["sample: nearest / second nearest digit", f"{float((to_data[:, 0] / to_data[:, 1]).median()):.3f}"],
-         ["training digit -> nearest other digit", f"{float(between.median()):.4f}"]],
+        [
+            ["sample -> nearest training digit", f"{float(to_data[:, 0].median()):.4f}"],
+            ["sample: nearest / second nearest digit", f"{float((to_data[:, 0] / to_data[:, 1]).median()):.3f}"],
+            ["training digit -> nearest other digit", f"{float(between.median()):.4f}"],
+        ],
         title="memorization check (MSE per pixel, data in [-1, 1])",
     )
 

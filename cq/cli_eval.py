@@ -96,7 +96,11 @@ def run_eval(args: argparse.Namespace) -> int:
     metrics = args.metrics
     if metrics is None:
         metrics = ["fid", "is"] if reference is not None else ["is"]
-        if reference is not None and reference.spatial is not None and callable(getattr(extractor, "with_spatial", None)):
+        if (
+            reference is not None
+            and reference.spatial is not None
+            and callable(getattr(extractor, "with_spatial", None))
+        ):
             metrics.append("sfid")
         if reference is not None and reference.features is not None:
             metrics.append("pr")

@@ -219,7 +219,9 @@ def cachequant(
     budget; or ``budget``: a speedup to meet with the least error, ``"5x"`` (MACs) or ``"2.5x wall"`` (measured
     seconds on this machine) -- the cache point, K and the schedule are then chosen when the recipe is fitted
     (`cq.cache.BudgetCache`). One of the three."""
-    given = [name for name, v in (("interval", interval), ("refreshes", refreshes), ("budget", budget)) if v is not None]
+    given = [
+        name for name, v in (("interval", interval), ("refreshes", refreshes), ("budget", budget)) if v is not None
+    ]
     if len(given) > 1:
         raise ConfigError(f"cachequant takes one of interval, refreshes or budget, got {' and '.join(given)}")
     if budget is not None:
@@ -227,7 +229,9 @@ def cachequant(
             raise ConfigError("cachequant(budget=) chooses the cache point; pass BudgetCache(candidates=...) instead")
         cacher: Cacher = BudgetCache(speedup=budget)
     else:
-        schedule = DPS(refreshes=refreshes) if refreshes is not None else DPS(interval=5 if interval is None else interval)
+        schedule = (
+            DPS(refreshes=refreshes) if refreshes is not None else DPS(interval=5 if interval is None else interval)
+        )
         cacher = DeepCache(schedule=schedule, point=point)
     return Recipe(
         cacher=cacher,

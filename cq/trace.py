@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -211,8 +210,13 @@ class _Recorder(SamplerModel):
 
 _TRACE_META = "trace.json"
 _TRACE_FORMAT = 1
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
-                 torch.int64: np.int64, torch.int32: np.int32}
+_NUMPY_DTYPES = {
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.float64: np.float64,
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+}
 
 
 def _open_array(path: Path) -> Tensor:

@@ -121,7 +121,9 @@ def test_budget_cache_keeps_the_least_error_point_that_meets_the_budget(unet, tr
     for point in unet.cache_points():
         k = refreshes_for(macs["full"], macs[point], STEPS, 1.5)
         if k >= 1:
-            errors[point] = float(rollout(DeepCache(schedule=DPS(refreshes=k), point=point).fit(unet, trace), 2).mean())
+            errors[point] = float(
+                rollout(DeepCache(schedule=DPS(refreshes=k), point=point).fit(unet, trace), 2).mean()
+            )
     assert chosen.point in errors and errors[chosen.point] == min(errors.values())
     with pytest.raises(BudgetError, match="no cache point reaches 50x"):
         _rollout_recipe(BudgetCache(speedup=50)).fit(unet, trace, progress=False)
@@ -163,8 +165,17 @@ def test_guided_rollouts_sample_the_conditional_rows_with_guidance():
 
     pipe = LatentDiffusion.build("tiny-ldm-cin", seed=0)
     labels = torch.tensor([3, 7, 1])
-    trace = cq.trace(pipe.unet, steps=5, num_samples=3, cond=pipe.condition(labels), guidance_scale=3.0,
-                     uncond=pipe.unconditional(1), spacing="ldm", points=pipe.unet.cache_points()[-1:], progress=False)
+    trace = cq.trace(
+        pipe.unet,
+        steps=5,
+        num_samples=3,
+        cond=pipe.condition(labels),
+        guidance_scale=3.0,
+        uncond=pipe.unconditional(1),
+        spacing="ldm",
+        points=pipe.unet.cache_points()[-1:],
+        progress=False,
+    )
     rollout = cq.rollout.CalibrationRollout((), pipe.unet, trace)
     point = pipe.unet.cache_points()[-1]
     exact = rollout(DeepCache(schedule=UniformSchedule(interval=1), point=point), 3)

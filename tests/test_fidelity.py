@@ -333,8 +333,9 @@ def test_sfid_of_a_set_with_itself_is_zero_and_grows_with_noise(random_inception
     same = measure(_set(tmp_path, clean, "same.npz"), ex, ref, metrics=("sfid",), progress=False).sfid
     scale = float(ref.spatial.cov.diagonal().sum())
     assert abs(same) <= 1e-6 * scale
-    noisy = measure(_set(tmp_path, _noisy(clean, 40, 3), "noisy.npz"), ex, ref, metrics=("sfid", "fid"),
-                    progress=False)
+    noisy = measure(
+        _set(tmp_path, _noisy(clean, 40, 3), "noisy.npz"), ex, ref, metrics=("sfid", "fid"), progress=False
+    )
     assert noisy.sfid > 1e-3 * scale and noisy.fid > 0 and ["sFID", f"{noisy.sfid:.3f}"] in noisy.rows()
     ref.save(tmp_path / "ref-stats.npz")  # ADM's key names round-trip
     loaded = ReferenceStats.load(tmp_path / "ref-stats.npz")

@@ -41,8 +41,9 @@ def _open_clip_text(*, width=32, heads=4, layers=3, mlp=64, vocab=1000, proj=16,
         model = CLIP(
             embed_dim=proj,
             vision_cfg=dict(layers=1, width=32, patch_size=8, image_size=16, head_width=16),
-            text_cfg=dict(context_length=77, vocab_size=vocab, width=width, heads=heads, layers=layers,
-                          mlp_ratio=mlp / width),
+            text_cfg=dict(
+                context_length=77, vocab_size=vocab, width=width, heads=heads, layers=layers, mlp_ratio=mlp / width
+            ),
         )
         for p in model.parameters():
             p.data.normal_(0, 0.3 if p.ndim == 1 else 0.1)
@@ -76,8 +77,13 @@ def _ids(seed: int, batch: int = 3, vocab: int = 1000) -> torch.Tensor:
 
 def _config(layers: int, **kw) -> CLIPTextConfig:
     return CLIPTextConfig(
-        vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        hidden_act="gelu", **kw,
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        hidden_act="gelu",
+        **kw,
     )
 
 
@@ -244,7 +250,10 @@ def test_full_size_presets_describe_the_released_models():
     assert (h14.hidden_size, h14.num_hidden_layers, h14.hidden_act, sd2.conditioner.pad_id) == (1024, 23, "gelu", 0)
     c = sdxl.pipeline.conditioner
     assert (c.text_2.hidden_size, c.text_2.num_hidden_layers, c.text_2.projection_dim, c.pad_id_2) == (
-        1280, 32, 1280, 0,
+        1280,
+        32,
+        1280,
+        0,
     )
     assert c.text.hidden_act == "quick_gelu" and c.pad_id is None
     # UNet 2,567,463,684 parameters (SDXL base 1.0), counted on the meta device

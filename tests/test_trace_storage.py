@@ -23,7 +23,11 @@ def _same_trace(a: Trace, b: Trace) -> None:
     assert list(a.features) == list(b.features)
     assert all(torch.equal(a.features[p], b.features[p]) for p in a.features)
     assert (a.sampler, a.seeds, a.base_fingerprint, a.settings, a.guidance_scale) == (
-        b.sampler, b.seeds, b.base_fingerprint, b.settings, b.guidance_scale,
+        b.sampler,
+        b.seeds,
+        b.base_fingerprint,
+        b.settings,
+        b.guidance_scale,
     )
 
 
@@ -34,8 +38,17 @@ def demo():
 
 def _demo_trace(unet, **kwargs):
     recipe = cq.cachequant(interval=5)
-    return cq.trace(unet, steps=10, num_samples=6, keep=4, batch_size=4, points=recipe.points(unet), seed=10_000,
-                    progress=False, **kwargs)
+    return cq.trace(
+        unet,
+        steps=10,
+        num_samples=6,
+        keep=4,
+        batch_size=4,
+        points=recipe.points(unet),
+        seed=10_000,
+        progress=False,
+        **kwargs,
+    )
 
 
 def test_a_trace_on_disk_equals_the_one_in_memory_and_fits_the_same_model(demo, tmp_path):
@@ -45,7 +58,10 @@ def test_a_trace_on_disk_equals_the_one_in_memory_and_fits_the_same_model(demo, 
     assert sorted(p.name for p in (tmp_path / "trace").iterdir()) == ["feature0.npy", "trace.json", "x.npy", "x0.npy"]
     assert isinstance(np.load(tmp_path / "trace" / "x.npy", mmap_mode="r"), np.memmap)
     recipe = cq.cachequant(interval=5)
-    a, b = recipe.fit(demo, in_memory, progress=False).state_dict(), recipe.fit(demo, on_disk, progress=False).state_dict()
+    a, b = (
+        recipe.fit(demo, in_memory, progress=False).state_dict(),
+        recipe.fit(demo, on_disk, progress=False).state_dict(),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     _same_trace(on_disk, Trace.open(tmp_path / "trace"))  # one recorded trace serves many fits
 
@@ -53,8 +69,16 @@ def test_a_trace_on_disk_equals_the_one_in_memory_and_fits_the_same_model(demo, 
 def test_a_guided_latent_trace_and_half_precision_storage(tmp_path):
     pipe = LatentDiffusion.build("tiny-ldm-cin", seed=0)
     labels = torch.tensor([3, 7, 1])
-    kwargs = dict(steps=4, num_samples=3, cond=pipe.condition(labels), guidance_scale=3.0, uncond=pipe.unconditional(1),
-                  spacing="ldm", points=cq.cachequant(interval=2).points(pipe.unet), progress=False)
+    kwargs = dict(
+        steps=4,
+        num_samples=3,
+        cond=pipe.condition(labels),
+        guidance_scale=3.0,
+        uncond=pipe.unconditional(1),
+        spacing="ldm",
+        points=cq.cachequant(interval=2).points(pipe.unet),
+        progress=False,
+    )
     _same_trace(cq.trace(pipe.unet, **kwargs), cq.trace(pipe.unet, storage=tmp_path / "guided", **kwargs))
     half = cq.trace(pipe.unet, dtype=torch.float16, storage=tmp_path / "half", **kwargs)
     _same_trace(cq.trace(pipe.unet, dtype=torch.float16, **kwargs), half)
@@ -109,8 +133,23 @@ def test_cq_fit_keeps_its_trace_on_disk_with_trace_dir(tmp_path, capsys):
     from cq.cli import main
 
     folder, out = tmp_path / "calibration-trace", tmp_path / "demo.cq"
-    argv = ["fit", "--model", "demo", "--recipe", "cachequant", "--interval", "5", "--steps", "10", "--samples", "4",
-            "--trace-dir", str(folder), "-o", str(out)]
+    argv = [
+        "fit",
+        "--model",
+        "demo",
+        "--recipe",
+        "cachequant",
+        "--interval",
+        "5",
+        "--steps",
+        "10",
+        "--samples",
+        "4",
+        "--trace-dir",
+        str(folder),
+        "-o",
+        str(out),
+    ]
     assert main(argv) == 0
     assert f"on disk in {folder}" in capsys.readouterr().out
     trace = Trace.open(folder)

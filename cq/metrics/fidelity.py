@@ -200,7 +200,9 @@ def measure(
     """
     metrics = check_metrics(metrics)
     if ("fid" in metrics or "pr" in metrics or "sfid" in metrics) and reference is None:
-        raise ConfigError("FID, sFID and precision / recall need reference statistics: pass --ref (cq eval --make-ref)")
+        raise ConfigError(
+            "FID, sFID and precision / recall need reference statistics: pass --ref (cq eval --make-ref)"
+        )
     if "sfid" in metrics and reference.spatial is None:
         raise ConfigError(
             "sFID needs the reference's spatial statistics (mu_s / sigma_s): build it with cq eval --make-ref "
@@ -263,5 +265,7 @@ def make_reference(
     if isinstance(keep_features, bool) or not isinstance(keep_features, int) or keep_features < 0:
         raise ConfigError(f"keep_features must be an int >= 0, got {keep_features!r}")
     spatial = callable(getattr(extractor, "with_spatial", None))
-    features, _, _, rows = extract_features(extractor, images, batch_size=batch_size, progress=progress, spatial=spatial)
+    features, _, _, rows = extract_features(
+        extractor, images, batch_size=batch_size, progress=progress, spatial=spatial
+    )
     return ReferenceStats.of(features, extractor.name, keep_features=keep_features, spatial=rows)

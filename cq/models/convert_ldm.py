@@ -681,7 +681,9 @@ def open_clip_text_state(
             base = f"encoder.layers.{index}."
             if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
                 if value.shape[0] % 3:
-                    raise CheckpointFormatError(f"{key}: a fused q/k/v projection has 3 x width rows, got {value.shape}")
+                    raise CheckpointFormatError(
+                        f"{key}: a fused q/k/v projection has 3 x width rows, got {value.shape}"
+                    )
                 kind = rest.rsplit("_", 1)[1]
                 for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0), strict=True):
                     out[f"{base}self_attn.{name}.{kind}"] = part.contiguous()

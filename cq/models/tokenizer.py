@@ -32,7 +32,6 @@ Files: ``vocab.json`` + ``merges.txt`` (a diffusers/transformers ``tokenizer/`` 
 from __future__ import annotations
 
 import copy
-
 import gzip
 import json
 import re
