@@ -4,11 +4,12 @@ their placement chosen when the recipe is fitted (issue M 2: ``cq.cachequant(bud
 A budget ``B`` (a speedup over the uncached model) fixes, for each candidate point p, the most full calls K a
 schedule may make: ``T F / (K F + (T - K) S_p) >= B``, with F and ``S_p`` the cost of a full call and of a shallow
 call at p -- counted MACs (``measure="macs"``, `cq.metrics.macs.unet_macs`) or measured seconds on this machine
-(``measure="wall"``, `cq.metrics.call_time.call_seconds`, on the trace's first-step inputs). More full calls never
-hurt, so each point gets its largest K and DPS places them (``DPS(refreshes=K)``). Every feasible point is then
-rolled out end to end on calibration trajectories by `Recipe.fit`'s rollout (the full-precision body with the
-recipe's cache correction, `cq.rollout.CalibrationRollout`; quantization is left out of the loop, see there) and
-the lowest-error point is kept. The fitted cacher is a plain `DeepCache`: what is saved is the choice.
+(``measure="wall"``, `cq.metrics.call_time.call_seconds`, on up to 16 rows of the trace's first-step inputs).
+More full calls never hurt, so each point gets its largest K and DPS places them (``DPS(refreshes=K)``). Every
+feasible point is then rolled out end to end on calibration trajectories by `Recipe.fit`'s rollout (the
+full-precision body with the recipe's cache correction, `cq.rollout.CalibrationRollout`; quantization is left out
+of the loop, see there) and the lowest-error point is kept. The fitted cacher is a plain `DeepCache`: what is
+saved is the choice.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class BudgetCache(Cacher):
             the choice then depends on the machine and its load).
         candidates: cache points to choose from (default: all of the UNet's).
         trajectories: calibration trajectories each candidate is rolled out on.
-        repeats: timed repetitions per call for ``measure="wall"``.
+        repeats, timing_rows: for ``measure="wall"``, timed repetitions per call and the trace rows timed (its
+            first step's first rows: a guided sampler batch of 8 is 16 rows).
 
     Example:
         >>> recipe = cq.cachequant(budget="3x")                       # = Recipe(cacher=BudgetCache(speedup=3), ...)
@@ -92,6 +94,7 @@ class BudgetCache(Cacher):
     candidates: tuple[str, ...] = ()
     trajectories: int = 4
     repeats: int = 5
+    timing_rows: int = 16
 
     def __post_init__(self) -> None:
         speedup, measure = parse_budget_spec(self.speedup) if isinstance(self.speedup, str) else (self.speedup, None)
@@ -101,7 +104,7 @@ class BudgetCache(Cacher):
         if self.measure not in MEASURES:
             raise ConfigError(f"BudgetCache.measure must be one of {MEASURES}, got {self.measure!r}")
         object.__setattr__(self, "candidates", tuple(self.candidates))
-        for name in ("trajectories", "repeats"):
+        for name in ("trajectories", "repeats", "timing_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"BudgetCache.{name} must be an int >= 1, got {value!r}")
@@ -119,7 +122,7 @@ class BudgetCache(Cacher):
 
     def costs(self, unet: nn.Module, trace: Trace) -> dict[str, float]:
         """``{"full": F, point: S_point}``: MACs per call (batch 1), or measured seconds on the trace's first-step
-        inputs."""
+        inputs (``timing_rows`` of them)."""
         points = self.points(unet)
         cond = trace.cond[0, :1] if trace.cond is not None else None
         if self.measure == "macs":
@@ -129,7 +132,7 @@ class BudgetCache(Cacher):
         from ..metrics.call_time import call_seconds
 
         device = next(unet.parameters()).device
-        rows = slice(0, trace.x.shape[1])
+        rows = slice(0, min(trace.x.shape[1], self.timing_rows))
         x = trace.x[0, rows].float().to(device)
         t = trace.timesteps[0].expand(x.shape[0]).to(device)
         cond = trace.cond[0, rows].to(device) if trace.cond is not None else None
