@@ -120,13 +120,23 @@ class Trace:
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
             if meta.get("format") != _TRACE_FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}, this cq reads format {_TRACE_FORMAT}")
-            arrays = {name: _open_array(folder / f"{name}.npy") for name in meta["arrays"]}
+            names, points = list(meta["arrays"]), list(meta["points"])
+            allowed = {"x", "x0", "cond", *(f"feature{i}" for i in range(len(points)))}
+            if not {"x", "x0"} <= set(names) <= allowed:
+                raise ValueError(f"arrays {names} are not a trace's (x, x0, cond, feature0..{len(points) - 1})")
+            arrays = {name: _open_array(folder / f"{name}.npy") for name in names}
+            steps_rows = tuple(arrays["x"].shape[:2])
+            wrong = [n for n in names if n != "x0" and tuple(arrays[n].shape[:2]) != steps_rows]
+            if wrong or steps_rows[0] != len(meta["timesteps"]):
+                raise ValueError(
+                    f"arrays {wrong or ['x']} do not match x's [steps, rows] {steps_rows} and the timesteps"
+                )
             settings = SamplerSettings.from_dict(meta["settings"]) if meta["settings"] is not None else None
             return cls(
                 timesteps=torch.tensor(meta["timesteps"], dtype=torch.long),
                 x=arrays["x"],
                 cond=arrays.get("cond"),
-                features={p: arrays[f"feature{i}"] for i, p in enumerate(meta["points"])},
+                features={p: arrays[f"feature{i}"] for i, p in enumerate(points)},
                 x0=arrays["x0"],
                 sample_ids=torch.tensor(meta["sample_ids"], dtype=torch.long),
                 sampler=dict(meta["sampler"]),
@@ -231,7 +241,7 @@ class _TraceBuilder:
         self.steps, self.keep, self.points = steps, keep, tuple(points)
         self.observers, self.dtype, self.max_bytes = list(observers), dtype, max_bytes
         self.folder: Path | None = folder
-        self.arrays: dict[str, Tensor] = {}  # name -> tensor; on disk: the file name
+        self.arrays: dict[str, Tensor] = {}  # name (on disk: the file name) -> tensor
         self.maps: list[np.memmap] = []
         self.offset = 0  # index of the first kept row of the current batch in the storage
         self.x = self.cond = None

@@ -123,6 +123,12 @@ def test_what_cannot_be_stored_or_read_is_refused(demo, tmp_path):
     meta_file.write_text("{not json")
     with pytest.raises(TraceStorageError, match="not a readable cq trace"):
         Trace.open(tmp_path / "trace")
+    meta_file.write_text(json.dumps({**meta, "arrays": ["x", "x0", "../elsewhere"]}))
+    with pytest.raises(TraceStorageError, match="are not a trace's"):
+        Trace.open(tmp_path / "trace")
+    meta_file.write_text(json.dumps({**meta, "timesteps": meta["timesteps"][:-1]}))
+    with pytest.raises(TraceStorageError, match="do not match"):
+        Trace.open(tmp_path / "trace")
     meta_file.write_text(json.dumps(meta))
     (tmp_path / "trace" / "x.npy").write_bytes(b"truncated")
     with pytest.raises(TraceStorageError, match="not a readable cq trace"):
