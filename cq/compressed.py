@@ -14,7 +14,13 @@ import torch
 from torch import Tensor, nn
 
 from .cache.cacher import Cacher
-from .errors import AmbiguousTimestepError, InputValueError, StepCountMismatchError, TimestepNotFittedError
+from .errors import (
+    AmbiguousTimestepError,
+    ConfigError,
+    InputValueError,
+    StepCountMismatchError,
+    TimestepNotFittedError,
+)
 from .models.unet import check_cacheable
 from .quant.backend import Backend
 from .sampling.model import SamplerModel
@@ -152,7 +158,21 @@ class CompressedUNet(SamplerModel):
         (`cq.step.current_step_index`), so no step recompiles them. Fake-quant layers compile
         (Inductor fuses their rounding into the surrounding elementwise ops); the state dict keeps its keys, so
         a compiled model saves as before. Compiled float kernels sum in another order than eager ones, so
-        measure the compiled model itself (`cq.evaluate`)."""
+        measure the compiled model itself (`cq.evaluate`).
+
+        oneDNN int8 layers (`to_int8` on CPUs with VNNI / AMX) do not lower through Inductor in torch 2.14: its
+        oneDNN lowerings want the prepacked weight as a graph constant, which a module's packed weight is not
+        (seen: ``InductorError: packed_weight must be a graph constant`` at the first call, also with
+        ``freezing``). Such a model is refused here with the two ways that work: ``to_int8("int_mm")`` before
+        compiling (exact on any CPU), or ``compile(backend="aot_eager")`` (graphs without Inductor's kernels)."""
+        backend = kwargs.get("backend", "inductor")
+        onednn = [name for name, mode in (self.execution or {}).items() if mode == "int8 (oneDNN)"]
+        if onednn and backend == "inductor":
+            raise ConfigError(
+                f"{len(onednn)} layers run oneDNN int8 kernels (e.g. {onednn[0]}), which Inductor cannot lower in "
+                "this torch (its oneDNN lowerings need the prepacked weight as a graph constant): convert with "
+                "model.to_int8('int_mm') before compile(), or compile(backend='aot_eager')"
+            )
         self.unet.compile(**kwargs)
 
     def to_int8(self, backend: Backend | str = Backend.INT8) -> dict[str, str]:

@@ -69,3 +69,23 @@ def test_int8_kernels_compile_without_graph_breaks_and_equal_eager(fitted, kerne
     else:
         assert sqnr(compiled, eager) > 40, sqnr(compiled, eager)
     assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_onednn_int8_is_refused_by_inductor_with_the_ways_that_work(fitted, monkeypatch):
+    """Inductor's oneDNN lowerings want the prepacked weight as a graph constant (torch 2.14): compile() refuses
+    before anything is traced, naming to_int8('int_mm') and backend='aot_eager'; those stay allowed."""
+    import cq.quant.int8 as int8
+
+    if not int8._onednn_present():
+        pytest.skip("no oneDNN int8 kernels in this torch build")
+    monkeypatch.setattr(int8, "onednn_exact", lambda: True)
+    model = copy.deepcopy(fitted[0])
+    model.to_int8("onednn")
+    with pytest.raises(cq.errors.ConfigError, match=r"to_int8\('int_mm'\).*aot_eager"):
+        model.compile()
+    with pytest.raises(cq.errors.ConfigError, match="oneDNN int8"):
+        model.compile(backend="inductor", fullgraph=True)
+    model.compile(backend="aot_eager")  # allowed: no Inductor lowering
+    int_mm = copy.deepcopy(fitted[0])
+    int_mm.to_int8("int_mm")
+    int_mm.compile()  # lazily compiled at the first call; nothing refused
