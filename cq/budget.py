@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from .cache.budget_cache import parse_budget, refreshes_for
+from .cache.budget_cache import feasible_refreshes, parse_budget, refreshes_for
 from .choose_point import PointChoice, choose_point
 from .compressed import CompressedUNet
-from .errors import BudgetError, ConfigError
+from .errors import ConfigError
 from .metrics.macs import unet_macs
 from .recipe import Recipe, cachequant
 from .trace import Trace
@@ -55,21 +55,13 @@ def fit_to_budget(
     unknown = [p for p in candidates if p not in unet.cache_points()]
     if unknown or not candidates:
         raise ConfigError(f"fit_to_budget: unknown cache points {unknown}; this UNet exposes {unet.cache_points()}")
-    macs = unet_macs(unet, points=candidates)
-    refreshes = {p: refreshes_for(macs["full"], macs[p], trace.steps, min_speedup) for p in candidates}
-    feasible = [p for p in candidates if refreshes[p] >= 1]
-    if not feasible:
-        best = min(candidates, key=lambda p: macs[p])
-        raise BudgetError(
-            f"no cache point reaches {min_speedup:g}x over {trace.steps} steps: even one full call at the cheapest "
-            f"point {best!r} gives {trace.steps * macs['full'] / (macs['full'] + (trace.steps - 1) * macs[best]):.2f}x"
-        )
+    refreshes = feasible_refreshes(unet_macs(unet, points=candidates), candidates, trace.steps, min_speedup)
     choice = choose_point(
         unet,
         trace,
         lambda p: recipe_for(p, refreshes[p]),
         min_speedup=min_speedup,
-        points=feasible,
+        points=list(refreshes),
         samples=samples,
         progress=progress,
     )

@@ -45,7 +45,7 @@ def test_parse_budget(text, value):
     assert parse_budget(text) == value
 
 
-@pytest.mark.parametrize("text", ["fast", "0.5x", "-2", "x5", True])
+@pytest.mark.parametrize("text", ["fast", "0.5x", "-2", "x5", True, "3x wall"])
 def test_bad_budgets_are_refused(text):
     with pytest.raises(ConfigError, match="budget"):
         parse_budget(text)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,14 +33,21 @@ from .dps import DPS
 if TYPE_CHECKING:
     from ..trace import Trace
 
-__all__ = ["BudgetCache", "parse_budget", "parse_budget_spec", "refreshes_for", "MEASURES"]
+__all__ = ["BudgetCache", "feasible_refreshes", "parse_budget", "parse_budget_spec", "refreshes_for", "MEASURES"]
 
 MEASURES = ("macs", "wall")
 
 
 def parse_budget(text: str | float) -> float:
-    """``"5x"`` / ``"5"`` / ``5.0`` -> 5.0 (a speedup >= 1); anything else is a `ConfigError`."""
-    return parse_budget_spec(text)[0] if isinstance(text, str) else _speedup(text, text)
+    """A MAC budget: ``"5x"`` / ``"5"`` / ``5.0`` -> 5.0 (a speedup >= 1); anything else, a wall-clock budget
+    included, is a `ConfigError`."""
+    speedup, measure = parse_budget_spec(text)
+    if measure != "macs":
+        raise ConfigError(
+            f"{text!r} is a wall-clock budget; this takes a MAC budget (cq.cachequant(budget={text!r}) plans on "
+            "measured seconds)"
+        )
+    return speedup
 
 
 def parse_budget_spec(text: str | float) -> tuple[float, str]:
@@ -67,6 +74,23 @@ def refreshes_for(full: float, shallow: float, num_steps: int, min_speedup: floa
         return num_steps if min_speedup <= 1 else 0
     k = math.floor((num_steps * full / min_speedup - num_steps * shallow) / (full - shallow) + 1e-9)
     return max(0, min(k, num_steps))
+
+
+def feasible_refreshes(
+    costs: dict[str, float], points: Sequence[str], steps: int, speedup: float, unit: str = "macs"
+) -> dict[str, int]:
+    """``{point: K}`` for the points where ``K >= 1`` full calls meet ``speedup`` (`refreshes_for` on ``costs``:
+    ``{"full": F, point: S_point}``); `BudgetError` naming the best reachable speedup when none does."""
+    refreshes = {p: refreshes_for(costs["full"], costs[p], steps, speedup) for p in points}
+    feasible = {p: k for p, k in refreshes.items() if k >= 1}
+    if not feasible:
+        best = min(points, key=lambda p: costs[p])
+        reach = steps * costs["full"] / (costs["full"] + (steps - 1) * costs[best])
+        raise BudgetError(
+            f"no cache point reaches {speedup:g}x ({unit}) over {steps} calls: even one full call at the cheapest "
+            f"point {best!r} gives {reach:.2f}x; lower the budget"
+        )
+    return feasible
 
 
 @CACHERS.register("budget")
@@ -150,22 +174,13 @@ class BudgetCache(Cacher):
         missing = [p for p in points if p not in trace.features]
         if missing:
             raise ConfigError(f"BudgetCache needs trace features at {missing}; record with points=recipe.points(unet)")
-        costs = self.costs(unet, trace)
         steps = trace.steps
-        refreshes = {p: refreshes_for(costs["full"], costs[p], steps, self.speedup) for p in points}
-        feasible = [p for p in points if refreshes[p] >= 1]
-        if not feasible:
-            best = min(points, key=lambda p: costs[p])
-            reach = steps * costs["full"] / (costs["full"] + (steps - 1) * costs[best])
-            raise BudgetError(
-                f"no cache point reaches {self.speedup:g}x ({self.measure}) over {steps} calls: even one full call at "
-                f"the cheapest point {best!r} gives {reach:.2f}x; lower the budget"
-            )
+        refreshes = feasible_refreshes(self.costs(unet, trace), points, steps, self.speedup, self.measure)
         settings = trace.settings
         sampler_steps = {"sampler_steps": settings.steps} if settings is not None and settings.steps != steps else {}
         trajectories = min(self.trajectories, trace.x0.shape[0])
         chosen, lowest = None, math.inf
-        for point in feasible:
+        for point in refreshes:
             schedule = DPS(refreshes=refreshes[point]).fit(trace.features[point], **sampler_steps)
             candidate = DeepCache(schedule=schedule, point=point)
             error = float(rollout(candidate, trajectories).mean())
