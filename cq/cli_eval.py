@@ -61,6 +61,7 @@ def read_reference(path: str | None, extractor, *, batch_size: int, keep_feature
 def run_eval(args: argparse.Namespace) -> int:
     from .io import atomic_path
     from .metrics.clip_score import ClipScorer
+    from .metrics.extractors import has_spatial
     from .metrics.fidelity import check_metrics, make_reference, measure
     from .metrics.image_set import read_image_set
     from .report import print_table
@@ -96,11 +97,7 @@ def run_eval(args: argparse.Namespace) -> int:
     metrics = args.metrics
     if metrics is None:
         metrics = ["fid", "is"] if reference is not None else ["is"]
-        if (
-            reference is not None
-            and reference.spatial is not None
-            and callable(getattr(extractor, "with_spatial", None))
-        ):
+        if reference is not None and reference.spatial is not None and has_spatial(extractor):
             metrics.append("sfid")
         if reference is not None and reference.features is not None:
             metrics.append("pr")

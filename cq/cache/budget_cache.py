@@ -148,10 +148,10 @@ class BudgetCache(Cacher):
         """``{"full": F, point: S_point}``: MACs per call (batch 1), or measured seconds on the trace's first-step
         inputs (``timing_rows`` of them)."""
         points = self.points(unet)
-        cond = trace.cond[0, :1] if trace.cond is not None else None
         if self.measure == "macs":
             from ..metrics.macs import unet_macs
 
+            cond = trace.cond[0, :1] if trace.cond is not None else None
             return {k: float(v) for k, v in unet_macs(unet, cond=cond, points=points).items()}
         from ..metrics.call_time import call_seconds
 
@@ -174,15 +174,12 @@ class BudgetCache(Cacher):
         missing = [p for p in points if p not in trace.features]
         if missing:
             raise ConfigError(f"BudgetCache needs trace features at {missing}; record with points=recipe.points(unet)")
-        steps = trace.steps
-        refreshes = feasible_refreshes(self.costs(unet, trace), points, steps, self.speedup, self.measure)
-        settings = trace.settings
-        sampler_steps = {"sampler_steps": settings.steps} if settings is not None and settings.steps != steps else {}
+        refreshes = feasible_refreshes(self.costs(unet, trace), points, trace.steps, self.speedup, self.measure)
         trajectories = min(self.trajectories, trace.x0.shape[0])
         chosen, lowest = None, math.inf
-        for point in refreshes:
-            schedule = DPS(refreshes=refreshes[point]).fit(trace.features[point], **sampler_steps)
-            candidate = DeepCache(schedule=schedule, point=point)
+        for point, k in refreshes.items():
+            # DeepCache.fit plans DPS on the point's features (and a PLMS trace's sampler steps)
+            candidate = DeepCache(schedule=DPS(refreshes=k), point=point).fit(unet, trace)
             error = float(rollout(candidate, trajectories).mean())
             if error < lowest:
                 chosen, lowest = candidate, error

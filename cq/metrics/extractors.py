@@ -25,7 +25,7 @@ from ..errors import CheckpointFormatError, InputShapeError, MetricUnavailableEr
 if TYPE_CHECKING:
     from .reference_stats import ReferenceStats
 
-__all__ = ["FeatureExtractor", "InceptionExtractor", "DigitsExtractor", "check_images"]
+__all__ = ["FeatureExtractor", "InceptionExtractor", "DigitsExtractor", "check_images", "has_spatial"]
 
 INCEPTION_NAME = "torch-fidelity-inception-v3-compat"
 # sFID (Nash et al. 2021) as the guided-diffusion evaluator defines it: the tensor "mixed_6/conv:0" of the TF graph,
@@ -47,6 +47,11 @@ class FeatureExtractor(Protocol):
     name: str
 
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor | None]: ...
+
+
+def has_spatial(extractor: object) -> bool:
+    """Whether ``extractor`` gives sFID's spatial features (``with_spatial``, as `InceptionExtractor`)."""
+    return callable(getattr(extractor, "with_spatial", None))
 
 
 def check_images(images: Tensor) -> None:

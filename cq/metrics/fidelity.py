@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, MetricUnavailableError, ReferenceStatsError
 from .clip_score import ClipScorer
 from .digits import inception_score
-from .extractors import FeatureExtractor
+from .extractors import FeatureExtractor, has_spatial
 from .frechet import frechet_distance, gaussian_stats
 from .image_set import ImageSet
 from .reference_stats import ReferenceStats
@@ -101,7 +101,7 @@ def extract_features(
     only (features and logits None)."""
     if clip is not None and images.prompts is None:
         raise ConfigError(f"CLIP score needs prompts; {images.path} carries none (npz key 'prompts')")
-    if spatial and not callable(getattr(extractor, "with_spatial", None)):
+    if spatial and not has_spatial(extractor):
         name = getattr(extractor, "name", "no extractor")
         raise MetricUnavailableError(
             f"sFID is defined on Inception-v3's spatial mixed_6/conv features; {name} has none (--extractor inception)"
@@ -264,7 +264,7 @@ def make_reference(
     rows are kept for precision / recall; an extractor with spatial features (Inception) adds sFID's statistics."""
     if isinstance(keep_features, bool) or not isinstance(keep_features, int) or keep_features < 0:
         raise ConfigError(f"keep_features must be an int >= 0, got {keep_features!r}")
-    spatial = callable(getattr(extractor, "with_spatial", None))
+    spatial = has_spatial(extractor)
     features, _, _, rows = extract_features(
         extractor, images, batch_size=batch_size, progress=progress, spatial=spatial
     )
