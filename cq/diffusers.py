@@ -23,12 +23,23 @@ scheduler for its own count of ``step()`` calls (PNDM's ``counter``) -- cq count
 checks that the pipeline's scheduler is the one the model was fitted on (class and config, timesteps), raising
 `SamplerMismatchError` otherwise.
 
+Class labels and unconditional pixel models: a pipeline whose ``unet`` is a ``UNet2DModel`` (class-conditional
+with ``num_class_embeds``, as diffusers converts LDM-ImageNet-style UNets, or unconditional, as google/ddpm-*) is
+compressed with ``class_labels=[...]`` or ``num_samples=N``. No diffusers pipeline passes class labels to a UNet, so
+cq traces such UNets with `denoise`: the scheduler loop every diffusers pipeline runs (``set_timesteps``, the
+initial noise times ``init_noise_sigma``, ``scale_model_input``, the UNet, ``step``; guidance on the pooled
+``[uncond; cond]`` labels as DiT's pipeline does), which is also how a user samples the compressed UNet with labels;
+``DDIMPipeline`` / ``DDPMPipeline`` run exactly that loop, so ``pipe(num_inference_steps=N)`` just works for an
+unconditional UNet. The swapped-in `DiffusersUNet2DAdapter` has ``UNet2DModel``'s call signature
+(``forward(sample, timestep, class_labels=None, return_dict=True)`` -> ``UNet2DOutput``).
+
 diffusers is an optional dependency (``pip install 'cq[diffusers]'``), imported only inside these functions.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import weakref
 from collections.abc import Sequence
@@ -39,17 +50,26 @@ from torch import Tensor, nn
 
 from . import artifact
 from .compressed import CompressedUNet, fitted_steps
-from .errors import AmbiguousTimestepError, ConfigError, SamplerMismatchError
-from .models.convert_ldm import ldm_unet_config_from_diffusers
-from .models.loading import build, load_weights
-from .models.openai_unet import LDMUNet
+from .errors import AmbiguousTimestepError, ConfigError, InputShapeError, SamplerMismatchError
+from .models.loading import build, load_weights, unet_config_from_diffusers
 from .models.presets import Preset
+from .models.unet import CacheableUNet
 from .sampling.noise import NoiseSchedule
 from .sampling.settings import SamplerSettings
 from .trace import trace
 
 
-__all__ = ["compress", "restore", "save", "load", "DiffusersUNetAdapter", "convert_unet", "scheduler_settings"]
+__all__ = [
+    "compress",
+    "restore",
+    "save",
+    "load",
+    "denoise",
+    "DiffusersUNetAdapter",
+    "DiffusersUNet2DAdapter",
+    "convert_unet",
+    "scheduler_settings",
+]
 
 _PREFIX = "diffusers:"
 _UNSUPPORTED = (
@@ -81,9 +101,9 @@ def _check_pipeline(pipe: Any) -> None:
             f"expected a diffusers DiffusionPipeline (e.g. StableDiffusionPipeline), got {type(pipe).__name__}"
         )
     unet = getattr(pipe, "unet", None)
-    if not isinstance(unet, diffusers.UNet2DConditionModel | DiffusersUNetAdapter):
+    if not isinstance(unet, diffusers.UNet2DConditionModel | diffusers.UNet2DModel | DiffusersUNetAdapter):
         raise ConfigError(
-            f"the pipeline's unet must be a diffusers UNet2DConditionModel, got {type(unet).__name__} "
+            f"the pipeline's unet must be a diffusers UNet2DConditionModel or UNet2DModel, got {type(unet).__name__} "
             f"({type(pipe).__name__} is not a UNet pipeline cq can compress)"
         )
     if not isinstance(getattr(pipe, "scheduler", None), diffusers.SchedulerMixin):
@@ -115,13 +135,17 @@ def noise_schedule_of(scheduler: Any) -> NoiseSchedule:
     )
 
 
-def convert_unet(unet: nn.Module, scheduler: Any) -> LDMUNet:
-    """cq's `LDMUNet` with the weights of a diffusers ``UNet2DConditionModel`` (float32, on its device, eval mode)
-    and the noise schedule of ``scheduler``; numerically the same network (`tests/test_openai_unet.py`)."""
+def convert_unet(unet: nn.Module, scheduler: Any) -> CacheableUNet:
+    """cq's UNet with the weights of a diffusers ``UNet2DConditionModel`` or ``UNet2DModel`` (float32, on its device,
+    eval mode) and the noise schedule of ``scheduler``: an `LDMUNet` (text- or class-conditional, or an LDM-family
+    unconditional UNet) or a `DDPMUNet` (google/ddpm-* layout); numerically the same network
+    (`tests/test_openai_unet.py`, `tests/test_convert.py`)."""
     diffusers = _diffusers()
-    if not isinstance(unet, diffusers.UNet2DConditionModel):
-        raise ConfigError(f"expected a diffusers UNet2DConditionModel, got {type(unet).__name__}")
-    config = ldm_unet_config_from_diffusers(dict(unet.config))
+    if not isinstance(unet, diffusers.UNet2DConditionModel | diffusers.UNet2DModel):
+        raise ConfigError(f"expected a diffusers UNet2DConditionModel or UNet2DModel, got {type(unet).__name__}")
+    config = dict(unet.config)
+    config["_class_name"] = type(unet).__name__
+    config, _ = unet_config_from_diffusers(config)
     preset = Preset(name="diffusers", config=config, noise=noise_schedule_of(scheduler))
     with torch.device("meta"):
         cq_unet = build(preset)
@@ -249,18 +273,23 @@ class DiffusersUNetAdapter(nn.Module):
                 "(ControlNet residuals, IP-adapters, LoRA scales, attention masks are not compressed); "
                 "cq.diffusers.restore(pipe) for those"
             )
-        t = torch.as_tensor(timestep, device=sample.device)
-        step = self._step(t)
-        self._check_scheduler()
-        t = t.reshape(-1).expand(sample.shape[0]) if t.numel() == 1 else t
-        inner = next(self.model.parameters()).dtype
-        cond = encoder_hidden_states.to(inner) if encoder_hidden_states is not None else None
-        out = self.model(sample.to(inner), t, cond, step=step).to(sample.dtype)
+        out = self._run(sample, timestep, encoder_hidden_states)
         if not return_dict:
             return (out,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         return UNet2DConditionOutput(sample=out)
+
+    def _run(self, sample: Tensor, timestep: Tensor | float | int, cond: Tensor | None) -> Tensor:
+        """``model(sample, t, cond, step=i)`` with ``i`` looked up from the timestep, in the model's dtype."""
+        t = torch.as_tensor(timestep, device=sample.device)
+        step = self._step(t)
+        self._check_scheduler()
+        t = t.reshape(-1).expand(sample.shape[0]) if t.numel() == 1 else t
+        inner = next(self.model.parameters()).dtype
+        if cond is not None and cond.is_floating_point():
+            cond = cond.to(inner)
+        return self.model(sample.to(inner), t, cond, step=step).to(sample.dtype)
 
     def _step(self, t: Tensor) -> int:
         steps = fitted_steps(self.settings, t)
@@ -295,6 +324,33 @@ class DiffusersUNetAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"fitted for {self.settings.describe()[:160]}"
+
+
+class DiffusersUNet2DAdapter(DiffusersUNetAdapter):
+    """`DiffusersUNetAdapter` behind ``UNet2DModel``'s call signature: ``forward(sample, timestep,
+    class_labels=None, return_dict=True)`` returns ``UNet2DOutput`` (or ``(sample,)``). ``class_labels`` are
+    required by a class-conditional UNet (``num_class_embeds``) and refused by an unconditional one."""
+
+    def forward(
+        self,
+        sample: Tensor,
+        timestep: Tensor | float | int,
+        class_labels: Tensor | None = None,
+        return_dict: bool = True,
+    ) -> Any:
+        classes = self.config.get("num_class_embeds")
+        if classes is not None and class_labels is None:
+            raise InputShapeError(
+                f"this UNet is class-conditional ({classes} classes): call it with class_labels=[B] ints"
+            )
+        if classes is None and class_labels is not None:
+            raise InputShapeError("this UNet is unconditional: call it without class_labels")
+        out = self._run(sample, timestep, class_labels)
+        if not return_dict:
+            return (out,)
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        return UNet2DOutput(sample=out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -339,6 +395,125 @@ class _PipelineLoop:
         return latents
 
 
+class _SchedulerLoop(_PipelineLoop):
+    """The same for a ``UNet2DModel`` pipeline: `denoise`'s scheduler loop with ``model`` behind the
+    ``UNet2DModel`` signature (guidance, again, inside the call)."""
+
+    def __call__(self, model, x, *, steps, cond=None, noise=None, generator=None, **kwargs) -> Tensor:
+        adapter = DiffusersUNet2DAdapter(model, self.planned_settings(steps), self.pipe.unet, self.pipe)
+        return _scheduler_loop(adapter, self.pipe.scheduler, x, steps, cond, eta=self.eta, generator=generator)
+
+
+def _scheduler_loop(
+    unet: Any,
+    scheduler: Any,
+    noise: Tensor,
+    steps: int,
+    labels: Tensor | None,
+    *,
+    guidance_scale: float = 1.0,
+    uncond_class: int | None = None,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """diffusers' denoising loop around ``unet(x, t[, class_labels=]).sample`` (the loop of ``DDIMPipeline``,
+    ``DDPMPipeline`` and, with guidance, ``DiTPipeline``)."""
+    scheduler.set_timesteps(steps, device=noise.device)
+    x = noise * scheduler.init_noise_sigma
+    accepted = inspect.signature(scheduler.step).parameters
+    extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in accepted}
+    guided = guidance_scale != 1.0
+    if guided:
+        labels = torch.cat([torch.full_like(labels, uncond_class), labels])
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        out = unet(x_in, t, class_labels=labels).sample if labels is not None else unet(x_in, t).sample
+        if guided:
+            eps_u, eps_c = out.chunk(2)
+            out = eps_u + guidance_scale * (eps_c - eps_u)
+        x = scheduler.step(out, t, x, **extra).prev_sample
+    return x
+
+
+def denoise(
+    pipe: Any,
+    noise: Tensor,
+    *,
+    steps: int,
+    class_labels: Sequence[int] | Tensor | None = None,
+    guidance_scale: float = 1.0,
+    uncond_class: int | None = None,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Sample ``pipe.unet`` (a ``UNet2DModel``, original or compressed) from ``noise`` ``[B, C, H, W]`` (standard
+    normal; scaled by the scheduler's ``init_noise_sigma``) with ``pipe.scheduler`` for ``steps`` steps; returns
+    the final sample (pixels in [-1, 1], or latents to decode). ``class_labels`` (``[B]``) for a class-conditional
+    UNet; with ``guidance_scale`` != 1 every call runs on the pooled ``[uncond_class; class_labels]`` batch
+    (CacheQuant's guided layout, the batch `compress` calibrated on). No diffusers pipeline passes class labels to
+    a UNet: this is the loop to sample such UNets with."""
+    _check_pipeline(pipe)
+    diffusers = _diffusers()
+    unet = pipe.unet
+    if not isinstance(unet, diffusers.UNet2DModel | DiffusersUNet2DAdapter):
+        raise ConfigError(
+            f"denoise samples UNet2DModel pipelines; {type(pipe).__name__} has a {type(unet).__name__}: call "
+            "pipe(prompt, ...) for text-to-image pipelines"
+        )
+    if not isinstance(noise, Tensor) or noise.ndim != 4:
+        raise InputShapeError(f"noise must be a [B, C, H, W] tensor, got {getattr(noise, 'shape', type(noise))}")
+    labels = _labels(unet.config, class_labels, guidance_scale, uncond_class, noise.device)
+    if labels is not None and labels.shape[0] != noise.shape[0]:
+        raise InputShapeError(f"{labels.shape[0]} class labels for a batch of {noise.shape[0]} noises")
+    with torch.no_grad():
+        return _scheduler_loop(
+            unet,
+            pipe.scheduler,
+            noise.to(unet.dtype),
+            steps,
+            labels,
+            guidance_scale=guidance_scale,
+            uncond_class=uncond_class,
+            eta=eta,
+            generator=generator,
+        )
+
+
+def _labels(
+    config: Any, class_labels: Any, guidance_scale: float, uncond_class: int | None, device: Any
+) -> Tensor | None:
+    """``class_labels`` as an int64 tensor checked against the UNet's ``num_class_embeds`` (None for an
+    unconditional UNet), and the guidance settings against them."""
+    classes = config.get("num_class_embeds")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float):
+        raise ConfigError(f"guidance_scale must be a number, got {guidance_scale!r}")
+    if classes is None:
+        if class_labels is not None:
+            raise ConfigError("this UNet2DModel is unconditional (no num_class_embeds): pass no class_labels")
+        if guidance_scale != 1.0 or uncond_class is not None:
+            raise ConfigError("guidance needs a class-conditional UNet; this UNet2DModel is unconditional")
+        return None
+    values = class_labels.tolist() if isinstance(class_labels, Tensor) else class_labels
+    if isinstance(values, str) or not isinstance(values, Sequence) or not values:
+        raise ConfigError(
+            f"this UNet2DModel is class-conditional ({classes} classes): class_labels must be a non-empty list of "
+            f"ints in [0, {classes}), got {class_labels!r}"
+        )
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < classes]
+    if bad:
+        raise ConfigError(f"class_labels must be ints in [0, {classes}) (num_class_embeds), got {bad[:5]}")
+    if guidance_scale != 1.0 and (
+        isinstance(uncond_class, bool) or not isinstance(uncond_class, int) or not 0 <= uncond_class < classes
+    ):
+        raise ConfigError(
+            f"guidance_scale={guidance_scale} needs uncond_class, the label of the unconditional class in "
+            f"[0, {classes}) (LDM-ImageNet: 1000), got {uncond_class!r}"
+        )
+    if guidance_scale == 1.0 and uncond_class is not None:
+        raise ConfigError("uncond_class is given without guidance (guidance_scale=1): pass a guidance_scale")
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The front door
 
@@ -349,9 +524,11 @@ def compress(
     *,
     prompts: Sequence[str] | None = None,
     class_labels: Sequence[int] | None = None,
+    num_samples: int | None = None,
     steps: int,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     negative_prompt: str = "",
+    uncond_class: int | None = None,
     seed: int = 0,
     eta: float = 0.0,
     keep: int | None = None,
@@ -361,14 +538,18 @@ def compress(
     """Trace, fit and swap ``pipe.unet`` for the compressed model; returns the fitted `CompressedUNet`.
 
     Args:
-        pipe: a diffusers text-to-image pipeline with a ``UNet2DConditionModel`` (``StableDiffusionPipeline``).
+        pipe: a diffusers pipeline with a ``UNet2DConditionModel`` (``StableDiffusionPipeline``) or a
+            ``UNet2DModel`` (``DDIMPipeline`` / ``DDPMPipeline`` / ``LDMPipeline`` or any pipeline holding one).
         recipe: a `cq.Recipe` (``cq.cachequant(interval=5)``, ...).
-        prompts: calibration prompts, one trajectory each (seeds ``seed + i``).
-        class_labels: not supported yet (diffusers has no class-conditional UNet pipeline loop to run).
+        prompts: calibration prompts of a text-conditioned UNet, one trajectory each (seeds ``seed + i``).
+        class_labels: calibration labels of a class-conditional ``UNet2DModel``, one trajectory each.
+        num_samples: calibration trajectories of an unconditional ``UNet2DModel``.
         steps: ``num_inference_steps`` the pipeline will be called with; the model is fitted on the pipeline's
             current scheduler's timesteps for it and refuses any other scheduler or step count.
-        guidance_scale, negative_prompt: the guidance the pipeline will be called with (calibration pools
-            ``[uncond; cond]``); 1 for no guidance.
+        guidance_scale: the guidance the model will be sampled with (calibration pools ``[uncond; cond]``); 1 for
+            none. Default: 7.5 with prompts (diffusers' default), 1 otherwise.
+        negative_prompt: the unconditional prompt of text guidance.
+        uncond_class: the unconditional label of class guidance (LDM-ImageNet: 1000).
         seed, eta, keep, batch_size, progress: as `cq.trace` (``eta`` goes to the scheduler, like ``pipe(eta=)``).
     """
     from .recipe import Recipe
@@ -378,15 +559,27 @@ def compress(
         raise ConfigError("the pipeline's unet is already compressed: cq.diffusers.restore(pipe) first")
     if not isinstance(recipe, Recipe):
         raise ConfigError(f"recipe must be a cq.Recipe (e.g. cq.cachequant(interval=5)), got {type(recipe).__name__}")
-    if class_labels is not None:
+    if isinstance(pipe.unet, _diffusers().UNet2DModel):
+        if prompts is not None:
+            raise ConfigError(
+                "this pipeline's unet is a UNet2DModel, which takes no text: pass class_labels=[...] "
+                "(class-conditional) or num_samples=N (unconditional)"
+            )
+        scale = 1.0 if guidance_scale is None else guidance_scale
+        trace_kwargs = dict(seed=seed, eta=eta, keep=keep, batch_size=batch_size, progress=progress)
+        return _compress_unet2d(pipe, recipe, class_labels, num_samples, steps, scale, uncond_class, **trace_kwargs)
+    labelled = {"class_labels": class_labels, "num_samples": num_samples, "uncond_class": uncond_class}
+    given = [name for name, value in labelled.items() if value is not None]
+    if given:
         raise ConfigError(
-            "class_labels: diffusers has no class-conditional UNet2DConditionModel pipeline whose loop cq can run; "
-            "compress a class-conditional LDM with cq.models.LatentDiffusion and cq.trace(cond=labels)"
+            f"{given}: this pipeline's unet is a text-conditioned UNet2DConditionModel; pass prompts=[...] "
+            "(class labels go with a class-conditional UNet2DModel)"
         )
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise ConfigError("prompts must be a non-empty list of calibration prompts (strings)")
     if not all(isinstance(p, str) for p in prompts):
         raise ConfigError("prompts must be strings")
+    guidance_scale = 7.5 if guidance_scale is None else guidance_scale
     unet = convert_unet(pipe.unet, pipe.scheduler)
     guided = guidance_scale != 1.0
     negative = [negative_prompt] * len(prompts) if guided else None
@@ -411,6 +604,52 @@ def compress(
     return model
 
 
+def _compress_unet2d(
+    pipe: Any,
+    recipe: Any,
+    class_labels: Any,
+    num_samples: Any,
+    steps: int,
+    guidance_scale: float,
+    uncond_class: int | None,
+    *,
+    seed: int,
+    eta: float,
+    keep: int | None,
+    batch_size: int,
+    progress: bool,
+) -> CompressedUNet:
+    """`compress` of a ``UNet2DModel`` pipeline: traced with `_SchedulerLoop` on labels or unconditionally."""
+    device = pipe.unet.device
+    labels = _labels(pipe.unet.config, class_labels, guidance_scale, uncond_class, device)
+    if labels is None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ConfigError(
+                f"an unconditional UNet2DModel is calibrated on num_samples=N >= 1 trajectories, got {num_samples!r}"
+            )
+    elif num_samples is not None:
+        raise ConfigError("num_samples is len(class_labels) for a class-conditional UNet2DModel: pass one of them")
+    unet = convert_unet(pipe.unet, pipe.scheduler)
+    guided = guidance_scale != 1.0
+    calibration = trace(
+        unet,
+        _SchedulerLoop(pipe, eta),
+        steps=steps,
+        num_samples=len(labels) if labels is not None else num_samples,
+        points=recipe.points(unet),
+        keep=keep,
+        batch_size=batch_size,
+        cond=labels,
+        seed=seed,
+        guidance_scale=guidance_scale,
+        uncond=torch.tensor([uncond_class], device=device) if guided else None,
+        progress=progress,
+    )
+    model = recipe.fit(unet, calibration, progress=progress)
+    _install(pipe, model)
+    return model
+
+
 def _install(pipe: Any, model: CompressedUNet) -> None:
     settings = model.sampler_settings
     if settings is None or not settings.sampler.startswith(_PREFIX):
@@ -418,7 +657,8 @@ def _install(pipe: Any, model: CompressedUNet) -> None:
             "this compressed model was not fitted through a diffusers pipeline's loop (its sampler is "
             f"{settings.sampler.split(' ')[0] if settings else 'unknown'}); sample it with cq's samplers"
         )
-    pipe.unet = DiffusersUNetAdapter(model, settings, pipe.unet, pipe)
+    adapter = DiffusersUNet2DAdapter if isinstance(pipe.unet, _diffusers().UNet2DModel) else DiffusersUNetAdapter
+    pipe.unet = adapter(model, settings, pipe.unet, pipe)
 
 
 def restore(pipe: Any) -> nn.Module:

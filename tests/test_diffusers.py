@@ -183,8 +183,10 @@ def test_bad_inputs_are_refused(parts, tmp_path):
     for prompts in ("a cat", [], [3]):
         with pytest.raises(ConfigError, match="prompts must be"):
             cq.diffusers.compress(pipe, recipe, prompts=prompts, steps=4)
-    with pytest.raises(ConfigError, match="class_labels"):
+    with pytest.raises(ConfigError, match="class_labels.*text-conditioned"):
         cq.diffusers.compress(pipe, recipe, class_labels=[1, 2], steps=4)
+    with pytest.raises(ConfigError, match="denoise samples UNet2DModel pipelines"):
+        cq.diffusers.denoise(pipe, torch.randn(1, 4, 8, 8), steps=4)
     with pytest.raises(ConfigError, match="fractional timesteps"):  # Euler's linspace default: 999 / 7 apart
         cq.diffusers.compress(_pipe(parts, "euler-sd", timestep_spacing="linspace"), recipe, prompts=["a"], steps=8)
     with pytest.raises(ConfigError, match="not compressed"):

@@ -152,6 +152,8 @@ def ddpm_config_from_diffusers(config: dict[str, Any]) -> DDPMConfig:
         "resnet_time_scale_shift": "default",
         "time_embedding_type": "positional",
         "mid_block_scale_factor": 1,
+        "class_embed_type": None,
+        "num_class_embeds": None,
     }
     for key, want in expected.items():
         if key in config and config[key] != want:

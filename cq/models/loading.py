@@ -130,12 +130,16 @@ def _load_diffusers_folder(folder: Path) -> CacheableUNet:
         ) from None
 
 
-def _build_from_diffusers(folder: Path, state: dict[str, Tensor], config: dict) -> CacheableUNet:
+def unet_config_from_diffusers(config: dict) -> tuple[DDPMConfig | LDMUNetConfig, dict]:
+    """The cq UNet config of a diffusers UNet config (``UNet2DConditionModel`` or ``UNet2DModel``: LDM family
+    or DDPM) and its preset's default sampling."""
     if _is_ldm_diffusers_config(config):
-        unet_config = ldm_unet_config_from_diffusers(config)
-        sampling = {"steps": 50, "spacing": "ldm", "eta": 0.0}
-    else:
-        unet_config, sampling = ddpm_config_from_diffusers(config), {}
+        return ldm_unet_config_from_diffusers(config), {"steps": 50, "spacing": "ldm", "eta": 0.0}
+    return ddpm_config_from_diffusers(config), {}
+
+
+def _build_from_diffusers(folder: Path, state: dict[str, Tensor], config: dict) -> CacheableUNet:
+    unet_config, sampling = unet_config_from_diffusers(config)
     preset = Preset(
         name=folder.name,
         config=unet_config,
