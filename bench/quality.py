@@ -81,6 +81,7 @@ def schedule_cases(n: int) -> list[tuple[str, Recipe]]:
     """CacheQuant W8A8 with both DEC corrections; only the schedule differs."""
     from cq.cache.power import Power
     from cq.cache.search import TrajectorySearch
+    from cq.cache.sensitivity_dp import SensitivityDP
 
     def cachequant(schedule):
         correctors = (CacheErrorCorrector(), QuantErrorCorrector())
@@ -91,6 +92,7 @@ def schedule_cases(n: int) -> list[tuple[str, Recipe]]:
         (f"N={n} power 1.5", cachequant(Power(interval=n))),
         (f"N={n} DPS (CacheQuant)", cachequant(DPS(interval=n))),
         (f"N={n} search (cq)", cachequant(TrajectorySearch(interval=n))),
+        (f"N={n} sensitivity DP (cq)", cachequant(SensitivityDP(interval=n))),
     ]
 
 

@@ -8,6 +8,7 @@ from .dps import DPS, dp_partition
 from .power import Power
 from .schedule import Schedule
 from .search import TrajectorySearch
+from .sensitivity_dp import SensitivityDP
 from .uniform import UniformSchedule
 from .view import CacheView
 
@@ -23,6 +24,7 @@ __all__ = [
     "Power",
     "DPS",
     "TrajectorySearch",
+    "SensitivityDP",
     "dp_partition",
 ]
 
