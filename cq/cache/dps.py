@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, ScheduleInvalidError
 from ..registry import SCHEDULES
-from .schedule import Schedule, fitted_mask, positive_int
+from .schedule import Schedule, check_budget_fields, fitted_mask, positive_int
 
 
 __all__ = ["DPS", "dp_partition", "distance_table", "partition_cost", "group_bounds"]
@@ -185,19 +185,9 @@ class DPS(Schedule):
     num_steps: int = 0
 
     def __post_init__(self) -> None:
-        if (self.interval is None) == (self.refreshes is None):
-            raise ConfigError(f"DPS needs exactly one of interval or refreshes, got {self.interval}, {self.refreshes}")
-        for name in ("interval", "refreshes", "min_len", "max_len"):
-            if getattr(self, name) is not None:
-                positive_int("DPS", name, getattr(self, name))
-        if self.min_len is not None and self.max_len is not None and self.min_len > self.max_len:
-            raise ConfigError(f"DPS.min_len={self.min_len} exceeds DPS.max_len={self.max_len}")
+        check_budget_fields(self, "min_len", "max_len")
         if self.distance not in ("l1", "l2", "mse"):
             raise ConfigError(f"DPS.distance must be 'l1', 'l2' or 'mse', got {self.distance!r}")
-        if self.steps and (
-            self.steps[0] != 0 or list(self.steps) != sorted(set(self.steps)) or self.steps[-1] >= self.num_steps
-        ):
-            raise ConfigError(f"DPS.steps must be increasing, start at 0 and stay below num_steps; got {self.steps}")
 
     @property
     def needs_fit(self) -> bool:

@@ -17,7 +17,15 @@ from torch import Tensor
 from ..errors import ConfigError, ScheduleInvalidError, StepCountMismatchError
 
 
-__all__ = ["Schedule", "ScheduleRollout", "check_mask", "fitted_mask", "refresh_steps", "positive_int"]
+__all__ = [
+    "Schedule",
+    "ScheduleRollout",
+    "check_mask",
+    "check_budget_fields",
+    "fitted_mask",
+    "refresh_steps",
+    "positive_int",
+]
 
 
 class Schedule(ABC):
@@ -94,3 +102,26 @@ def refresh_steps(mask: tuple[bool, ...]) -> tuple[int, ...]:
 def positive_int(owner: str, name: str, value: object, minimum: int = 1) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_budget_fields(owner: object, *positive: str) -> None:
+    """The fields a budgeted, fitted schedule (`DPS`, `TrajectorySearch`, `SensitivityDP`) shares: exactly one of
+    ``interval`` / ``refreshes``; ``positive`` fields (and those two) ints >= 1 where set; ``min_len <= max_len``
+    where both exist; ``tail`` a number >= 0 where it exists; fitted ``steps`` increasing from 0 below
+    ``num_steps``. Raises `ConfigError` naming the class and field."""
+    name = type(owner).__name__
+    interval, refreshes = owner.interval, owner.refreshes
+    if (interval is None) == (refreshes is None):
+        raise ConfigError(f"{name} needs exactly one of interval or refreshes, got {interval}, {refreshes}")
+    for field in ("interval", "refreshes", *positive):
+        if getattr(owner, field) is not None:
+            positive_int(name, field, getattr(owner, field))
+    low, high = getattr(owner, "min_len", None), getattr(owner, "max_len", None)
+    if low is not None and high is not None and low > high:
+        raise ConfigError(f"{name}.min_len={low} exceeds {name}.max_len={high}")
+    tail = getattr(owner, "tail", 0.0)
+    if isinstance(tail, bool) or not isinstance(tail, int | float) or not tail >= 0:
+        raise ConfigError(f"{name}.tail must be a number >= 0, got {tail!r}")
+    steps = owner.steps
+    if steps and (steps[0] != 0 or list(steps) != sorted(set(steps)) or steps[-1] >= owner.num_steps):
+        raise ConfigError(f"{name}.steps must be increasing, start at 0 and stay below num_steps; got {steps}")

@@ -30,10 +30,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, ScheduleInvalidError
+from ..errors import ScheduleInvalidError
 from ..registry import SCHEDULES
 from .dps import DPS
-from .schedule import Schedule, ScheduleRollout, fitted_mask, positive_int, refresh_steps
+from .schedule import Schedule, ScheduleRollout, check_budget_fields, fitted_mask, positive_int, refresh_steps
 from .uniform import UniformSchedule
 
 
@@ -130,22 +130,8 @@ class TrajectorySearch(Schedule):
     fitted_db: float | None = None
 
     def __post_init__(self) -> None:
-        if (self.interval is None) == (self.refreshes is None):
-            raise ConfigError(
-                f"TrajectorySearch needs exactly one of interval or refreshes, got {self.interval}, {self.refreshes}"
-            )
-        for name in ("interval", "refreshes", "trajectories", "max_shift"):
-            if getattr(self, name) is not None:
-                positive_int("TrajectorySearch", name, getattr(self, name))
+        check_budget_fields(self, "trajectories", "max_shift")
         positive_int("TrajectorySearch", "budget", self.budget, minimum=0)
-        if isinstance(self.tail, bool) or not isinstance(self.tail, int | float) or not self.tail >= 0:
-            raise ConfigError(f"TrajectorySearch.tail must be a number >= 0, got {self.tail!r}")
-        if self.steps and (
-            self.steps[0] != 0 or list(self.steps) != sorted(set(self.steps)) or self.steps[-1] >= self.num_steps
-        ):
-            raise ConfigError(
-                f"TrajectorySearch.steps must be increasing, start at 0 and stay below num_steps; got {self.steps}"
-            )
 
     @property
     def needs_fit(self) -> bool:

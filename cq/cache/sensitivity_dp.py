@@ -33,10 +33,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, ScheduleInvalidError
+from ..errors import ScheduleInvalidError
 from ..registry import SCHEDULES
 from .dps import DPS, distance_table, dp_partition, group_bounds
-from .schedule import Schedule, ScheduleRollout, fitted_mask, positive_int, refresh_steps
+from .schedule import Schedule, ScheduleRollout, check_budget_fields, fitted_mask, positive_int, refresh_steps
 from .search import end_to_end_db, even_steps
 from .uniform import UniformSchedule
 
@@ -97,23 +97,7 @@ class SensitivityDP(Schedule):
     fitted_db: float | None = None
 
     def __post_init__(self) -> None:
-        if (self.interval is None) == (self.refreshes is None):
-            raise ConfigError(
-                f"SensitivityDP needs exactly one of interval or refreshes, got {self.interval}, {self.refreshes}"
-            )
-        for name in ("interval", "refreshes", "min_len", "max_len", "trajectories"):
-            if getattr(self, name) is not None:
-                positive_int("SensitivityDP", name, getattr(self, name))
-        if self.min_len is not None and self.max_len is not None and self.min_len > self.max_len:
-            raise ConfigError(f"SensitivityDP.min_len={self.min_len} exceeds SensitivityDP.max_len={self.max_len}")
-        if isinstance(self.tail, bool) or not isinstance(self.tail, int | float) or not self.tail >= 0:
-            raise ConfigError(f"SensitivityDP.tail must be a number >= 0, got {self.tail!r}")
-        if self.steps and (
-            self.steps[0] != 0 or list(self.steps) != sorted(set(self.steps)) or self.steps[-1] >= self.num_steps
-        ):
-            raise ConfigError(
-                f"SensitivityDP.steps must be increasing, start at 0 and stay below num_steps; got {self.steps}"
-            )
+        check_budget_fields(self, "min_len", "max_len", "trajectories")
 
     @property
     def needs_fit(self) -> bool:
