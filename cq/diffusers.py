@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import numbers
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -460,8 +461,15 @@ def denoise(
             f"denoise samples UNet2DModel pipelines; {type(pipe).__name__} has a {type(unet).__name__}: call "
             "pipe(prompt, ...) for text-to-image pipelines"
         )
-    if not isinstance(noise, Tensor) or noise.ndim != 4:
-        raise InputShapeError(f"noise must be a [B, C, H, W] tensor, got {getattr(noise, 'shape', type(noise))}")
+    if not isinstance(noise, Tensor) or noise.ndim != 4 or not noise.is_floating_point():
+        got = f"{tuple(noise.shape)} {noise.dtype}" if isinstance(noise, Tensor) else type(noise).__name__
+        raise InputShapeError(f"noise must be a floating-point [B, C, H, W] tensor, got {got}")
+    if noise.shape[1] != unet.config.in_channels:
+        raise InputShapeError(
+            f"noise has {noise.shape[1]} channels; this UNet takes in_channels={unet.config.in_channels}"
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be an int >= 1 (num_inference_steps), got {steps!r}")
     labels = _labels(unet.config, class_labels, guidance_scale, uncond_class, noise.device)
     if labels is not None and labels.shape[0] != noise.shape[0]:
         raise InputShapeError(f"{labels.shape[0]} class labels for a batch of {noise.shape[0]} noises")
@@ -493,15 +501,16 @@ def _labels(
         if guidance_scale != 1.0 or uncond_class is not None:
             raise ConfigError("guidance needs a class-conditional UNet; this UNet2DModel is unconditional")
         return None
-    values = class_labels.tolist() if isinstance(class_labels, Tensor) else class_labels
+    values = class_labels.tolist() if hasattr(class_labels, "tolist") else class_labels  # tensors, numpy arrays
     if isinstance(values, str) or not isinstance(values, Sequence) or not values:
         raise ConfigError(
             f"this UNet2DModel is class-conditional ({classes} classes): class_labels must be a non-empty list of "
             f"ints in [0, {classes}), got {class_labels!r}"
         )
-    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < classes]
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < classes]
     if bad:
         raise ConfigError(f"class_labels must be ints in [0, {classes}) (num_class_embeds), got {bad[:5]}")
+    values = [int(v) for v in values]
     if guidance_scale != 1.0 and (
         isinstance(uncond_class, bool) or not isinstance(uncond_class, int) or not 0 <= uncond_class < classes
     ):

@@ -5,6 +5,7 @@ diffusers' UNet2DModel pipelines) or the pipeline itself (``DDIMPipeline``, ``DD
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from test_ddpm_model import DDPM_DIFFUSERS_COMMON, TINY_DIFFUSERS
@@ -114,6 +115,10 @@ def test_the_adapter_has_the_unet2d_call_signature_and_output_type():
         with pytest.raises(InputShapeError, match="class-conditional"):
             pipe.unet(x, t)
     assert pipe.unet.config is original.config and pipe.unet.dtype == original.dtype
+    cq.diffusers.restore(pipe)
+    for labels in (torch.tensor([3, 4]), np.array([3, 4]), [np.int64(3), 4]):  # any integer sequence
+        same = cq.diffusers.denoise(pipe, _noise(2), steps=4, class_labels=labels)
+        assert torch.equal(same, cq.diffusers.denoise(pipe, _noise(2), steps=4, class_labels=[3, 4]))
 
 
 def test_an_unconditional_unet2d_pipeline_runs_compressed_through_its_own_call(tmp_path):
@@ -164,8 +169,14 @@ def test_bad_inputs_are_refused():
         cq.diffusers.compress(pipe, recipe, class_labels=[1], uncond_class=9, steps=4)
     with pytest.raises(InputShapeError, match="2 class labels for a batch of 3"):
         cq.diffusers.denoise(pipe, _noise(), steps=4, class_labels=[1, 2])
-    with pytest.raises(InputShapeError, match=r"\[B, C, H, W\]"):
-        cq.diffusers.denoise(pipe, torch.randn(3, 16, 16), steps=4, class_labels=[1, 2, 3])
+    for noise in (torch.randn(3, 16, 16), torch.zeros(3, 3, 16, 16, dtype=torch.long), "noise"):
+        with pytest.raises(InputShapeError, match=r"floating-point \[B, C, H, W\]"):
+            cq.diffusers.denoise(pipe, noise, steps=4, class_labels=[1, 2, 3])
+    with pytest.raises(InputShapeError, match="in_channels=3"):
+        cq.diffusers.denoise(pipe, torch.randn(3, 4, 16, 16), steps=4, class_labels=[1, 2, 3])
+    for steps in (0, 2.5, True):
+        with pytest.raises(ConfigError, match="steps must be an int >= 1"):
+            cq.diffusers.denoise(pipe, _noise(), steps=steps, class_labels=[1, 2, 3])
     with torch.random.fork_rng(devices=[]):
         unconditional = diffusers.UNet2DModel(**DDPM_DIFFUSERS_COMMON, **TINY_DIFFUSERS["lpb2"]).eval()
     plain = _pipe(unconditional)
