@@ -209,3 +209,22 @@ def test_unfitted_or_misused_sensitivity_dp_raises(unet, trace):
             SensitivityDP(**bad)
     with pytest.raises(ConfigError, match="steps must be increasing"):
         SensitivityDP(interval=2, steps=(1, 3), num_steps=8)
+
+
+def test_a_guided_plms_trace_plans_by_sampler_steps():
+    """Guided PLMS on a tiny class-conditional LDM: 5 sampler steps make 6 model calls; K = ceil(5 / 2) as DPS
+    plans it, gains for every call, rolled out guided (the rollout's own test: tests/test_budget.py)."""
+    from cq.models import LatentDiffusion
+    from cq.sampling import plms
+
+    pipe = LatentDiffusion.build("tiny-ldm-cin", seed=0)
+    point = pipe.unet.cache_points()[-1]
+    trace = cq.trace(
+        pipe.unet, plms, steps=5, num_samples=4, cond=pipe.condition(torch.tensor([3, 7, 1, 4])),
+        guidance_scale=3.0, uncond=pipe.unconditional(1), points=[point], progress=False,
+    )  # fmt: skip
+    schedule = DeepCache(schedule=SensitivityDP(interval=2, trajectories=3), point=point)
+    model = Recipe(cacher=schedule).fit(pipe.unet, trace, progress=False)
+    fitted = model.recipe.cacher.schedule
+    assert trace.steps == 6 and len(fitted.gains) == 6 and sum(model.refresh_mask()) == 3 == len(fitted.steps)
+    assert fitted.gains[0] == 0 and min(fitted.gains[1:]) > 0
