@@ -569,14 +569,48 @@ def compress(
     if not isinstance(recipe, Recipe):
         raise ConfigError(f"recipe must be a cq.Recipe (e.g. cq.cachequant(interval=5)), got {type(recipe).__name__}")
     if isinstance(pipe.unet, _diffusers().UNet2DModel):
-        if prompts is not None:
-            raise ConfigError(
-                "this pipeline's unet is a UNet2DModel, which takes no text: pass class_labels=[...] "
-                "(class-conditional) or num_samples=N (unconditional)"
-            )
-        scale = 1.0 if guidance_scale is None else guidance_scale
-        trace_kwargs = dict(seed=seed, eta=eta, keep=keep, batch_size=batch_size, progress=progress)
-        return _compress_unet2d(pipe, recipe, class_labels, num_samples, steps, scale, uncond_class, **trace_kwargs)
+        loop, cond, count, scale, uncond = _label_calibration(
+            pipe, prompts, class_labels, num_samples, guidance_scale, uncond_class, eta
+        )
+    else:
+        loop, cond, count, scale, uncond = _text_calibration(
+            pipe, prompts, class_labels, num_samples, guidance_scale, negative_prompt, uncond_class, eta
+        )
+    unet = convert_unet(pipe.unet, pipe.scheduler)
+    calibration = trace(
+        unet,
+        loop,
+        steps=steps,
+        num_samples=count,
+        points=recipe.points(unet),
+        keep=keep,
+        batch_size=batch_size,
+        cond=cond,
+        seed=seed,
+        guidance_scale=scale,
+        uncond=uncond,
+        progress=progress,
+    )
+    model = recipe.fit(unet, calibration, progress=progress)
+    _install(pipe, model)
+    return model
+
+
+_Calibration = tuple[_PipelineLoop, Tensor | None, int, float, Tensor | None]  # loop, cond, count, scale, uncond
+
+
+def _text_calibration(
+    pipe: Any,
+    prompts: Any,
+    class_labels: Any,
+    num_samples: Any,
+    guidance_scale: float | None,
+    negative_prompt: str,
+    uncond_class: Any,
+    eta: float,
+) -> _Calibration:
+    """`compress`'s calibration of a text-conditioned pipeline: the pipeline's own loop on the prompts' contexts
+    (guided: the negative prompt's context as the unconditional one)."""
     labelled = {"class_labels": class_labels, "num_samples": num_samples, "uncond_class": uncond_class}
     given = [name for name, value in labelled.items() if value is not None]
     if given:
@@ -588,49 +622,33 @@ def compress(
         raise ConfigError("prompts must be a non-empty list of calibration prompts (strings)")
     if not all(isinstance(p, str) for p in prompts):
         raise ConfigError("prompts must be strings")
-    guidance_scale = 7.5 if guidance_scale is None else guidance_scale
-    unet = convert_unet(pipe.unet, pipe.scheduler)
-    guided = guidance_scale != 1.0
+    scale = 7.5 if guidance_scale is None else guidance_scale
+    guided = scale != 1.0
     negative = [negative_prompt] * len(prompts) if guided else None
     with torch.no_grad():
         cond, uncond = pipe.encode_prompt(list(prompts), pipe.unet.device, 1, guided, negative_prompt=negative)
-    calibration = trace(
-        unet,
-        _PipelineLoop(pipe, eta),
-        steps=steps,
-        num_samples=len(prompts),
-        points=recipe.points(unet),
-        keep=keep,
-        batch_size=batch_size,
-        cond=cond.float(),
-        seed=seed,
-        guidance_scale=guidance_scale,
-        uncond=uncond[:1].float() if guided else None,
-        progress=progress,
-    )
-    model = recipe.fit(unet, calibration, progress=progress)
-    _install(pipe, model)
-    return model
+    return _PipelineLoop(pipe, eta), cond.float(), len(prompts), scale, uncond[:1].float() if guided else None
 
 
-def _compress_unet2d(
+def _label_calibration(
     pipe: Any,
-    recipe: Any,
+    prompts: Any,
     class_labels: Any,
     num_samples: Any,
-    steps: int,
-    guidance_scale: float,
+    guidance_scale: float | None,
     uncond_class: int | None,
-    *,
-    seed: int,
     eta: float,
-    keep: int | None,
-    batch_size: int,
-    progress: bool,
-) -> CompressedUNet:
-    """`compress` of a ``UNet2DModel`` pipeline: traced with `_SchedulerLoop` on labels or unconditionally."""
+) -> _Calibration:
+    """`compress`'s calibration of a ``UNet2DModel`` pipeline: `denoise`'s loop on the labels (guided: the pooled
+    ``[uncond_class; label]`` rows), or unconditionally on ``num_samples`` noises."""
+    if prompts is not None:
+        raise ConfigError(
+            "this pipeline's unet is a UNet2DModel, which takes no text: pass class_labels=[...] "
+            "(class-conditional) or num_samples=N (unconditional)"
+        )
+    scale = 1.0 if guidance_scale is None else guidance_scale
     device = pipe.unet.device
-    labels = _labels(pipe.unet.config, class_labels, guidance_scale, uncond_class, device)
+    labels = _labels(pipe.unet.config, class_labels, scale, uncond_class, device)
     if labels is None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ConfigError(
@@ -638,25 +656,9 @@ def _compress_unet2d(
             )
     elif num_samples is not None:
         raise ConfigError("num_samples is len(class_labels) for a class-conditional UNet2DModel: pass one of them")
-    unet = convert_unet(pipe.unet, pipe.scheduler)
-    guided = guidance_scale != 1.0
-    calibration = trace(
-        unet,
-        _SchedulerLoop(pipe, eta),
-        steps=steps,
-        num_samples=len(labels) if labels is not None else num_samples,
-        points=recipe.points(unet),
-        keep=keep,
-        batch_size=batch_size,
-        cond=labels,
-        seed=seed,
-        guidance_scale=guidance_scale,
-        uncond=torch.tensor([uncond_class], device=device) if guided else None,
-        progress=progress,
-    )
-    model = recipe.fit(unet, calibration, progress=progress)
-    _install(pipe, model)
-    return model
+    count = len(labels) if labels is not None else num_samples
+    uncond = torch.tensor([uncond_class], device=device) if scale != 1.0 else None
+    return _SchedulerLoop(pipe, eta), labels, count, scale, uncond
 
 
 def _install(pipe: Any, model: CompressedUNet) -> None:
