@@ -37,7 +37,7 @@ from .schedule import Schedule, ScheduleRollout, check_budget_fields, fitted_mas
 from .uniform import UniformSchedule
 
 
-__all__ = ["TrajectorySearch", "end_to_end_db", "coordinate_descent", "even_steps"]
+__all__ = ["TrajectorySearch", "end_to_end_db", "coordinate_descent", "even_steps", "baseline_steps"]
 
 
 def end_to_end_db(mse: Tensor, tail: float) -> float:
@@ -98,6 +98,29 @@ def coordinate_descent(
     return best, best_score, used
 
 
+def baseline_steps(
+    features: Tensor,
+    *,
+    interval: int | None,
+    refreshes: int | None,
+    sampler_steps: int | None = None,
+    min_len: int | None = None,
+    max_len: int | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """``{"uniform": steps, "dps": steps}``: the refresh steps of the uniform schedule and of DPS with the same
+    budget (K, and DPS's group-length bounds) over the T steps of ``features`` -- what `TrajectorySearch` starts
+    from and `SensitivityDP` guards with. Uniform is ``UniformSchedule(interval)`` when the model calls are the
+    sampler steps, else K steps spread evenly (`even_steps`)."""
+    T = features.shape[0]
+    dps = DPS(interval=interval, refreshes=refreshes, min_len=min_len, max_len=max_len)
+    dps_steps = dps.fit(features, sampler_steps=sampler_steps).steps
+    if interval is not None and sampler_steps is None:
+        uniform = refresh_steps(UniformSchedule(interval=interval).refresh_mask(T))
+    else:
+        uniform = even_steps(T, len(dps_steps))
+    return {"uniform": uniform, "dps": dps_steps}
+
+
 @SCHEDULES.register("search")
 @dataclass(frozen=True, kw_only=True)
 class TrajectorySearch(Schedule):
@@ -153,18 +176,12 @@ class TrajectorySearch(Schedule):
             )
         T = features.shape[0]
         positive_int("TrajectorySearch.fit", "number of steps", T)
-        dps_budget = {"interval": self.interval} if self.interval is not None else {"refreshes": self.refreshes}
-        dps = DPS(**dps_budget).fit(features, sampler_steps=sampler_steps)
-        K = len(dps.steps)
-        if self.interval is not None and sampler_steps is None:
-            uniform = refresh_steps(UniformSchedule(interval=self.interval).refresh_mask(T))
-        else:
-            uniform = even_steps(T, K)
 
         def score(steps: tuple[int, ...]) -> float:
             return end_to_end_db(rollout(replace(self, steps=steps, num_steps=T), self.trajectories), self.tail)
 
-        starts = {"uniform": uniform, "dps": dps.steps}
+        budget = dict(interval=self.interval, refreshes=self.refreshes)
+        starts = baseline_steps(features, sampler_steps=sampler_steps, **budget)
         scores = {name: score(steps) for name, steps in starts.items()}
         first = max(scores, key=lambda name: (scores[name], name == "uniform"))  # ties: uniform
         steps, best, _ = coordinate_descent(

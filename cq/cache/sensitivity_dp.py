@@ -35,10 +35,9 @@ from tqdm.auto import tqdm
 
 from ..errors import ScheduleInvalidError
 from ..registry import SCHEDULES
-from .dps import DPS, distance_table, dp_partition, group_bounds
-from .schedule import Schedule, ScheduleRollout, check_budget_fields, fitted_mask, positive_int, refresh_steps
-from .search import end_to_end_db, even_steps
-from .uniform import UniformSchedule
+from .dps import distance_table, dp_partition, group_bounds
+from .schedule import Schedule, ScheduleRollout, check_budget_fields, fitted_mask, positive_int
+from .search import baseline_steps, end_to_end_db
 
 
 __all__ = ["SensitivityDP", "step_gains", "weighted_distances"]
@@ -130,17 +129,16 @@ class SensitivityDP(Schedule):
         gains = step_gains(rms, features)
         planned = dp_partition(weighted_distances(features, gains, hi), K, lo, hi, last_lo)
 
-        budget = dict(interval=self.interval, refreshes=self.refreshes, min_len=self.min_len, max_len=self.max_len)
-        dps = DPS(**budget).fit(features, sampler_steps=sampler_steps).steps  # the guard's baselines: same K, bounds
-        uniform = (
-            refresh_steps(UniformSchedule(interval=self.interval).refresh_mask(T))
-            if self.interval is not None and sampler_steps is None
-            else even_steps(T, K)
+        baselines = baseline_steps(
+            features,
+            interval=self.interval,
+            refreshes=self.refreshes,
+            sampler_steps=sampler_steps,
+            min_len=self.min_len,
+            max_len=self.max_len,
         )
-        scores = {}
-        for name, steps in (("sensitivity", planned), ("dps", dps), ("uniform", uniform)):
-            if len(steps) == K:
-                scores[name] = (end_to_end_db(errors(steps), self.tail), steps)
+        candidates = {"sensitivity": planned, "dps": baselines["dps"], "uniform": baselines["uniform"]}
+        scores = {name: (end_to_end_db(errors(steps), self.tail), steps) for name, steps in candidates.items()}
         chosen = max(scores, key=lambda name: scores[name][0])  # ties: the first (the plan)
         score, steps = scores[chosen]
         if not math.isfinite(score):
