@@ -43,23 +43,22 @@ from .search import baseline_steps, end_to_end_db
 __all__ = ["SensitivityDP", "step_gains", "weighted_distances"]
 
 
-def step_gains(single_step_rms: Tensor, features: Tensor) -> Tensor:
+def step_gains(single_step_rms: Tensor, dist: Tensor) -> Tensor:
     """``g_s = e_s / ||F_s - F_{s-1}||`` (``g_0 = 0``; 0 where the feature does not change): the end-to-end RMS
-    error of caching step s alone per unit of its feature distance. ``single_step_rms``: ``[T]``, ``e_0`` unused."""
-    T = features.shape[0]
-    step = distance_table(features, 2, "l2")[:, 1]  # ||F_{s+1} - F_s|| at index s (inf at T - 1)
+    error of caching step s alone per unit of its feature distance. ``single_step_rms``: ``[T]``, ``e_0`` unused;
+    ``dist``: the l2 `distance_table` of the features, at least 2 columns."""
+    T = dist.shape[0]
     gains = torch.zeros(T, dtype=torch.float64)
     if T > 1:
-        moved = step[: T - 1]
+        moved = dist[: T - 1, 1]  # ||F_{s+1} - F_s|| at index s
         gains[1:] = torch.where(moved > 0, single_step_rms[1:].double() / moved.clamp_min(1e-300), 0.0)
     return gains
 
 
-def weighted_distances(features: Tensor, gains: Tensor, max_len: int) -> Tensor:
-    """``cost[a, r] = g_{a+r} ||F_{a+r} - F_a||`` (``inf`` past the end), shape ``[T, max_len]``: the
-    per-step cost `dp_partition` sums into group costs (its ``dist``)."""
-    T = features.shape[0]
-    dist = distance_table(features, max_len, "l2")
+def weighted_distances(dist: Tensor, gains: Tensor) -> Tensor:
+    """``cost[a, r] = g_{a+r} ||F_{a+r} - F_a||`` (``inf`` past the end) from the l2 `distance_table` ``dist``
+    ``[T, max_len]``: the per-step cost `dp_partition` sums into group costs (its ``dist``)."""
+    T, max_len = dist.shape
     index = (torch.arange(T)[:, None] + torch.arange(max_len)[None, :]).clamp(max=T - 1)
     return torch.where(torch.isfinite(dist), dist * gains.double()[index], dist)
 
@@ -126,8 +125,9 @@ class SensitivityDP(Schedule):
         rms = torch.zeros(T, dtype=torch.float64)
         for s in tqdm(range(1, T), desc="step sensitivity", unit="rollout", disable=None):
             rms[s] = errors(tuple(i for i in range(T) if i != s)).double().mean().sqrt()
-        gains = step_gains(rms, features)
-        planned = dp_partition(weighted_distances(features, gains, hi), K, lo, hi, last_lo)
+        dist = distance_table(features, max(hi, 2), "l2")  # one pass over the features (a trace may be on disk)
+        gains = step_gains(rms, dist)
+        planned = dp_partition(weighted_distances(dist, gains), K, lo, hi, last_lo)
 
         baselines = baseline_steps(
             features,
