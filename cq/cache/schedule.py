@@ -19,6 +19,7 @@ from ..errors import ConfigError, ScheduleInvalidError, StepCountMismatchError
 
 __all__ = [
     "Schedule",
+    "RolloutSchedule",
     "ScheduleRollout",
     "check_mask",
     "check_budget_fields",
@@ -65,6 +66,30 @@ class Schedule(ABC):
 #: compressed model whose schedule is ``candidate`` (fitted), sampled end to end from the first ``trajectories``
 #: calibration trajectories' initial noise (`cq.rollout.CalibrationRollout`).
 ScheduleRollout: TypeAlias = Callable[["Schedule", int], Tensor]
+
+
+class RolloutSchedule(Schedule):
+    """A schedule whose `fit` judges candidates by rollouts of the compressed model (`TrajectorySearch`,
+    `SensitivityDP`) and records the refresh ``steps`` it chose: it needs a fit and a rollout until then."""
+
+    @property
+    def needs_fit(self) -> bool:
+        return not self.steps
+
+    @property
+    def needs_rollout(self) -> bool:
+        return not self.steps
+
+    def fit_inputs(self, features: Tensor, rollout: ScheduleRollout | None) -> tuple[int, ScheduleRollout]:
+        """``(T, rollout)`` checked: a rollout is given (`Recipe.fit` provides it), ``features`` has T >= 1 steps."""
+        name = type(self).__name__
+        if rollout is None:
+            raise ScheduleInvalidError(
+                f"{name}.fit needs rollout= (the compressed model's end-to-end error): fit it through "
+                "Recipe.fit(unet, trace)"
+            )
+        positive_int(f"{name}.fit", "number of steps", features.shape[0])
+        return features.shape[0], rollout
 
 
 def check_mask(mask: tuple[bool, ...], num_steps: int, owner: object) -> tuple[bool, ...]:

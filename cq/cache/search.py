@@ -30,10 +30,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..errors import ScheduleInvalidError
 from ..registry import SCHEDULES
 from .dps import DPS
-from .schedule import Schedule, ScheduleRollout, check_budget_fields, fitted_mask, positive_int, refresh_steps
+from .schedule import RolloutSchedule, ScheduleRollout, check_budget_fields, fitted_mask, positive_int, refresh_steps
 from .uniform import UniformSchedule
 
 
@@ -123,7 +122,7 @@ def baseline_steps(
 
 @SCHEDULES.register("search")
 @dataclass(frozen=True, kw_only=True)
-class TrajectorySearch(Schedule):
+class TrajectorySearch(RolloutSchedule):
     """Refresh steps searched on the end-to-end error of the compressed model (see the module docstring).
 
     Give either ``interval`` (N; K = ceil(T/N) refreshes, as the uniform schedule and DPS) or ``refreshes`` (K).
@@ -156,26 +155,12 @@ class TrajectorySearch(Schedule):
         check_budget_fields(self, "trajectories", "max_shift")
         positive_int("TrajectorySearch", "budget", self.budget, minimum=0)
 
-    @property
-    def needs_fit(self) -> bool:
-        return not self.steps
-
-    @property
-    def needs_rollout(self) -> bool:
-        return not self.steps
-
     def fit(
         self, features: Tensor, *, rollout: ScheduleRollout | None = None, sampler_steps: int | None = None
     ) -> TrajectorySearch:
         """Search on ``rollout`` (from `Recipe.fit`); ``features`` ``[T, ...]`` at the cache point plan the DPS start.
         ``sampler_steps``: the sampler steps behind the T model calls when not T (PLMS), as for `DPS.fit`."""
-        if rollout is None:
-            raise ScheduleInvalidError(
-                "TrajectorySearch.fit needs rollout= (the compressed model's end-to-end error): fit it through "
-                "Recipe.fit(unet, trace)"
-            )
-        T = features.shape[0]
-        positive_int("TrajectorySearch.fit", "number of steps", T)
+        T, rollout = self.fit_inputs(features, rollout)
 
         def score(steps: tuple[int, ...]) -> float:
             return end_to_end_db(rollout(replace(self, steps=steps, num_steps=T), self.trajectories), self.tail)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..errors import ScheduleInvalidError
 from ..registry import SCHEDULES
 from .dps import distance_table, dp_partition, group_bounds
-from .schedule import Schedule, ScheduleRollout, check_budget_fields, fitted_mask, positive_int
+from .schedule import RolloutSchedule, ScheduleRollout, check_budget_fields, fitted_mask
 from .search import baseline_steps, end_to_end_db
 
 
@@ -65,7 +65,7 @@ def weighted_distances(dist: Tensor, gains: Tensor) -> Tensor:
 
 @SCHEDULES.register("sensitivity-dp")
 @dataclass(frozen=True, kw_only=True)
-class SensitivityDP(Schedule):
+class SensitivityDP(RolloutSchedule):
     """DPS on feature distances weighted by each step's measured end-to-end gain (module docstring).
 
     Give either ``interval`` (N; K = ceil(T/N) refreshes, as DPS) or ``refreshes`` (K).
@@ -97,26 +97,12 @@ class SensitivityDP(Schedule):
     def __post_init__(self) -> None:
         check_budget_fields(self, "min_len", "max_len", "trajectories")
 
-    @property
-    def needs_fit(self) -> bool:
-        return not self.steps
-
-    @property
-    def needs_rollout(self) -> bool:
-        return not self.steps
-
     def fit(
         self, features: Tensor, *, rollout: ScheduleRollout | None = None, sampler_steps: int | None = None
     ) -> SensitivityDP:
         """Measure the gains with ``rollout`` (from `Recipe.fit`) and plan on ``features`` ``[T, ...]`` at the cache
         point. ``sampler_steps``: the sampler steps behind the T model calls when not T (PLMS), as for `DPS.fit`."""
-        if rollout is None:
-            raise ScheduleInvalidError(
-                "SensitivityDP.fit needs rollout= (the compressed model's end-to-end error): fit it through "
-                "Recipe.fit(unet, trace)"
-            )
-        T = features.shape[0]
-        positive_int("SensitivityDP.fit", "number of steps", T)
+        T, rollout = self.fit_inputs(features, rollout)
         K, lo, hi, last_lo = group_bounds(T, self.interval, self.refreshes, self.min_len, self.max_len, sampler_steps)
 
         def errors(steps: tuple[int, ...]) -> Tensor:
