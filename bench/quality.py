@@ -170,6 +170,52 @@ def quant_cases() -> list[tuple[str, Recipe]]:
     ]
 
 
+SCHEDULE_BASELINES = ("uniform", "DPS (CacheQuant)")
+
+
+def paired_table(evaluations: dict, scorer: DigitsScorer, per_sample: dict, path: str | None) -> None:
+    """Every other schedule of the schedules table against uniform and DPS at the same N (`cq.compare`: paired
+    bootstrap on the same seeds): which differences the sample size decides."""
+    rows = []
+    for label, r in evaluations.items():
+        n, name = label.split(" ", 1)
+        if name in SCHEDULE_BASELINES:
+            continue
+        for base in SCHEDULE_BASELINES:
+            other = evaluations.get(f"{n} {base}")
+            if other is None:
+                continue
+            c = cq.compare(r, other, features=scorer.features, data=scorer.data_stats)
+            per_sample[label][f"vs {base}"] = c.as_dict()
+            rows.append(
+                [
+                    f"{n} {name} vs {base}",
+                    str(c.mean_db),
+                    str(c.p5_db),
+                    f"{c.worst_db.value:+.2f} ({100 * c.worst_beats:.0f}%)",
+                    f"{c.wins} / {c.losses}",
+                    str(c.fid),
+                ]
+            )
+    if not rows:
+        return
+    if path:
+        write_json(path, per_sample)
+    print_table(
+        [
+            "A vs B",
+            "mean dB A-B",
+            "p5 dB A-B",
+            "worst dB A-B (A above in % of resamples)",
+            "seeds won / lost",
+            "digits FID B-A",
+        ],
+        rows,
+        title="paired on the same held-out seeds, 95% percentile bootstrap (1000 resamples); > 0 favours A; "
+        "an interval that excludes 0 is decided at this sample size",
+    )
+
+
 def write_json(path: str, data: dict) -> None:
     import json
 
@@ -220,6 +266,7 @@ def main() -> None:
         cases = quant_cases()
     per_sample = {"seeds": list(seeds), "full precision max |x0|": reference.abs().flatten(1).amax(1).tolist()}
     extra = args.table == "schedules"
+    evaluations = {}
     if extra:
         from cq.metrics.macs import predicted_speedup, unet_macs
 
@@ -230,6 +277,8 @@ def main() -> None:
         model = recipe.fit(unet, trace, progress=False)
         fit_seconds = time.perf_counter() - start
         r = cq.evaluate(model, unet, seeds=seeds, steps=steps, reference_samples=reference, progress=False, **sampler)
+        if extra:
+            evaluations[label] = r
         per_sample[label] = {
             "psnr_db": r.psnr_db.tolist(),
             "max_abs": r.max_abs.tolist(),
@@ -277,6 +326,8 @@ def main() -> None:
         f"({seeds.start}..{seeds.stop - 1}), calibration on {args.calib} other trajectories, "
         f"cache point {unet.default_cache_point()}",
     )
+    if extra:
+        paired_table(evaluations, scorer, per_sample, args.per_sample)
     print(
         f"\nfull precision: {fp_seconds:.1f} s; {out_of_range} of {args.seeds} of its own samples leave [-1.5, 1.5] "
         "(those seeds' per-sample PSNR compares against an already diverged sample)"

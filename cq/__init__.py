@@ -6,6 +6,7 @@ from .budget import fit_to_budget
 from .choose_point import PointChoice, choose_point
 from .compressed import CompressedUNet
 from .metrics.evaluate import Evaluation, evaluate
+from .metrics.paired import PairedComparison, compare
 from .recipe import Recipe, cachequant, deepcache, naive, quant_only
 from .report import Report, report
 from .trace import Trace, trace
@@ -26,6 +27,8 @@ __all__ = [
     "CompressedUNet",
     "evaluate",
     "Evaluation",
+    "compare",
+    "PairedComparison",
     "cachequant",
     "deepcache",
     "naive",

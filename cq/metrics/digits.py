@@ -211,6 +211,10 @@ class DigitsScorer:
             probs.append(self.classifier.head(f).softmax(1))
         return torch.cat(feats), torch.cat(probs)
 
+    def features(self, x: Tensor) -> Tensor:
+        """``[N, 64]`` digits-FID features of ``x`` (for `cq.metrics.paired.compare`)."""
+        return self.features_and_probs(x)[0]
+
     def fid(self, samples: Tensor, other: Tensor | None = None) -> float:
         """Digits FID of ``samples`` against ``other`` (default: the real digits)."""
         stats = gaussian_stats(self.features_and_probs(samples)[0])

@@ -1,0 +1,203 @@
+"""`compare`: is model A better than model B on the same held-out seeds, or is the difference noise?
+
+Two `Evaluation`s of the same seeds (`cq.evaluate` with the same ``seeds`` and sampler) are paired sample by
+sample: every seed's PSNR against full precision comes from the same initial noise under both models, so their
+per-seed differences cancel what the seeds share (a seed that is hard for one model is mostly hard for the other).
+`compare` states each difference with a paired percentile bootstrap interval (the same resampled seeds for A and
+B, Efron & Tibshirani 1993, ch. 13): mean and 5th-percentile PSNR, the worst sample (how often A's worst beats
+B's over resamples: the worst of 256 samples is one seed, and a single seed decides it), seeds won and lost, and
+-- given per-sample features and data statistics, e.g. `cq.metrics.digits.DigitsScorer` -- the Fréchet distance.
+A difference whose interval excludes 0 is *decided* at that sample size; one whose interval straddles 0 is not,
+whatever its sign.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, InputValueError, ReferenceMismatchError
+from .evaluate import Evaluation
+from .frechet import GaussianStats, frechet_distance, gaussian_stats
+
+
+__all__ = ["Difference", "PairedComparison", "compare"]
+
+#: ``[N, D]`` features of ``[N, ...]`` samples (the space a Fréchet distance is measured in)
+Features = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Difference:
+    """``a - b`` of one statistic (higher is better for A) with its paired percentile-bootstrap interval
+    ``[low, high]`` (for a skewed statistic such as the worst sample it need not contain ``value``)."""
+
+    value: float
+    low: float
+    high: float
+
+    @property
+    def decided(self) -> bool:
+        """True when the interval excludes 0: the sign holds at this sample size."""
+        return self.low > 0 or self.high < 0
+
+    def __str__(self) -> str:
+        return f"{self.value:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """A against B on the same seeds (see `compare`); every `Difference` is oriented so that > 0 favours A.
+
+    Attributes:
+        seeds: the seeds both evaluations share, in order.
+        mean_db, p5_db: A minus B of the mean and 5th-percentile per-sample PSNR.
+        worst_db: A's worst sample minus B's (its interval: the same over resamples).
+        worst_beats: fraction of resamples in which A's worst sample is above B's (ties count one half).
+        wins, losses: seeds where A's PSNR is above / below B's by more than ``tie_db``.
+        fid: B's Fréchet distance minus A's (lower distance is better), or None without features.
+        confidence: the two-sided level of the intervals; resamples: bootstrap resamples drawn.
+    """
+
+    seeds: tuple[int, ...]
+    mean_db: Difference
+    p5_db: Difference
+    worst_db: Difference
+    worst_beats: float
+    wins: int
+    losses: int
+    fid: Difference | None
+    confidence: float
+    resamples: int
+
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"samples": len(self.seeds), "wins": self.wins, "losses": self.losses}
+        for name in ("mean_db", "p5_db", "worst_db", "fid"):
+            d = getattr(self, name)
+            if d is not None:
+                out[name] = {"value": d.value, "low": d.low, "high": d.high, "decided": d.decided}
+        return out | {"worst_beats": self.worst_beats, "confidence": self.confidence, "resamples": self.resamples}
+
+    def summary(self) -> str:
+        level = f"{100 * self.confidence:g}%"
+        parts = [
+            f"mean {self.mean_db} dB",
+            f"p5 {self.p5_db} dB",
+            f"worst {self.worst_db.value:+.2f} dB (A's worst above B's in {100 * self.worst_beats:.0f}% of resamples)",
+            f"seeds won / lost {self.wins} / {self.losses}",
+        ]
+        if self.fid is not None:
+            parts.append(f"FID {self.fid} (B - A)")
+        return f"A - B on {len(self.seeds)} paired seeds, {level} paired bootstrap: " + "; ".join(parts)
+
+
+def _check_pair(a: Evaluation, b: Evaluation) -> None:
+    for name, e in (("a", a), ("b", b)):
+        if not isinstance(e, Evaluation):
+            raise ConfigError(f"compare takes two cq.Evaluation results; {name} is a {type(e).__name__}")
+    if tuple(a.seeds) != tuple(b.seeds):
+        raise ReferenceMismatchError(
+            f"compare pairs samples seed by seed, but the evaluations cover different seeds ({len(a.seeds)} from "
+            f"{a.seeds[:1]} vs {len(b.seeds)} from {b.seeds[:1]}); evaluate both with the same seeds="
+        )
+    if len(a.seeds) < 2:
+        raise ConfigError(f"compare needs at least 2 paired seeds, got {len(a.seeds)}")
+    for name, e in (("a", a), ("b", b)):
+        lost = [s for s, p in zip(e.seeds, e.psnr_db.tolist(), strict=True) if math.isnan(p)]
+        if lost:
+            raise InputValueError(
+                f"compare: {name}'s samples are not finite at seeds {lost[:5]} (PSNR NaN); a model that diverges "
+                "has no paired difference to estimate -- fix the divergence first (its max |x0| and summary() show it)"
+            )
+
+
+def _interval(samples: Tensor, value: float, confidence: float) -> Difference:
+    tail = (1 - confidence) / 2
+    low, high = torch.quantile(samples, torch.tensor([tail, 1 - tail], dtype=samples.dtype)).tolist()
+    return Difference(value=value, low=low, high=high)
+
+
+def _fid_difference(
+    a: Evaluation, b: Evaluation, features: Features, data: GaussianStats, index: Tensor, confidence: float
+) -> Difference:
+    if a.samples is None or b.samples is None:
+        raise ConfigError(
+            "a Fréchet distance needs the samples: evaluate both models with keep_samples=True (the default)"
+        )
+    fa, fb = (features(e.samples).detach().double().cpu() for e in (a, b))
+    if fa.ndim != 2 or fa.shape != fb.shape or fa.shape[0] != len(a.seeds):
+        raise ConfigError(
+            f"features must map N samples to [N, D]; got {tuple(fa.shape)} and {tuple(fb.shape)} for "
+            f"{len(a.seeds)} samples"
+        )
+
+    def gain(rows: Tensor) -> float:  # a resample repeats rows: biased as an FID, fine as the spread of a difference
+        return frechet_distance(gaussian_stats(fb[rows]), data) - frechet_distance(gaussian_stats(fa[rows]), data)
+
+    whole = torch.arange(fa.shape[0])
+    boot = torch.tensor([gain(rows) for rows in index], dtype=torch.float64)
+    return _interval(boot, gain(whole), confidence)
+
+
+def compare(
+    a: Evaluation,
+    b: Evaluation,
+    *,
+    features: Features | None = None,
+    data: GaussianStats | None = None,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    tie_db: float = 0.0,
+    seed: int = 0,
+) -> PairedComparison:
+    """Compare evaluation ``a`` with ``b`` of the same seeds (module docstring); > 0 favours A throughout.
+
+    Args:
+        a, b: `cq.evaluate` results on the same ``seeds`` (`ReferenceMismatchError` otherwise).
+        features, data: per-sample features and the data's `GaussianStats` for a Fréchet-distance difference
+            (the digits FID: ``features=scorer.features``, ``data=scorer.data_stats``); both or neither. Needs the
+            evaluations' samples.
+        resamples: bootstrap resamples (seeds drawn with replacement, the same draw for A and B).
+        confidence: two-sided level of the intervals, in (0, 1).
+        tie_db: per-seed differences within this many dB count as neither won nor lost.
+        seed: seed of the resampling (the result is deterministic given it).
+    """
+    _check_pair(a, b)
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+        raise ConfigError(f"compare: resamples must be an int >= 1, got {resamples!r}")
+    if isinstance(confidence, bool) or not isinstance(confidence, int | float) or not 0 < confidence < 1:
+        raise ConfigError(f"compare: confidence must be in (0, 1), e.g. 0.95; got {confidence!r}")
+    if isinstance(tie_db, bool) or not isinstance(tie_db, int | float) or not tie_db >= 0:
+        raise ConfigError(f"compare: tie_db must be a number >= 0, got {tie_db!r}")
+    if (features is None) != (data is None):
+        raise ConfigError("compare: a Fréchet distance needs both features= and data= (e.g. a DigitsScorer's)")
+    pa, pb = a._finite(), b._finite()  # [N] float64, identical samples capped at 200 dB
+    n = pa.shape[0]
+    index = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+    ra, rb = pa[index], pb[index]  # [resamples, N]
+    diff = pa - pb
+
+    def p5(x: Tensor) -> Tensor:
+        return torch.quantile(x, 0.05, dim=-1)
+
+    worst_a, worst_b = ra.min(1).values, rb.min(1).values
+    beats = float(((worst_a > worst_b).double() + 0.5 * (worst_a == worst_b).double()).mean())
+    fid = None
+    if features is not None:
+        fid = _fid_difference(a, b, features, data, index, confidence)
+    return PairedComparison(
+        seeds=tuple(a.seeds),
+        mean_db=_interval(ra.mean(1) - rb.mean(1), float(diff.mean()), confidence),
+        p5_db=_interval(p5(ra) - p5(rb), float(p5(pa) - p5(pb)), confidence),
+        worst_db=_interval(worst_a - worst_b, float(pa.min() - pb.min()), confidence),
+        worst_beats=beats,
+        wins=int((diff > tie_db).sum()),
+        losses=int((diff < -tie_db).sum()),
+        fid=fid,
+        confidence=float(confidence),
+        resamples=resamples,
+    )
