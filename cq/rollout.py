@@ -40,7 +40,8 @@ __all__ = ["CalibrationRollout"]
 
 @dataclass(frozen=True)
 class CalibrationRollout:
-    """``rollout(cacher, trajectories)`` -> ``[trajectories]`` x0 MSE of the recipe's model with ``cacher``.
+    """``rollout(cacher, trajectories)`` -> ``[trajectories]`` x0 MSE of the recipe's model with ``cacher``
+    (``trajectories=None``: every trajectory the trace kept).
 
     Args:
         correctors: the `Stage.BEFORE_QUANTIZATION` correctors of the recipe being fitted (refitted per
@@ -72,9 +73,10 @@ class CalibrationRollout:
         return self.trace.guidance_scale != 1.0
 
     @torch.no_grad()
-    def __call__(self, cacher: Cacher, trajectories: int) -> Tensor:
+    def __call__(self, cacher: Cacher, trajectories: int | None) -> Tensor:
         kept = self.trace.x0.shape[0]
-        if not isinstance(trajectories, int) or not 1 <= trajectories <= kept:
+        trajectories = kept if trajectories is None else trajectories
+        if isinstance(trajectories, bool) or not isinstance(trajectories, int) or not 1 <= trajectories <= kept:
             raise ConfigError(
                 f"a rollout uses 1..{kept} of the trace's kept trajectories, asked for {trajectories!r}; record "
                 "more (cq.trace(..., num_samples=, keep=)) or lower the schedule's trajectories"

@@ -166,8 +166,12 @@ def test_rollout_without_caching_reproduces_the_trace(unet, trace):
     assert mse.shape == (3,) and float(mse.max()) < 1e-8  # the batch differs from the trace's: float summation
     cached = rollout(DeepCache(schedule=UniformSchedule(interval=4)).fit(unet, trace), 3)
     assert float(cached.min()) > 1e3 * float(mse.max())
-    with pytest.raises(ConfigError, match="kept trajectories"):
-        rollout(DeepCache(schedule=UniformSchedule(interval=1)).fit(unet, trace), 7)
+    every = rollout(DeepCache(schedule=UniformSchedule(interval=4)).fit(unet, trace), None)
+    assert every.shape == (trace.x0.shape[0],)  # None: every kept trajectory; batch size moves float sums only
+    torch.testing.assert_close(every[:3], cached, rtol=1e-3, atol=0)
+    for bad in (7, 0, True, 2.0):
+        with pytest.raises(ConfigError, match="kept trajectories"):
+            rollout(DeepCache(schedule=UniformSchedule(interval=1)).fit(unet, trace), bad)
 
 
 def test_unfitted_or_misused_search_raises(unet, trace):

@@ -64,8 +64,8 @@ class Schedule(ABC):
 
 #: ``rollout(candidate, trajectories) -> [trajectories]`` per-trajectory x0 MSE against full precision of the
 #: compressed model whose schedule is ``candidate`` (fitted), sampled end to end from the first ``trajectories``
-#: calibration trajectories' initial noise (`cq.rollout.CalibrationRollout`).
-ScheduleRollout: TypeAlias = Callable[["Schedule", int], Tensor]
+#: calibration trajectories' initial noise (`cq.rollout.CalibrationRollout`); ``trajectories=None``: all it kept.
+ScheduleRollout: TypeAlias = Callable[["Schedule", int | None], Tensor]
 
 
 class RolloutSchedule(Schedule):
