@@ -139,3 +139,29 @@ def test_bad_input_is_refused_with_the_fix():
     with_samples = evaluation([30.0, 31.0, 32.0], samples=torch.zeros(3, 1, 2, 2))
     with pytest.raises(ConfigError, match=r"\[N, D\]"):
         compare(with_samples, with_samples, features=lambda x: x, data=data)
+
+
+@settings(max_examples=25, deadline=None)
+@given(psnr_lists, st.data())
+def test_excluding_seeds_keeps_every_other_row_in_order(psnr, data):
+    n = len(psnr)
+    samples = torch.arange(n * 4, dtype=torch.float32).reshape(n, 1, 2, 2)
+    e = evaluation(psnr, samples=samples)
+    drop = data.draw(st.sets(st.sampled_from(e.seeds), max_size=n - 1))
+    kept = e.excluding(drop)
+    rows = [i for i, s in enumerate(e.seeds) if s not in drop]
+    assert kept.seeds == tuple(e.seeds[i] for i in rows)
+    assert torch.equal(kept.psnr_db, e.psnr_db[rows]) and torch.equal(kept.samples, samples[rows])
+    assert kept.min_db == pytest.approx(min(psnr[i] for i in rows), abs=1e-4)
+    same = e.excluding(())
+    assert same.seeds == e.seeds and torch.equal(same.psnr_db, e.psnr_db) and torch.equal(same.samples, samples)
+    if len(rows) >= 2:
+        assert compare(kept, e.excluding(drop)).mean_db.value == 0.0
+
+
+def test_excluding_refuses_unknown_seeds_and_emptying():
+    e = evaluation([30.0, 31.0])
+    with pytest.raises(ConfigError, match=r"seeds \[7\] were not evaluated"):
+        e.excluding([7])
+    with pytest.raises(ConfigError, match="leaves nothing"):
+        e.excluding(e.seeds)

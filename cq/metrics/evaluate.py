@@ -15,8 +15,8 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -159,6 +159,36 @@ class Evaluation:
 
     def __str__(self) -> str:
         return self.summary()
+
+    def excluding(self, seeds: Iterable[int]) -> Evaluation:
+        """This evaluation without ``seeds`` (e.g. those where full precision itself diverges, whose PSNR compares
+        against an already lost sample): per-sample fields and samples keep the other rows, in order; the
+        ``distribution`` metrics, computed on every sample, are dropped. `ConfigError` for a seed not evaluated or
+        when no sample would be left."""
+        drop = set(seeds)
+        unknown = sorted(drop - set(self.seeds))
+        if unknown:
+            raise ConfigError(
+                f"excluding: seeds {unknown[:5]} were not evaluated (this evaluation holds {self.seeds[:1]}..)"
+            )
+        keep = [i for i, s in enumerate(self.seeds) if s not in drop]
+        if not keep:
+            raise ConfigError("excluding every evaluated seed leaves nothing to state")
+        rows = torch.tensor(keep, dtype=torch.long)
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[rows.to(t.device)]
+
+        return replace(
+            self,
+            seeds=tuple(self.seeds[i] for i in keep),
+            psnr_db=pick(self.psnr_db),
+            max_abs=pick(self.max_abs),
+            reference_max_abs=pick(self.reference_max_abs),
+            samples=pick(self.samples),
+            reference_samples=pick(self.reference_samples),
+            distribution={},
+        )
 
 
 @torch.no_grad()
