@@ -8,8 +8,9 @@ per unit of feature distance). `SensitivityDP` measures that gain and plans on i
 
 1. **Sensitivity.** For each step s >= 1 it rolls out (`ScheduleRollout`, from `Recipe.fit`) the compressed model
    that refreshes every step but s -- the recipe's cache correction included, on the first ``trajectories``
-   calibration trajectories (16; None: all), end to end -- and takes the RMS x0 error against full precision, ``e_s``. The gain
-   of step s is ``g_s = e_s / ||F_s - F_{s-1}||`` (x0 error per unit of the cache-point feature distance, l2).
+   calibration trajectories (16; None: all), end to end -- and takes the RMS x0 error against full precision,
+   ``e_s``. The gain of step s is ``g_s = e_s / ||F_s - F_{s-1}||`` (x0 error per unit of the cache-point
+   feature distance, l2).
 2. **Plan.** The cost of a group starting at a is ``sum_{s in group, s > a} g_s ||F_s - F_a||``: the predicted
    end-to-end RMS error of caching that group. Cache errors are correlated (within a group they come from one
    stale feature), so amplitudes, not squares, are added -- across groups too, which keeps the cost additive for
@@ -19,9 +20,9 @@ per unit of feature distance). `SensitivityDP` measures that gain and plans on i
    calibration trajectories it is never below uniform or DPS (``chosen`` records which).
 
 Fitting cost: T - 1 + 3 rollouts of ``trajectories`` rows (demo model, T = 50, 16 rows: about 90 s on two CPU
-cores; all 32: 130-145 s), independent of K. Quantization is left out of the rollouts (as in `cq.rollout`): its error at W8A8 is
-nearly the same under every schedule of equal K. Measured on held-out seeds in the README ("Schedules at equal
-refreshes").
+cores; all 32: 130-145 s), independent of K. Quantization is left out of the rollouts (as in `cq.rollout`): its
+error at W8A8 is nearly the same under every schedule of equal K. Measured on held-out seeds in the README
+("Schedules at equal refreshes").
 """
 
 from __future__ import annotations
