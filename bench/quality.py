@@ -173,15 +173,16 @@ def quant_cases() -> list[tuple[str, Recipe]]:
 SCHEDULE_BASELINES = ("uniform", "DPS (CacheQuant)")
 
 
-def paired_table(evaluations: dict, scorer: DigitsScorer, per_sample: dict, path: str | None) -> None:
+def paired_table(
+    evaluations: dict, diverged: list[int], scorer: DigitsScorer, per_sample: dict, path: str | None
+) -> None:
     """Every other schedule of the schedules table against uniform and DPS at the same N (`cq.compare`: paired
-    bootstrap on the same seeds): which differences the sample size decides. Seeds where full precision itself
-    leaves [-1.5, 1.5] are left out (their PSNR compares against an already diverged sample)."""
-    first = next(iter(evaluations.values()), None)
-    if first is None:
+    bootstrap on the same seeds): which differences the sample size decides. The ``diverged`` seeds, where full
+    precision itself leaves [-1.5, 1.5], are left out (their PSNR compares against an already diverged sample)."""
+    if not evaluations:
         return
-    diverged = [s for s, m in zip(first.seeds, first.reference_max_abs.tolist(), strict=True) if m > 1.5]
     evaluations = {label: r.excluding(diverged) for label, r in evaluations.items()}
+    paired = len(next(iter(evaluations.values())).seeds)
     rows = []
     for label, r in evaluations.items():
         n, name = label.split(" ", 1)
@@ -217,7 +218,7 @@ def paired_table(evaluations: dict, scorer: DigitsScorer, per_sample: dict, path
             "digits FID B-A",
         ],
         rows,
-        title=f"paired on the same {len(first.seeds) - len(diverged)} held-out seeds (without {diverged}, where full "
+        title=f"paired on the same {paired} held-out seeds (without {diverged}, where full "
         "precision diverges), 95% percentile bootstrap (1000 resamples); > 0 favours A; an interval that excludes 0 "
         "is decided at this sample size",
     )
@@ -257,7 +258,8 @@ def main() -> None:
     reference = ddim(FullPrecision(unet), seeded_noise(unet.sample_shape, seeds), steps=steps, **sampler)
     fp_seconds = time.perf_counter() - start
     fp_max = float(reference.abs().max())
-    out_of_range = int((reference.abs().flatten(1).amax(1) > 1.5).sum())
+    reference_max = reference.abs().flatten(1).amax(1).tolist()
+    diverged = [s for s, m in zip(seeds, reference_max, strict=True) if m > 1.5]  # full precision left [-1.5, 1.5]
     rows = [["full precision", steps, "-", "-", "-", "-", "-", "-", f"{fp_max:.2f}", f"{scorer.fid(reference):.2f}"]]
     if args.table == "demo":
         cases = demo_cases(args.interval)
@@ -271,7 +273,7 @@ def main() -> None:
         cases = [c for n in args.intervals.split(",") for c in schedule_cases(int(n))]
     else:
         cases = quant_cases()
-    per_sample = {"seeds": list(seeds), "full precision max |x0|": reference.abs().flatten(1).amax(1).tolist()}
+    per_sample = {"seeds": list(seeds), "full precision max |x0|": reference_max}
     extra = args.table == "schedules"
     evaluations = {}
     if extra:
@@ -334,9 +336,9 @@ def main() -> None:
         f"cache point {unet.default_cache_point()}",
     )
     if extra:
-        paired_table(evaluations, scorer, per_sample, args.per_sample)
+        paired_table(evaluations, diverged, scorer, per_sample, args.per_sample)
     print(
-        f"\nfull precision: {fp_seconds:.1f} s; {out_of_range} of {args.seeds} of its own samples leave [-1.5, 1.5] "
+        f"\nfull precision: {fp_seconds:.1f} s; {len(diverged)} of {args.seeds} of its own samples leave [-1.5, 1.5] "
         "(those seeds' per-sample PSNR compares against an already diverged sample)"
     )
 

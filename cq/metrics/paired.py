@@ -181,7 +181,7 @@ def compare(
     ra, rb = pa[index], pb[index]  # [resamples, N]
     diff = pa - pb
 
-    def p5(x: Tensor) -> Tensor:
+    def p5(x: Tensor) -> Tensor:  # of each resample, as `Evaluation.p5_db` of the whole
         return torch.quantile(x, 0.05, dim=-1)
 
     worst_a, worst_b = ra.min(1).values, rb.min(1).values
@@ -191,9 +191,9 @@ def compare(
         fid = _fid_difference(a, b, features, data, index, confidence)
     return PairedComparison(
         seeds=tuple(a.seeds),
-        mean_db=_interval(ra.mean(1) - rb.mean(1), float(diff.mean()), confidence),
-        p5_db=_interval(p5(ra) - p5(rb), float(p5(pa) - p5(pb)), confidence),
-        worst_db=_interval(worst_a - worst_b, float(pa.min() - pb.min()), confidence),
+        mean_db=_interval(ra.mean(1) - rb.mean(1), a.mean_db - b.mean_db, confidence),
+        p5_db=_interval(p5(ra) - p5(rb), a.p5_db - b.p5_db, confidence),
+        worst_db=_interval(worst_a - worst_b, a.min_db - b.min_db, confidence),
         worst_beats=beats,
         wins=int((diff > tie_db).sum()),
         losses=int((diff < -tie_db).sum()),
