@@ -165,3 +165,10 @@ def test_excluding_refuses_unknown_seeds_and_emptying():
         e.excluding([7])
     with pytest.raises(ConfigError, match="leaves nothing"):
         e.excluding(e.seeds)
+
+
+def test_identical_samples_inf_db_compare_as_equal_not_nan():
+    lossless = evaluation([float("inf")] * 4)  # an uncompressing recipe: every sample equals full precision
+    c = compare(lossless, lossless, resamples=20)
+    assert (c.mean_db.value, c.p5_db.value, c.worst_db.value) == (0.0, 0.0, 0.0)
+    assert c.worst_db.low == c.worst_db.high == 0.0

@@ -193,7 +193,7 @@ def compare(
         seeds=tuple(a.seeds),
         mean_db=_interval(ra.mean(1) - rb.mean(1), a.mean_db - b.mean_db, confidence),
         p5_db=_interval(p5(ra) - p5(rb), a.p5_db - b.p5_db, confidence),
-        worst_db=_interval(worst_a - worst_b, a.min_db - b.min_db, confidence),
+        worst_db=_interval(worst_a - worst_b, float(pa.min() - pb.min()), confidence),  # capped: inf - inf is NaN
         worst_beats=beats,
         wins=int((diff > tie_db).sum()),
         losses=int((diff < -tie_db).sum()),
