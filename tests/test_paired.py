@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cq.errors import ConfigError, InputValueError, ReferenceMismatchError
+from cq.metrics import paired
 from cq.metrics.evaluate import Evaluation
 from cq.metrics.frechet import frechet_distance, gaussian_stats
-from cq.metrics.paired import compare
+from cq.metrics.paired import MAX_RESAMPLES, compare
 
 
 def evaluation(psnr, seeds=None, samples=None) -> Evaluation:
@@ -129,6 +130,12 @@ def test_bad_input_is_refused_with_the_fix():
             compare(a, a, confidence=bad)
     with pytest.raises(InputValueError, match=r"seeds \[1001\]"):
         compare(evaluation([30.0, float("nan"), 32.0]), a)
+    for bad in (MAX_RESAMPLES + 1, 10**12):
+        with pytest.raises(ConfigError, match="resamples must be an int in"):
+            compare(a, a, resamples=bad)
+    for bad in (None, True, 1.0, "0"):
+        with pytest.raises(ConfigError, match="seed"):
+            compare(a, a, seed=bad)
     with pytest.raises(ConfigError, match="tie_db"):
         compare(a, a, tie_db=-1)
     with pytest.raises(ConfigError, match="both features= and data="):
@@ -172,3 +179,18 @@ def test_identical_samples_inf_db_compare_as_equal_not_nan():
     c = compare(lossless, lossless, resamples=20)
     assert (c.mean_db.value, c.p5_db.value, c.worst_db.value) == (0.0, 0.0, 0.0)
     assert c.worst_db.low == c.worst_db.high == 0.0
+
+
+def test_resamples_are_drawn_in_chunks_with_the_same_statistics(monkeypatch):
+    """Memory stays bounded for many seeds: with a chunk of 8 indices (2 resamples of 4 seeds at a time) every
+    resample is still drawn, deterministically, and a uniform gain is still recovered exactly."""
+    monkeypatch.setattr(paired, "_CHUNK", 8)
+    b = evaluation([20.0, 25.0, 30.0, 35.0])
+    a = evaluation([21.0, 26.0, 31.0, 36.0])
+    c = compare(a, b, resamples=7, seed=1)
+    assert c == compare(a, b, resamples=7, seed=1)
+    assert (c.mean_db.low, c.mean_db.high, c.worst_db.value, c.worst_beats) == (1.0, 1.0, 1.0, 1.0)
+    g = torch.Generator().manual_seed(4)
+    noisy = evaluation(30 + torch.randn(4, generator=g))
+    spread = compare(noisy, b, resamples=7, seed=1).mean_db
+    assert spread.low < spread.high  # seven distinct draws, not one repeated

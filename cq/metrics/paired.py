@@ -14,7 +14,7 @@ whatever its sign.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +29,10 @@ __all__ = ["Difference", "PairedComparison", "compare"]
 
 #: ``[N, D]`` features of ``[N, ...]`` samples (the space a Fréchet distance is measured in)
 Features = Callable[[Tensor], Tensor]
+#: most bootstrap resamples `compare` draws
+MAX_RESAMPLES = 1_000_000
+#: indices drawn at once (the resampled PSNRs of a chunk take ~3 x 8 bytes each: ~100 MB)
+_CHUNK = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -121,9 +125,9 @@ def _interval(samples: Tensor, value: float, confidence: float) -> Difference:
     return Difference(value=value, low=low, high=high)
 
 
-def _fid_difference(
-    a: Evaluation, b: Evaluation, features: Features, data: GaussianStats, index: Tensor, confidence: float
-) -> Difference:
+def _fid_gain(a: Evaluation, b: Evaluation, features: Features, data: GaussianStats) -> Callable[[Tensor], float]:
+    """``gain(rows)``: B's Fréchet distance to ``data`` minus A's, on those sample rows (a resample repeats rows:
+    biased as an FID, fine as the spread of a difference)."""
     if a.samples is None or b.samples is None:
         raise ConfigError(
             "a Fréchet distance needs the samples: evaluate both models with keep_samples=True (the default)"
@@ -135,12 +139,19 @@ def _fid_difference(
             f"{len(a.seeds)} samples"
         )
 
-    def gain(rows: Tensor) -> float:  # a resample repeats rows: biased as an FID, fine as the spread of a difference
+    def gain(rows: Tensor) -> float:
         return frechet_distance(gaussian_stats(fb[rows]), data) - frechet_distance(gaussian_stats(fa[rows]), data)
 
-    whole = torch.arange(fa.shape[0])
-    boot = torch.tensor([gain(rows) for rows in index], dtype=torch.float64)
-    return _interval(boot, gain(whole), confidence)
+    return gain
+
+
+def _resample_chunks(n: int, resamples: int, seed: int) -> Iterator[Tensor]:
+    """``[rows, n]`` index draws (with replacement), ``resamples`` rows in all, at most `_CHUNK` indices at a time
+    so that memory stays bounded for any number of seeds."""
+    generator = torch.Generator().manual_seed(seed)
+    per_chunk = max(1, _CHUNK // n)
+    for start in range(0, resamples, per_chunk):
+        yield torch.randint(0, n, (min(per_chunk, resamples - start), n), generator=generator)
 
 
 def compare(
@@ -161,43 +172,55 @@ def compare(
         features, data: per-sample features and the data's `GaussianStats` for a Fréchet-distance difference
             (the digits FID: ``features=scorer.features``, ``data=scorer.data_stats``); both or neither. Needs the
             evaluations' samples.
-        resamples: bootstrap resamples (seeds drawn with replacement, the same draw for A and B).
+        resamples: bootstrap resamples (seeds drawn with replacement, the same draw for A and B), at most
+            `MAX_RESAMPLES`; drawn in chunks, so memory stays bounded for any number of seeds.
         confidence: two-sided level of the intervals, in (0, 1).
         tie_db: per-seed differences within this many dB count as neither won nor lost.
         seed: seed of the resampling (the result is deterministic given it).
     """
     _check_pair(a, b)
-    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
-        raise ConfigError(f"compare: resamples must be an int >= 1, got {resamples!r}")
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or not 1 <= resamples <= MAX_RESAMPLES:
+        raise ConfigError(
+            f"compare: resamples must be an int in [1, {MAX_RESAMPLES}] (1000 states a 95% interval to about "
+            f"0.1 of its width), got {resamples!r}"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"compare: seed (of the resampling) must be an int, got {seed!r}")
     if isinstance(confidence, bool) or not isinstance(confidence, int | float) or not 0 < confidence < 1:
         raise ConfigError(f"compare: confidence must be in (0, 1), e.g. 0.95; got {confidence!r}")
     if isinstance(tie_db, bool) or not isinstance(tie_db, int | float) or not tie_db >= 0:
         raise ConfigError(f"compare: tie_db must be a number >= 0, got {tie_db!r}")
     if (features is None) != (data is None):
         raise ConfigError("compare: a Fréchet distance needs both features= and data= (e.g. a DigitsScorer's)")
+    fid_gain = _fid_gain(a, b, features, data) if features is not None else None
     pa, pb = a._finite(), b._finite()  # [N] float64, identical samples capped at 200 dB
-    n = pa.shape[0]
-    index = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
-    ra, rb = pa[index], pb[index]  # [resamples, N]
     diff = pa - pb
 
     def p5(x: Tensor) -> Tensor:  # of each resample, as `Evaluation.p5_db` of the whole
         return torch.quantile(x, 0.05, dim=-1)
 
-    worst_a, worst_b = ra.min(1).values, rb.min(1).values
-    beats = float(((worst_a > worst_b).double() + 0.5 * (worst_a == worst_b).double()).mean())
-    fid = None
-    if features is not None:
-        fid = _fid_difference(a, b, features, data, index, confidence)
+    mean, fifth, worst_a, worst_b, fid = [], [], [], [], []
+    for index in _resample_chunks(pa.shape[0], resamples, seed):
+        ra, rb = pa[index], pb[index]  # [rows, N]
+        mean.append(ra.mean(1) - rb.mean(1))
+        fifth.append(p5(ra) - p5(rb))
+        worst_a.append(ra.min(1).values)
+        worst_b.append(rb.min(1).values)
+        if fid_gain is not None:
+            fid.extend(fid_gain(rows) for rows in index)
+    wa, wb = torch.cat(worst_a), torch.cat(worst_b)
+    beats = float(((wa > wb).double() + 0.5 * (wa == wb).double()).mean())
     return PairedComparison(
         seeds=tuple(a.seeds),
-        mean_db=_interval(ra.mean(1) - rb.mean(1), a.mean_db - b.mean_db, confidence),
-        p5_db=_interval(p5(ra) - p5(rb), a.p5_db - b.p5_db, confidence),
-        worst_db=_interval(worst_a - worst_b, float(pa.min() - pb.min()), confidence),  # capped: inf - inf is NaN
+        mean_db=_interval(torch.cat(mean), a.mean_db - b.mean_db, confidence),
+        p5_db=_interval(torch.cat(fifth), a.p5_db - b.p5_db, confidence),
+        worst_db=_interval(wa - wb, float(pa.min() - pb.min()), confidence),  # capped: inf - inf is NaN
         worst_beats=beats,
         wins=int((diff > tie_db).sum()),
         losses=int((diff < -tie_db).sum()),
-        fid=fid,
+        fid=None
+        if fid_gain is None
+        else _interval(torch.tensor(fid, dtype=torch.float64), fid_gain(torch.arange(pa.shape[0])), confidence),
         confidence=float(confidence),
         resamples=resamples,
     )
