@@ -37,8 +37,9 @@ class SyntheticRollout:
         self.step_weight = torch.rand(num_steps, generator=g, dtype=torch.float64) ** 2
         self.trajectory_weight = 0.5 + torch.rand(trajectories, generator=g, dtype=torch.float64)
         self.calls = 0
+        self.asked: list[int | None] = []  # the trajectories argument of every call
 
-    def mse(self, steps: tuple[int, ...], trajectories: int) -> torch.Tensor:
+    def mse(self, steps: tuple[int, ...], trajectories: int | None) -> torch.Tensor:
         T = self.step_weight.shape[0]
         source, hits = 0, set(steps)
         error = torch.tensor(0.0, dtype=torch.float64)
@@ -47,8 +48,9 @@ class SyntheticRollout:
             error = error + self.step_weight[i] * (i - source)
         return 1e-4 + 1e-3 * error * self.trajectory_weight[:trajectories]
 
-    def __call__(self, schedule, trajectories: int) -> torch.Tensor:
+    def __call__(self, schedule, trajectories: int | None) -> torch.Tensor:
         self.calls += 1
+        self.asked.append(trajectories)
         return self.mse(schedule.steps, trajectories)
 
 
@@ -109,6 +111,14 @@ def test_coordinate_descent_only_accepts_improvements(T, K, seed, shift):
     assert len(steps) == K and steps[0] == 0 and list(steps) == sorted(set(steps)) and steps[-1] < T
     assert best == score(steps) >= values[0] and used <= 25
     assert best == max(values[:used])  # the best evaluated schedule is the result
+
+
+def test_search_rolls_out_every_kept_trajectory_by_default():
+    """8 trajectories fitted calibration noise on the demo model; the default rolls out all the trace kept."""
+    fitted, rollout = fit(TrajectorySearch(interval=3, budget=5), 0, 12)
+    assert fitted.trajectories is None and rollout.asked and set(rollout.asked) == {None}
+    _, rollout = fit(TrajectorySearch(interval=3, budget=5, trajectories=4), 0, 12)
+    assert set(rollout.asked) == {4}
 
 
 def test_search_improves_on_a_model_where_the_start_is_poor():
