@@ -5,7 +5,9 @@
 1. the cacher fits its schedule on the trace (DPS needs the features at its point); a cacher that declares
    ``needs_rollout`` (its schedule searches on the compressed model's end-to-end error, `TrajectorySearch`) also
    gets ``rollout=``, a `cq.rollout.CalibrationRollout` that builds candidate models with this recipe's
-   `Stage.BEFORE_QUANTIZATION` correctors and samples them on the trace's first trajectories;
+   `Stage.BEFORE_QUANTIZATION` correctors -- on the body quantized once with every step a full call, when the
+   recipe has a quantizer and the cacher's ``quantized_rollout`` -- and samples them on the trace's calibration
+   trajectories;
 2. correctors declaring ``stage = Stage.BEFORE_QUANTIZATION`` (the DEC cache correction) are fitted on the
    full-precision cached model;
 3. the quantizer calibrates on the *cached* model, through the model's own cache with those corrections active
@@ -111,9 +113,9 @@ class Recipe:
     def fit(self, unet: nn.Module, trace: Trace, *, progress: bool = True) -> CompressedUNet:
         """Fit every component on ``trace`` (recorded from ``unet`` in full precision) in the order above.
 
-        A cacher that `needs_rollout` is fitted with ``rollout=`` a `CalibrationRollout` of this recipe's
-        `Stage.BEFORE_QUANTIZATION` correctors (candidate models sampled end to end on the trace's first
-        trajectories). One `CompressedUNet` (and so one
+        A cacher that `needs_rollout` is fitted with ``rollout=`` `CalibrationRollout.of(self, unet, trace)`
+        (candidate models sampled end to end on the trace's trajectories; quantized if the cacher's
+        `quantized_rollout`). One `CompressedUNet` (and so one
         `FeatureCache`) is built next, on the full-precision UNet; correctors of
         `Stage.BEFORE_QUANTIZATION` fit on it, the quantizer calibrates through its cache (their corrections on),
         its body becomes the quantized copy, and correctors of `Stage.AFTER_QUANTIZATION` fit on that."""
@@ -128,9 +130,9 @@ class Recipe:
             )
         cacher = None
         if self.cacher is not None and self.cacher.needs_rollout:
-            cacher = self.cacher.fit(
-                unet, trace, rollout=CalibrationRollout(self.stage(Stage.BEFORE_QUANTIZATION), unet, trace)
-            )
+            quantized = self.cacher.quantized_rollout
+            rollout = CalibrationRollout.of(self, unet, trace, quantized=quantized, progress=progress)
+            cacher = self.cacher.fit(unet, trace, rollout=rollout)
         elif self.cacher is not None:
             cacher = self.cacher.fit(unet, trace)
         model = CompressedUNet(

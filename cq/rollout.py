@@ -17,7 +17,7 @@ N=2-3 the quantization error is of the same order, and the searched schedule doe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,6 +33,7 @@ from .sampling.samplers import sampler_of
 
 if TYPE_CHECKING:
     from .correct import Corrector
+    from .recipe import Recipe
     from .trace import Trace
 
 __all__ = ["CalibrationRollout"]
@@ -47,20 +48,41 @@ class CalibrationRollout:
         correctors: the `Stage.BEFORE_QUANTIZATION` correctors of the recipe being fitted (refitted per
             candidate; `Recipe.fit` passes ``recipe.stage(Stage.BEFORE_QUANTIZATION)``).
         unet: the full-precision UNet (not modified).
-        trace: the calibration trace; needs sampler settings (`cq.trace` records them) and an unguided run.
+        trace: the calibration trace; needs sampler settings (`cq.trace` records them).
+        body: what the candidates sample with: None, the full-precision ``unet``; or a quantized copy of it
+            calibrated once for the trace's step count (`CalibrationRollout.of`).
     """
 
     correctors: tuple[Corrector, ...]
     unet: nn.Module
     trace: Trace
+    body: nn.Module | None = None
+
+    @classmethod
+    def of(
+        cls, recipe: Recipe, unet: nn.Module, trace: Trace, *, quantized: bool = True, progress: bool = False
+    ) -> CalibrationRollout:
+        """The rollout `Recipe.fit` hands a cacher that `needs_rollout`: ``recipe``'s `Stage.BEFORE_QUANTIZATION`
+        correctors and, when it has a quantizer and ``quantized`` (the cacher's `quantized_rollout`), the body
+        quantized once on ``trace`` with every step a full call (per-step tables of every layer; the candidates'
+        caches then choose which run)."""
+        rollout = cls(recipe.stage(Stage.BEFORE_QUANTIZATION), unet, trace)  # checked before calibrating
+        if recipe.quantizer is None or not quantized:
+            return rollout
+        return replace(rollout, body=recipe.quantizer.quantize(unet, trace, progress=progress))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "correctors", tuple(self.correctors))
         wrong = [c for c in self.correctors if c.stage is not Stage.BEFORE_QUANTIZATION]
         if wrong:
             raise ConfigError(
-                f"a rollout refits the correctors of Stage.BEFORE_QUANTIZATION only (the model it samples is not "
-                f"quantized); got {wrong!r}"
+                f"a rollout refits the correctors of Stage.BEFORE_QUANTIZATION only (those after quantization are "
+                f"fitted through each candidate's quantized cache, a replay per candidate); got {wrong!r}"
+            )
+        if self.body is not None and not isinstance(self.body, nn.Module):
+            raise ConfigError(
+                f"CalibrationRollout.body must be the UNet's quantized copy (an nn.Module) or None, got "
+                f"{type(self.body).__name__}; build it with CalibrationRollout.of(recipe, unet, trace)"
             )
         if self.trace.settings is None:
             raise ConfigError(
@@ -83,7 +105,7 @@ class CalibrationRollout:
             )
         trace = self.trace
         model = CompressedUNet(
-            self.unet,
+            self.unet if self.body is None else self.body,
             num_steps=trace.steps,
             cacher=cacher,
             sampler_settings=trace.settings,

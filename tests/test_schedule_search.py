@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,13 +13,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cq
-from cq.cache import DPS, TrajectorySearch, UniformSchedule
+from cq.cache import DPS, SensitivityDP, TrajectorySearch, UniformSchedule
 from cq.cache.deepcache import DeepCache
 from cq.cache.schedule import refresh_steps
 from cq.cache.search import coordinate_descent, end_to_end_db, even_steps
 from cq.correct import CacheErrorCorrector, QuantErrorCorrector
 from cq.errors import ConfigError, ScheduleInvalidError, StepCountMismatchError
-from cq.quant import UniformQuantizer
+from cq.quant import UniformQuantizer, quantized_modules
 from cq.recipe import Recipe
 from cq.registry import SCHEDULES, from_dict, to_dict
 from cq.rollout import CalibrationRollout
@@ -182,6 +183,36 @@ def test_rollout_without_caching_reproduces_the_trace(unet, trace):
     for bad in (7, 0, True, 2.0):
         with pytest.raises(ConfigError, match="kept trajectories"):
             rollout(DeepCache(schedule=UniformSchedule(interval=1)).fit(unet, trace), bad)
+
+
+def test_a_recipe_with_a_quantizer_rolls_candidates_out_quantized(unet, trace, monkeypatch):
+    """`CalibrationRollout.of` quantizes the body once (every step a full call): without caching, a rollout is
+    the quantized model's own error -- what a quant-only model sampled directly gives, not ~0 as in full
+    precision. `Recipe.fit` hands that rollout to the cacher; the UNet stays untouched."""
+    recipe = search_recipe()
+    rollout = CalibrationRollout.of(recipe, unet, trace)
+    assert quantized_modules(rollout.body) and not quantized_modules(unet)
+    assert rollout.correctors == (recipe.correctors[0],)  # the DEC quantization correction stays out
+    every_step = DeepCache(schedule=UniformSchedule(interval=1)).fit(unet, trace)
+    quantized = rollout(every_step, 3)
+    direct = Recipe(quantizer=recipe.quantizer).fit(unet, trace, progress=False)  # same tables: no cache either way
+    x0 = ddim(direct, trace.x[0, :3], steps=STEPS)
+    expected = (x0.double() - trace.x0[:3].double()).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(quantized, expected, rtol=1e-3, atol=0)
+    assert float(quantized.min()) > 1e3 * float(CalibrationRollout((), unet, trace)(every_step, 3).max())
+    assert CalibrationRollout.of(Recipe(cacher=recipe.cacher), unet, trace).body is None  # nothing to quantize
+    with pytest.raises(ConfigError, match="quantized copy"):
+        CalibrationRollout((), unet, trace, body="unet")
+    with pytest.raises(ConfigError, match="sampler settings"):  # refused before the quantizer calibrates
+        CalibrationRollout.of(recipe, unet, replace(trace, settings=None))
+
+    asked = []  # Recipe.fit asks for a quantized rollout unless the schedule declares otherwise
+    record = classmethod(lambda cls, *args, **kwargs: asked.append(kwargs["quantized"]) or rollout)
+    monkeypatch.setattr(CalibrationRollout, "of", record)
+    recipe.fit(unet, trace, progress=False)
+    sensitivity = DeepCache(schedule=SensitivityDP(interval=3, trajectories=3))
+    replace(recipe, cacher=sensitivity).fit(unet, trace, progress=False)
+    assert asked == [True, False] and not SensitivityDP.quantized_rollout and TrajectorySearch.quantized_rollout
 
 
 def test_unfitted_or_misused_search_raises(unet, trace):

@@ -6,9 +6,9 @@ schedule may make: ``T F / (K F + (T - K) S_p) >= B``, with F and ``S_p`` the co
 call at p -- counted MACs (``measure="macs"``, `cq.metrics.macs.unet_macs`) or measured seconds on this machine
 (``measure="wall"``, `cq.metrics.call_time.call_seconds`, on up to 16 rows of the trace's first-step inputs).
 More full calls never hurt, so each point gets its largest K and DPS places them (``DPS(refreshes=K)``). Every
-feasible point is then rolled out end to end on calibration trajectories by `Recipe.fit`'s rollout (the
-full-precision body with the recipe's cache correction, `cq.rollout.CalibrationRollout`; quantization is left out
-of the loop, see there) and the lowest-error point is kept. The fitted cacher is a plain `DeepCache`: what is
+feasible point is then rolled out end to end on calibration trajectories by `Recipe.fit`'s rollout (the recipe's
+body -- quantized once, tables shared by every candidate, when it has a quantizer -- with its cache correction,
+`cq.rollout.CalibrationRollout`) and the lowest-error point is kept. The fitted cacher is a plain `DeepCache`: what is
 saved is the choice.
 """
 

@@ -42,6 +42,12 @@ class Cacher(ABC):
         per-trajectory x0 MSE of the compressed model built with that cacher (`cq.rollout.CalibrationRollout`)."""
         return False
 
+    @property
+    def quantized_rollout(self) -> bool:
+        """Whether that rollout samples the candidates with the recipe's quantizer (calibrated once; else in full
+        precision). `DeepCache` forwards its schedule's `Schedule.quantized_rollout`."""
+        return True
+
     @abstractmethod
     def fit(self, unet: nn.Module, trace: Trace | None) -> Cacher:
         """Return a cacher whose schedule is fitted (data-free schedules accept ``trace=None``)."""

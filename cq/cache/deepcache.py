@@ -65,6 +65,10 @@ class DeepCache(Cacher):
     def needs_rollout(self) -> bool:
         return self.schedule.needs_rollout
 
+    @property
+    def quantized_rollout(self) -> bool:
+        return self.schedule.quantized_rollout
+
     def fit(
         self, unet: nn.Module, trace: Trace | None, *, rollout: Callable[[DeepCache, int], Tensor] | None = None
     ) -> DeepCache:

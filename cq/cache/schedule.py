@@ -34,6 +34,9 @@ class Schedule(ABC):
 
     registry_kind: ClassVar[str] = "schedule"  # the registry its subclasses register in
     VERSION: ClassVar[int] = 1
+    #: for a schedule that `needs_rollout`: whether the candidates are rolled out with the recipe's quantizer
+    #: (calibrated once, tables shared by every candidate; `cq.rollout.CalibrationRollout.of`) or in full precision
+    quantized_rollout: ClassVar[bool] = True
 
     @abstractmethod
     def refresh_mask(self, num_steps: int) -> tuple[bool, ...]:

@@ -14,8 +14,10 @@ searches on that error itself:
 The objective is in dB of x0 PSNR against full precision over the rolled-out trajectories: the mean plus
 ``tail`` times the mean of the worst quartile, divided by ``1 + tail`` (higher is better), so a schedule that
 wrecks a few samples to please the rest is not preferred. Each rollout samples the compressed model end to end
-(`ScheduleRollout`, provided by `Recipe.fit`), so the result can never be worse than its start on this objective.
-None of the anchors (CacheQuant, DeepCache) choose the schedule on the compressed trajectory's error.
+(`ScheduleRollout`, provided by `Recipe.fit`): the recipe's body quantized once (tables shared by every
+candidate) with its cache correction refitted per candidate, so the result can never be worse than its start on
+this objective. None of the anchors (CacheQuant, DeepCache) choose the schedule on the compressed trajectory's
+error.
 
 How many trajectories it searches on decides whether the result transfers to held-out seeds: with 8 the descent
 fitted calibration noise; with every trajectory of a 128-trajectory trace (the default rolls out all the trace
