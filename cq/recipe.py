@@ -113,7 +113,7 @@ class Recipe:
     def fit(self, unet: nn.Module, trace: Trace, *, progress: bool = True) -> CompressedUNet:
         """Fit every component on ``trace`` (recorded from ``unet`` in full precision) in the order above.
 
-        A cacher that `needs_rollout` is fitted with ``rollout=`` `CalibrationRollout.of(self, unet, trace)`
+        A cacher that `needs_rollout` is fitted with ``rollout=`` a `CalibrationRollout.of(unet, trace, ...)`
         (candidate models sampled end to end on the trace's trajectories; quantized if the cacher's
         `quantized_rollout`). One `CompressedUNet` (and so one
         `FeatureCache`) is built next, on the full-precision UNet; correctors of
@@ -130,8 +130,13 @@ class Recipe:
             )
         cacher = None
         if self.cacher is not None and self.cacher.needs_rollout:
-            quantized = self.cacher.quantized_rollout
-            rollout = CalibrationRollout.of(self, unet, trace, quantized=quantized, progress=progress)
+            rollout = CalibrationRollout.of(
+                unet,
+                trace,
+                correctors=self.stage(Stage.BEFORE_QUANTIZATION),
+                quantizer=self.quantizer if self.cacher.quantized_rollout else None,
+                progress=progress,
+            )
             cacher = self.cacher.fit(unet, trace, rollout=rollout)
         elif self.cacher is not None:
             cacher = self.cacher.fit(unet, trace)

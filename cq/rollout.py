@@ -33,7 +33,7 @@ from .sampling.samplers import sampler_of
 
 if TYPE_CHECKING:
     from .correct import Corrector
-    from .recipe import Recipe
+    from .quant import Quantizer
     from .trace import Trace
 
 __all__ = ["CalibrationRollout"]
@@ -60,16 +60,22 @@ class CalibrationRollout:
 
     @classmethod
     def of(
-        cls, recipe: Recipe, unet: nn.Module, trace: Trace, *, quantized: bool = True, progress: bool = False
+        cls,
+        unet: nn.Module,
+        trace: Trace,
+        *,
+        correctors: tuple[Corrector, ...] = (),
+        quantizer: Quantizer | None = None,
+        progress: bool = False,
     ) -> CalibrationRollout:
-        """The rollout `Recipe.fit` hands a cacher that `needs_rollout`: ``recipe``'s `Stage.BEFORE_QUANTIZATION`
-        correctors and, when it has a quantizer and ``quantized`` (the cacher's `quantized_rollout`), the body
-        quantized once on ``trace`` with every step a full call (per-step tables of every layer; the candidates'
-        caches then choose which run)."""
-        rollout = cls(recipe.stage(Stage.BEFORE_QUANTIZATION), unet, trace)  # checked before calibrating
-        if recipe.quantizer is None or not quantized:
+        """The rollout `Recipe.fit` hands a cacher that `needs_rollout`: the recipe's `Stage.BEFORE_QUANTIZATION`
+        ``correctors`` and, given a ``quantizer`` (the recipe's, when the cacher's `quantized_rollout`), the body it
+        quantizes once on ``trace`` with every step a full call (per-step tables of every layer; the candidates'
+        caches then choose which run). The trace is checked before the quantizer calibrates."""
+        rollout = cls(correctors, unet, trace)
+        if quantizer is None:
             return rollout
-        return replace(rollout, body=recipe.quantizer.quantize(unet, trace, progress=progress))
+        return replace(rollout, body=quantizer.quantize(unet, trace, progress=progress))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "correctors", tuple(self.correctors))
@@ -82,7 +88,7 @@ class CalibrationRollout:
         if self.body is not None and not isinstance(self.body, nn.Module):
             raise ConfigError(
                 f"CalibrationRollout.body must be the UNet's quantized copy (an nn.Module) or None, got "
-                f"{type(self.body).__name__}; build it with CalibrationRollout.of(recipe, unet, trace)"
+                f"{type(self.body).__name__}; build it with CalibrationRollout.of(unet, trace, quantizer=...)"
             )
         if self.trace.settings is None:
             raise ConfigError(

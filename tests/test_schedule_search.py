@@ -190,9 +190,8 @@ def test_a_recipe_with_a_quantizer_rolls_candidates_out_quantized(unet, trace, m
     the quantized model's own error -- what a quant-only model sampled directly gives, not ~0 as in full
     precision. `Recipe.fit` hands that rollout to the cacher; the UNet stays untouched."""
     recipe = search_recipe()
-    rollout = CalibrationRollout.of(recipe, unet, trace)
+    rollout = CalibrationRollout.of(unet, trace, correctors=recipe.correctors[:1], quantizer=recipe.quantizer)
     assert quantized_modules(rollout.body) and not quantized_modules(unet)
-    assert rollout.correctors == (recipe.correctors[0],)  # the DEC quantization correction stays out
     every_step = DeepCache(schedule=UniformSchedule(interval=1)).fit(unet, trace)
     quantized = rollout(every_step, 3)
     direct = Recipe(quantizer=recipe.quantizer).fit(unet, trace, progress=False)  # same tables: no cache either way
@@ -200,19 +199,20 @@ def test_a_recipe_with_a_quantizer_rolls_candidates_out_quantized(unet, trace, m
     expected = (x0.double() - trace.x0[:3].double()).pow(2).flatten(1).mean(1)
     torch.testing.assert_close(quantized, expected, rtol=1e-3, atol=0)
     assert float(quantized.min()) > 1e3 * float(CalibrationRollout((), unet, trace)(every_step, 3).max())
-    assert CalibrationRollout.of(Recipe(cacher=recipe.cacher), unet, trace).body is None  # nothing to quantize
+    assert CalibrationRollout.of(unet, trace).body is None  # no quantizer: full precision
     with pytest.raises(ConfigError, match="quantized copy"):
         CalibrationRollout((), unet, trace, body="unet")
     with pytest.raises(ConfigError, match="sampler settings"):  # refused before the quantizer calibrates
-        CalibrationRollout.of(recipe, unet, replace(trace, settings=None))
+        CalibrationRollout.of(unet, replace(trace, settings=None), quantizer=recipe.quantizer)
 
     asked = []  # Recipe.fit asks for a quantized rollout unless the schedule declares otherwise
-    record = classmethod(lambda cls, *args, **kwargs: asked.append(kwargs["quantized"]) or rollout)
+    record = classmethod(lambda cls, *args, **kwargs: asked.append(kwargs["quantizer"]) or rollout)
     monkeypatch.setattr(CalibrationRollout, "of", record)
     recipe.fit(unet, trace, progress=False)
     sensitivity = DeepCache(schedule=SensitivityDP(interval=3, trajectories=3))
     replace(recipe, cacher=sensitivity).fit(unet, trace, progress=False)
-    assert asked == [True, False] and not SensitivityDP.quantized_rollout and TrajectorySearch.quantized_rollout
+    assert asked == [recipe.quantizer, None]  # the recipe's quantizer, then none: SensitivityDP declares it
+    assert not SensitivityDP.quantized_rollout and TrajectorySearch.quantized_rollout
 
 
 def test_unfitted_or_misused_search_raises(unet, trace):
