@@ -1,18 +1,23 @@
 """`CalibrationRollout`: the end-to-end error of a candidate compressed model on calibration trajectories.
 
 What a schedule that `needs_rollout` (e.g. `cq.cache.search.TrajectorySearch`) searches on. `Recipe.fit` builds
-one per fit and hands it to the cacher. A call builds the model the recipe would build with the candidate cacher
--- the full-precision body with the correctors of `Stage.BEFORE_QUANTIZATION` (the DEC cache correction, cheap:
-it is fitted from the trace's features alone) -- samples it end to end with the trace's own sampler settings from
-the initial noise of the trace's first trajectories, and returns each trajectory's x0 MSE against the trace's
-full-precision x0. Only calibration trajectories are used, never held-out seeds. A guided trace (rows ``2i`` /
-``2i + 1``: the unconditional / conditional halves of trajectory ``i``) is rolled out guided, with the trace's
-scale and the unconditional context of its first row.
+one per fit (`CalibrationRollout.of`) and hands it to the cacher. A call builds the model the recipe would build
+with the candidate cacher -- its ``body`` with the correctors of `Stage.BEFORE_QUANTIZATION` (the DEC cache
+correction, cheap: it is fitted from the trace's features alone) -- samples it end to end with the trace's own
+sampler settings from the initial noise of the trace's first trajectories, and returns each trajectory's x0 MSE
+against the trace's full-precision x0. Only calibration trajectories are used, never held-out seeds. A guided
+trace (rows ``2i`` / ``2i + 1``: the unconditional / conditional halves of trajectory ``i``) is rolled out guided,
+with the trace's scale and the unconditional context of its first row.
 
-Quantization is left out of the loop on purpose: calibrating it costs ~30 s per candidate on the demo model
-(idle machine) against ~2-4 s for a rollout of 8 trajectories. At W8A8 the cache error dominates from N=5 on; at
-N=2-3 the quantization error is of the same order, and the searched schedule does not transfer there (README,
-"Schedules at equal refreshes", held-out seeds).
+Quantization is in the loop with tables shared by every candidate: `CalibrationRollout.of` calibrates the recipe's
+quantizer once on the trace with every step a full call, and each candidate samples that quantized body through
+its own cache. Calibrating through each candidate's cache instead, as the final fit does, costs ~10-18 s per
+candidate on the demo model, and its recalibration noise swamps the differences a search is after; without
+quantization the rollouts misrank schedules at N=2, where the quantization error is of the cache error's order and
+depends on the schedule (README, "The search on 128 calibration trajectories"). The correctors of
+`Stage.AFTER_QUANTIZATION` (the DEC quantization correction) stay out: they are fitted through the candidate's
+quantized cache, a replay per candidate. A schedule declaring ``quantized_rollout = False`` gets the full-precision
+UNet as body.
 """
 
 from __future__ import annotations
