@@ -185,6 +185,13 @@ def test_rollout_without_caching_reproduces_the_trace(unet, trace):
             rollout(DeepCache(schedule=UniformSchedule(interval=1)).fit(unet, trace), bad)
 
 
+class NeverCalibrated:
+    """A quantizer stand-in that fails if asked to calibrate."""
+
+    def quantize(self, *args, **kwargs):
+        raise AssertionError("the quantizer calibrated before the trace was checked")
+
+
 def test_a_recipe_with_a_quantizer_rolls_candidates_out_quantized(unet, trace, monkeypatch):
     """`CalibrationRollout.of` quantizes the body once (every step a full call): without caching, a rollout is
     the quantized model's own error -- what a quant-only model sampled directly gives, not ~0 as in full
@@ -203,7 +210,7 @@ def test_a_recipe_with_a_quantizer_rolls_candidates_out_quantized(unet, trace, m
     with pytest.raises(ConfigError, match="quantized copy"):
         CalibrationRollout((), unet, trace, body="unet")
     with pytest.raises(ConfigError, match="sampler settings"):  # refused before the quantizer calibrates
-        CalibrationRollout.of(unet, replace(trace, settings=None), quantizer=recipe.quantizer)
+        CalibrationRollout.of(unet, replace(trace, settings=None), quantizer=NeverCalibrated())
 
     asked = []  # Recipe.fit asks for a quantized rollout unless the schedule declares otherwise
     record = classmethod(lambda cls, *args, **kwargs: asked.append(kwargs["quantizer"]) or rollout)
