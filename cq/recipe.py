@@ -130,14 +130,18 @@ class Recipe:
             )
         cacher = None
         if self.cacher is not None and self.cacher.needs_rollout:
-            rollout = CalibrationRollout.of(
+            # passed, not kept: its quantized body (a UNet copy) is freed before the final calibration
+            cacher = self.cacher.fit(
                 unet,
                 trace,
-                correctors=self.stage(Stage.BEFORE_QUANTIZATION),
-                quantizer=self.quantizer if self.cacher.quantized_rollout else None,
-                progress=progress,
+                rollout=CalibrationRollout.of(
+                    unet,
+                    trace,
+                    correctors=self.stage(Stage.BEFORE_QUANTIZATION),
+                    quantizer=self.quantizer if self.cacher.quantized_rollout else None,
+                    progress=progress,
+                ),
             )
-            cacher = self.cacher.fit(unet, trace, rollout=rollout)
         elif self.cacher is not None:
             cacher = self.cacher.fit(unet, trace)
         model = CompressedUNet(
