@@ -30,15 +30,14 @@ from torch import Tensor, nn
 
 from .cache.cacher import Cacher
 from .compressed import CompressedUNet
-from .correct import Stage
+from .correct import Corrector, Stage
 from .errors import ConfigError
+from .quant import Quantizer
 from .sampling.guidance import ClassifierFreeGuidance
 from .sampling.samplers import sampler_of
 
 
 if TYPE_CHECKING:
-    from .correct import Corrector
-    from .quant import Quantizer
     from .trace import Trace
 
 __all__ = ["CalibrationRollout"]
@@ -80,10 +79,20 @@ class CalibrationRollout:
         rollout = cls(correctors, unet, trace)
         if quantizer is None:
             return rollout
+        if not isinstance(quantizer, Quantizer):
+            raise ConfigError(
+                f"CalibrationRollout.of: quantizer must be a cq.quant.Quantizer (the recipe's) or None, got "
+                f"{type(quantizer).__name__}"
+            )
         return replace(rollout, body=quantizer.quantize(unet, trace, progress=progress))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "correctors", tuple(self.correctors))
+        if not all(isinstance(c, Corrector) for c in self.correctors):
+            raise ConfigError(
+                "CalibrationRollout.correctors must be Corrector values (the recipe's Stage.BEFORE_QUANTIZATION "
+                f"ones), got {[type(c).__name__ for c in self.correctors]}"
+            )
         wrong = [c for c in self.correctors if c.stage is not Stage.BEFORE_QUANTIZATION]
         if wrong:
             raise ConfigError(

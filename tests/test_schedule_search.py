@@ -211,14 +211,19 @@ def test_a_recipe_with_a_quantizer_rolls_candidates_out_quantized(unet, trace, m
         CalibrationRollout((), unet, trace, body="unet")
     with pytest.raises(ConfigError, match="sampler settings"):  # refused before the quantizer calibrates
         CalibrationRollout.of(unet, replace(trace, settings=None), quantizer=NeverCalibrated())
+    with pytest.raises(ConfigError, match="quantizer must be a cq.quant.Quantizer"):
+        CalibrationRollout.of(unet, trace, quantizer=NeverCalibrated())
+    with pytest.raises(ConfigError, match="must be Corrector values"):
+        CalibrationRollout.of(unet, trace, correctors=("dec",))
 
     asked = []  # Recipe.fit asks for a quantized rollout unless the schedule declares otherwise
-    record = classmethod(lambda cls, *args, **kwargs: asked.append(kwargs["quantizer"]) or rollout)
+    record = classmethod(lambda cls, *args, **kw: asked.append((kw["quantizer"], kw["correctors"])) or rollout)
     monkeypatch.setattr(CalibrationRollout, "of", record)
     recipe.fit(unet, trace, progress=False)
     sensitivity = DeepCache(schedule=SensitivityDP(interval=3, trajectories=3))
     replace(recipe, cacher=sensitivity).fit(unet, trace, progress=False)
-    assert asked == [recipe.quantizer, None]  # the recipe's quantizer, then none: SensitivityDP declares it
+    before = (recipe.correctors[0],)  # the DEC quantization correction stays out of every rollout
+    assert asked == [(recipe.quantizer, before), (None, before)]  # then no quantizer: SensitivityDP declares it
     assert not SensitivityDP.quantized_rollout and TrajectorySearch.quantized_rollout
 
 
