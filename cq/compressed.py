@@ -87,6 +87,8 @@ class CompressedUNet(SamplerModel):
         self.calibration_guidance = None if calibration_guidance is None else float(calibration_guidance)
         #: layer name -> how it runs after `to_int8` ("int8 (oneDNN)", ...); empty while all layers are fake-quant
         self.execution: dict[str, str] = {}
+        #: the inference runtime that runs ``unet``'s calls after `to_runtime` (`cq.runtime.OpenVINOUNet`), or None
+        self.runtime: Any = None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -112,10 +114,11 @@ class CompressedUNet(SamplerModel):
                 f"got {step!r}"
             )
         self._check_inputs(x, t)
+        unet = self.unet if self.runtime is None else self.runtime
         with step_scope(step):
             if self.cache is None:
-                return self.unet(x, t, cond)
-            return self.cache.run(self.unet, x, t, cond, step)
+                return unet(x, t, cond)
+            return self.cache.run(unet, x, t, cond, step)
 
     def steps_of(self, t: Tensor | int | float) -> tuple[int, ...]:
         """The model-call indices at timestep ``t`` (a number, or a tensor whose entries are all that number) in the
@@ -185,6 +188,25 @@ class CompressedUNet(SamplerModel):
         from .quant.int8 import to_int8
 
         self.execution = to_int8(self.unet, backend)
+        return self.execution
+
+    def to_runtime(self, backend: str = "openvino", *, threads: int | None = None, fallback: bool = False) -> dict:
+        """Run the UNet's calls on an inference runtime from now on (in place); returns each layer's execution mode.
+
+        ``backend="openvino"``: the model is lowered to ONNX with its own scales (`cq.runtime.lower`: a full and a
+        shallow graph) and run by OpenVINO's int8 kernels (`cq.runtime.OpenVINOUNet`); the schedule, the step and
+        the cache correction stay here. Layers whose weights the CPU's int8 kernels cannot sum exactly (8-bit
+        codes without VNNI, asymmetric weights) keep float weights: `cq.runtime.cpu`. ``fallback``: lower
+        activation quantizers ONNX cannot express as float operators instead of refusing them
+        (`ExportUnsupportedError`). Saving is unchanged: the .cq file holds the fitted tables, not the graphs.
+        """
+        if backend != "openvino":
+            raise ConfigError(f"to_runtime: backend must be 'openvino', got {backend!r}")
+        from .runtime.openvino import OpenVINOUNet
+
+        point = self.cache.point if self.cache is not None else self.unet.default_cache_point()
+        self.runtime = OpenVINOUNet(self.unet, point, self.num_steps, threads=threads, fallback=fallback)
+        self.execution = self.runtime.describe()
         return self.execution
 
     def extra_repr(self) -> str:

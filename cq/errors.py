@@ -35,6 +35,8 @@ __all__ = [
     "ImageSetError",
     "ReferenceStatsError",
     "MetricUnavailableError",
+    "BackendUnavailableError",
+    "ExportUnsupportedError",
 ]
 
 
@@ -210,3 +212,13 @@ class MetricUnavailableError(CqError, RuntimeError):
 def _head(keys: list[str], n: int = 20) -> str:
     shown = ", ".join(keys[:n])
     return shown + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+class BackendUnavailableError(CqError, RuntimeError):
+    """An execution backend cannot run here: its package is not installed, or it has no exact fast path on this
+    CPU. The message names the package to install (e.g. ``pip install 'cq[openvino]'``) or the backend to ask for."""
+
+
+class ExportUnsupportedError(CqError, ValueError):
+    """A model holds something its lowering to an inference runtime cannot express; the message names the layer,
+    why, and the option that falls back (e.g. ``fallback=True``) where one exists."""

@@ -1,0 +1,21 @@
+"""Running a fitted model on an inference runtime's kernels: lowering to ONNX (`lower`), OpenVINO (`openvino`),
+and what this CPU's int8 kernels compute exactly (`cpu`)."""
+
+from .cpu import cpu_flags, cpu_line, has_vnni, int8_weight_limit
+from .lower import LoweredCall, LoweredLayers, layer_plan, lower_call, lower_layers
+from .openvino import OpenVINOUNet, openvino_available
+
+
+__all__ = [
+    "cpu_flags",
+    "cpu_line",
+    "has_vnni",
+    "int8_weight_limit",
+    "LoweredCall",
+    "LoweredLayers",
+    "layer_plan",
+    "lower_call",
+    "lower_layers",
+    "OpenVINOUNet",
+    "openvino_available",
+]

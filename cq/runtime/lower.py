@@ -1,0 +1,330 @@
+"""Lowering a fitted `CompressedUNet` to ONNX: cq's own scales as QuantizeLinear / DequantizeLinear pairs.
+
+Two graphs per model, as DeepCache runs (Ma et al. 2024, Sec. 3.2): the **full** call, which also outputs the
+feature entering the cache point, and the **shallow** call, which takes that feature as an input. The sampler
+loop, the refresh-or-reuse decision and the cache-error correction stay in Python (`FeatureCache`), exactly as in
+eager execution.
+
+What each quantized layer becomes:
+
+* every calibrated unsigned 8-bit activation quantizer -> ``QuantizeLinear`` + ``DequantizeLinear`` with that
+  step's scale and zero point (ONNX rounds half to even, cq half up: the two differ only on exact ties);
+* weights -> their dequantized values behind a per-output-channel ``QuantizeLinear`` + ``DequantizeLinear``
+  (``axis=0``, zero point 0) when the codes are symmetric and fit the CPU's exact int8 range
+  (`cq.runtime.cpu.int8_weight_limit`), so the runtime runs that layer on int8 kernels; otherwise the
+  dequantized weights as float constants (exact in float: the runtime keeps that layer's convolution float);
+* a split convolution (input ``cat(cached, skip)`` with one activation table per half, CacheQuant's split
+  quantization) -> two convolutions, one per half, summed; the decoupled quantization-error correction of the
+  cached half (`cq.correct.QuantErrorCorrector`) is a per-channel affine between them;
+* activation quantizers the ONNX operators cannot express (other bit widths, signed grids) -> cq's own rounding
+  formula in float operators (exact, not accelerated) when ``fallback=True``; otherwise `ExportUnsupportedError`
+  naming the layer.
+
+The activation tables and corrections are graph *inputs* (``q{i}.scale``, ``q{i}.zero_point``, ``c{j}.gain``,
+``c{j}.offset``): one exported graph serves every step; a runtime turns the table inputs into constants per
+distinct table (`cq.runtime.openvino`), which is what lets it fuse the int8 kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..cache.view import CacheView
+from ..errors import ExportUnsupportedError
+from ..quant.affine import fake_quantize
+from ..quant.modules import ActQuantizer, QConv1d, QConv2d, QLinear, QMatMul, QuantizedWeight
+from ..quant.quantizer import set_submodule
+from .cpu import int8_weight_limit
+
+
+__all__ = [
+    "LoweredCall",
+    "LoweredLayers",
+    "lower_call",
+    "lower_layers",
+    "layer_plan",
+    "float_weight_reason",
+    "table_acts",
+]
+
+
+@dataclass(frozen=True)
+class LoweredCall:
+    """One exported graph and how to feed it.
+
+    Attributes:
+        onnx: the serialized ONNX model.
+        shallow: True for the shallow call (input ``feature``), False for the full call (output ``feature``).
+        acts: the activation quantizers behind the table inputs ``q{i}.*``, in order (names in the UNet).
+        corrections: the per-step affines behind ``c{j}.*`` (names of the layers they correct).
+        t_dtype: the dtype ``t`` was exported with.
+    """
+
+    onnx: bytes
+    shallow: bool
+    acts: tuple[str, ...]
+    corrections: tuple[str, ...]
+    t_dtype: torch.dtype
+
+
+class _TableAct(nn.Module):
+    """Export stand-in of an `ActQuantizer`: quantizes with the table bound for this trace (graph inputs)."""
+
+    def __init__(self, act: ActQuantizer, name: str, fallback: bool):
+        super().__init__()
+        self.spec, self.name = act.spec, name
+        self.onnx_native = act.spec.bits == 8 and not act.spec.symmetric
+        if not self.onnx_native and not fallback:
+            raise ExportUnsupportedError(
+                f"{name}: {'signed' if act.spec.symmetric else 'unsigned'} {act.spec.bits}-bit activations have "
+                "no ONNX QuantizeLinear form (it takes unsigned 8-bit grids with a zero point); quantize the "
+                "activations to unsigned 8 bits, or pass fallback=True to run this quantizer as float operators"
+            )
+        if not bool(act.calibrated.all()):
+            raise ExportUnsupportedError(
+                f"{name}: activation quantizer not calibrated at every step; fit the model on a trace "
+                "(Recipe.fit) before lowering it"
+            )
+        self.bound: tuple[Tensor, Tensor] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, zero_point = self.bound
+        if self.onnx_native:
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero_point.to(torch.int32), 0, 255)
+        return fake_quantize(x, scale, zero_point.float(), self.spec)
+
+
+class _ConstWeight(nn.Module):
+    """Export stand-in of a `QuantizedWeight`: its dequantized values, behind a per-channel Q/DQ pair when the
+    codes are symmetric and within the CPU's exact int8 range (else float constants)."""
+
+    def __init__(self, weight: QuantizedWeight, columns: slice | None, limit: int):
+        super().__init__()
+        w = weight.dequantized()
+        self.register_buffer("w", (w if columns is None else w[:, columns]).contiguous())
+        self.int8 = not float_weight_reason(weight, limit)
+        self.register_buffer("scale", weight.weight_scale.float().clone())
+        self.register_buffer("zero_point", torch.zeros(w.shape[0], dtype=torch.int32))
+
+    def dequantized(self) -> Tensor:
+        if not self.int8:
+            return self.w
+        return torch.fake_quantize_per_channel_affine(self.w, self.scale, self.zero_point, 0, -128, 127)
+
+
+class _BoundAffine(nn.Module):
+    """Export stand-in of a per-step `ChannelAffine`: gain and offset bound for this trace (graph inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bound: tuple[Tensor, Tensor] | None = None
+
+    def forward(self, h: Tensor, step: object = None) -> Tensor:
+        gain, offset = self.bound
+        shape = (1, -1) + (1,) * (h.ndim - 2)
+        return h * gain.reshape(shape) + offset.reshape(shape)
+
+
+class _SplitConv2d(nn.Module):
+    """Export form of a `QConv2d`: one convolution, or two over the halves of a split input (one activation table
+    and one per-channel weight scale each), the cached half's correction applied before the sum."""
+
+    def __init__(self, conv: QConv2d, acts: dict[str, _TableAct], limit: int, name: str):
+        super().__init__()
+        self.args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        self.bias = conv.bias
+        self.split = conv.split
+        self.act = acts[_child(name, "act")]
+        if conv.split is None:
+            self.weight = _ConstWeight(conv.weight, None, limit)
+            return
+        c = conv.split
+        self.act_skip = acts[_child(name, "act_skip")]
+        if conv.weight_skip is not None:
+            self.weight = _ConstWeight(conv.weight, None, limit)
+            self.weight_skip = _ConstWeight(conv.weight_skip, None, limit)
+        else:
+            self.weight = _ConstWeight(conv.weight, slice(0, c), limit)
+            self.weight_skip = _ConstWeight(conv.weight, slice(c, None), limit)
+        self.correction = _BoundAffine() if conv.correction is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.split is None:
+            return F.conv2d(self.act(x), self.weight.dequantized(), self.bias, *self.args)
+        c = self.split
+        cached = F.conv2d(self.act(x[:, :c]), self.weight.dequantized(), self.bias, *self.args)
+        if self.correction is not None:
+            cached = self.correction(cached)
+        return cached + F.conv2d(self.act_skip(x[:, c:]), self.weight_skip.dequantized(), None, *self.args)
+
+
+def table_acts(module: nn.Module, fallback: bool) -> dict[str, _TableAct]:
+    """The export form of every activation quantizer of ``module``, by name; `ExportUnsupportedError` for one
+    the lowering cannot express (without ``fallback``) or that is not calibrated."""
+    return {
+        name: _TableAct(sub, name, fallback) for name, sub in module.named_modules() if isinstance(sub, ActQuantizer)
+    }
+
+
+def _child(name: str, attr: str) -> str:
+    return f"{name}.{attr}" if name else attr
+
+
+def float_weight_reason(weight: QuantizedWeight, limit: int) -> str:
+    """Why ``weight`` cannot run on the int8 kernels exactly ("" when it can): they take symmetric per-channel
+    codes, and without VNNI only codes up to ``limit`` (`cq.runtime.cpu.int8_weight_limit`)."""
+    if not (weight.spec.symmetric and weight.spec.per_channel):
+        return "asymmetric weights: the int8 kernels take no weight zero points"
+    peak = int(weight.weight_q.abs().max())
+    if peak > limit:
+        return f"weight codes up to {peak} > {limit}, the exact u8 x s8 range of a CPU without VNNI"
+    return ""
+
+
+def layer_plan(unet: nn.Module, limit: int | None = None) -> dict[str, str]:
+    """How each quantized layer of ``unet`` runs once lowered: ``"int8"`` or ``"float weights (<why>)"``."""
+    limit = int8_weight_limit() if limit is None else limit
+    plan = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, QMatMul):
+            plan[name] = "int8"
+            continue
+        if not isinstance(module, QConv2d | QLinear | QConv1d):
+            continue
+        weights = [module.weight] + ([module.weight_skip] if getattr(module, "weight_skip", None) else [])
+        reasons = [r for r in (float_weight_reason(w, limit) for w in weights) if r]
+        acts = [m for m in module.children() if isinstance(m, ActQuantizer)]
+        if any(a.spec.bits != 8 or a.spec.symmetric for a in acts):
+            reasons.append("activations are not unsigned 8-bit")
+        plan[name] = f"float weights ({reasons[0]})" if reasons else "int8"
+    return plan
+
+
+class _Call(nn.Module):
+    """The traced function: ``(x, t[, feature], *tables) -> out[, feature]``."""
+
+    def __init__(self, unet: nn.Module, point: str, shallow: bool, acts: list[_TableAct], affines: list[_BoundAffine]):
+        super().__init__()
+        self.unet, self.point, self.shallow = unet, point, shallow
+        self.acts, self.affines = acts, affines  # plain lists: the modules are registered inside the UNet
+
+    def forward(self, x: Tensor, t: Tensor, *rest: Tensor):
+        feature, tables = (rest[0], rest[1:]) if self.shallow else (None, rest)
+        n = len(self.acts)
+        for i, act in enumerate(self.acts):
+            act.bound = (tables[2 * i], tables[2 * i + 1])
+        for j, affine in enumerate(self.affines):
+            affine.bound = (tables[2 * n + 2 * j], tables[2 * n + 2 * j + 1])
+        if self.shallow:
+            return self.unet(x, t, None, cache=CacheView.shallow(self.point, feature))
+        view = CacheView.full(record=[self.point])
+        out = self.unet(x, t, None, cache=view)
+        return out, view.features[self.point]
+
+
+@dataclass
+class LoweredLayers:
+    """A copy of a module with every fake-quant layer in its export form (`lower_layers`).
+
+    Attributes:
+        body: the copy.
+        acts: name -> export activation quantizer, in module order; bind ``act.bound = (scale, zero_point)``.
+        corrections: name of the corrected layer -> its export affine; bind ``affine.bound = (gain, offset)``.
+    """
+
+    body: nn.Module
+    acts: dict[str, _TableAct]
+    corrections: dict[str, _BoundAffine]
+
+
+def lower_layers(module: nn.Module, *, fallback: bool = False, limit: int | None = None) -> LoweredLayers:
+    """Copy ``module`` and swap each fake-quant layer for its export form (see the module docstring)."""
+    limit = int8_weight_limit() if limit is None else limit
+    body = copy.deepcopy(module).eval()
+    acts = table_acts(body, fallback)
+    corrections: dict[str, _BoundAffine] = {}
+    for name, sub in list(body.named_modules()):
+        if isinstance(sub, QConv2d):
+            lowered = _SplitConv2d(sub, acts, limit, name)
+            if lowered.split is not None and lowered.correction is not None:
+                corrections[name] = lowered.correction
+            if name:
+                set_submodule(body, name, lowered)
+            else:
+                body = lowered
+        elif isinstance(sub, QLinear | QConv1d):
+            sub.weight = _ConstWeight(sub.weight, None, limit)
+            sub.act = acts[_child(name, "act")]
+        elif isinstance(sub, QMatMul):
+            sub.act, sub.act_b = acts[_child(name, "act")], acts[_child(name, "act_b")]
+    return LoweredLayers(body, acts, corrections)
+
+
+def lower_call(
+    unet: nn.Module,
+    point: str,
+    *,
+    shallow: bool,
+    example: tuple[Tensor, Tensor],
+    feature_shape: tuple[int, ...] | None = None,
+    fallback: bool = False,
+    limit: int | None = None,
+) -> LoweredCall:
+    """Export one call of the quantized ``unet`` (a `CompressedUNet`'s ``unet``: fake-quant layers) to ONNX.
+
+    Args:
+        point: the cache point the full call outputs / the shallow call reads.
+        shallow: which of the two calls.
+        example: ``(x, t)`` of the batch to trace with (the batch axis stays dynamic).
+        feature_shape: the cached feature's shape (shallow call only).
+        fallback: run activation quantizers ONNX cannot express as float operators instead of refusing.
+        limit: largest weight code run on int8 kernels (default: this CPU's exact range).
+    """
+    lowered = lower_layers(unet, fallback=fallback, limit=limit)
+    body = lowered.body
+    used = list(lowered.acts.values())
+    affines, corrections = list(lowered.corrections.values()), list(lowered.corrections)
+    call = _Call(body, point, shallow, used, affines)
+    x, t = example
+    args: list[Tensor] = [x, t]
+    names = ["x", "t"]
+    if shallow:
+        args.append(torch.zeros(x.shape[0], *feature_shape[1:]))
+        names.append("feature")
+    for i in range(len(used)):
+        args += [torch.ones(()), torch.zeros((), dtype=torch.int32)]
+        names += [f"q{i}.scale", f"q{i}.zero_point"]
+    for j, name in enumerate(corrections):
+        channels = body.get_submodule(name).weight.w.shape[0]
+        args += [torch.ones(channels), torch.zeros(channels)]
+        names += [f"c{j}.gain", f"c{j}.offset"]
+    outputs = ["out"] if shallow else ["out", "feature_out"]
+    dynamic = {n: {0: "batch"} for n in ("x", "t", "feature", *outputs) if n in names or n in outputs}
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python-side shape checks: they hold per batch
+        torch.onnx.export(
+            call,
+            tuple(args),
+            buffer,
+            dynamo=False,
+            opset_version=17,
+            input_names=names,
+            output_names=outputs,
+            dynamic_axes=dynamic,
+            do_constant_folding=False,  # folding would merge the weights' Q/DQ pairs
+        )
+    return LoweredCall(
+        onnx=buffer.getvalue(),
+        shallow=shallow,
+        acts=tuple(a.name for a in used),
+        corrections=tuple(corrections),
+        t_dtype=t.dtype,
+    )
