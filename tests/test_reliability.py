@@ -36,7 +36,7 @@ from cq.io import read_safetensors
 from cq.models import LDMUNet, LDMUNetConfig
 from cq.models.checkpoint import read_state_dict
 from cq.models.loading import load, load_weights
-from cq.sampling import FullPrecision, NoiseSchedule, ddim, dpm_solver, plms
+from cq.sampling import ClassifierFreeGuidance, FullPrecision, NoiseSchedule, ddim, dpm_solver, plms
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,6 +177,18 @@ def test_samplers_refuse_non_finite_initial_noise(unet, sampler, value):
     x[1, 0, 3, 4] = value  # one pixel of one sample
     with pytest.raises(InputValueError, match="initial noise"):
         sampler(FullPrecision(unet), x, steps=2)
+
+
+@given(scale=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(["7.5", None, True])))
+def test_guidance_refuses_a_scale_that_is_not_a_finite_number(unet, scale):
+    """An infinite scale passed (only NaN was refused) and made every guided sample NaN."""
+    if isinstance(scale, float) and math.isfinite(scale):
+        assert ClassifierFreeGuidance(FullPrecision(unet), scale, torch.zeros(1)).scale == scale
+        return
+    with pytest.raises(ConfigError, match="guidance_scale must be a number"):
+        ClassifierFreeGuidance(FullPrecision(unet), scale, torch.zeros(1))
+    with pytest.raises(ConfigError, match="guidance_scale must be a number"):
+        cq.trace(unet, steps=2, num_samples=1, guidance_scale=scale, progress=False)
 
 
 _bad_steps = st.one_of(
