@@ -14,6 +14,7 @@ Nothing is unpickled; whatever is wrong with a file is a `CheckpointFormatError`
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,8 @@ def load(
         StepCountMismatchError: fitted for another step count than ``num_steps``.
     """
     path = Path(path)
-    remove_stale_temps(path)  # what writers killed mid-save (kill -9) left next to it
+    with contextlib.suppress(OSError):  # best effort: a read-only folder still loads
+        remove_stale_temps(path)  # what writers killed mid-save (kill -9) left next to it
     if not path.exists():
         raise CheckpointFormatError(f"no such file: {path}")
     tensors, metadata = read_safetensors(path)  # one open: never a header of one save with bytes of another
