@@ -14,6 +14,7 @@ Nothing is unpickled; whatever is wrong with a file is a `CheckpointFormatError`
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from .compressed import CompressedUNet
-from .errors import CheckpointFormatError, ConfigError, CqError, StepCountMismatchError
+from .errors import CheckpointFormatError, ConfigError, CqError, StepCountMismatchError, in_file
 from .io import checksum as _checksum
-from .io import fingerprint, save_safetensors
+from .io import fingerprint, read_safetensors, remove_stale_temps, save_safetensors
 from .models.loading import build_from_description, describe_model
 from .quant.backend import Backend
 from .quant.packing import pack_nibbles, unpack_nibbles
@@ -109,22 +110,22 @@ def load(
         int8: convert the quantized layers to integer kernels after loading (`CompressedUNet.to_int8`); a
             recipe saved with ``backend="int8"`` (or a kernel family) is converted either way.
 
+    The file is opened once and read whole from that descriptor, so a load concurrent with a save to the same
+    path gets the old file or the new one. Temporary files of writers killed mid-save are removed first.
+
     Raises:
-        CheckpointFormatError: not a cq file, a newer format, or a checksum mismatch (corrupted file).
+        CheckpointFormatError: not a cq file, a newer format, or a checksum mismatch (corrupted file). A saved
+            description naming a strategy nobody registered is also a `StrategyNotRegisteredError` (load the
+            plugin that defines it), an invalid one also a `ConfigError`: the error is of both classes.
         ConfigError: fitted on another base model than ``unet``.
         StepCountMismatchError: fitted for another step count than ``num_steps``.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
+    with contextlib.suppress(OSError):  # best effort: a read-only folder still loads
+        remove_stale_temps(path)  # what writers killed mid-save (kill -9) left next to it
     if not path.exists():
         raise CheckpointFormatError(f"no such file: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
-    except (SafetensorError, OSError) as e:
-        raise CheckpointFormatError(f"{path} is not a readable cq file ({e})") from None
+    tensors, metadata = read_safetensors(path)  # one open: never a header of one save with bytes of another
     if "cq_format" not in metadata:
         raise CheckpointFormatError(f"{path} is a safetensors file but not a saved cq model (no cq metadata)")
     version = metadata["cq_format"]
@@ -167,7 +168,7 @@ def load(
         base = build_from_description(description, device="meta")  # no float weights allocated
         recipe = from_dict(recipe_data)
     except CqError as e:
-        raise CheckpointFormatError(f"{path}: the saved model or recipe description is invalid ({e})") from None
+        raise in_file(e, f"{path}: the saved model or recipe description is invalid ({e})") from e
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointFormatError(
             f"{path}: the saved model or recipe description is invalid ({type(e).__name__}: {e})"
@@ -183,7 +184,7 @@ def load(
         ).to_empty(device="cpu")
         model.load_state_dict(tensors, strict=True)
     except CqError as e:
-        raise CheckpointFormatError(f"{path}: the recipe does not build on the saved model ({e})") from None
+        raise in_file(e, f"{path}: the recipe does not build on the saved model ({e})") from e
     except RuntimeError as e:
         raise CheckpointFormatError(
             f"{path}: the tensors do not fit the model its metadata describes ({str(e).splitlines()[0]})"

@@ -21,7 +21,7 @@ from .errors import (
     StepCountMismatchError,
     TimestepNotFittedError,
 )
-from .models.unet import check_cacheable
+from .models.unet import check_cacheable, check_model_inputs
 from .quant.backend import Backend
 from .sampling.model import SamplerModel
 from .sampling.settings import SamplerSettings
@@ -140,17 +140,10 @@ class CompressedUNet(SamplerModel):
     def _check_inputs(self, x: Tensor, t: Tensor) -> None:
         """Refuse what the fitted tables cannot represent instead of clamping it silently: timesteps outside the
         noise schedule's ``[0, T)`` and non-finite inputs."""
+        t = torch.as_tensor(t)
+        check_model_inputs(x, t, self.noise_schedule.num_timesteps if self.noise_schedule is not None else None, self)
         if not bool(torch.isfinite(x).all()):
             raise InputValueError("x contains NaN or inf; the sampler state diverged or the input is corrupted")
-        t = torch.as_tensor(t)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise InputValueError("t contains NaN or inf")
-        limit = self.noise_schedule.num_timesteps if self.noise_schedule is not None else None
-        if t.numel() and (float(t.min()) < 0 or (limit is not None and float(t.max()) >= limit)):
-            raise InputValueError(
-                f"timesteps must lie in [0, {limit}) for this model's noise schedule, got {float(t.min()):g}.."
-                f"{float(t.max()):g}"
-            )
 
     def compile(self, **kwargs: Any) -> None:
         """Compile the UNet in place (`torch.nn.Module.compile`; ``kwargs`` go to `torch.compile`).

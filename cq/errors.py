@@ -12,6 +12,8 @@ __all__ = [
     "CheckpointError",
     "CheckpointKeyMismatchError",
     "CheckpointFormatError",
+    "CheckpointValueError",
+    "CheckpointWriteError",
     "UnsafeCheckpointError",
     "ConfigError",
     "StrategyNotRegisteredError",
@@ -93,6 +95,20 @@ class CheckpointKeyMismatchError(CheckpointError, KeyError):
 
 class CheckpointFormatError(CheckpointError, ValueError):
     """The file is not a readable checkpoint (truncated, wrong format, or no state dict inside)."""
+
+
+class CheckpointValueError(CheckpointFormatError):
+    """The file reads, but its tensors hold what the model cannot use: integer tensors for float parameters (they
+    would be cast silently), NaN or inf weights (every output would be NaN). The message names the tensors; the
+    non-finite check has an opt-out (``check_finite=False``) for files known to carry such values on purpose."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a file failed (disk full, no permission, read-only file system). An `OSError` with the original
+    ``errno`` (``errno.ENOSPC`` for a full disk), so scripts can catch either; the target is left untouched."""
+
+    def __str__(self) -> str:  # the message names the file already
+        return str(self.strerror)
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -207,6 +223,21 @@ class ReferenceStatsError(CqError, ValueError):
 class MetricUnavailableError(CqError, RuntimeError):
     """A metric cannot be computed here: its optional dependency is not installed (``pip install cq[eval]``), its
     feature-extractor weights are missing, or no library cq trusts provides it (sFID)."""
+
+
+_IN_FILE: dict[type, type] = {}
+
+
+def in_file(error: CqError, message: str) -> CheckpointError:
+    """``error`` (raised while rebuilding what a file describes) as an error of the file, keeping its class: the
+    result is a `CheckpointFormatError` *and* an instance of ``error``'s class (a `StrategyNotRegisteredError`
+    still tells the user to pass ``--plugin``), carrying ``message``. Checkpoint errors are returned as they are."""
+    if isinstance(error, CheckpointError):
+        return error
+    kind = type(error)
+    if kind not in _IN_FILE:
+        _IN_FILE[kind] = type(kind.__name__, (kind, CheckpointFormatError), {"__module__": kind.__module__})
+    return _IN_FILE[kind](message)
 
 
 def _head(keys: list[str], n: int = 20) -> str:

@@ -119,6 +119,11 @@ class Recipe:
         `FeatureCache`) is built next, on the full-precision UNet; correctors of
         `Stage.BEFORE_QUANTIZATION` fit on it, the quantizer calibrates through its cache (their corrections on),
         its body becomes the quantized copy, and correctors of `Stage.AFTER_QUANTIZATION` fit on that."""
+        if trace.x.shape[1] == 0:
+            raise ConfigError(
+                "the trace stores no trajectories (recorded with keep=0: only its observers saw the samples); "
+                "fitting calibrates on them: record it with keep >= 1 (default: all)"
+            )
         missing = [p for p in self.points(unet) if p not in trace.features]
         if missing:
             raise ConfigError(f"the trace lacks features at {missing}; record it with points=recipe.points(unet)")
@@ -204,6 +209,11 @@ class Recipe:
 
 def parse_bits(bits: str) -> tuple[int, int]:
     """``"w8a8"`` -> ``(8, 8)``; ``"w4a8"`` -> ``(4, 8)``."""
+    if not isinstance(bits, str):
+        raise ConfigError(
+            f"bits names weight and activation bits as a string, 'w8a8' (8-bit weights and activations) or "
+            f"'w4a8', got {bits!r} ({type(bits).__name__}); pass bits='w8a8'"
+        )
     m = re.fullmatch(r"w(\d)a(\d)", bits.lower())
     if not m:
         raise ConfigError(f"bits must look like 'w8a8' or 'w4a8', got {bits!r}")

@@ -46,7 +46,7 @@ from .sampling.adapter import FullPrecision
 from .sampling.ddim import ddim, resolve_noise_schedule
 from .sampling.guidance import check_guidance, guided
 from .sampling.model import SamplerModel
-from .sampling.noise import NoiseSchedule
+from .sampling.noise import NoiseSchedule, check_steps
 from .sampling.samplers import model_calls, settings_of_call
 from .sampling.seeded import seeded_noise
 from .sampling.settings import SamplerSettings
@@ -356,6 +356,7 @@ def trace(
             docstring); it appears only once the trace is complete. ``Trace.open(folder)`` reads it again.
         progress: show a progress bar over batches.
     """
+    check_steps(steps)
     if num_samples < 1 or batch_size < 1:
         raise ConfigError(f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
     keep = num_samples if keep is None else keep

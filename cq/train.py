@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .errors import ConfigError
+from .errors import CheckpointFormatError, ConfigError
 from .io import atomic_torch_save, save_safetensors
+from .models.checkpoint import read_pickle
 from .models.loading import build
 from .models.presets import get_preset
 
@@ -103,7 +104,18 @@ def train(config: TrainConfig, out: str | Path, *, progress: bool = True) -> Pat
     torch.manual_seed(config.seed)  # dropout draws from the global generator; its state is saved with the rest
     step, elapsed = 0, 0.0
     if state_file.exists():
-        saved = torch.load(state_file, weights_only=True)
+        try:
+            saved = read_pickle(state_file)
+        except CheckpointFormatError as e:
+            raise CheckpointFormatError(
+                f"cannot resume from {state_file}: {e}. Delete it to train from the start (cq writes it atomically: "
+                "it was damaged after it was written)"
+            ) from None
+        keys = {"config", "model", "ema", "opt", "rng", "torch_rng", "step", "elapsed"}
+        if not isinstance(saved, dict) or not keys <= set(saved):
+            raise CheckpointFormatError(
+                f"{state_file} is not a cq training state (needs {sorted(keys)}); delete it to start over"
+            )
         if saved["config"] != asdict(config):
             raise ConfigError(f"{state_file} was written by another training config; delete it to start over")
         model.load_state_dict(saved["model"])

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
+from ..io import read_safetensors
 
 
-__all__ = ["read_state_dict", "read_diffusers_folder", "read_config", "extract_state_dict"]
+__all__ = ["read_state_dict", "read_diffusers_folder", "read_config", "extract_state_dict", "read_pickle"]
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -60,7 +61,7 @@ def read_state_dict(path: str | Path, *, ema: bool = True, trust_pickle: bool = 
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     if path.suffix in PICKLE_SUFFIXES:
-        return extract_state_dict(_read_pickle(path, trust_pickle), ema=ema, source=path)
+        return extract_state_dict(read_pickle(path, trust_pickle=trust_pickle), ema=ema, source=path)
     raise CheckpointFormatError(
         f"unrecognised checkpoint suffix {path.suffix!r} for {path}; expected .safetensors, "
         f"{', '.join(PICKLE_SUFFIXES)} or a diffusers folder"
@@ -132,16 +133,12 @@ def _is_tensor_dict(obj: Any) -> bool:
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointFormatError(f"{path} is not a readable safetensors file ({e}); is it truncated?") from None
+    return read_safetensors(path)[0]
 
 
-def _read_pickle(path: Path, trust_pickle: bool) -> Any:
+def read_pickle(path: str | Path, *, trust_pickle: bool = False) -> Any:
+    """``torch.load`` of ``path`` (on CPU, ``weights_only=True`` unless ``trust_pickle``): an unreadable file is a
+    `CheckpointFormatError`, a refused global an `UnsafeCheckpointError`, never torch's raw exception."""
     try:
         if trust_pickle:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -155,10 +152,28 @@ def _read_pickle(path: Path, trust_pickle: bool) -> Any:
                 "unpickling it would import or run code. Convert the checkpoint to .safetensors, or pass "
                 "trust_pickle=True only if you trust where the file came from"
             ) from None
+        missing = _unknown_global(str(e))
+        if missing:
+            raise UnsafeCheckpointError(
+                f"{path} holds a pickled reference to `{missing}`, a class or function of a module that is not "
+                "installed here; safe (weights_only) loading refuses pickled code objects. Convert the checkpoint "
+                "to .safetensors (or a plain state dict of tensors) where that module is installed, or pass "
+                "trust_pickle=True there, only if you trust where the file came from"
+            ) from None
         raise CheckpointFormatError(
             f"{path} is not a readable PyTorch checkpoint (truncated?): {_last_words(e)}"
         ) from None
-    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, IndexError, KeyError, ValueError, struct.error) as e:
+    except (
+        EOFError,
+        RuntimeError,
+        zipfile.BadZipFile,
+        OSError,
+        IndexError,
+        KeyError,
+        ValueError,
+        TypeError,
+        struct.error,
+    ) as e:  # TypeError: an allow-listed callable rebuilt with arguments it does not take (a damaged pickle)
         raise CheckpointFormatError(
             f"{path} is not a readable PyTorch checkpoint (truncated?): {_last_words(e)}"
         ) from None
@@ -177,6 +192,22 @@ def _refused_global(text: str) -> str:
         if m and _names_real_global(m.group(1)):
             name = m.group(1)
             return name if "." in name else f"builtins.{name}"
+    return ""
+
+
+_DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
+
+def _unknown_global(text: str) -> str:
+    """A well-formed ``package.attribute`` torch's weights_only error names whose top-level package is not
+    installed here, or ''. A truncated pickle names fragments ("GLOBAL .", "GLOBAL torch._utils._"): not
+    well-formed, or of a package that is installed (cut inside an attribute)."""
+    for line in _ANSI.sub("", text).splitlines():
+        m = re.search(r"GLOBAL (\S+)", line)
+        if m and _DOTTED_NAME.fullmatch(m.group(1)):
+            top = m.group(1).split(".")[0]
+            if top not in sys.modules and top not in sys.builtin_module_names and not importlib.util.find_spec(top):
+                return m.group(1)
     return ""
 
 

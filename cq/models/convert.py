@@ -138,6 +138,25 @@ def looks_like_diffusers_ddpm(state: dict[str, Any]) -> bool:
     return any(k.startswith("time_embedding.") for k in state) and any(k.startswith("down_blocks.") for k in state)
 
 
+def block_out_channels(config: dict[str, Any], default: list[int] | None = None) -> list[int]:
+    """A diffusers config's ``block_out_channels``: a non-empty list of positive ints, each a multiple of the first
+    (the channel multipliers of cq's configs); anything else is a `ConfigError` naming the value."""
+    value = config.get("block_out_channels", default)
+    if (
+        not isinstance(value, list | tuple)
+        or not value
+        or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in value)
+    ):
+        raise ConfigError(
+            f"diffusers config: block_out_channels must be a list of positive ints (one width per level, e.g. "
+            f"[320, 640, 1280, 1280]), got {value!r}; fix config.json"
+        )
+    channels = list(value)
+    if any(c % channels[0] for c in channels):
+        raise ConfigError(f"block_out_channels {channels} are not multiples of the first ({channels[0]})")
+    return channels
+
+
 def ddpm_config_from_diffusers(config: dict[str, Any]) -> DDPMConfig:
     """`DDPMConfig` of a diffusers ``UNet2DModel`` config.json in the google/ddpm-* layout.
 
@@ -158,10 +177,8 @@ def ddpm_config_from_diffusers(config: dict[str, Any]) -> DDPMConfig:
     for key, want in expected.items():
         if key in config and config[key] != want:
             raise ConfigError(f"diffusers config has {key}={config[key]!r}; the DDPM UNet needs {want!r}")
-    channels = list(config["block_out_channels"])
+    channels = block_out_channels(config)
     ch = channels[0]
-    if any(c % ch for c in channels):
-        raise ConfigError(f"block_out_channels {channels} are not multiples of the first ({ch})")
     size = config["sample_size"]
     size = size[0] if isinstance(size, list | tuple) else size
     attn = tuple(size // 2**i for i, kind in enumerate(config["down_block_types"]) if kind.startswith("Attn"))

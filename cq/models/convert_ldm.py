@@ -30,7 +30,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import CheckpointFormatError, CheckpointKeyMismatchError, ConfigError
-from .convert import rename_from_diffusers
+from .convert import block_out_channels, rename_from_diffusers
 from .openai_unet import LDMUNetConfig
 
 
@@ -378,10 +378,8 @@ def ldm_unet_config_from_diffusers(config: dict[str, Any]) -> LDMUNetConfig:
     unknown = sorted({*down_types} - known_down) + sorted({*up_types} - known_up)
     if unknown:
         raise ConfigError(f"diffusers block types {unknown} have no LDM UNet counterpart")
-    channels = list(config["block_out_channels"])
+    channels = block_out_channels(config)
     mc = channels[0]
-    if any(ch % mc for ch in channels):
-        raise ConfigError(f"block_out_channels {channels} are not multiples of the first ({mc})")
     down_attn = [kind.startswith(("CrossAttn", "Attn")) for kind in config["down_block_types"]]
     up_attn = [kind.startswith(("CrossAttn", "Attn")) for kind in reversed(config["up_block_types"])]
     if down_attn != up_attn:

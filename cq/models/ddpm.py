@@ -336,9 +336,9 @@ class DDPMUNet(CacheableUNet):
                 f"DDPMUNet expects x of shape [B, {c.in_channels}, {c.resolution}, {c.resolution}], "
                 f"got {tuple(x.shape)}"
             )
-        t = self._check_timesteps(t, x.shape[0])
+        t = self._check_timesteps(t, x.shape[0], x)
         self._check_cache(cache)
-        temb = ddpm_timestep_embedding(t, c.ch)
+        temb = ddpm_timestep_embedding(t, c.ch).to(x.dtype)  # float32 embedding; a float16 / float64 model's dtype
         temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))
 
         shallow = cache is not None and cache.is_shallow

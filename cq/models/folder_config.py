@@ -21,6 +21,7 @@ from .autoencoders import AutoencoderConfig
 from .checkpoint import read_config
 from .clip_text import CLIPTextConfig
 from .conditioners import ConditionerConfig
+from .convert import block_out_channels
 from .convert_ldm import ldm_unet_config_from_diffusers
 from .loading import diffusers_noise_schedule
 from .presets import LatentPipelineSpec, Preset
@@ -55,9 +56,9 @@ def autoencoder_config_from_diffusers(config: dict[str, Any]) -> AutoencoderConf
     bad = sorted({*down} - {"DownEncoderBlock2D"}) + sorted({*up} - {"UpDecoderBlock2D"})
     if bad:
         raise ConfigError(f"diffusers autoencoder block types {bad} have no CompVis counterpart")
-    channels = list(config.get("block_out_channels", (64,)))
+    channels = block_out_channels(config, default=[64])
     ch = channels[0]
-    if any(c % ch for c in channels) or len(down) != len(channels) or len(up) != len(channels):
+    if len(down) != len(channels) or len(up) != len(channels):
         raise ConfigError(
             f"diffusers autoencoder config: block_out_channels {channels} must be multiples of the first, one per "
             f"down/up block ({len(down)}/{len(up)} given)"

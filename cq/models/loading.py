@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointFormatError, CheckpointKeyMismatchError, ConfigError, CqError
+from ..errors import CheckpointFormatError, CheckpointKeyMismatchError, CheckpointValueError, ConfigError, CqError
 from ..sampling.noise import NoiseSchedule, Prediction
 from .checkpoint import read_diffusers_folder, read_state_dict
 from .convert import ddpm_config_from_diffusers, ddpm_from_diffusers, looks_like_diffusers_ddpm
@@ -56,6 +56,7 @@ def load(
     ema: bool = True,
     trust_pickle: bool = False,
     prediction: Prediction | None = None,
+    check_finite: bool = True,
 ) -> CacheableUNet:
     """Load a cq UNet with real weights, in eval mode.
 
@@ -71,10 +72,12 @@ def load(
         trust_pickle: allow pickles with arbitrary objects (only for files you trust).
         prediction: what the network outputs, overriding the preset's (``"eps"`` or ``"v"``: a CompVis yaml's
             ``parameterization``); the samplers read it from ``unet.noise_schedule.prediction``.
+        check_finite: refuse weights holding NaN or inf (`CheckpointValueError`); False loads them as they are.
 
     Raises:
         CheckpointKeyMismatchError: the weights do not fit the preset (lists missing/unexpected/mis-shaped keys).
         CheckpointFormatError, UnsafeCheckpointError: unreadable or unsafe files.
+        CheckpointValueError: integer tensors for float parameters, or NaN / inf weights (``check_finite``).
 
     Example:
         >>> unet = cq.models.load("demo")
@@ -98,7 +101,7 @@ def load(
         state = read_state_dict(path, ema=ema, trust_pickle=trust_pickle)
         if isinstance(unet, LDMUNet):
             state = ldm_unet_state(state, ema=ema)
-        load_weights(unet, state, format=format)
+        load_weights(unet, state, format=format, check_finite=check_finite)
         return unet
     folder = Path(preset_or_path)
     if folder.is_dir():
@@ -107,7 +110,7 @@ def load(
                 "prediction= overrides a preset's; a diffusers folder states its own (scheduler_config.json "
                 "prediction_type)"
             )
-        return _load_diffusers_folder(folder)
+        return _load_diffusers_folder(folder, check_finite=check_finite)
     if folder.exists():
         raise ConfigError(
             f"{folder} is a weights file; say which architecture it is: "
@@ -117,11 +120,11 @@ def load(
     raise ConfigError(f"{key!r} is neither a preset ({sorted(PRESETS)}) nor an existing diffusers folder")
 
 
-def _load_diffusers_folder(folder: Path) -> CacheableUNet:
+def _load_diffusers_folder(folder: Path, *, check_finite: bool = True) -> CacheableUNet:
     """A cq UNet built from a diffusers folder's own ``config.json`` (a malformed one is a CheckpointFormatError)."""
     state, config = read_diffusers_folder(folder)
     try:
-        return _build_from_diffusers(folder, state, config)
+        return _build_from_diffusers(folder, state, config, check_finite=check_finite)
     except CqError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -138,7 +141,9 @@ def unet_config_from_diffusers(config: dict) -> tuple[DDPMConfig | LDMUNetConfig
     return ddpm_config_from_diffusers(config), {}
 
 
-def _build_from_diffusers(folder: Path, state: dict[str, Tensor], config: dict) -> CacheableUNet:
+def _build_from_diffusers(
+    folder: Path, state: dict[str, Tensor], config: dict, *, check_finite: bool = True
+) -> CacheableUNet:
     unet_config, sampling = unet_config_from_diffusers(config)
     preset = Preset(
         name=folder.name,
@@ -148,12 +153,16 @@ def _build_from_diffusers(folder: Path, state: dict[str, Tensor], config: dict) 
         source=str(folder),
     )
     unet = build(preset)
-    load_weights(unet, state, format="diffusers")
+    load_weights(unet, state, format="diffusers", check_finite=check_finite)
     return unet
 
 
-def load_weights(unet: nn.Module, state: dict[str, Tensor], *, format: KeyFormat = "auto") -> None:
-    """Copy ``state`` into ``unet`` after key conversion; every key and shape must match exactly."""
+def load_weights(
+    unet: nn.Module, state: dict[str, Tensor], *, format: KeyFormat = "auto", check_finite: bool = True
+) -> None:
+    """Copy ``state`` into ``unet`` after key conversion; every key and shape must match exactly, a float
+    parameter takes only a float tensor, and (``check_finite``) no weight may be NaN or inf
+    (`CheckpointValueError`, naming the tensors)."""
     if format not in ("auto", "original", "diffusers"):
         raise ConfigError(f"format must be 'auto', 'original' or 'diffusers', got {format!r}")
     diffusers_keys = format == "diffusers" or (format == "auto" and looks_like_diffusers_ddpm(state))
@@ -176,9 +185,33 @@ def load_weights(unet: nn.Module, state: dict[str, Tensor], *, format: KeyFormat
         preset = unet.preset if isinstance(unet, CacheableUNet) else None
         hint = f"model preset: {preset.name if preset is not None else '?'}; is this the right preset?"
         raise CheckpointKeyMismatchError(missing=missing, unexpected=unexpected, shape_mismatch=shapes, hint=hint)
+    _check_weight_values(state, expected, check_finite=check_finite)
     with torch.no_grad():
         for k, v in state.items():
             expected[k].copy_(v)
+
+
+def _check_weight_values(state: dict[str, Tensor], expected: dict[str, Tensor], *, check_finite: bool = True) -> None:
+    """Refuse what ``copy_`` would take silently: an integer / bool tensor for a float parameter (cast to float
+    without a word) and, with ``check_finite``, NaN or inf in a float tensor (every output would be NaN)."""
+    wrong = [
+        f"{k} ({state[k].dtype})"
+        for k in sorted(state)
+        if expected[k].is_floating_point() and not state[k].is_floating_point()
+    ]
+    if wrong:
+        raise CheckpointValueError(
+            f"{len(wrong)} float parameter(s) hold non-float tensors in the checkpoint: {', '.join(wrong[:20])}. "
+            "The file was written wrongly (weights must be float); re-export it with float weights"
+        )
+    if check_finite:
+        bad = [k for k in sorted(state) if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())]
+        if bad:
+            raise CheckpointValueError(
+                f"{len(bad)} tensor(s) of the checkpoint hold NaN or inf: {', '.join(bad[:20])}; the model would "
+                "output NaN. Use another checkpoint (a diverged training run writes these), or pass "
+                "check_finite=False if the values are there on purpose"
+            )
 
 
 def describe_model(unet: nn.Module) -> dict:

@@ -632,7 +632,7 @@ class LDMUNet(CacheableUNet):
                 f"got {tuple(x.shape)}"
             )
         batch = x.shape[0]
-        t = self._check_timesteps(t, batch)
+        t = self._check_timesteps(t, batch, x)
         context = self._check_cond(cond, batch)
         self._check_cache(cache)
 

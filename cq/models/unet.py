@@ -8,19 +8,21 @@ reads the stored feature there. `DDPMUNet` and `LDMUNet` implement it; subclass 
 
 from __future__ import annotations
 
+import math
 from abc import ABCMeta, abstractmethod
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
-from ..errors import CachePointError, ConfigError, InputShapeError
+from ..errors import CachePointError, ConfigError, InputShapeError, InputValueError
 
 
 if TYPE_CHECKING:
     from ..cache.view import CacheView
     from ..sampling.noise import NoiseSchedule
 
-__all__ = ["CacheableUNet", "PresetInfo", "check_cacheable"]
+__all__ = ["CacheableUNet", "PresetInfo", "check_cacheable", "check_model_inputs", "check_timestep_values"]
 
 
 @runtime_checkable
@@ -41,7 +43,15 @@ class CacheableUNet(nn.Module, metaclass=ABCMeta):
     Args:
         noise_schedule: the betas it was trained with (the samplers' default), or None.
         preset: the `Preset` it was built from (sampling defaults, saved name), or None.
+
+    Every call checks its input at the entry (`_check_timesteps`): ``x`` on the weights' device and in their dtype
+    (under ``torch.autocast`` any float dtype), timesteps finite and in the noise schedule's ``[0, T)``. The checks
+    read one reduction of ``t``; set ``check_inputs = False`` to skip them, and they are skipped inside compiled
+    graphs (``torch.compiler.is_compiling()``), where a data-dependent branch would break the graph.
     """
+
+    #: check x's device / dtype and t's values at every call (see the class docstring)
+    check_inputs: bool = True
 
     def __init__(self, *, noise_schedule: NoiseSchedule | None = None, preset: PresetInfo | None = None):
         super().__init__()
@@ -101,12 +111,19 @@ class CacheableUNet(nn.Module, metaclass=ABCMeta):
         if point not in self.cache_points():
             raise CachePointError(f"unknown cache point {point!r}; this UNet exposes {list(self.cache_points())}")
 
-    def _check_timesteps(self, t: Tensor, batch: int) -> Tensor:
-        """``t`` of shape ``[batch]`` (a scalar is broadcast)."""
+    def _check_timesteps(self, t: Tensor, batch: int, x: Tensor | None = None) -> Tensor:
+        """``t`` of shape ``[batch]`` (a scalar is broadcast); with ``check_inputs`` (outside compiled graphs) also
+        ``x``'s device and dtype against the weights' and ``t``'s values (`check_timestep_values`)."""
+        if not isinstance(t, Tensor):
+            raise InputShapeError(f"t must be a tensor of timesteps, got {type(t).__name__}")
         if t.ndim == 0:
             t = t.expand(batch)
         if t.shape != (batch,):
             raise InputShapeError(f"t must be a scalar or have shape [{batch}] (one per sample), got {tuple(t.shape)}")
+        if not self.check_inputs or torch.compiler.is_compiling():
+            return t
+        schedule = self.noise_schedule
+        check_model_inputs(x, t, schedule.num_timesteps if schedule is not None else None, self)
         return t
 
     def _check_cache(self, cache: CacheView | None) -> None:
@@ -128,6 +145,50 @@ class CacheableUNet(nn.Module, metaclass=ABCMeta):
                 f"expected [{want[0]}, {want[1]}, ...] (same batch as x)"
             )
         return h
+
+
+def check_model_inputs(x: Tensor | None, t: Tensor, num_timesteps: int | None, model: nn.Module) -> None:
+    """The input check of every cq UNet call (the base UNets' and `CompressedUNet`'s): ``x`` on ``model``'s
+    device and in its weights' float dtype (any float dtype under ``torch.autocast``), then
+    `check_timestep_values`. A meta ``x`` passes only into a meta model (counting MACs without data)."""
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if x is not None and weight is not None:
+        if x.device != weight.device:
+            held = " (meta tensors hold no data)" if x.device.type == "meta" else ""
+            raise InputShapeError(
+                f"x is on {x.device}{held}, the model's weights on {weight.device}: pass x.to({str(weight.device)!r})"
+            )
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise InputShapeError(
+                f"x is {x.dtype}, the model's weights are {weight.dtype}: pass x.to({weight.dtype}), or convert the "
+                f"model with .to({x.dtype}) (float16 / bfloat16 run on a GPU), or run under torch.autocast"
+            )
+    if t.device.type == "meta" and (weight is None or weight.device.type == "meta"):
+        return
+    check_timestep_values(t, num_timesteps)
+
+
+def check_timestep_values(t: Tensor, num_timesteps: int | None) -> None:
+    """Refuse timesteps a model cannot take instead of returning finite-looking output for them: NaN / inf, and
+    values outside ``[0, num_timesteps)`` (``num_timesteps`` None: only negative ones). One reduction of ``t``."""
+    if not t.numel():
+        return
+    if t.device.type == "meta":
+        raise InputShapeError(
+            f"t is on the meta device (it holds no data): pass t.to({'cpu'!r}) or the model's device"
+        )
+    lo, hi = torch.stack(torch.aminmax(t.detach().flatten())).double().tolist()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise InputValueError(
+            "t contains NaN or inf; pass integer timesteps in [0, T) (the sampler state or a timestep computation "
+            "went wrong upstream)"
+        )
+    if lo < 0 or (num_timesteps is not None and hi >= num_timesteps):
+        limit = "" if num_timesteps is None else f", {num_timesteps}"
+        raise InputValueError(
+            f"timesteps must lie in [0{limit}) for this model's noise schedule, got {lo:g}..{hi:g}; pass timesteps "
+            "of the schedule the model was trained with (t = 0 is the least noisy)"
+        )
 
 
 def check_cacheable(obj: object, who: str) -> CacheableUNet:

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, InputShapeError
+from ..errors import ConfigError
 from .adapter import check_step_aware
-from .model import check_sampler, fields_of
+from .model import check_sampler, check_sampler_inputs, fields_of
 from .noise import NoiseSchedule, Spacing, ddim_timesteps, eps_from_output
 from .settings import planned_settings
 
@@ -76,10 +76,7 @@ def ddim(
             ``clip_denoised``; the ddim code does not clip, so the default is off).
         progress: show a tqdm bar.
     """
-    if eta < 0:
-        raise ConfigError(f"eta must be >= 0, got {eta}")
-    if not torch.is_floating_point(x):
-        raise InputShapeError(f"x must be a floating-point tensor, got {x.dtype}")
+    check_sampler_inputs(x, eta=eta)
     check_step_aware(model)
     noise = resolve_noise_schedule(model, noise)
     seq = ddim_timesteps(noise.num_timesteps, steps, spacing)

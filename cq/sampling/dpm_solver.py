@@ -33,10 +33,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, InputShapeError
 from .adapter import check_step_aware
 from .ddim import StepInfo, resolve_noise_schedule
-from .model import check_sampler
+from .model import check_sampler, check_sampler_inputs
 from .noise import NoiseSchedule, dpm_solver_timesteps, eps_from_output
 from .settings import planned_settings
 
@@ -76,10 +75,7 @@ def dpm_solver(
         progress: show a tqdm bar.
     """
     del generator
-    if eta != 0:
-        raise ConfigError(f"DPM-Solver++(2M) is deterministic: eta must be 0, got {eta}")
-    if not torch.is_floating_point(x):
-        raise InputShapeError(f"x must be a floating-point tensor, got {x.dtype}")
+    check_sampler_inputs(x, eta=eta, deterministic="DPM-Solver++(2M)")
     check_step_aware(model)
     noise = resolve_noise_schedule(model, noise)
     seq = dpm_solver_timesteps(noise.num_timesteps, steps, spacing)[::-1]  # noisiest first

@@ -7,6 +7,9 @@ be calibrated on (`cq.trace(..., guidance_scale=, uncond=)`).
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor, nn
 
@@ -50,7 +53,7 @@ class ClassifierFreeGuidance(SamplerModel):
         if not isinstance(uncond, Tensor):
             raise ConfigError(f"uncond must be a tensor (the unconditional cond), got {type(uncond).__name__}")
         self.model = model
-        self.scale = float(scale)
+        self.scale = check_guidance_scale(scale)
         self.uncond = uncond
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None, *, step: int) -> Tensor:
@@ -66,12 +69,18 @@ class ClassifierFreeGuidance(SamplerModel):
         return eps_u + self.scale * (eps_c - eps_u)
 
 
+def check_guidance_scale(scale: object) -> float:
+    """``scale`` as a float if it is a finite number; a NaN or infinite scale would make every sample NaN."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ConfigError(f"guidance_scale must be a number (finite; 1: no guidance, SD uses 7.5), got {scale!r}")
+    return float(scale)
+
+
 def check_guidance(scale: float, uncond: Tensor | None, cond: Tensor | None) -> bool:
     """Whether a run with ``guidance_scale=scale`` is guided (`cq.trace`, `cq.evaluate`); refuses guidance it
     cannot run: a non-number scale, a missing ``cond`` / ``uncond``, an ``uncond`` of another shape or with a
     batch other than 1 or ``cond``'s, an ``uncond`` without guidance."""
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or scale != scale:
-        raise ConfigError(f"guidance_scale must be a number, got {scale!r}")
+    check_guidance_scale(scale)
     if scale == 1.0:
         if uncond is not None:
             raise ConfigError("uncond is only used with guidance_scale != 1 (scale 1 runs the conditional model only)")

@@ -13,19 +13,22 @@ may carry attributes of the same names (`fields_of` reads them; absent ones are 
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from ..errors import SamplerMismatchError
+from ..errors import ConfigError, InputShapeError, InputValueError, SamplerMismatchError
 from .settings import SamplerSettings
 
 
 if TYPE_CHECKING:
     from .noise import NoiseSchedule
 
-__all__ = ["SamplerModel", "SamplerFields", "fields_of", "check_sampler"]
+__all__ = ["SamplerModel", "SamplerFields", "fields_of", "check_sampler", "check_sampler_inputs"]
 
 
 @dataclass(frozen=True)
@@ -98,4 +101,25 @@ def check_sampler(model: Any, asked: SamplerSettings) -> None:
                 else ""
             )
             + f"; sample with a sampler making {num_steps} calls or refit on a trace with these settings"
+        )
+
+
+def check_sampler_inputs(x: Any, *, eta: Any, deterministic: str | None = None) -> None:
+    """The scalar arguments and the initial noise of a sampler call, checked once before the first step: a NaN
+    ``eta`` or one NaN pixel of ``x`` would otherwise make every output pixel NaN without an error.
+    ``deterministic``: the sampler's name when it has no stochastic variant (``eta`` must then be 0)."""
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta) or eta < 0:
+        raise ConfigError(
+            f"eta must be a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like ancestral noise), got {eta!r}"
+        )
+    if deterministic is not None and eta != 0:
+        raise ConfigError(f"{deterministic} is deterministic: eta must be 0, got {eta}")
+    if not isinstance(x, Tensor) or not torch.is_floating_point(x):
+        raise InputShapeError(
+            f"x (the initial noise) must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}"
+        )
+    if x.device.type != "meta" and not bool(torch.isfinite(x).all()):
+        raise InputValueError(
+            "x (the initial noise) holds NaN or inf; every sample it reaches would be NaN. Draw it again "
+            "(torch.randn / cq.sampling.seeded_noise) or find where it was computed"
         )

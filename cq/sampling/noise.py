@@ -13,6 +13,7 @@ into eps through `eps_from_output`, the one place the conversion lives.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,7 +24,15 @@ from torch import Tensor
 from ..errors import ConfigError
 
 
-__all__ = ["NoiseSchedule", "ddim_timesteps", "dpm_solver_timesteps", "eps_from_output", "Spacing", "Prediction"]
+__all__ = [
+    "NoiseSchedule",
+    "check_steps",
+    "ddim_timesteps",
+    "dpm_solver_timesteps",
+    "eps_from_output",
+    "Spacing",
+    "Prediction",
+]
 
 Spacing = Literal["uniform", "quad", "ldm", "linspace"]
 Prediction = Literal["eps", "v"]
@@ -81,6 +90,16 @@ def eps_from_output(output: Tensor, x: Tensor, abar: float, prediction: Predicti
     raise ConfigError(f"prediction must be 'eps' or 'v', got {prediction!r}")
 
 
+def check_steps(steps: object, num_timesteps: int | None = None) -> int:
+    """``steps`` if it is an int >= 1 (and <= ``num_timesteps`` when given); else a `ConfigError` saying so (a float
+    or negative step count would fail deep inside a sampler or the trace buffers)."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ConfigError(f"steps must be an int >= 1 (sampler steps), got {steps!r}; pass e.g. steps=50")
+    if num_timesteps is not None and steps > num_timesteps:
+        raise ConfigError(f"steps must be in [1, {num_timesteps}] (the model's training timesteps), got {steps}")
+    return int(steps)
+
+
 def ddim_timesteps(num_timesteps: int, steps: int, spacing: Spacing = "uniform") -> list[int]:
     """Timesteps visited by DDIM, in increasing order (the sampler walks them from the last to the first).
 
@@ -91,8 +110,7 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: Spacing = "uniform")
       ``alphas_cumprod[0]``, not 1).
     * ``linspace``: ``round(linspace(0, T - 1, steps))``, exactly ``steps`` distinct values for any ``steps <= T``.
     """
-    if steps < 1 or steps > num_timesteps:
-        raise ConfigError(f"steps must be in [1, {num_timesteps}], got {steps}")
+    steps = check_steps(steps, num_timesteps)
     if spacing in ("uniform", "ldm"):
         seq = list(range(0, num_timesteps, num_timesteps // steps))
         if len(seq) != steps:
@@ -118,8 +136,7 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: Spacing = "uniform")
 def dpm_solver_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -> list[int]:
     """The timesteps `dpm_solver` visits, in increasing order (it walks them from the last), as diffusers'
     ``DPMSolverMultistepScheduler.set_timesteps`` computes them for ``timestep_spacing=spacing`` (steps_offset 0)."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
-        raise ConfigError(f"steps must be an int in [1, {num_timesteps}], got {steps!r}")
+    steps = check_steps(steps, num_timesteps)
     T = num_timesteps
     if spacing == "linspace":
         seq = np.linspace(0, T - 1, steps + 1).round()[1:]

@@ -30,11 +30,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, InputShapeError
 from .adapter import check_step_aware
 from .ddim import StepInfo, resolve_noise_schedule
-from .model import check_sampler
-from .noise import NoiseSchedule, Spacing, ddim_timesteps, eps_from_output
+from .model import check_sampler, check_sampler_inputs
+from .noise import NoiseSchedule, Spacing, check_steps, ddim_timesteps, eps_from_output
 from .settings import planned_settings
 
 
@@ -43,9 +42,7 @@ __all__ = ["plms", "num_calls"]
 
 def num_calls(steps: int) -> int:
     """Model calls PLMS makes for ``steps`` sampler steps: ``steps + 1`` (two at step 0)."""
-    if steps < 1:
-        raise ConfigError(f"steps must be >= 1, got {steps}")
-    return steps + 1
+    return check_steps(steps) + 1
 
 
 def _call_index(sampler_step: int, second: bool = False) -> int:
@@ -82,10 +79,7 @@ def plms(
         progress: show a tqdm bar.
     """
     del generator
-    if eta != 0:
-        raise ConfigError(f"PLMS is deterministic: eta must be 0, got {eta}")
-    if not torch.is_floating_point(x):
-        raise InputShapeError(f"x must be a floating-point tensor, got {x.dtype}")
+    check_sampler_inputs(x, eta=eta, deterministic="PLMS")
     check_step_aware(model)
     num_calls(steps)
     noise = resolve_noise_schedule(model, noise)
