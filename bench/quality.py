@@ -160,6 +160,10 @@ def quant_cases() -> list[tuple[str, Recipe]]:
             "W4A8 round-to-nearest weights (CacheQuant's, before G)",
             Recipe(quantizer=UniformQuantizer(weight_bits=4, weight_rounding="nearest")),
         ),
+        (
+            "W4A8 AdaRound weights (per layer)",
+            Recipe(quantizer=UniformQuantizer(weight_bits=4, weight_rounding="adaround")),
+        ),
         ("W8A8 GPTQ weights", Recipe(quantizer=UniformQuantizer(weight_rounding="gptq"))),
         ("W8A8, one shared range", Recipe(quantizer=UniformQuantizer(per_step=False))),
         ("W8A8 PTQ4DM (NDTC, shared)", Recipe(quantizer=PTQ4DM())),
