@@ -12,8 +12,10 @@ All settings are fitted on one trace of 32 full-precision trajectories (seeds 10
 held-out seeds 1000.. (`cq.evaluate` refuses overlaps), with the preset's sampler (DDIM 50, no x0 clipping).
 Columns: x0 PSNR vs full precision from the same seed -- mean, median, 5th percentile, worst -- the samples
 below 25 dB and 15 dB, max |x0|, and the digits FID against the 1797 real digits (only meaningful from ~1000
-samples; full precision's own figure is the first row). The schedules table adds the worst sample without the
-full-precision-divergent seed 1222, the speedup by MACs and each row's `Recipe.fit` time.
+samples; full precision's own figure is the first row). Each worst-case column is stated over all seeds and over
+the seeds where full precision is stable (`cq.metrics.stability`, nudge 1e-2: a seed is unstable when full
+precision's sample from its nudged noise is below 35 dB against the unnudged one). The schedules table adds the
+speedup by MACs and each row's `Recipe.fit` time, and pairs the rows on the stable seeds (`cq.compare`).
 """
 
 from __future__ import annotations
@@ -158,6 +160,10 @@ def quant_cases() -> list[tuple[str, Recipe]]:
             "W4A8 round-to-nearest weights (CacheQuant's, before G)",
             Recipe(quantizer=UniformQuantizer(weight_bits=4, weight_rounding="nearest")),
         ),
+        (
+            "W4A8 AdaRound weights (per layer)",
+            Recipe(quantizer=UniformQuantizer(weight_bits=4, weight_rounding="adaround")),
+        ),
         ("W8A8 GPTQ weights", Recipe(quantizer=UniformQuantizer(weight_rounding="gptq"))),
         ("W8A8, one shared range", Recipe(quantizer=UniformQuantizer(per_step=False))),
         ("W8A8 PTQ4DM (NDTC, shared)", Recipe(quantizer=PTQ4DM())),
@@ -173,16 +179,14 @@ def quant_cases() -> list[tuple[str, Recipe]]:
 SCHEDULE_BASELINES = ("uniform", "DPS (CacheQuant)")
 
 
-def paired_table(
-    evaluations: dict, diverged: list[int], scorer: DigitsScorer, per_sample: dict, path: str | None
-) -> None:
+def paired_table(evaluations: dict, scorer: DigitsScorer, per_sample: dict, path: str | None) -> None:
     """Every other schedule of the schedules table against uniform and DPS at the same N (`cq.compare`: paired
-    bootstrap on the same seeds): which differences the sample size decides. The ``diverged`` seeds, where full
-    precision itself leaves [-1.5, 1.5], are left out (their PSNR compares against an already diverged sample)."""
+    bootstrap on the same seeds): which differences the sample size decides, on the seeds where full precision
+    is stable (`PairedComparison.stable`; an unstable seed's PSNR compares against a sample a nudge changes)."""
     if not evaluations:
         return
-    evaluations = {label: r.excluding(diverged) for label, r in evaluations.items()}
-    paired = len(next(iter(evaluations.values())).seeds)
+    first = next(iter(evaluations.values()))
+    paired, unstable = len(first.stable_seeds), list(first.unstable_seeds)
     rows = []
     for label, r in evaluations.items():
         n, name = label.split(" ", 1)
@@ -194,6 +198,7 @@ def paired_table(
                 continue
             c = cq.compare(r, other, features=scorer.features, data=scorer.data_stats)
             per_sample[label][f"vs {base}"] = c.as_dict()
+            c = c.stable
             rows.append(
                 [
                     f"{n} {name} vs {base}",
@@ -218,9 +223,9 @@ def paired_table(
             "digits FID B-A",
         ],
         rows,
-        title=f"paired on the same {paired} held-out seeds (without {diverged}, where full "
-        "precision diverges), 95% percentile bootstrap (1000 resamples); > 0 favours A; an interval that excludes 0 "
-        "is decided at this sample size",
+        title=f"paired on the same {paired} held-out seeds where full precision is stable (without the "
+        f"{len(unstable)} unstable: {unstable[:12]}), 95% percentile bootstrap (1000 resamples); > 0 favours A; "
+        "an interval that excludes 0 is decided at this sample size",
     )
 
 
@@ -259,8 +264,14 @@ def main() -> None:
     fp_seconds = time.perf_counter() - start
     fp_max = float(reference.abs().max())
     reference_max = reference.abs().flatten(1).amax(1).tolist()
-    diverged = [s for s, m in zip(seeds, reference_max, strict=True) if m > 1.5]  # full precision left [-1.5, 1.5]
-    rows = [["full precision", steps, "-", "-", "-", "-", "-", "-", f"{fp_max:.2f}", f"{scorer.fid(reference):.2f}"]]
+    start = time.perf_counter()
+    stability = cq.metrics.stability(
+        unet, ddim, seeds=seeds, steps=steps, eps=1e-2, reference_samples=reference, progress=False, **sampler
+    )
+    stability_seconds = time.perf_counter() - start
+    rows = [
+        ["full precision", steps, "-", "-", "-", "-", "-", "-", "-", f"{fp_max:.2f}", f"{scorer.fid(reference):.2f}"]
+    ]
     if args.table == "demo":
         cases = demo_cases(args.interval)
     elif args.table == "ablation":
@@ -273,7 +284,11 @@ def main() -> None:
         cases = [c for n in args.intervals.split(",") for c in schedule_cases(int(n))]
     else:
         cases = quant_cases()
-    per_sample = {"seeds": list(seeds), "full precision max |x0|": reference_max}
+    per_sample = {
+        "seeds": list(seeds),
+        "full precision max |x0|": reference_max,
+        "stability": stability.as_dict(),
+    }
     extra = args.table == "schedules"
     evaluations = {}
     if extra:
@@ -285,7 +300,17 @@ def main() -> None:
         start = time.perf_counter()
         model = recipe.fit(unet, trace, progress=False)
         fit_seconds = time.perf_counter() - start
-        r = cq.evaluate(model, unet, seeds=seeds, steps=steps, reference_samples=reference, progress=False, **sampler)
+        r = cq.evaluate(
+            model,
+            unet,
+            seeds=seeds,
+            steps=steps,
+            reference_samples=reference,
+            stability=stability,
+            progress=False,
+            **sampler,
+        )
+        s = r.stable()
         if extra:
             evaluations[label] = r
         per_sample[label] = {
@@ -298,16 +323,15 @@ def main() -> None:
             sum(model.refresh_mask()),
             f"{r.mean_db:.2f}",
             f"{r.median_db:.2f}",
-            f"{r.p5_db:.2f}",
+            f"{r.p5_db:.2f} / {s.p5_db:.2f}",
             f"{r.min_db:.2f} ({r.worst_seed})",
-            len(r.below(25)),
-            len(r.below(15)),
+            f"{s.min_db:.2f} ({s.worst_seed})",
+            f"{len(r.below(25))} / {len(s.below(25))}",
+            f"{len(r.below(15))} / {len(s.below(15))}",
             f"{r.max_abs_x0:.2f}",
             f"{scorer.fid(r.samples):.2f}",
         ]
         if extra:
-            others = [p for s, p in zip(r.seeds, r.psnr_db.tolist(), strict=True) if s != 1222]
-            row[5] += f" / {min(others):.2f}"
             shallow = macs[unet.default_cache_point()]
             row += [f"{predicted_speedup(macs['full'], shallow, model.refresh_mask()):.2f}x", f"{fit_seconds:.0f}"]
         rows.append(row)
@@ -322,10 +346,11 @@ def main() -> None:
             "full calls",
             "mean dB",
             "median dB",
-            "p5 dB",
-            "worst dB (seed) / without 1222" if extra else "worst dB (seed)",
-            "< 25 dB",
-            "< 15 dB",
+            "p5 dB all / stable",
+            "worst dB (seed)",
+            "worst stable dB (seed)",
+            "< 25 dB all / stable",
+            "< 15 dB all / stable",
             "max |x0|",
             "digits FID",
         ]
@@ -336,10 +361,11 @@ def main() -> None:
         f"cache point {unet.default_cache_point()}",
     )
     if extra:
-        paired_table(evaluations, diverged, scorer, per_sample, args.per_sample)
+        paired_table(evaluations, scorer, per_sample, args.per_sample)
+    unstable = stability.unstable_seeds
     print(
-        f"\nfull precision: {fp_seconds:.1f} s; {len(diverged)} of {args.seeds} of its own samples leave [-1.5, 1.5] "
-        "(those seeds' per-sample PSNR compares against an already diverged sample)"
+        f"\nfull precision: {fp_seconds:.1f} s (its stability under a 1e-2 nudge: {stability_seconds:.1f} s); "
+        f"{len(unstable)} of {args.seeds} seeds unstable (< 35 dB): {list(unstable)[:20]}"
     )
 
 

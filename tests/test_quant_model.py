@@ -259,6 +259,7 @@ quantizers = st.one_of(
         weight_method=st.sampled_from(["mse", "minmax", "percentile"]),
         weight_rounding=st.sampled_from(["nearest", "gptq", "auto"]),
     ),
+    st.builds(UniformQuantizer, weight_bits=st.integers(2, 7), weight_rounding=st.just("adaround")),
     st.builds(
         PTQ4DM,
         weight_bits=st.integers(2, 8),

@@ -89,6 +89,7 @@ def test_cli_fit_sample_report(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "refreshes" in text and "teacher-forced per-step SQNR" in text and "| step |" in text
     assert "held-out evaluation: 3 seeds (30000..30002)" in text and "worst" in text
+    assert "full precision's stability" in text and "seeds unstable" in text
 
 
 def test_cli_rejects_an_unknown_recipe():
@@ -121,6 +122,8 @@ def test_cli_prints_a_cq_error_as_one_line_and_exits_2(tmp_path, capsys):
         ["train", "--steps", "-1"],
         ["train", "--lr", "0"],
         ["report", "x.cq", "--eval", "-1"],
+        ["report", "x.cq", "--stability", "-0.01"],
+        ["report", "x.cq", "--stability", "nan"],
     ],
 )
 def test_cli_refuses_bad_numbers_at_parse_time(argv, capsys):

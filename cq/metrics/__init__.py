@@ -1,7 +1,17 @@
 """Measurements: MAC counts and predicted speedups; errors against full precision."""
 
 from .error import psnr, sample_error
+from .evaluate import Stability, stability
 from .macs import MacCount, count_macs, predicted_speedup, unet_macs
 
 
-__all__ = ["MacCount", "count_macs", "unet_macs", "predicted_speedup", "psnr", "sample_error"]
+__all__ = [
+    "MacCount",
+    "count_macs",
+    "unet_macs",
+    "predicted_speedup",
+    "psnr",
+    "sample_error",
+    "Stability",
+    "stability",
+]

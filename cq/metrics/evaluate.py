@@ -8,6 +8,12 @@ percentile, worst sample, the fraction below a threshold, max |x0| -- never a me
 
 Held-out is enforced: a model fitted by `Recipe.fit` carries its trace's seeds (`CompressedUNet.calibration_seeds`)
 and `evaluate` refuses seeds that overlap them.
+
+Full precision is not equally stable on every seed: on a few, a tiny change of the initial noise already changes
+the sample, and no compressed model can be held to a bound there. `stability` measures it per seed (full precision
+sampled from the noise nudged by ``eps * N(0, 1)`` against the unnudged sample); a seed is *unstable* when that
+PSNR is below `STABLE_DB`. ``evaluate(..., stability=1e-2)`` records it, and the `Evaluation` then states its
+worst-case fields both over all seeds and over the stable ones (`Evaluation.stable`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,32 @@ from ..sampling.model import check_sampler, fields_of
 from ..sampling.samplers import model_calls, sampler_of, settings_of_call
 
 
-__all__ = ["evaluate", "Evaluation", "Scorer", "per_sample_psnr", "check_reference"]
+__all__ = [
+    "evaluate",
+    "Evaluation",
+    "Scorer",
+    "Stability",
+    "stability",
+    "per_sample_psnr",
+    "check_reference",
+    "STABLE_DB",
+]
+
+#: a seed is unstable when full precision's sample from the nudged noise is below this PSNR against the unnudged one
+STABLE_DB = 35.0
+#: salt of the nudge generators (`nudge_seed`)
+_NUDGE_SALT = 0x6E75_6467_6521
+
+
+def nudge_seed(seed: int) -> int:
+    """The seed of seed ``seed``'s nudge generator: a splitmix64 hash of the salted seed, to 32 bits (torch's CPU
+    generator keeps only the low 32 bits of a seed, so an offset such as ``seed + 2**48`` would replay the seed's
+    own noise). Never ``seed`` itself: the nudge is independent of the noise it nudges."""
+    z = (int(seed) + _NUDGE_SALT) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    out = (z ^ (z >> 31)) & (2**32 - 1)
+    return out if out != int(seed) % 2**32 else (out + 1) % 2**32
 
 
 class Scorer(Protocol):
@@ -51,6 +82,152 @@ def per_sample_psnr(x: Tensor, reference: Tensor, data_range: float = 2.0) -> Te
 
 
 @dataclass(frozen=True)
+class Stability:
+    """Full precision's own stability on each seed (see `stability`).
+
+    Attributes:
+        seeds: the seeds, in order.
+        eps: the nudge: full precision sampled from ``noise + eps * N(0, 1)``.
+        psnr_db: ``[N]`` PSNR of that sample against the unnudged one (``inf`` where equal).
+        threshold_db: a seed below it is unstable (`STABLE_DB`).
+    """
+
+    seeds: tuple[int, ...]
+    eps: float
+    psnr_db: Tensor
+    threshold_db: float = STABLE_DB
+
+    @property
+    def unstable_seeds(self) -> tuple[int, ...]:
+        return tuple(s for s, p in zip(self.seeds, self.psnr_db.tolist(), strict=True) if not p >= self.threshold_db)
+
+    @property
+    def stable_seeds(self) -> tuple[int, ...]:
+        unstable = set(self.unstable_seeds)
+        return tuple(s for s in self.seeds if s not in unstable)
+
+    def excluding(self, seeds: Iterable[int]) -> Stability:
+        drop = set(seeds)
+        keep = [i for i, s in enumerate(self.seeds) if s not in drop]
+        return replace(
+            self,
+            seeds=tuple(self.seeds[i] for i in keep),
+            psnr_db=self.psnr_db[torch.tensor(keep, dtype=torch.long)],
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "eps": self.eps,
+            "threshold_db": self.threshold_db,
+            "unstable_seeds": list(self.unstable_seeds),
+            "psnr_db": self.psnr_db.tolist(),
+        }
+
+    def describe(self) -> str:
+        unstable = self.unstable_seeds
+        shown = ", ".join(str(s) for s in unstable[:10]) + (", ..." if len(unstable) > 10 else "")
+        return (
+            f"full precision's stability (its sample from the noise nudged by {self.eps:g} x N(0, 1) vs the "
+            f"unnudged one): {len(unstable)} of {len(self.seeds)} seeds unstable (< {self.threshold_db:g} dB)"
+            + (f": {shown}" if unstable else "")
+        )
+
+
+def check_eps(eps: object) -> float:
+    """``eps`` as a float, or `ConfigError` naming the fix (a positive, finite number such as 1e-2)."""
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps) or not eps > 0:
+        raise ConfigError(
+            f"stability: the nudge eps must be a finite number > 0 (the initial noise is nudged by eps * N(0, 1)); "
+            f"got {eps!r}: pass e.g. stability=1e-2"
+        )
+    return float(eps)
+
+
+def nudge(noise: Tensor, seeds: Sequence[int], eps: float) -> Tensor:
+    """``noise + eps * N(0, 1)``, the ``N(0, 1)`` of each row drawn from its own fixed generator (not its seed's)."""
+    from ..sampling.seeded import seeded_noise
+
+    delta = seeded_noise(noise.shape[1:], [nudge_seed(s) for s in seeds], dtype=noise.dtype)
+    return noise + eps * delta.to(noise.device)
+
+
+@torch.no_grad()
+def stability(
+    unet: nn.Module,
+    sampler: Callable[..., Tensor] | None = None,
+    *,
+    seeds: Sequence[int],
+    steps: int,
+    eps: float = 1e-2,
+    batch_size: int = 64,
+    cond: Tensor | None = None,
+    guidance_scale: float = 1.0,
+    uncond: Tensor | None = None,
+    reference_samples: Tensor | None = None,
+    progress: bool = True,
+    **sampler_kwargs: Any,
+) -> Stability:
+    """How stable full precision is on each seed: its sample from the seed's noise nudged by ``eps * N(0, 1)``
+    against its sample from the unnudged noise (PSNR per seed; below `STABLE_DB` the seed is unstable).
+
+    Args:
+        unet: the full-precision cq UNet.
+        sampler, steps, sampler_kwargs, cond, guidance_scale, uncond, batch_size: as `evaluate` samples it
+            (default sampler ``ddim``); the ancestral noise (``eta > 0``) is the same for both samples.
+        seeds: initial-noise seeds (`cq.sampling.seeded_noise`).
+        eps: the nudge, a finite number > 0 (`ConfigError` otherwise).
+        reference_samples: full precision's samples of exactly these seeds (e.g. `Evaluation.reference_samples`),
+            so that only the nudged ones are drawn.
+    """
+    eps = check_eps(eps)
+    seeds = _check_seeds(seeds, batch_size, "stability")
+    if not isinstance(unet, CacheableUNet):
+        raise ConfigError(f"stability measures a full-precision cq UNet, got {type(unet).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"stability: steps must be an int >= 1, got {steps!r}")
+    if reference_samples is not None and (
+        not isinstance(reference_samples, Tensor) or reference_samples.shape[0] != len(seeds)
+    ):
+        raise ConfigError(f"reference_samples must be a tensor with one row per seed ({len(seeds)})")
+    if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != len(seeds)):
+        raise ConfigError(f"cond must be a tensor with first dimension len(seeds)={len(seeds)}")
+    check_guidance(guidance_scale, uncond, cond)
+    from ..sampling.seeded import seeded_noise
+
+    sampler = ddim if sampler is None else sampler
+    device = next(unet.parameters()).device
+    fp = FullPrecision(unet)
+    psnr = []
+    for start in tqdm(range(0, len(seeds), batch_size), desc="stability", unit="batch", disable=not progress):
+        batch = seeds[start : start + batch_size]
+        rows = slice(start, start + len(batch))
+        noise = seeded_noise(tuple(unet.sample_shape), batch).to(device)
+        c = cond[rows].to(device) if cond is not None else None
+        model = guided(fp, guidance_scale, uncond, rows)
+
+        def draw(x: Tensor, model=model, c=c, batch=batch) -> Tensor:
+            return sampler(model, x, steps=steps, cond=c, generator=_generator(batch), **sampler_kwargs).cpu()
+
+        ref = draw(noise) if reference_samples is None else reference_samples[rows].cpu()
+        psnr.append(per_sample_psnr(draw(nudge(noise, batch, eps)).float(), ref.float()))
+    return Stability(seeds=seeds, eps=eps, psnr_db=torch.cat(psnr))
+
+
+_measure = stability  # `evaluate`'s ``stability`` argument shadows the name
+
+
+def _check_seeds(seeds: Sequence[int], batch_size: int, name: str) -> tuple[int, ...]:
+    seeds = tuple(int(s) for s in seeds)
+    if not seeds:
+        raise ConfigError(f"{name} needs at least one seed, got none; pass e.g. seeds=range(1000, 1256)")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{name} got repeated seeds; each seed is one sample")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    return seeds
+
+
+@dataclass(frozen=True)
 class Evaluation:
     """Per-sample quality of a compressed model on held-out seeds (see `evaluate`).
 
@@ -64,6 +241,8 @@ class Evaluation:
             when ``reference_samples`` were passed in).
         samples, reference_samples: the x0 of both (None with ``keep_samples=False``).
         distribution: metrics from the `Scorer`, if one was given (e.g. digits FID).
+        stability: full precision's own stability on these seeds (``evaluate(..., stability=eps)``), or None;
+            with it, `stable` is this evaluation on the stable seeds and `summary` states both.
     """
 
     seeds: tuple[int, ...]
@@ -76,6 +255,38 @@ class Evaluation:
     samples: Tensor | None = None
     reference_samples: Tensor | None = None
     distribution: dict[str, float] = field(default_factory=dict)
+    stability: Stability | None = None
+
+    def __post_init__(self) -> None:
+        if self.stability is not None and tuple(self.stability.seeds) != tuple(self.seeds):
+            raise ReferenceMismatchError(
+                f"the stability record covers other seeds ({len(self.stability.seeds)} from "
+                f"{self.stability.seeds[:1]}) than the evaluation ({len(self.seeds)} from {self.seeds[:1]}); "
+                "measure it on the same seeds="
+            )
+
+    @property
+    def unstable_seeds(self) -> tuple[int, ...]:
+        """Seeds where full precision itself is unstable (`ConfigError` without a stability record)."""
+        return self._stability().unstable_seeds
+
+    @property
+    def stable_seeds(self) -> tuple[int, ...]:
+        return self._stability().stable_seeds
+
+    def _stability(self) -> Stability:
+        if self.stability is None:
+            raise ConfigError(
+                "this evaluation has no stability record: evaluate with stability=1e-2 (or a cq.metrics.stability "
+                "result of the same seeds)"
+            )
+        return self.stability
+
+    def stable(self) -> Evaluation:
+        """This evaluation on the seeds where full precision is stable (`excluding` the unstable ones); its
+        worst-case fields (`min_db`, `p5_db`, `below`) are the bound's. `ConfigError` without a stability
+        record or when every seed is unstable."""
+        return self.excluding(self.unstable_seeds)
 
     @property
     def num_samples(self) -> int:
@@ -133,6 +344,19 @@ class Evaluation:
             "seconds": self.seconds,
             "reference_seconds": self.reference_seconds,
         }
+        if self.stability is not None:
+            out["stability"] = self.stability.as_dict()
+            if self.stability.stable_seeds:
+                s = self.stable()
+                out["stable"] = {
+                    "samples": s.num_samples,
+                    "mean_db": s.mean_db,
+                    "p5_db": s.p5_db,
+                    "min_db": s.min_db,
+                    "worst_seed": s.worst_seed,
+                    f"below_{s.threshold_db:g}db": s.fraction_below,
+                    "max_abs_x0": s.max_abs_x0,
+                }
         return out | self.distribution
 
     def summary(self) -> str:
@@ -155,16 +379,28 @@ class Evaluation:
         ]
         if self.distribution:
             lines.append("  " + ", ".join(f"{k} {v:.3f}" for k, v in self.distribution.items()))
+        if self.stability is not None:
+            lines.append("  " + self.stability.describe())
+            if self.stability.stable_seeds:
+                s = self.stable()
+                m = s.num_samples
+                lines.append(
+                    f"  on the {m} stable seeds: mean {s.mean_db:.2f}, 5th pct {s.p5_db:.2f}, worst {s.min_db:.2f} "
+                    f"(seed {s.worst_seed}); below {s.threshold_db:g} dB: {len(s.below())} of {m}; "
+                    f"max |x0| {s.max_abs_x0:.2f}"
+                )
+            else:
+                lines.append("  no stable seed: every bound on stable seeds is vacuous here")
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.summary()
 
     def excluding(self, seeds: Iterable[int]) -> Evaluation:
-        """This evaluation without ``seeds`` (e.g. those where full precision itself diverges, whose PSNR compares
-        against an already lost sample): per-sample fields and samples keep the other rows, in order; the
-        ``distribution`` metrics, computed on every sample, are dropped. `ConfigError` for a seed not evaluated or
-        when no sample would be left."""
+        """This evaluation without ``seeds`` (`stable` drops those where full precision itself is unstable, whose
+        PSNR compares against a sample that a nudge already changes): per-sample fields, samples and the stability
+        record keep the other rows, in order; the ``distribution`` metrics, computed on every sample, are dropped.
+        `ConfigError` for a seed not evaluated or when no sample would be left."""
         drop = set(seeds)
         unknown = sorted(drop - set(self.seeds))
         if unknown:
@@ -188,6 +424,7 @@ class Evaluation:
             samples=pick(self.samples),
             reference_samples=pick(self.reference_samples),
             distribution={},
+            stability=None if self.stability is None else self.stability.excluding(drop),
         )
 
 
@@ -208,6 +445,7 @@ def evaluate(
     guidance_scale: float = 1.0,
     uncond: Tensor | None = None,
     progress: bool = True,
+    stability: float | Stability | None = None,
     **sampler_kwargs: Any,
 ) -> Evaluation:
     """Sample ``seeds`` with ``model`` and with its full-precision ``reference``; compare them sample by sample.
@@ -232,21 +470,27 @@ def evaluate(
         guidance_scale, uncond: classifier-free guidance for both models (`ClassifierFreeGuidance` around the
             compressed model and around the full-precision reference), e.g. ``7.5, pipe.unconditional(1)``.
         progress: a progress bar over batches.
+        stability: also measure full precision's own stability on these seeds: a nudge ``eps`` (e.g. ``1e-2``:
+            see `stability`; one more full-precision sampling), or an earlier `Evaluation.stability` /
+            `cq.metrics.stability` result of the same seeds. The result then states its worst-case fields over
+            all seeds and over the stable ones (`Evaluation.stable`).
 
     Raises:
-        ConfigError: no seeds, repeated seeds, a bad batch size or threshold.
+        ConfigError: no seeds, repeated seeds, a bad batch size or threshold, a nudge that is not a number > 0.
         CalibrationSeedsError: seeds that the model was calibrated on.
         StepCountMismatchError: ``steps`` that do not match the model's fitted step count
             (`SamplerMismatchError`: any sampler setting that differs from the fitted ones).
         ReferenceMismatchError: a reference of another architecture or other weights than the model's base.
     """
-    seeds = tuple(int(s) for s in seeds)
-    if not seeds:
-        raise ConfigError("evaluate needs at least one seed, got none; pass e.g. seeds=range(1000, 1256)")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError("evaluate got repeated seeds; each seed is one sample")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    seeds = _check_seeds(seeds, batch_size, "evaluate")
+    if isinstance(stability, Stability):
+        if tuple(stability.seeds) != seeds:
+            raise ReferenceMismatchError(
+                f"stability= covers other seeds ({len(stability.seeds)} from {stability.seeds[:1]}) than the "
+                f"evaluation ({len(seeds)} from {seeds[:1]}); measure it on the same seeds="
+            )
+    elif stability is not None:
+        stability = check_eps(stability)
     if not math.isfinite(threshold_db):
         raise ConfigError(f"threshold_db must be a finite number of dB, got {threshold_db!r}")
     compressed = model if isinstance(model, CompressedUNet) else None
@@ -308,6 +552,21 @@ def evaluate(
         ref_seconds += t1 - t0
     out, ref = torch.cat(outs).float(), torch.cat(refs).float()
     distribution = scorer.score(out, ref) if scorer is not None else {}
+    if stability is not None and not isinstance(stability, Stability):
+        stability = _measure(
+            reference,
+            sampler,
+            seeds=seeds,
+            steps=steps,
+            eps=stability,
+            batch_size=batch_size,
+            cond=cond,
+            guidance_scale=guidance_scale,
+            uncond=uncond,
+            reference_samples=ref,
+            progress=progress,
+            **sampler_kwargs,
+        )
     return Evaluation(
         seeds=seeds,
         psnr_db=per_sample_psnr(out, ref),
@@ -319,6 +578,7 @@ def evaluate(
         samples=out if keep_samples else None,
         reference_samples=ref if keep_samples else None,
         distribution=distribution,
+        stability=stability,
     )
 
 

@@ -8,14 +8,15 @@ B, Efron & Tibshirani 1993, ch. 13): mean and 5th-percentile PSNR, the worst sam
 B's over resamples: the worst of 256 samples is one seed, and a single seed decides it), seeds won and lost, and
 -- given per-sample features and data statistics, e.g. `cq.metrics.digits.DigitsScorer` -- the Fréchet distance.
 A difference whose interval excludes 0 is *decided* at that sample size; one whose interval straddles 0 is not,
-whatever its sign.
+whatever its sign. When the evaluations carry full precision's stability (``cq.evaluate(..., stability=1e-2)``),
+the comparison is also stated on the stable seeds only (`PairedComparison.stable`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -65,6 +66,9 @@ class PairedComparison:
         wins, losses: seeds where A's PSNR is above / below B's by more than ``tie_db``.
         fid: B's Fréchet distance minus A's (lower distance is better), or None without features.
         confidence: the two-sided level of the intervals; resamples: bootstrap resamples drawn.
+        stable: the same comparison on the seeds where full precision is stable (evaluations with a stability
+            record; the unstable seeds of either are left out), or None (no record, or fewer than 2 stable seeds).
+        unstable_seeds: the seeds ``stable`` leaves out (empty without a stability record).
     """
 
     seeds: tuple[int, ...]
@@ -77,6 +81,8 @@ class PairedComparison:
     fid: Difference | None
     confidence: float
     resamples: int
+    stable: PairedComparison | None = None
+    unstable_seeds: tuple[int, ...] = ()
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"samples": len(self.seeds), "wins": self.wins, "losses": self.losses}
@@ -84,7 +90,10 @@ class PairedComparison:
             d = getattr(self, name)
             if d is not None:
                 out[name] = {"value": d.value, "low": d.low, "high": d.high, "decided": d.decided}
-        return out | {"worst_beats": self.worst_beats, "confidence": self.confidence, "resamples": self.resamples}
+        out |= {"worst_beats": self.worst_beats, "confidence": self.confidence, "resamples": self.resamples}
+        if self.stable is not None:
+            out["stable"] = self.stable.as_dict() | {"unstable_seeds": list(self.unstable_seeds)}
+        return out
 
     def summary(self) -> str:
         level = f"{100 * self.confidence:g}%"
@@ -96,7 +105,13 @@ class PairedComparison:
         ]
         if self.fid is not None:
             parts.append(f"FID {self.fid} (B - A)")
-        return f"A - B on {len(self.seeds)} paired seeds, {level} paired bootstrap: " + "; ".join(parts)
+        text = f"A - B on {len(self.seeds)} paired seeds, {level} paired bootstrap: " + "; ".join(parts)
+        if self.stable is not None:
+            text += (
+                f"\n  on the {len(self.stable.seeds)} seeds where full precision is stable (without "
+                f"{len(self.unstable_seeds)} unstable): " + self.stable.summary().split(": ", 1)[1]
+            )
+        return text
 
 
 def _check_pair(a: Evaluation, b: Evaluation) -> None:
@@ -179,6 +194,41 @@ def compare(
         seed: seed of the resampling (the result is deterministic given it).
     """
     _check_pair(a, b)
+    unstable = _unstable_of(a, b)
+    kwargs = dict(features=features, data=data, resamples=resamples, confidence=confidence, tie_db=tie_db, seed=seed)
+    whole = _compare(a, b, **kwargs)
+    if unstable is None:
+        return whole
+    left = len(a.seeds) - len(set(unstable))
+    stable = _compare(a.excluding(unstable), b.excluding(unstable), **kwargs) if left >= 2 else None
+    return replace(whole, stable=stable, unstable_seeds=tuple(s for s in a.seeds if s in set(unstable)))
+
+
+def _unstable_of(a: Evaluation, b: Evaluation) -> tuple[int, ...] | None:
+    """The seeds unstable in either evaluation's stability record (None when neither has one); records of
+    another nudge are refused (their stable seeds are not the same question)."""
+    records = [e.stability for e in (a, b) if e.stability is not None]
+    if not records:
+        return None
+    if len({(r.eps, r.threshold_db) for r in records}) > 1:
+        raise ReferenceMismatchError(
+            f"compare: the evaluations' stability records use other nudges ({records[0].eps:g} vs "
+            f"{records[1].eps:g}); evaluate both with the same stability= (or pass one's record to the other)"
+        )
+    return tuple(sorted({s for r in records for s in r.unstable_seeds}))
+
+
+def _compare(
+    a: Evaluation,
+    b: Evaluation,
+    *,
+    features: Features | None,
+    data: GaussianStats | None,
+    resamples: int,
+    confidence: float,
+    tie_db: float,
+    seed: int,
+) -> PairedComparison:
     if isinstance(resamples, bool) or not isinstance(resamples, int) or not 1 <= resamples <= MAX_RESAMPLES:
         raise ConfigError(
             f"compare: resamples must be an int in [1, {MAX_RESAMPLES}] (1000 states a 95% interval to about "

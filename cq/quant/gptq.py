@@ -17,16 +17,18 @@ into its ``C * kh * kw`` patch columns (``torch.nn.functional.unfold``), about `
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .modules import QConv1d, QConv2d, QLinear, QuantizedWeight
 
 
-__all__ = ["HessianTables", "record_hessians", "gptq_round", "apply_gptq"]
+__all__ = ["HessianTables", "record_hessians", "gptq_round", "apply_gptq", "apply_rounding"]
 
 ROWS_PER_CALL = 2048  # input rows per call entering H (strided samples, then strided rows): bounds the cost
 DAMPING = 0.01  # fraction of the mean diagonal added to H (GPTQ's "percdamp")
@@ -151,30 +153,66 @@ def gptq_round(
 def apply_gptq(model: nn.Module, float_model: nn.Module, tables: HessianTables) -> list[str]:
     """Re-round the weights of every layer of ``model`` that ``tables`` observed, from the float weights of the
     same-named layer of ``float_model``. Returns the names of the layers re-rounded."""
-    done = []
-    for name, module in model.named_modules():
-        h = tables.hessian(name) if isinstance(module, _WEIGHT_LAYERS) else None
-        if h is None:
-            continue
-        weight = float_model.get_submodule(name).weight.detach()
-        parts = [module.weight] + ([module.weight_skip] if getattr(module, "weight_skip", None) is not None else [])
-        flat = weight.reshape(weight.shape[0], -1)
-        scales, zeros = [], []
-        for part in parts:
-            width = part.weight_q[0].numel()
-            scale, zp = _column_params(part, weight.shape[0])
-            scales.append(scale.expand(-1, width))
-            zeros.append(zp.expand(-1, width))
-        spec = parts[0].spec
-        codes = gptq_round(flat, h.to(flat.device), torch.cat(scales, 1), torch.cat(zeros, 1), spec.qmin, spec.qmax)
-        start = 0
-        for part in parts:
-            width = part.weight_q[0].numel()
-            chunk = codes[:, start : start + width].reshape(part.weight_q.shape)
-            part.weight_q.copy_(chunk.to(part.weight_q.dtype))
-            start += width
-        done.append(name)
+    return apply_rounding(model, float_model, tables, gptq_round)
+
+
+RoundFn = Callable[[Tensor, Tensor, Tensor, Tensor, int, int], Tensor]
+
+
+def apply_rounding(
+    model: nn.Module,
+    float_model: nn.Module,
+    tables: HessianTables,
+    round_fn: RoundFn,
+    *,
+    progress: bool = False,
+    desc: str = "round",
+    interruptible: bool = False,
+) -> list[str]:
+    """`apply_gptq` with another rounding ``round_fn(weight, hessian, scale, zero_point, qmin, qmax) -> codes``
+    (e.g. `cq.quant.adaround.adaround_round`), one layer at a time with a progress bar. With ``interruptible``,
+    a KeyboardInterrupt stops after the layers finished (they keep their codes; the others keep theirs) and
+    warns instead of propagating."""
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, _WEIGHT_LAYERS) and tables.hessian(name) is not None
+    ]
+    done: list[str] = []
+    try:
+        for name in tqdm(names, desc=desc, unit="layer", disable=not progress):
+            _round_layer(model, float_model, name, tables.hessian(name), round_fn)
+            done.append(name)
+    except KeyboardInterrupt:
+        if not interruptible:
+            raise
+        warnings.warn(
+            f"{desc} interrupted: {len(done)} of {len(names)} layers re-rounded and kept, the other "
+            f"{len(names) - len(done)} keep round-to-nearest codes",
+            stacklevel=2,
+        )
     return done
+
+
+def _round_layer(model: nn.Module, float_model: nn.Module, name: str, h: Tensor, round_fn: RoundFn) -> None:
+    module = model.get_submodule(name)
+    weight = float_model.get_submodule(name).weight.detach()
+    parts = [module.weight] + ([module.weight_skip] if getattr(module, "weight_skip", None) is not None else [])
+    flat = weight.reshape(weight.shape[0], -1)
+    scales, zeros = [], []
+    for part in parts:
+        width = part.weight_q[0].numel()
+        scale, zp = _column_params(part, weight.shape[0])
+        scales.append(scale.expand(-1, width))
+        zeros.append(zp.expand(-1, width))
+    spec = parts[0].spec
+    codes = round_fn(flat, h.to(flat.device), torch.cat(scales, 1), torch.cat(zeros, 1), spec.qmin, spec.qmax)
+    start = 0
+    for part in parts:
+        width = part.weight_q[0].numel()
+        chunk = codes[:, start : start + width].reshape(part.weight_q.shape)
+        part.weight_q.copy_(chunk.to(part.weight_q.dtype))
+        start += width
 
 
 def _column_params(part: QuantizedWeight, out: int) -> tuple[Tensor, Tensor]:

@@ -27,8 +27,9 @@ from torch import nn
 from ..errors import ConfigError
 from ..models.unet import check_cacheable
 from ..replay import CalibrationBatch, replay
+from .adaround import adaround_round
 from .calibrate import RangeTables, observe
-from .gptq import apply_gptq, record_hessians
+from .gptq import apply_gptq, apply_rounding, record_hessians
 from .layer_table import FLOAT_TO_FAKE, fake_quant_classes
 from .modules import ActQuantizer
 from .spec import QuantSpec
@@ -38,7 +39,10 @@ if TYPE_CHECKING:
     from ..cache.cacher import Cacher, FeatureCache
     from ..trace import Trace
 
-__all__ = ["Quantizer", "CalibrationBatch", "quantized_modules", "set_submodule"]
+__all__ = ["Quantizer", "CalibrationBatch", "quantized_modules", "set_submodule", "WEIGHT_ROUNDINGS"]
+
+#: the ``weight_rounding`` names (`Quantizer.rounding`)
+WEIGHT_ROUNDINGS = ("nearest", "gptq", "adaround", "auto")
 
 
 class Quantizer(ABC):
@@ -59,7 +63,8 @@ class Quantizer(ABC):
     #: quantize the two input halves of a split conv's weight separately (CacheQuant); subclasses may make it a field
     split_weights: bool = True
     #: ``"nearest"`` (round each weight to nearest), ``"gptq"`` (`cq.quant.gptq`: round for the output error on
-    #: the calibration inputs) or ``"auto"`` (GPTQ for weights below 8 bits); subclasses may make it a field
+    #: the calibration inputs), ``"adaround"`` (`cq.quant.adaround`: learned up / down rounding for the same error;
+    #: below 8 bits only) or ``"auto"`` (GPTQ for weights below 8 bits); subclasses may make it a field
     weight_rounding: str = "nearest"
     #: per-step activation quantizers: ``"per_step"`` (one range per sampling step, CacheQuant) or ``"per_group"``
     #: (one range per cache group -- the steps sharing a refresh -- written into each of its steps: the union of
@@ -105,16 +110,32 @@ class Quantizer(ABC):
                 f"{self.activation_tables!r}"
             )
 
-    def uses_gptq(self) -> bool:
-        """Whether `quantize` re-rounds the weights with GPTQ (``weight_rounding``; "auto": below 8 bits)."""
-        if self.weight_rounding not in ("nearest", "gptq", "auto"):
+    def rounding(self) -> str:
+        """The weight rounding `quantize` runs: ``"nearest"``, ``"gptq"`` or ``"adaround"`` (``weight_rounding``
+        with ``"auto"`` resolved: GPTQ below 8 bits). `ConfigError` for an unknown name, and for ``"adaround"`` at
+        8-bit weights: there the nearest grid is already finer than the output error the reconstruction could
+        remove (W8A8 nearest is within noise of GPTQ), so it would spend minutes for nothing."""
+        name = type(self).__name__
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
             raise ConfigError(
-                f"{type(self).__name__}.weight_rounding must be 'nearest', 'gptq' or 'auto', got "
+                f"{name}.weight_rounding must be one of {', '.join(map(repr, WEIGHT_ROUNDINGS))}, got "
                 f"{self.weight_rounding!r}"
             )
-        return self.weight_rounding == "gptq" or (
-            self.weight_rounding == "auto" and getattr(self, "weight_bits", 8) < 8
-        )
+        bits = getattr(self, "weight_bits", 8)
+        if self.weight_rounding == "adaround" and bits >= 8:
+            raise ConfigError(
+                f"{name}(weight_rounding='adaround') at {bits}-bit weights is a no-op in effect (a reconstruction "
+                "below the 8-bit grid's own error); use it below 8 bits (e.g. weight_bits=4), or "
+                "weight_rounding='nearest' / 'gptq' at 8"
+            )
+        if self.weight_rounding == "auto":
+            return "gptq" if bits < 8 else "nearest"
+        return self.weight_rounding
+
+    def uses_gptq(self) -> bool:
+        """Whether `quantize` re-rounds the weights with GPTQ (``weight_rounding``; "auto": below 8 bits).
+        Validates ``weight_rounding`` (`rounding`)."""
+        return self.rounding() == "gptq"
 
     def label(self) -> str:
         """Short description for reports, e.g. ``UniformQuantizer(W8A8)``; override to show more."""
@@ -202,12 +223,15 @@ class Quantizer(ABC):
         cacher: Cacher | None = None,
         progress: bool = True,
     ) -> list[str]:
-        """GPTQ (`cq.quant.gptq`): re-round the weights of ``model`` (prepared from ``unet``, not yet calibrated)
-        for the output error on the calibration calls of `calibrate`. Returns the layers re-rounded."""
+        """GPTQ (`cq.quant.gptq`) or AdaRound (`cq.quant.adaround`), as `rounding` says: re-round the weights of
+        ``model`` (prepared from ``unet``, not yet calibrated) for the output error on the calibration calls of
+        `calibrate` (the cached model's, cached calls included). Returns the layers re-rounded (AdaRound: those
+        finished when interrupted)."""
         if any(
             isinstance(m, ActQuantizer) and bool(m.calibrated.any()) and m.fixed_range is None for m in model.modules()
         ):
             raise ConfigError("round_weights runs before calibration: its inputs must not be quantized yet")
+        method = "adaround" if self.rounding() == "adaround" else "gptq"
         cache = _cache_for(model, trace.steps, cache, cacher)
         mask, source = (cache.mask, cache.source) if cache is not None else ((True,) * trace.steps, None)
         source = source if source is not None else list(range(trace.steps))
@@ -218,7 +242,11 @@ class Quantizer(ABC):
                 self.calibration_batches(trace, mask, source),
                 cache=cache,
                 progress=progress,
-                desc="gptq inputs",
+                desc=f"{method} inputs",
+            )
+        if method == "adaround":
+            return apply_rounding(
+                model, unet, tables, adaround_round, progress=progress, desc="adaround", interruptible=True
             )
         return apply_gptq(model, unet, tables)
 
@@ -242,7 +270,7 @@ class Quantizer(ABC):
         (``cache`` / ``cacher``: see `calibrate`)."""
         model = self.prepare(unet, trace.steps)
         cache = _cache_for(model, trace.steps, cache, cacher)  # one cache for both replays (a cacher builds it once)
-        if self.uses_gptq():
+        if self.rounding() != "nearest":
             self.round_weights(model, unet, trace, cache=cache, progress=progress)
         self.calibrate(model, trace, cache=cache, progress=progress)
         return self.convert(model)

@@ -51,8 +51,10 @@ class UniformQuantizer(Quantizer):
             (README, "Quality on held-out seeds"). They are < 0.2% of the MACs.
         weight_rounding: ``"nearest"`` (CacheQuant), ``"gptq"`` (each layer's weight columns rounded in turn, the
             rounding error moved onto the columns left, for the output error on the calibration inputs:
-            `cq.quant.gptq`, Frantar et al. 2022) or ``"auto"`` (default): GPTQ below 8 bits, nearest at 8 -- a
-            departure from CacheQuant for W4 (README, "Quality on held-out seeds"). Same storage and kernels.
+            `cq.quant.gptq`, Frantar et al. 2022), ``"adaround"`` (each weight rounded up or down as learned for the
+            same error, `cq.quant.adaround`, Nagel et al. 2020; below 8 bits only: `ConfigError` at 8) or
+            ``"auto"`` (default): GPTQ below 8 bits, nearest at 8 -- a departure from CacheQuant for W4 (README,
+            "Quality on held-out seeds"). Same storage and kernels.
         split_weights: a conv reading ``cat(cached, skip)`` gets one weight quantizer per input half, each with
             per-output-channel scales (CacheQuant / Q-Diffusion split-shortcut quantization). False: one scale per
             output channel across both halves (files saved before Quantizer version 3).
