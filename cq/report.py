@@ -196,7 +196,9 @@ def report(
         model_bytes=tensor_bytes(model),
         reference_bytes=tensor_bytes(reference) if reference is not None else None,
         quantized_layers=len(q),
-        integer_layers=len(integer),
+        integer_layers=len(integer)
+        if model.runtime is None
+        else sum(m.startswith("int8") for m in model.execution.values()),
         float_layers=float_layers,
         recipe=_describe(model.recipe),
         notes=_execution_notes(model.execution) if q else [],

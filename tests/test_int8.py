@@ -264,7 +264,10 @@ def test_int8_model_matches_fake_quant_and_reloads(setup, tmp_path):
     model = _fit(setup, "w8a8")
     fake = copy.deepcopy(model)
     path = cq.save(model, tmp_path / "m.cq")
-    status = model.to_int8()
+    # the PyTorch kernels by name where oneDNN is inexact: there `to_int8()` runs the OpenVINO runtime instead
+    # (test_runtime_openvino.py; test_default_int8_is_the_fastest_exact_path below)
+    kernels = "int8" if int8_available() else "int_mm"
+    status = model.to_int8(kernels)
     assert int8_layers(model.unet)["int8"] > 0 and int8_layers(fake.unet)["int8"] == 0
     if int8_available():  # every layer on oneDNN / _int_mm; elsewhere 3x3 convs stay fake-quant (with the reason)
         assert all(v.startswith("int8") for v in status.values()), status
@@ -277,7 +280,9 @@ def test_int8_model_matches_fake_quant_and_reloads(setup, tmp_path):
         x, t = trace.x[step, :4], trace.timesteps[step].expand(4)
         expected, got = fake(x, t, step=step), model(x, t, step=step)  # in step order: caches fill alike
         assert sqnr(got, expected) > 25
-    loaded = cq.load(path, int8=True)
+    loaded = cq.load(path, int8=True) if int8_available() else cq.load(path)
+    if not int8_available():
+        loaded.to_int8(kernels)
     noise = seeded_noise((1, 16, 16), range(2))
     assert torch.equal(
         cq.sampling.ddim(loaded, noise, steps=6, spacing="linspace"),
@@ -375,7 +380,7 @@ def test_auto_backend_picks_int_mm_gemms_for_cuda_layers(setup, monkeypatch):
     import cq.quant.int8 as int8
 
     model = _fit(setup, "w8a8")
-    monkeypatch.setattr(int8, "_device", lambda module: torch.device("cuda"))
+    monkeypatch.setattr(int8, "module_device", lambda module: torch.device("cuda"))
     status = model.to_int8()  # backend "auto"
     assert status["up.0.block.0.nin_shortcut"] == "int8 (torch._int_mm)"
     assert status["temb.dense.0"] == "int8 (torch._int_mm)"
@@ -395,3 +400,22 @@ def test_onednn_is_used_only_where_it_is_exact(setup):
     if not onednn_exact():
         with pytest.raises(ConfigError, match="saturate"):
             model.to_int8(backend="onednn")
+
+
+def test_default_int8_is_the_fastest_exact_path(setup, monkeypatch):
+    """``to_int8()`` never picks a path slower than float: oneDNN where it is exact, else the OpenVINO runtime;
+    without OpenVINO there, a `BackendUnavailableError` naming the install and the by-name alternative."""
+    import sys
+
+    from cq.errors import BackendUnavailableError
+
+    model = _fit(setup, "w8a8")
+    status = copy.deepcopy(model).to_int8()
+    if int8_available():
+        assert any(v == "int8 (oneDNN)" for v in status.values())
+        return
+    pytest.importorskip("openvino")
+    assert all("(OpenVINO" in v for v in status.values()), status
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(BackendUnavailableError, match=r"cq\[openvino\].*int_mm"):
+        copy.deepcopy(model).to_int8()

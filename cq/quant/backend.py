@@ -15,13 +15,15 @@ class Backend(enum.StrEnum):
 
     ``FAKE``: float kernels simulating quantization (the accuracy reference). ``INT8``: integer kernels picked by
     device (oneDNN on CPUs where it is exact, ``torch._int_mm`` elsewhere; ``"auto"`` is its older name).
-    ``ONEDNN`` / ``INT_MM``: that kernel family.
+    ``ONEDNN`` / ``INT_MM``: that kernel family. ``OPENVINO``: the whole model lowered to the OpenVINO runtime
+    (`cq.runtime`; `CompressedUNet.to_int8` picks it for ``INT8`` on x86 CPUs without VNNI).
     """
 
     FAKE = "fake"
     INT8 = "int8"
     ONEDNN = "onednn"
     INT_MM = "int_mm"
+    OPENVINO = "openvino"
 
     @classmethod
     def parse(cls, value: str) -> Backend:

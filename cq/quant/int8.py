@@ -81,8 +81,8 @@ def to_int8(model: nn.Module, backend: Backend | str = Backend.INT8) -> dict[str
     Returns ``{layer: "int8 (<kernel>)" | "fake-quant (<reason>)"}`` for every quantized layer.
     """
     backend = Backend.parse(backend)
-    if backend.kernels is None:
-        kernels = [b.value for b in Backend if b.kernels is not None]
+    if backend.kernels is None or backend is Backend.OPENVINO:  # the runtime lowers the whole model, not layers
+        kernels = [b.value for b in Backend if b.kernels is not None and b is not Backend.OPENVINO]
         raise ConfigError(f"to_int8 runs integer kernels: backend must be one of {kernels}, got {backend.value!r}")
     status: dict[str, str] = {}
     swaps = []
@@ -90,7 +90,7 @@ def to_int8(model: nn.Module, backend: Backend | str = Backend.INT8) -> dict[str
         row = kind_of(module)
         if row is None or not isinstance(module, row.fake_cls):
             continue
-        device = _device(module)
+        device = module_device(module)
         kernel = backend
         if kernel is Backend.INT8:  # oneDNN on CPUs where it is exact (VNNI / AMX), torch._int_mm elsewhere
             kernel = Backend.ONEDNN if device.type == "cpu" and int8_available() else Backend.INT_MM
@@ -108,7 +108,7 @@ def to_int8(model: nn.Module, backend: Backend | str = Backend.INT8) -> dict[str
     return status
 
 
-def _device(module: nn.Module) -> torch.device:
+def module_device(module: nn.Module) -> torch.device:
     return next(iter(module.buffers())).device
 
 
