@@ -340,6 +340,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=64, help="held-out demo seeds for the quality table (0: none)")
     parser.add_argument("--calib", type=int, default=8, help="calibration trajectories (cq) and inputs (peers: x4)")
+    parser.add_argument(
+        "--speed-calib",
+        type=int,
+        default=2,
+        help="calibration trajectories for a random-weight preset, whose rows measure speed only (quality: demo)",
+    )
     parser.add_argument("--e2e", default="5,10", help="CacheQuant intervals timed end to end ('' for none)")
     parser.add_argument("--e2e-batch", type=int, default=8)
     parser.add_argument("--only", default="", help="regex: time only the peers whose names match (cq rows always)")
@@ -349,9 +355,9 @@ def main() -> None:
     print("CPU:", cpu_line())
     unet = cq.models.load("demo") if args.model == "demo" else cq.models.build(args.model, seed=0)
     unet.eval()
-    trace = cq.trace(
-        unet, steps=50, num_samples=args.calib, points=[unet.default_cache_point()], seed=10_000, progress=False
-    )
+    calib = args.calib if args.model == "demo" else args.speed_calib
+    point = [unet.default_cache_point()]
+    trace = cq.trace(unet, steps=50, num_samples=calib, points=point, seed=10_000, progress=False)
     builders = {k: v for k, v in peers(unet, trace, 4 * args.calib).items() if re.search(args.only, k)}
     models = cq_models(unet, trace, runtime=True)
     speed_table(unet, builders, models, [int(b) for b in args.batches.split(",")], args.repeats)
