@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from .cache.cacher import Cacher
+from .core.step import step_scope
+from .core.unet import check_cacheable, check_model_inputs
 from .errors import (
     AmbiguousTimestepError,
     BackendUnavailableError,
@@ -22,11 +24,9 @@ from .errors import (
     StepCountMismatchError,
     TimestepNotFittedError,
 )
-from .models.unet import check_cacheable, check_model_inputs
 from .quant.backend import Backend
 from .sampling.model import SamplerModel
 from .sampling.settings import SamplerSettings
-from .step import step_scope
 
 
 __all__ = ["CompressedUNet", "fitted_steps"]
@@ -152,7 +152,7 @@ class CompressedUNet(SamplerModel):
         Only the UNet is compiled: the cache's refresh-or-reuse decision, the input checks and the step stay in
         Python, so the UNet compiles to exactly two graphs -- the full call and the shallow call -- with no
         graph break, and the per-step activation tables and corrections are indexed by the step as a tensor
-        (`cq.step.current_step_index`), so no step recompiles them. Fake-quant layers compile
+        (`cq.core.step.current_step_index`), so no step recompiles them. Fake-quant layers compile
         (Inductor fuses their rounding into the surrounding elementwise ops); the state dict keeps its keys, so
         a compiled model saves as before. Compiled float kernels sum in another order than eager ones, so
         measure the compiled model itself (`cq.evaluate`).

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import cq
-from cq.cache.view import CacheView
+from cq.core.view import CacheView
 from cq.models import build
 from cq.sampling import FullPrecision, ddim
 

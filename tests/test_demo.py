@@ -14,13 +14,13 @@ import torch
 import cq
 from cq.cache import DPS, UniformSchedule
 from cq.cache.deepcache import DeepCache
+from cq.calib.trace import seeded_noise
 from cq.correct import CacheErrorCorrector, QuantErrorCorrector
+from cq.fit.recipe import Recipe
 from cq.metrics import sample_error
 from cq.models.presets import sampling_defaults
 from cq.quant import UniformQuantizer
-from cq.recipe import Recipe
 from cq.sampling import FullPrecision, ddim
-from cq.trace import seeded_noise
 
 
 HELD_OUT = range(1000, 1064)  # evaluation seeds; calibration uses 10_000.. (cq.evaluate refuses overlaps)
@@ -71,7 +71,7 @@ def w4a8(demo):
 
 def test_demo_samples_look_like_digits(demo):
     from cq.metrics.digits import DigitsScorer
-    from cq.train import digits_dataset
+    from cq.models.train import digits_dataset
 
     unet, steps, sampler, _, noise, samples = demo
     data = digits_dataset(unet.config.resolution).flatten(1)

@@ -12,7 +12,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import cq
+from cq.calib.trace import seeded_noise
+from cq.core.step import step_scope
 from cq.errors import ConfigError
+from cq.fit.recipe import Recipe
 from cq.metrics.error import sqnr
 from cq.models.layers import MatMul
 from cq.quant import QConv2d, QLinear
@@ -23,9 +26,6 @@ from cq.quant.int_mm import Int8MatMul, IntMMConv1x1, IntMMLinear, int_mm_shape_
 from cq.quant.modules import ActQuantizer, QMatMul
 from cq.quant.packing import pack_nibbles, unpack_nibbles
 from cq.quant.spec import QuantSpec
-from cq.recipe import Recipe
-from cq.step import step_scope
-from cq.trace import seeded_noise
 
 
 # oneDNN's kernels run only where they are exact: CPUs with VNNI / AMX (`onednn_exact`); elsewhere cq uses

@@ -6,8 +6,8 @@ import pytest
 
 import cq
 from cq.cli import main
+from cq.fit.recipe import Recipe, deepcache
 from cq.metrics import predicted_speedup, unet_macs
-from cq.recipe import Recipe, deepcache
 
 
 STEPS = 6
@@ -135,7 +135,7 @@ def test_cli_refuses_bad_numbers_at_parse_time(argv, capsys):
 
 def test_sampling_defaults_and_train_config_refuse_bad_values(unet):
     from cq.models.presets import sampling_defaults
-    from cq.train import TrainConfig
+    from cq.models.train import TrainConfig
 
     with pytest.raises(cq.errors.ConfigError, match="steps"):
         sampling_defaults(unet, 0)
@@ -157,10 +157,10 @@ def test_report_describes_any_quantizer_subclass(unet, trace):
     """A user's Quantizer need not have weight_bits / act_bits: report() names it by class."""
     from dataclasses import dataclass
 
+    from cq.calib.replay import every_step
     from cq.quant import Quantizer
     from cq.quant.spec import QuantSpec
     from cq.registry import QUANTIZERS
-    from cq.replay import every_step
 
     @QUANTIZERS.register("test_eight_bit_everywhere")  # Recipe refuses unregistered strategies (issue I 3)
     @dataclass(frozen=True, kw_only=True)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import cq
+from cq.calib.trace import Trace
 from cq.errors import TraceStorageError
 from cq.models import LatentDiffusion
-from cq.trace import Trace
 
 
 def _same_trace(a: Trace, b: Trace) -> None:

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from cq.errors import ConfigError
-from cq.train import TrainConfig, train, x0_loss_weights
+from cq.models.train import TrainConfig, train, x0_loss_weights
 
 
 pytest.importorskip("sklearn")
@@ -28,7 +28,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     config = TrainConfig(**TINY)
     whole, _ = _weights(train(config, tmp_path / "whole.safetensors", progress=False))
 
-    import cq.train as module
+    import cq.models.train as module
 
     real = module.atomic_torch_save
     calls = []

@@ -38,18 +38,18 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .cache.view import CacheView
-from .errors import ConfigError, InputShapeError, TraceBudgetError, TraceStorageError
-from .io import atomic_dir, fingerprint
-from .models.unet import check_cacheable
-from .sampling.adapter import FullPrecision
-from .sampling.ddim import ddim, resolve_noise_schedule
-from .sampling.guidance import check_guidance, guided
-from .sampling.model import SamplerModel
-from .sampling.noise import NoiseSchedule, check_steps
-from .sampling.samplers import model_calls, settings_of_call
-from .sampling.seeded import seeded_noise
-from .sampling.settings import SamplerSettings
+from ..core.unet import check_cacheable
+from ..core.view import CacheView
+from ..errors import ConfigError, InputShapeError, TraceBudgetError, TraceStorageError
+from ..io import atomic_dir, fingerprint
+from ..sampling.adapter import FullPrecision
+from ..sampling.ddim import ddim, resolve_noise_schedule
+from ..sampling.guidance import check_guidance, guided
+from ..sampling.model import SamplerModel
+from ..sampling.noise import NoiseSchedule, check_steps
+from ..sampling.samplers import model_calls, settings_of_call
+from ..sampling.seeded import seeded_noise
+from ..sampling.settings import SamplerSettings
 
 
 __all__ = ["Trace", "trace", "seeded_noise"]

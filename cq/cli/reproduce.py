@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 __all__ = ["Commands", "PaperNumbers", "PaperRow", "ROWS", "RunPlan", "row_named", "plan", "run_row", "list_rows"]
@@ -51,7 +51,7 @@ class PaperRow:
     name: str
     title: str
     preset: str
-    recipe: str = "cachequant"  # a `cq.recipe.PRESET_RECIPES` name
+    recipe: str = "cachequant"  # a `cq.fit.recipe.PRESET_RECIPES` name
     schedule: str | None = None  # a registered schedule replacing the recipe's (None: the recipe's)
     sampler: str = "ddim"
     steps: int
@@ -68,10 +68,10 @@ class PaperRow:
     note: str = ""
 
     def __post_init__(self) -> None:
-        from .models.presets import PRESETS
-        from .recipe import PRESET_RECIPES, parse_bits
-        from .registry import SCHEDULES
-        from .sampling.samplers import SAMPLERS
+        from ..fit.recipe import PRESET_RECIPES, parse_bits
+        from ..models.presets import PRESETS
+        from ..registry import SCHEDULES
+        from ..sampling.samplers import SAMPLERS
 
         where = f"paper row {self.name!r}"
         if self.preset not in PRESETS:
@@ -92,7 +92,7 @@ class PaperRow:
             raise ConfigError(f"{where}: calibration and sample counts must be >= 2")
         if not (math.isfinite(self.eta) and self.eta >= 0):
             raise ConfigError(f"{where}: eta must be >= 0, got {self.eta}")
-        from .sampling.noise import ddim_timesteps
+        from ..sampling.noise import ddim_timesteps
 
         preset = PRESETS[self.preset]
         try:
@@ -112,7 +112,7 @@ class PaperRow:
     @property
     def embedded(self) -> bool:
         """True when the preset's weights ship with cq (no --weights needed)."""
-        from .models.presets import PRESETS
+        from ..models.presets import PRESETS
 
         return PRESETS[self.preset].embedded is not None
 
@@ -256,7 +256,7 @@ def _known(value: float | None, fmt: str = "{:.2f}") -> str:
 
 def list_rows() -> list[list[str]]:
     """``cq reproduce --list``'s table rows."""
-    from .models.presets import PRESETS
+    from ..models.presets import PRESETS
 
     out = []
     for r in ROWS:
@@ -352,7 +352,7 @@ def plan(
 def _conditions(row: PaperRow, out: Path, num: int, calibration: int, prompts: str | None) -> list[str]:
     if row.conditions == "imagenet-classes":
         labels = out / "labels.txt"
-        from .io import atomic_path
+        from ..io import atomic_path
 
         with atomic_path(labels) as tmp:  # uniform over the 1000 classes: 50 each at 50k samples
             Path(tmp).write_text("\n".join(str(i % 1000) for i in range(max(num, calibration))) + "\n")
@@ -369,7 +369,7 @@ def _claim_folder(out: Path, settings: dict) -> None:
     model and samples would be reused)."""
     import json
 
-    from .io import atomic_path
+    from ..io import atomic_path
 
     record = out / "run.json"
     if record.exists():
@@ -410,10 +410,10 @@ def run_row(
     paper's setting -- the table says so). Finished steps (``model.cq``, the shards under ``samples/``) are reused when
     ``out/run.json`` records the same settings; a folder of another run is refused.
     """
-    from .metrics.clip_score import ClipScorer
-    from .metrics.extractors import DigitsExtractor, InceptionExtractor
-    from .metrics.fidelity import measure
-    from .metrics.image_set import read_image_set
+    from ..metrics.clip_score import ClipScorer
+    from ..metrics.extractors import DigitsExtractor, InceptionExtractor
+    from ..metrics.fidelity import measure
+    from ..metrics.image_set import read_image_set
 
     num = num or row.num_samples
     if num is None:
@@ -464,7 +464,7 @@ def run_row(
         metrics = ["clip"]
         clip = ClipScorer.from_open_clip(clip_arch, clip_weights, device=device)
     if extractor is not None:
-        from .cli_eval import read_reference
+        from .eval import read_reference
 
         reference = read_reference(ref, extractor, batch_size=64, keep_features=10_000)
         if row.metric == "inception" and reference.features is not None:
@@ -512,7 +512,7 @@ def _table(row: PaperRow, fid, rep, num: int, calibration: int, psnr_samples: in
 
 def run_reproduce(args: argparse.Namespace, commands: Commands) -> int:
     """``cq reproduce`` (registered by `add_reproduce_parser`; the CLI passes ``commands``)."""
-    from .report import print_table
+    from ..report.summary import print_table
 
     if args.list:
         if args.row is not None:

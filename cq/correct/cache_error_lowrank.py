@@ -23,8 +23,8 @@ from .low_rank_affine import LowRankAffine
 
 
 if TYPE_CHECKING:
+    from ..calib.trace import Trace
     from ..compressed import CompressedUNet
-    from ..trace import Trace
 
 __all__ = ["CacheErrorLowRank"]
 

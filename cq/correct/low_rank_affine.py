@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..step import step_row
+from ..core.step import step_row
 
 
 __all__ = ["LowRankAffine"]

@@ -14,13 +14,13 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from .cache.budget_cache import feasible_refreshes, parse_budget, refreshes_for
+from ..calib.trace import Trace
+from ..compressed import CompressedUNet
+from ..errors import ConfigError
+from ..metrics.macs import unet_macs
+from .budget_cache import feasible_refreshes, parse_budget, refreshes_for
 from .choose_point import PointChoice, choose_point
-from .compressed import CompressedUNet
-from .errors import ConfigError
-from .metrics.macs import unet_macs
 from .recipe import Recipe, cachequant
-from .trace import Trace
 
 
 __all__ = ["fit_to_budget", "parse_budget", "refreshes_for"]

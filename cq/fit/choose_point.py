@@ -21,15 +21,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .compressed import CompressedUNet
-from .correct import ChannelAffine, LowRankAffine
-from .errors import BudgetError, ConfigError
-from .metrics.evaluate import per_sample_psnr
-from .metrics.macs import predicted_speedup, unet_macs
-from .models.unet import check_cacheable
+from ..calib.trace import Trace
+from ..compressed import CompressedUNet
+from ..core.unet import check_cacheable
+from ..correct import ChannelAffine, LowRankAffine
+from ..errors import BudgetError, ConfigError
+from ..metrics.evaluate import per_sample_psnr
+from ..metrics.macs import predicted_speedup, unet_macs
+from ..sampling.samplers import sampler_of
 from .recipe import Recipe
-from .sampling.samplers import sampler_of
-from .trace import Trace
 
 
 __all__ = ["PointCandidate", "PointChoice", "choose_point"]

@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..compressed import CompressedUNet
+from ..core.unet import CacheableUNet
 from ..errors import CalibrationSeedsError, ConfigError, ReferenceMismatchError, StepCountMismatchError
-from ..models.unet import CacheableUNet
 from ..sampling.adapter import FullPrecision
 from ..sampling.ddim import ddim
 from ..sampling.guidance import check_guidance, guided

@@ -20,8 +20,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..core.step import current_step
 from ..errors import ConfigError
-from ..step import current_step
 from .affine import search_range
 from .modules import ActQuantizer
 

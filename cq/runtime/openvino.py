@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..cache.view import CacheView
+from ..core.step import current_step
+from ..core.view import CacheView
 from ..errors import BackendUnavailableError, ExportUnsupportedError
 from ..quant.modules import ActQuantizer
-from ..step import current_step
 from .lower import LoweredCall, layer_plan, lower_call, table_acts
 
 
