@@ -18,7 +18,7 @@ from torch import nn
 
 from cq.errors import ConfigError
 from cq.models import LatentDiffusion, build, get_preset, load
-from cq.models.openai_unet import CrossAttention
+from cq.models.openai_blocks import CrossAttention
 from cq.sampling import FullPrecision, NoiseSchedule, ddim, plms
 from cq.sampling.noise import eps_from_output
 

@@ -26,7 +26,7 @@ from ..compressed import CompressedUNet
 from ..core.unet import check_cacheable
 from ..correct import ChannelAffine, LowRankAffine
 from ..errors import BudgetError, ConfigError
-from ..metrics.evaluate import per_sample_psnr
+from ..metrics.error import per_sample_psnr
 from ..metrics.macs import predicted_speedup, unet_macs
 from ..sampling.samplers import sampler_of
 from .recipe import Recipe
