@@ -123,3 +123,11 @@ def test_import_time_imports_make_no_circle_between_subpackages():
         graphlib.TopologicalSorter(graph).prepare()
     except graphlib.CycleError as e:
         pytest.fail(f"import-time circle between cq's parts: {' -> '.join(e.args[1])}")
+
+
+def test_warnings_name_the_line_that_uses_the_former_name():
+    with pytest.warns(FutureWarning) as moved:
+        cq.cache.BudgetCache  # noqa: B018
+    with pytest.warns(DeprecationWarning) as renamed:
+        cq.cache.Uniform  # noqa: B018
+    assert moved[0].filename == renamed[0].filename == __file__

@@ -30,5 +30,5 @@ __all__ = [
 
 # former names, for one release: `Uniform` (now `UniformSchedule`), `BudgetCache` (now in `cq.fit`)
 __getattr__ = package_getattr(
-    __name__, {"BudgetCache": "cq.fit"}, deprecated_names(__name__, {"Uniform": UniformSchedule})
+    __name__, {"BudgetCache": "cq.fit"}, deprecated_names(__name__, {"Uniform": UniformSchedule}, stacklevel=3)
 )
