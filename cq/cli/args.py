@@ -132,3 +132,18 @@ def _check_writable(out: str) -> None:
     blocked = path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK)
     if blocked or (path.exists() and not os.access(path, os.W_OK)):
         raise ConfigError(f"cannot write {out}: choose an output file in a writable directory (-o)")
+
+
+def add_num_samples(parser: argparse.ArgumentParser, *, dest: str, former: str, **kwargs) -> None:
+    """``-n/--num-samples``, the one spelling of a sample count across the commands; ``former`` (``--num``,
+    ``--samples``) still parses, unlisted, for one release."""
+    parser.add_argument("-n", "--num-samples", dest=dest, **kwargs)
+    parser.add_argument(former, dest=dest, type=kwargs.get("type"), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def example(*lines: str) -> dict:
+    """``add_parser`` keywords that end a command's ``--help`` with an example."""
+    return {
+        "epilog": "example:\n" + "\n".join(f"  {line}" for line in lines),
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError
+from .args import example
 
 
 __all__ = ["add_eval_parser", "run_eval", "extractor_named", "read_reference"]
@@ -132,6 +133,7 @@ def add_eval_parser(sub, positive, non_negative) -> None:
         "(torch-fidelity, open_clip: pip install 'cq[eval]')",
         description="Weights of the feature extractors come from --inception-weights / --clip-weights. Without a "
         "path, torch-fidelity (open_clip: a pretrained tag) fetches them into the library's own cache when absent.",
+        **example("cq eval samples/ --ref ref_stats.npz"),
     )
     ev.add_argument("path", nargs="?", help="samples: a folder of shard-*.npz, a .npz (arr_0 uint8 NHWC), or images")
     ev.add_argument(

@@ -17,6 +17,8 @@ from .args import (
     _positive_float,
     _recipe_arg,
     _stability_eps,
+    add_num_samples,
+    example,
 )
 from .demo import _demo
 from .fit import _fit
@@ -62,7 +64,10 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="cq", description="Cache + quantize diffusion UNets (CacheQuant).")
+    parser.add_argument("--version", action="version", version=f"cq {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument(
         "--plugin",
@@ -73,9 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="compress the embedded demo model with each recipe; table + grid")
+    demo = sub.add_parser(
+        "demo",
+        help="compress the embedded demo model with each recipe; table + grid",
+        **example("cq demo -n 64 --steps 100 -o cq_demo.png"),
+    )
     demo.add_argument("--model", default="demo", help="preset with embedded weights (default: demo)")
-    demo.add_argument("--num", type=POSITIVE, default=64, help="number of samples")
+    add_num_samples(demo, dest="num", former="--num", type=POSITIVE, default=64, help="number of samples")
     demo.add_argument("--steps", type=POSITIVE, default=None, help="DDIM steps (default: the preset's)")
     demo.add_argument("--spacing", choices=SPACINGS, default=None, help="timestep spacing (default: the preset's)")
     demo.add_argument("--interval", type=POSITIVE, default=5, help="cache interval N")
@@ -87,7 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--out", default="cq_demo.png")
     demo.set_defaults(func=_demo)
 
-    fit = sub.add_parser("fit", help="fit a recipe on a model and save it")
+    fit = sub.add_parser(
+        "fit",
+        help="fit a recipe on a model and save it",
+        **example("cq fit --model demo --recipe cachequant --interval 5 --bits w8a8 -n 32 -o demo.cq"),
+    )
     fit.add_argument("--model", default="demo", help="model preset or diffusers folder")
     _add_model_args(fit, fit=True)
     fit.add_argument(
@@ -119,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--sampler", choices=sorted(SAMPLERS), default=None, help="default: the preset's (SD: plms, else ddim)"
     )
-    fit.add_argument("--samples", type=POSITIVE, default=32, help="calibration trajectories")
+    add_num_samples(
+        fit, dest="samples", former="--samples", type=POSITIVE, default=32, help="calibration trajectories"
+    )
     fit.add_argument(
         "--keep", type=POSITIVE, default=None, help="trajectories stored at every step (default: all; bounds memory)"
     )
@@ -134,11 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("-o", "--out", required=True, help="output file (.cq)")
     fit.set_defaults(func=_fit)
 
-    sample = sub.add_parser("sample", help="sample a saved model into a grid, or into a resumable folder of shards")
+    sample = sub.add_parser(
+        "sample",
+        help="sample a saved model into a grid, or into a resumable folder of shards",
+        **example("cq sample demo.cq -n 64 --seed 0 -o samples.png", "cq sample demo.cq -n 50000 --out samples/"),
+    )
     sample.add_argument("path")
-    sample.add_argument(
-        "-n",
-        "--num",
+    add_num_samples(
+        sample,
+        dest="num",
+        former="--num",
         type=POSITIVE,
         default=None,
         help="samples (default: one per prompt / label, 64 unconditional); under torchrun write -n N (torchrun's "
@@ -183,10 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="per-step schedule, MACs, size; given the base model (--model / --weights): teacher-forced SQNR and "
         "held-out quality",
+        **example("cq report demo.cq --model demo -n 8 --eval 64 --steps-table"),
     )
     rep.add_argument("path")
     _add_model_args(rep, fit=False)
-    rep.add_argument("--samples", type=POSITIVE, default=8, help="trajectories of the teacher-forced per-step SQNR")
+    add_num_samples(
+        rep,
+        dest="samples",
+        former="--samples",
+        type=POSITIVE,
+        default=8,
+        help="trajectories of the teacher-forced per-step SQNR",
+    )
     rep.add_argument(
         "--eval",
         type=NON_NEGATIVE,
@@ -210,7 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     from ..models.train import TrainConfig
 
     d = TrainConfig()
-    tr = sub.add_parser("train", help="train the demo model on scikit-learn digits (resumable)")
+    tr = sub.add_parser(
+        "train",
+        help="train the demo model on scikit-learn digits (resumable)",
+        **example("cq train --steps 5000 --seed 0 -o demo.safetensors"),
+    )
     tr.add_argument("--preset", default=d.preset)
     tr.add_argument("--steps", type=POSITIVE, default=d.steps)
     tr.add_argument("--batch-size", type=POSITIVE, default=d.batch_size)
@@ -222,7 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("-o", "--out", default="demo.safetensors")
     tr.set_defaults(func=_train)
 
-    tc = sub.add_parser("train-classifier", help="train the digits classifier behind the demo's digits FID")
+    tc = sub.add_parser(
+        "train-classifier",
+        help="train the digits classifier behind the demo's digits FID",
+        **example("cq train-classifier --epochs 30 -o digits_classifier.safetensors"),
+    )
     tc.add_argument("--seed", type=int, default=0)
     tc.add_argument("--epochs", type=POSITIVE, default=30)
     tc.add_argument("-o", "--out", default="digits_classifier.safetensors")
@@ -235,7 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_reproduce_parser(sub, POSITIVE).set_defaults(func=_reproduce)
 
-    st = sub.add_parser("strategies", help="list the registered strategies (plugins and entry points included)")
+    st = sub.add_parser(
+        "strategies",
+        help="list the registered strategies (plugins and entry points included)",
+        **example("cq --plugin my_package.strategies strategies"),
+    )
     st.set_defaults(func=_strategies)
     return parser
 

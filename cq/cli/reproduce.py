@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import ConfigError
+from .args import add_num_samples, example
 
 
 __all__ = ["Commands", "PaperNumbers", "PaperRow", "ROWS", "RunPlan", "row_named", "plan", "run_row", "list_rows"]
@@ -61,7 +62,7 @@ class PaperRow:
     interval: int
     bits: str = "w8a8"
     calibration: int  # calibration trajectories
-    num_samples: int | None  # None: the paper's count is not known; pass --num
+    num_samples: int | None  # None: the paper's count is not known; pass --num-samples
     metric: str  # "digits" | "inception" | "clip"
     conditions: str | None = None  # None | "imagenet-classes" (uniform over classes) | "prompts" (--prompts)
     paper: PaperNumbers = PaperNumbers()
@@ -417,7 +418,7 @@ def run_row(
 
     num = num or row.num_samples
     if num is None:
-        raise ConfigError(f"row {row.name}: the paper's sample count is not known; pass --num N")
+        raise ConfigError(f"row {row.name}: the paper's sample count is not known; pass --num-samples N")
     calibration = calibration or row.calibration
     if weights is None and not row.embedded:
         raise ConfigError(f"row {row.name} needs the {row.preset} checkpoint: pass --weights PATH")
@@ -552,11 +553,14 @@ def add_reproduce_parser(sub, positive) -> argparse.ArgumentParser:
     rp = sub.add_parser(
         "reproduce",
         help="the CacheQuant paper's rows: --list shows them with their settings; ROW runs fit -> sample -> eval",
+        **example("cq reproduce --list", "cq reproduce demo --out reproduce-demo"),
     )
     rp.add_argument("row", nargs="?", help="a row name from --list")
     rp.add_argument("--list", action="store_true", help="list the rows, their settings and the paper's numbers")
     rp.add_argument("--weights", default=None, help="checkpoint of the row's preset (not needed for demo)")
-    rp.add_argument("--num", type=positive, default=None, help="samples (default: the paper's count)")
+    add_num_samples(
+        rp, dest="num", former="--num", type=positive, default=None, help="samples (default: the paper's count)"
+    )
     rp.add_argument("--calib", type=positive, default=None, help="calibration trajectories (default: the paper's)")
     rp.add_argument(
         "--psnr-samples",
