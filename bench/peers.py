@@ -198,6 +198,11 @@ def cq_models(unet, trace, runtime: bool) -> dict[str, cq.CompressedUNet]:
         ).fit(unet, trace, progress=False),
     }
     models = {"cq W8A8 fake-quant": fitted["W8A8"]}
+    default = copy.deepcopy(fitted["W8A8"])
+    modes = default.to_int8()  # the dispatcher's pick for this CPU
+    kernels = sorted({m.split("(")[-1].rstrip(")") for m in modes.values() if m.startswith("int8")})
+    picked = "OpenVINO" if default.runtime is not None else "/".join(kernels)
+    models[f"cq W8A8 to_int8() -> {picked}"] = default
     if runtime:
         for name, model in fitted.items():
             fast = copy.deepcopy(model)

@@ -18,7 +18,7 @@ from torch import nn
 import cq
 from cq.cache import DeepCache, UniformSchedule
 from cq.core.step import step_scope
-from cq.errors import BackendUnavailableError, ConfigError, ExportUnsupportedError
+from cq.errors import BackendUnavailableError, ConfigError, ExportUnsupportedError, StepCountMismatchError
 from cq.fit.recipe import Recipe
 from cq.quant import QConv2d, UniformQuantizer
 from cq.quant.spec import QuantSpec
@@ -202,6 +202,10 @@ def test_a_saved_model_reloads_onto_the_runtime_identically(fitted, tmp_path):
     noise = torch.randn(2, *unet.sample_shape, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         assert torch.equal(cq.sampling.ddim(fresh, noise, steps=5), cq.sampling.ddim(loaded, noise, steps=5))
+        with pytest.raises(StepCountMismatchError, match="5"):  # the runtime keeps the model's own step check
+            cq.sampling.ddim(loaded, noise, steps=8)
+    with pytest.raises(StepCountMismatchError, match="refit"):  # a .cq for another step count
+        cq.load(path, num_steps=8, int8=True)
 
 
 def test_bad_backends_and_models_are_refused_by_name(fitted, monkeypatch):
