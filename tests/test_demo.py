@@ -162,3 +162,21 @@ def test_int8_samples_match_fake_quant(demo):
     real = ddim(model, noise, steps=steps, **sampler)
     # identical up to float summation order flipping an occasional activation code; measured PSNR 46.4 dB
     assert sample_error(real, fake)["psnr"] > 35
+
+
+def test_cq_demo_times_each_row_on_the_path_it_names(tmp_path, capsys):
+    """``cq demo``'s wall-clock column runs every quantized row on the fastest exact int8 path this machine has
+    (the path is named in the table, and the quality beside it is measured on that same path)."""
+    from cq.cli import main
+    from cq.quant.int8 import int8_available
+    from cq.runtime.openvino import openvino_available
+
+    out = tmp_path / "demo.png"
+    argv = ["demo", "-n", "4", "--steps", "10", "--calib", "2", "--interval", "2", "-o", str(out)]
+    assert main(argv) == 0 and out.is_file()
+    table = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("|")}
+    assert "runs on" in rows["setting"] and "PyTorch fp32" in rows["DeepCache"]
+    fast = "OpenVINO int8" if openvino_available() else "PyTorch int8" if int8_available() else "fake-quant"
+    for label in ("W8A8", "DeepCache+W8A8 (naive)", "CacheQuant"):
+        assert fast in rows[label], rows[label]

@@ -111,6 +111,12 @@ class OpenVINOUNet:
             cache.store(self.point, torch.from_numpy(np.array(request.get_output_tensor(1).data, copy=True)))
         return out
 
+    @property
+    def compiled_graphs(self) -> int:
+        """How many graphs have been compiled so far: one per (full / shallow call, distinct activation table,
+        batch size)."""
+        return len(self._compiled)
+
     def describe(self) -> dict[str, str]:
         """Layer -> how it runs: ``"int8 (OpenVINO)"`` or ``"float weights (OpenVINO: <why>)"``."""
         return {
