@@ -1,4 +1,4 @@
-"""Deployable activation tables (issue M 4): ``activation_tables="per_group"`` gives one range per cache group,
+"""Deployable activation tables: ``activation_tables="per_group"`` gives one range per cache group,
 the union of its steps' per-step ranges; it equals per-step tables when every group is one step, saves and
 loads, runs on the int8 path, and older quantizer files load as per-step."""
 

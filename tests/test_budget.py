@@ -1,4 +1,4 @@
-"""Compute budgets (issue M 2): the refreshes a MAC budget allows are the most that meet it; `fit_to_budget`
+"""Compute budgets: the refreshes a MAC budget allows are the most that meet it; `fit_to_budget`
 returns a model meeting the budget with the least calibration error among the points; `cq fit --budget`."""
 
 from __future__ import annotations

@@ -208,7 +208,7 @@ def test_quant_correction_reduces_the_cached_half_error(unet, trace, cacher, dee
 
 
 def test_quant_correction_feeds_full_precision_deep_features_by_default(unet, trace, quantized_model, monkeypatch):
-    """Issue H 4: as the reference (error_dec/*_dec.py), every step's tail input during the fit comes from the
+    """As the reference (error_dec/*_dec.py), every step's tail input during the fit comes from the
     trace's full-precision feature -- shallow calls only, refresh steps on their own feature; version-1 files keep
     the quantized deep features they were fitted with."""
     import cq.correct.quant_error as module

@@ -1,4 +1,4 @@
-"""The embedded demo model: it draws digits, compressed models hold issue G's bounds on held-out seeds, and
+"""The embedded demo model: it draws digits, compressed models hold the per-sample bounds on held-out seeds, and
 CacheQuant's components rank on it as in the paper.
 
 Quality is measured with `cq.evaluate`: end to end, per sample, on seeds the models were not calibrated on, with
@@ -91,7 +91,7 @@ def test_demo_samples_look_like_digits(demo):
 
 
 def test_w8a8_held_out_bounds(held_out):
-    """Issue G's bounds, end to end on held-out seeds at clip_x0=False: no W8A8 sample below 25 dB."""
+    """The per-sample bounds, end to end on held-out seeds at clip_x0=False: no W8A8 sample below 25 dB."""
     result = held_out(cq.quant_only("w8a8"))
     # measured (64 seeds 1000..1063): mean 48.4, worst 28.6 dB, max |x0| 1.25 (full precision 1.26). Before the
     # fixes (quantized io layers, calibrated softmax range): 10 of 64 seeds 0..63 below 25 dB, max |x0| 49.
@@ -117,7 +117,7 @@ def test_w4a8_gptq_held_out(held_out, w4a8):
     # measured (64 seeds 1000..1063): mean 39.6, worst 17.7 dB (seed 1016); round-to-nearest weights (CacheQuant's):
     # mean 26.4, worst 13.4. Over 256 seeds: mean 39.0 vs 26.0, 5th pct 27.7 vs 15.8, digits FID 29.0 vs 97.6.
     assert result.mean_db > 37
-    assert result.min_db >= 15.0, result.below(15)  # issue G's W4A8 bound
+    assert result.min_db >= 15.0, result.below(15)  # the W4A8 bound
     assert result.max_abs_x0 <= 1.5
 
 

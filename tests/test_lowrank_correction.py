@@ -1,4 +1,4 @@
-"""The low-rank cache correction (issue M 3): closed-form fit never worse than DEC's per-channel affine on its
+"""The low-rank cache correction: closed-form fit never worse than DEC's per-channel affine on its
 statistics, ordinary least squares at full rank without ridge, identity on exact caches; in a recipe it corrects
 shallow calls, saves and loads bit-identically, and refuses bad settings."""
 

@@ -222,7 +222,7 @@ def test_ptq4dm_feeds_the_true_timestep_of_each_calibration_step(unet, trace):
 
 
 def test_ptq4dm_warns_when_draws_exceed_the_stored_trajectories(trace):
-    """Issue H 2: NDTC draws beyond a step's stored trajectories were dropped silently; they are now counted and
+    """NDTC draws beyond a step's stored trajectories were dropped silently; they are now counted and
     reported, and every batch holds distinct rows."""
     keep = trace.x.shape[1]
     with pytest.warns(UserWarning, match="add no new samples"):
@@ -355,7 +355,7 @@ def test_shared_ranges_cover_every_step_in_any_order(unet, trace):
 
 
 def test_split_convs_quantize_each_input_half_on_its_own(unet):
-    """Issue H 1: a conv reading cat(cached, skip) has per-output-channel scales per half (CacheQuant), so a half
+    """A conv reading cat(cached, skip) has per-output-channel scales per half (CacheQuant), so a half
     with small weights is not quantized on the other half's scale; version-2 recipes keep one scale."""
     splits = unet.concat_splits()
     assert splits

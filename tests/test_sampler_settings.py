@@ -1,4 +1,4 @@
-"""A fitted model records how it must be sampled; every sampler and the CLI refuse other settings (issue H 6)."""
+"""A fitted model records how it must be sampled; every sampler and the CLI refuse other settings."""
 
 from __future__ import annotations
 

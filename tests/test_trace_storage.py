@@ -1,4 +1,4 @@
-"""Issue L 5: a trace kept on disk (``cq.trace(..., storage=FOLDER)``, memory-mapped ``.npy`` files) holds exactly
+"""A trace kept on disk (``cq.trace(..., storage=FOLDER)``, memory-mapped ``.npy`` files) holds exactly
 what the in-memory trace holds, fits exactly the same model, appears only when complete, reopens with
 `Trace.open`, and refuses what it cannot store or read with `TraceStorageError`."""
 

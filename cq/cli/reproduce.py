@@ -119,7 +119,7 @@ class PaperRow:
 
 
 _ABLATION = "ablation on LDM-4 ImageNet, 250 steps, N=20, W8A8"
-_ISSUE = "issue L's text (CacheQuant paper; not cross-checked against the paper's tables here)"
+_PAPER_SOURCE = "CacheQuant paper, as quoted to cq (not cross-checked against the paper's tables)"
 
 ROWS: tuple[PaperRow, ...] = (
     PaperRow(
@@ -181,7 +181,7 @@ ROWS: tuple[PaperRow, ...] = (
         num_samples=50_000,
         metric="inception",
         conditions="imagenet-classes",
-        paper=PaperNumbers(speedup=7.87, fid=4.03, source=_ISSUE),
+        paper=PaperNumbers(speedup=7.87, fid=4.03, source=_PAPER_SOURCE),
         note="50 samples per class; the paper's speedup definition is not in the reference notes",
     ),
     PaperRow(
@@ -211,7 +211,7 @@ ROWS: tuple[PaperRow, ...] = (
         num_samples=50_000,
         metric="inception",
         conditions="imagenet-classes",
-        paper=PaperNumbers(fid=15.36, source=_ISSUE),
+        paper=PaperNumbers(fid=15.36, source=_PAPER_SOURCE),
     ),
     PaperRow(
         name="imagenet-n20-dps",
@@ -226,7 +226,7 @@ ROWS: tuple[PaperRow, ...] = (
         num_samples=50_000,
         metric="inception",
         conditions="imagenet-classes",
-        paper=PaperNumbers(fid=8.47, source=_ISSUE),
+        paper=PaperNumbers(fid=8.47, source=_PAPER_SOURCE),
     ),
     PaperRow(
         name="imagenet-n20-dec",
@@ -239,7 +239,7 @@ ROWS: tuple[PaperRow, ...] = (
         num_samples=50_000,
         metric="inception",
         conditions="imagenet-classes",
-        paper=PaperNumbers(fid=7.21, source=_ISSUE),
+        paper=PaperNumbers(fid=7.21, source=_PAPER_SOURCE),
     ),
 )
 

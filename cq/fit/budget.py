@@ -1,4 +1,4 @@
-"""`fit_to_budget`: compress to a MAC budget with the least measured error (issue M 2).
+"""`fit_to_budget`: compress to a MAC budget with the least measured error.
 
 A budget ``B`` (a predicted MAC speedup, ``"5x"``) fixes, for each cache point, the most full calls K a
 schedule may make: ``T F / (K F + (T - K) S_p) >= B`` with F the MACs of a full call and ``S_p`` those of a

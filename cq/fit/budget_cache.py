@@ -1,5 +1,5 @@
 """`BudgetCache`: meet a compute budget with the least error -- the cache point, the number of full calls and
-their placement chosen when the recipe is fitted (issue M 2: ``cq.cachequant(budget="5x")``).
+their placement chosen when the recipe is fitted (``cq.cachequant(budget="5x")``).
 
 A budget ``B`` (a speedup over the uncached model) fixes, for each candidate point p, the most full calls K a
 schedule may make: ``T F / (K F + (T - K) S_p) >= B``, with F and ``S_p`` the cost of a full call and of a shallow

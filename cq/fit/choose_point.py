@@ -1,4 +1,4 @@
-"""`choose_point`: pick the cache point by measured end-to-end error and MACs saved (issue M 3).
+"""`choose_point`: pick the cache point by measured end-to-end error and MACs saved.
 
 The shallowest point saves the most MACs on a cached step (92% on the demo model) but leaves the most to the
 correction; the deepest saves little. For each candidate point the recipe is fitted on the calibration trace,
