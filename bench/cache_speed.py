@@ -29,11 +29,11 @@ import cq  # noqa: E402
 from cq.cache import DPS, Power, UniformSchedule  # noqa: E402
 from cq.cache.deepcache import DeepCache  # noqa: E402
 from cq.cache.dps import distance_table, dp_partition  # noqa: E402
+from cq.calib.trace import seeded_noise  # noqa: E402
 from cq.compressed import CompressedUNet  # noqa: E402
 from cq.metrics import predicted_speedup, sample_error, unet_macs  # noqa: E402
 from cq.models.presets import sampling_defaults  # noqa: E402
 from cq.sampling import FullPrecision, ddim  # noqa: E402
-from cq.trace import seeded_noise  # noqa: E402
 
 
 def load_model(name: str) -> torch.nn.Module:

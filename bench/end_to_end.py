@@ -1,4 +1,4 @@
-"""End to end, side by side in one run (issue J 2): DDIM 50 steps on the demo model, batch 4, 2 threads,
+"""End to end, side by side in one run: DDIM 50 steps on the demo model, batch 4, 2 threads,
 interleaved repeats, medians; held-out quality of every compressed row beside its speed.
 
 Rows: fp32 eager, the peers (torch.compile fp32, bf16 autocast + compile, PT2E static int8 + compile when this

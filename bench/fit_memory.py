@@ -1,7 +1,7 @@
-"""Peak memory of fitting a recipe on a full-size architecture with random weights (issue L 5).
+"""Peak memory of fitting a recipe on a full-size architecture with random weights.
 
     python bench/fit_memory.py [--preset ldm-cin256-v2] [--steps 20] [--samples 2] [--keep 2] [--guidance 3]
-    python bench/fit_memory.py --samples 4 --keep 4 --storage /scratch/trace   # the trace on disk (issue L 5)
+    python bench/fit_memory.py --samples 4 --keep 4 --storage /scratch/trace   # the trace on disk
 
 One fit per process (peak RSS is per process): trace ``--samples`` guided trajectories of ``--steps`` DDIM calls,
 keep ``--keep`` of them, fit CacheQuant N=5 W8A8; prints the model's, the trace's and the fit's peak RSS and the

@@ -23,13 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_medians, machine_line, print_table  # noqa: E402
 
 import cq  # noqa: E402
+from cq.calib.trace import seeded_noise  # noqa: E402
 from cq.compressed import CompressedUNet  # noqa: E402
+from cq.core.step import step_scope  # noqa: E402
+from cq.fit.recipe import Recipe, parse_bits  # noqa: E402
 from cq.quant import QConv2d, QuantSpec  # noqa: E402
 from cq.quant.int8 import Int8Conv2d, int8_layers  # noqa: E402
-from cq.recipe import Recipe, parse_bits  # noqa: E402
 from cq.sampling import FullPrecision, ddim  # noqa: E402
-from cq.step import step_scope  # noqa: E402
-from cq.trace import seeded_noise  # noqa: E402
 
 
 LAYERS = [  # (label, C_in, C_out, kernel, H) -- shapes of the DDPM-CIFAR10 UNet

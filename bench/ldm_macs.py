@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_medians, machine_line, print_table  # noqa: E402
 
 import cq  # noqa: E402
-from cq.cache.view import CacheView  # noqa: E402
+from cq.core.view import CacheView  # noqa: E402
 from cq.metrics import predicted_speedup, unet_macs  # noqa: E402
 from cq.models.autoencoders import build_autoencoder  # noqa: E402
 

@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_medians, machine_line  # noqa: E402
 
 import cq  # noqa: E402
+from cq.fit.recipe import Recipe  # noqa: E402
 from cq.quant import UniformQuantizer  # noqa: E402
-from cq.recipe import Recipe  # noqa: E402
 from cq.runtime import cpu_line  # noqa: E402
 
 

@@ -37,14 +37,14 @@ from cq.cache import (
     UniformSchedule,  # noqa: E402
 )
 from cq.cache.deepcache import DeepCache  # noqa: E402
+from cq.calib.trace import seeded_noise  # noqa: E402
 from cq.correct import CacheErrorCorrector, CacheErrorLowRank, QuantErrorCorrector  # noqa: E402
+from cq.fit.recipe import Recipe  # noqa: E402
 from cq.metrics.digits import DigitsScorer  # noqa: E402
 from cq.metrics.macs import unet_macs  # noqa: E402
 from cq.models.presets import sampling_defaults  # noqa: E402
 from cq.quant import PTQ4DM, UniformQuantizer  # noqa: E402
-from cq.recipe import Recipe  # noqa: E402
 from cq.sampling import FullPrecision, ddim  # noqa: E402
-from cq.trace import seeded_noise  # noqa: E402
 
 
 def demo_cases(n: int) -> list[tuple[str, Recipe]]:

@@ -6,7 +6,7 @@ Calibration cannot afford the 40-candidate L_p search over every element of a la
 a sample (`cq.quant.calibrate._weighted_sample`: the 256 largest and smallest values exactly, plus strided middle
 values standing for the rest). For Gaussian, Laplace and Student-t(4) tensors this prints, per bit width, the
 whole-tensor L_p error of the range each estimate picks divided by the optimum (the full search's), and how often
-it kept plain min-max. "strided + extremes" is the estimate before issue H 5.
+it kept plain min-max. "strided + extremes" weights the extremes like any strided value.
 """
 
 from __future__ import annotations

@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, print_table  # noqa: E402
 
 import cq  # noqa: E402
+from cq.calib.trace import seeded_noise  # noqa: E402
 from cq.metrics.evaluate import per_sample_psnr  # noqa: E402
 from cq.models.presets import sampling_defaults  # noqa: E402
 from cq.sampling import FullPrecision, ddim  # noqa: E402
-from cq.trace import seeded_noise  # noqa: E402
 
 
 def main() -> None:
@@ -72,7 +72,7 @@ def main() -> None:
         rows,
         title=f"full precision under a nudge of the initial noise, {len(seeds)} seeds",
     )
-    from cq.train import digits_dataset
+    from cq.models.train import digits_dataset
 
     data = digits_dataset(unet.sample_shape[-1]).flatten(1)
     to_data = torch.cdist(reference.flatten(1), data).square().sort(dim=1).values / data.shape[1]

@@ -1,15 +1,15 @@
 """cq: cache + quantize diffusion UNets without retraining (CacheQuant, Liu et al., CVPR 2025, in pure PyTorch)."""
 
-from . import diffusers, errors, models, sampling
+from . import _moved, diffusers, errors, models, sampling
 from .artifact import load, save
-from .budget import fit_to_budget
-from .choose_point import PointChoice, choose_point
+from .calib.trace import Trace, trace
 from .compressed import CompressedUNet
+from .fit.budget import fit_to_budget
+from .fit.choose_point import PointChoice, choose_point
+from .fit.recipe import Recipe, cachequant, deepcache, naive, quant_only
 from .metrics.evaluate import Evaluation, evaluate
 from .metrics.paired import PairedComparison, compare
-from .recipe import Recipe, cachequant, deepcache, naive, quant_only
-from .report import Report, report
-from .trace import Trace, trace
+from .report.summary import Report, report
 
 
 __all__ = [
@@ -38,3 +38,6 @@ __all__ = [
     "PointChoice",
 ]
 __version__ = "0.1.0"
+
+_moved.install(__name__)
+__getattr__ = _moved.package_getattr(__name__)

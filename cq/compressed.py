@@ -14,19 +14,18 @@ import torch
 from torch import Tensor, nn
 
 from .cache.cacher import Cacher
+from .core.step import step_scope
+from .core.unet import check_cacheable, check_model_inputs
 from .errors import (
     AmbiguousTimestepError,
-    BackendUnavailableError,
     ConfigError,
     InputValueError,
     StepCountMismatchError,
     TimestepNotFittedError,
 )
-from .models.unet import check_cacheable, check_model_inputs
 from .quant.backend import Backend
 from .sampling.model import SamplerModel
 from .sampling.settings import SamplerSettings
-from .step import step_scope
 
 
 __all__ = ["CompressedUNet", "fitted_steps"]
@@ -152,7 +151,7 @@ class CompressedUNet(SamplerModel):
         Only the UNet is compiled: the cache's refresh-or-reuse decision, the input checks and the step stay in
         Python, so the UNet compiles to exactly two graphs -- the full call and the shallow call -- with no
         graph break, and the per-step activation tables and corrections are indexed by the step as a tensor
-        (`cq.step.current_step_index`), so no step recompiles them. Fake-quant layers compile
+        (`cq.core.step.current_step_index`), so no step recompiles them. Fake-quant layers compile
         (Inductor fuses their rounding into the surrounding elementwise ops); the state dict keeps its keys, so
         a compiled model saves as before. Compiled float kernels sum in another order than eager ones, so
         measure the compiled model itself (`cq.evaluate`).
@@ -175,28 +174,22 @@ class CompressedUNet(SamplerModel):
     def to_int8(self, backend: Backend | str = Backend.INT8) -> dict[str, str]:
         """Run quantized layers on integer kernels from now on (in place); returns each layer's execution mode.
 
-        ``backend="int8"`` (alias ``"auto"``) picks the fastest exact path the model's device has: on a CPU whose
-        oneDNN int8 kernels are exact (VNNI / AMX) PyTorch's oneDNN kernels; on other x86 CPUs (AVX2 only, where
-        oneDNN's u8 x s8 sums saturate and the exact ``torch._int_mm`` path runs slower than float) the OpenVINO
-        runtime (`to_runtime`), or `BackendUnavailableError` naming ``pip install 'cq[openvino]'`` where it is not
-        installed -- never a path slower than fp32; ``torch._int_mm`` on CUDA. ``"openvino"``, ``"onednn"``,
-        ``"int_mm"``: that path by name (`cq.quant.int8.to_int8`). The model computes the same function (up to
-        float summation order and rounding-boundary codes) and saves the same file; ``cq.load(path, int8=True)``
-        converts a loaded one.
+        ``backend="int8"`` (alias ``"auto"``) picks the fastest exact path the model's device has: on the CPU
+        `cq.runtime.dispatch.cpu_int8_path` (OpenVINO where every layer runs int8 there, else PyTorch's oneDNN
+        kernels where they are exact (VNNI / AMX), else OpenVINO with float weights; `BackendUnavailableError`
+        naming ``pip install 'cq[openvino]'`` where none is faster than float); ``torch._int_mm`` on CUDA.
+        ``"openvino"``, ``"onednn"``, ``"int_mm"``: that path by name (`cq.quant.int8.to_int8`). The model computes
+        the same function (up to float summation order and rounding-boundary codes) and saves the same file;
+        ``cq.load(path, int8=True)`` converts a loaded one. `execution` (and ``cq report``) says what runs each
+        layer.
         """
         from .quant import int8
-        from .runtime.openvino import openvino_available
 
         backend = Backend.parse(backend)
-        on_cpu = int8.module_device(self.unet).type == "cpu"
-        if backend is Backend.INT8 and on_cpu and not int8.int8_available():
-            if not openvino_available():
-                raise BackendUnavailableError(
-                    "no exact int8 path on this CPU runs faster than float: its oneDNN u8 x s8 kernels saturate "
-                    "(no VNNI). Install the OpenVINO runtime (pip install 'cq[openvino]'), or ask for the exact "
-                    "but slower PyTorch kernels by name: to_int8('int_mm')"
-                )
-            backend = Backend.OPENVINO
+        if backend is Backend.INT8 and int8.module_device(self.unet).type == "cpu":
+            from .runtime.dispatch import cpu_int8_path
+
+            backend, _ = cpu_int8_path(self.unet)
         if backend is Backend.OPENVINO:
             return self.to_runtime("openvino")
         self.execution = int8.to_int8(self.unet, backend)

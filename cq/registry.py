@@ -219,9 +219,11 @@ def _item_hint(hint: Any) -> Any:
     return args[0] if args else None
 
 
-def deprecated_names(module: str, renamed: dict[str, type]) -> Callable[[str], type]:
+def deprecated_names(module: str, renamed: dict[str, type], *, stacklevel: int = 2) -> Callable[[str], type]:
     """A module ``__getattr__`` resolving former public names (``{"Uniform": UniformSchedule}``) with a
-    `DeprecationWarning`, for one release after a rename; any other name is an `AttributeError`."""
+    `DeprecationWarning`, for one release after a rename; any other name is an `AttributeError`. ``stacklevel``:
+    the frame the warning names, 2 for the attribute access itself (one more when another ``__getattr__`` calls
+    this one)."""
 
     def __getattr__(name: str) -> type:
         if name not in renamed:
@@ -232,7 +234,7 @@ def deprecated_names(module: str, renamed: dict[str, type]) -> Callable[[str], t
             f"release: use {cls.__module__.rsplit('.', 1)[0]}.{cls.__name__} (the same class; saved files are "
             "unaffected)",
             DeprecationWarning,
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
         return cls
 

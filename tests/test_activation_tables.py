@@ -1,4 +1,4 @@
-"""Deployable activation tables (issue M 4): ``activation_tables="per_group"`` gives one range per cache group,
+"""Deployable activation tables: ``activation_tables="per_group"`` gives one range per cache group,
 the union of its steps' per-step ranges; it equals per-step tables when every group is one step, saves and
 loads, runs on the int8 path, and older quantizer files load as per-step."""
 
@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import cq
 from cq.cache import UniformSchedule
 from cq.cache.deepcache import DeepCache
+from cq.calib.trace import seeded_noise
 from cq.errors import ConfigError
 from cq.quant import UniformQuantizer
 from cq.quant.calibrate import RangeTables
@@ -21,7 +22,6 @@ from cq.quant.modules import ActQuantizer
 from cq.quant.spec import QuantSpec
 from cq.registry import from_dict, to_dict
 from cq.sampling import ddim
-from cq.trace import seeded_noise
 
 
 STEPS = 6

@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 
 import cq
 from cq.errors import ConfigError
+from cq.fit.recipe import Recipe
 from cq.quant import PTQ4DM, UniformQuantizer
 from cq.quant.adaround import adaround_round, rectified_sigmoid
 from cq.quant.modules import QuantizedWeight
-from cq.recipe import Recipe
 
 
 def _problem(seed: int, out: int, d: int, bits: int, correlated: bool):

@@ -1,4 +1,4 @@
-"""Issue K item 2, step 4: the SD 2.x (v-prediction, linear projections, fp32 attention) and SDXL (vector
+"""The SD 2.x (v-prediction, linear projections, fp32 attention) and SDXL (vector
 conditioning packed into cond, depth per level) UNets expose cache points and compress: DeepCache and W8A8 on
 integer kernels fit on a trace and sample held-out conditioning close to the full-precision model.
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import cq
-from cq.cache.view import CacheView
+from cq.core.view import CacheView
 from cq.models import build
 from cq.sampling import FullPrecision, ddim
 

@@ -1,4 +1,4 @@
-"""`cq.load` refuses every malformed file with a `CheckpointFormatError` naming what is wrong (issue H 7, 11)."""
+"""`cq.load` refuses every malformed file with a `CheckpointFormatError` naming what is wrong."""
 
 from __future__ import annotations
 

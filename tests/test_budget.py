@@ -1,4 +1,4 @@
-"""Compute budgets (issue M 2): the refreshes a MAC budget allows are the most that meet it; `fit_to_budget`
+"""Compute budgets: the refreshes a MAC budget allows are the most that meet it; `fit_to_budget`
 returns a model meeting the budget with the least calibration error among the points; `cq fit --budget`."""
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cq
-from cq.budget import parse_budget, refreshes_for
-from cq.cache import DPS, BudgetCache, UniformSchedule
+from cq.cache import DPS, UniformSchedule
 from cq.cache.deepcache import DeepCache
 from cq.cli import main
 from cq.errors import BudgetError, ConfigError
+from cq.fit import BudgetCache
+from cq.fit.budget import parse_budget, refreshes_for
 from cq.metrics.macs import predicted_speedup
 
 
@@ -116,7 +117,7 @@ def test_budget_cache_keeps_the_least_error_point_that_meets_the_budget(unet, tr
     macs = cq.metrics.unet_macs(unet, points=unet.cache_points())
     assert predicted_speedup(macs["full"], macs[chosen.point], model.cache.mask) >= 1.5 * (1 - 1e-9)
     assert sum(model.cache.mask) == refreshes_for(macs["full"], macs[chosen.point], STEPS, 1.5)
-    rollout = cq.rollout.CalibrationRollout((cq.correct.CacheErrorCorrector(),), unet, trace)
+    rollout = cq.fit.rollout.CalibrationRollout((cq.correct.CacheErrorCorrector(),), unet, trace)
     errors = {}
     for point in unet.cache_points():
         k = refreshes_for(macs["full"], macs[point], STEPS, 1.5)
@@ -176,7 +177,7 @@ def test_guided_rollouts_sample_the_conditional_rows_with_guidance():
         points=pipe.unet.cache_points()[-1:],
         progress=False,
     )
-    rollout = cq.rollout.CalibrationRollout((), pipe.unet, trace)
+    rollout = cq.fit.rollout.CalibrationRollout((), pipe.unet, trace)
     point = pipe.unet.cache_points()[-1]
     exact = rollout(DeepCache(schedule=UniformSchedule(interval=1), point=point), 3)
     cached = rollout(DeepCache(schedule=UniformSchedule(interval=3), point=point), 3)

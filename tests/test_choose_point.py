@@ -1,4 +1,4 @@
-"""`cq.choose_point` (issue M 3): the chosen point meets the MAC budget and has the lowest calibration error among
+"""`cq.choose_point`: the chosen point meets the MAC budget and has the lowest calibration error among
 those that do; candidates measured before are reused; bad inputs are refused."""
 
 from __future__ import annotations

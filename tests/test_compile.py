@@ -1,5 +1,5 @@
 """`CompressedUNet.compile`: the UNet compiles to two graphs (full and shallow call) with no graph break, and the
-per-step tables are indexed by a tensor step, so sampling every step recompiles nothing (issue J)."""
+per-step tables are indexed by a tensor step, so sampling every step recompiles nothing."""
 
 from __future__ import annotations
 

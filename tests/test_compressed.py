@@ -11,12 +11,12 @@ from torch.utils.flop_counter import FlopCounterMode
 import cq
 from cq.cache import DPS, CacheView, Power, UniformSchedule
 from cq.cache.deepcache import DeepCache
+from cq.calib.trace import seeded_noise
 from cq.compressed import CompressedUNet
 from cq.errors import CacheEmptyError, CachePointError, ScheduleInvalidError, StepCountMismatchError
 from cq.metrics import count_macs, predicted_speedup, unet_macs
 from cq.registry import from_dict, to_dict
 from cq.sampling import FullPrecision, ddim
-from cq.trace import seeded_noise
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ import cq
 from cq.cache import CacheView, UniformSchedule
 from cq.cache.deepcache import DeepCache
 from cq.compressed import CompressedUNet
+from cq.core.step import step_scope
 from cq.correct import CacheErrorCorrector, ChannelAffine, ChannelMoments, QuantErrorCorrector, affine_fit
 from cq.errors import ConfigError
 from cq.quant import UniformQuantizer
 from cq.registry import CORRECTORS, from_dict, to_dict
-from cq.step import step_scope
 
 
 @st.composite
@@ -185,9 +185,9 @@ def test_quant_correction_reduces_the_cached_half_error(unet, trace, cacher, dee
     name, conv = next(iter(corrector.targets(model).items()))
     ref_conv = unet.get_submodule(name)
     captured = {}
-    handle = conv.register_forward_pre_hook(lambda m, a: captured.__setitem__(cq.step.current_step(), a[0]))
+    handle = conv.register_forward_pre_hook(lambda m, a: captured.__setitem__(cq.core.step.current_step(), a[0]))
     try:
-        from cq.replay import CalibrationBatch, every_step, replay
+        from cq.calib.replay import CalibrationBatch, every_step, replay
 
         batches = every_step(model.cache.mask, model.cache.source, 8, 8)
         if deep_features == "full_precision":  # refresh steps read their own full-precision feature
@@ -208,7 +208,7 @@ def test_quant_correction_reduces_the_cached_half_error(unet, trace, cacher, dee
 
 
 def test_quant_correction_feeds_full_precision_deep_features_by_default(unet, trace, quantized_model, monkeypatch):
-    """Issue H 4: as the reference (error_dec/*_dec.py), every step's tail input during the fit comes from the
+    """As the reference (error_dec/*_dec.py), every step's tail input during the fit comes from the
     trace's full-precision feature -- shallow calls only, refresh steps on their own feature; version-1 files keep
     the quantized deep features they were fitted with."""
     import cq.correct.quant_error as module

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from cq.cache.view import CacheView
+from cq.core.view import CacheView
 from cq.errors import CacheEmptyError, CachePointError, ConfigError, InputShapeError
 from cq.models import DDPMConfig, DDPMUNet, build, get_preset, load_weights
 from cq.models.convert import ddpm_config_from_diffusers, ddpm_from_diffusers, ddpm_to_diffusers

@@ -82,7 +82,7 @@ def test_compressed_class_conditional_models_stay_close_on_held_out_labels(name,
     guided 0.047 / 0.062). Guided calibration records CacheQuant's pooled rows: ``[uncond_class; label]`` per
     trajectory."""
     traces = []
-    monkeypatch.setattr(cq.diffusers, "trace", lambda *a, **k: traces.append(cq.trace(*a, **k)) or traces[-1])
+    monkeypatch.setattr(cq.diffusers.pipeline, "trace", lambda *a, **k: traces.append(cq.trace(*a, **k)) or traces[-1])
     pipe = _pipe(_class_unet(), name)
     for scale, uncond, bounds in ((1.0, None, (0.015, 0.05)), (3.0, UNCOND, (0.04, 0.1))):
         kwargs = dict(steps=STEPS, class_labels=HELD_OUT, guidance_scale=scale, uncond_class=uncond)

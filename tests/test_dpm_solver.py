@@ -137,7 +137,7 @@ def test_errors():
 
 
 def test_a_fitted_model_records_and_checks_dpm_solver_settings(tmp_path):
-    """Issue H's sampler settings for DPM-Solver: the trace records them, the model refuses DDIM with the same
+    """The recorded sampler settings for DPM-Solver: the trace records them, the model refuses DDIM with the same
     call count, the artifact stores them, `sampler_of` and `cq.evaluate` pick dpm_solver."""
     assert SAMPLERS["dpm_solver"] is dpm_solver
     unet = build("tiny-ldm-church", seed=0)

@@ -98,7 +98,7 @@ def test_digits_classifier_accuracy_on_held_out_split():
 
 
 def test_digits_fid_of_data_is_small_and_noise_is_large():
-    from cq.train import digits_dataset
+    from cq.models.train import digits_dataset
 
     scorer = DigitsScorer.embedded()
     data = digits_dataset(16)

@@ -1,4 +1,4 @@
-"""Issue K item 2, step 1: `LatentDiffusion.from_pretrained(folder)` builds a diffusers pipeline folder from its own
+"""`LatentDiffusion.from_pretrained(folder)` builds a diffusers pipeline folder from its own
 configs (no preset), on the tiny Stable Diffusion of diffusers' own pipeline tests saved with ``save_pretrained``;
 a named preset that disagrees with the folder is refused with the differing fields."""
 

@@ -10,13 +10,13 @@ from hypothesis import strategies as st
 import cq
 from cq.cache import UniformSchedule
 from cq.cache.deepcache import DeepCache
+from cq.core.step import step_scope
 from cq.errors import ConfigError
 from cq.quant import QConv2d, UniformQuantizer
 from cq.quant.affine import qparams, search_range
 from cq.quant.gptq import gptq_round
 from cq.quant.spec import QuantSpec
 from cq.registry import from_dict, to_dict
-from cq.step import step_scope
 
 
 STEPS = 6

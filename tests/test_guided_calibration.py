@@ -1,4 +1,4 @@
-"""Issue K 1: calibration with classifier-free guidance records the pooled [uncond; cond] rows, and a model
+"""Calibration with classifier-free guidance records the pooled [uncond; cond] rows, and a model
 fitted on them is closer to guided full precision than one fitted on the conditional half only."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def test_guided_trace_stores_both_halves_interleaved(pipe):
 
 
 def test_guidance_inside_the_sampler_is_refused_not_recorded_by_half(pipe):
-    """The trap of issue K: CFG wrapped inside a custom sampler used to record only the unconditional rows."""
+    """The trap: CFG wrapped inside a custom sampler used to record only the unconditional rows."""
     uncond = pipe.unconditional(1)
 
     def guided_ddim(model, x, **kwargs):

@@ -12,7 +12,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import cq
+from cq.calib.trace import seeded_noise
+from cq.core.step import step_scope
 from cq.errors import ConfigError
+from cq.fit.recipe import Recipe
 from cq.metrics.error import sqnr
 from cq.models.layers import MatMul
 from cq.quant import QConv2d, QLinear
@@ -23,9 +26,6 @@ from cq.quant.int_mm import Int8MatMul, IntMMConv1x1, IntMMLinear, int_mm_shape_
 from cq.quant.modules import ActQuantizer, QMatMul
 from cq.quant.packing import pack_nibbles, unpack_nibbles
 from cq.quant.spec import QuantSpec
-from cq.recipe import Recipe
-from cq.step import step_scope
-from cq.trace import seeded_noise
 
 
 # oneDNN's kernels run only where they are exact: CPUs with VNNI / AMX (`onednn_exact`); elsewhere cq uses
@@ -403,19 +403,31 @@ def test_onednn_is_used_only_where_it_is_exact(setup):
 
 
 def test_default_int8_is_the_fastest_exact_path(setup, monkeypatch):
-    """``to_int8()`` never picks a path slower than float: oneDNN where it is exact, else the OpenVINO runtime;
-    without OpenVINO there, a `BackendUnavailableError` naming the install and the by-name alternative."""
+    """``to_int8()`` on the CPU (`cpu_int8_path`): OpenVINO where every layer runs int8 there (symmetric weights
+    whose codes the CPU sums exactly), else oneDNN where it is exact, else OpenVINO with float weights; with
+    neither, a `BackendUnavailableError` naming the install and the by-name alternative."""
     import sys
 
     from cq.errors import BackendUnavailableError
 
-    model = _fit(setup, "w8a8")
-    status = copy.deepcopy(model).to_int8()
-    if int8_available():
-        assert any(v == "int8 (oneDNN)" for v in status.values())
-        return
     pytest.importorskip("openvino")
-    assert all("(OpenVINO" in v for v in status.values()), status
-    monkeypatch.setitem(sys.modules, "openvino", None)
-    with pytest.raises(BackendUnavailableError, match=r"cq\[openvino\].*int_mm"):
-        copy.deepcopy(model).to_int8()
+    unet, trace = setup
+    base = _fit(setup, "w8a8")  # asymmetric 8-bit weights: zero points stay float on OpenVINO
+    symmetric = cq.Recipe(
+        cacher=base.recipe.cacher,
+        correctors=base.recipe.correctors,
+        quantizer=cq.quant.UniformQuantizer(weight_bits=7, weight_symmetric=True, refresh_samples=4, cached_samples=2),
+    ).fit(unet, trace, progress=False)
+    status = copy.deepcopy(symmetric).to_int8()
+    assert set(status.values()) == {"int8 (OpenVINO)"}, status
+    status = copy.deepcopy(base).to_int8()
+    if int8_available():
+        assert any(v == "int8 (oneDNN)" for v in status.values()), status
+    else:
+        assert all("(OpenVINO" in v for v in status.values()), status
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if it were not installed
+    if int8_available():
+        assert any(v == "int8 (oneDNN)" for v in copy.deepcopy(symmetric).to_int8().values())
+    else:
+        with pytest.raises(BackendUnavailableError, match=r"cq\[openvino\].*int_mm"):
+            copy.deepcopy(base).to_int8()

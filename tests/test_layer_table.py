@@ -14,6 +14,7 @@ from torch import nn
 
 import cq
 from cq.cli import build_parser
+from cq.core.step import step_scope
 from cq.errors import ConfigError
 from cq.metrics import count_macs
 from cq.models.layers import MatMul
@@ -31,7 +32,6 @@ from cq.quant import (
 from cq.quant.int8 import _onednn_present, int8_layers, to_int8
 from cq.quant.int_mm import IntMMConv1x1
 from cq.registry import to_dict
-from cq.step import step_scope
 
 
 STEPS = 2

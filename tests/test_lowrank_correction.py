@@ -1,4 +1,4 @@
-"""The low-rank cache correction (issue M 3): closed-form fit never worse than DEC's per-channel affine on its
+"""The low-rank cache correction: closed-form fit never worse than DEC's per-channel affine on its
 statistics, ordinary least squares at full rank without ridge, identity on exact caches; in a recipe it corrects
 shallow calls, saves and loads bit-identically, and refuses bad settings."""
 
@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import cq
 from cq.cache import UniformSchedule
 from cq.cache.deepcache import DeepCache
+from cq.calib.trace import seeded_noise
 from cq.correct import (
     CacheErrorCorrector,
     CacheErrorLowRank,
@@ -22,10 +23,9 @@ from cq.correct import (
     low_rank_affine_fit,
 )
 from cq.errors import ConfigError
-from cq.recipe import Recipe
+from cq.fit.recipe import Recipe
 from cq.registry import from_dict, to_dict
 from cq.sampling import ddim
-from cq.trace import seeded_noise
 
 
 @st.composite

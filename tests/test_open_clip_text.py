@@ -1,4 +1,4 @@
-"""OpenCLIP text towers (issue K 2): SD 2's ``FrozenOpenCLIPEmbedder`` (CompVis ``cond_stage_model.model.*``, the
+"""OpenCLIP text towers: SD 2's ``FrozenOpenCLIPEmbedder`` (CompVis ``cond_stage_model.model.*``, the
 penultimate block through ``ln_final``) and SDXL's ``FrozenOpenCLIPEmbedder2`` (sgm ``conditioner.embedders.1
 .model.*``: penultimate states, pooled output through ``text_projection``) mapped onto cq's `CLIPTextModel`.
 

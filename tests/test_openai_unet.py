@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import cq
-from cq.cache.view import CacheView
+from cq.core.view import CacheView
 from cq.errors import CacheEmptyError, CachePointError, ConfigError, InputShapeError
 from cq.models import LDMUNet, LDMUNetConfig, build, get_preset, load_weights
 from cq.models.convert_ldm import (
@@ -722,9 +722,9 @@ def test_attention_matmuls_are_named_modules():
 @pytest.mark.slow
 def test_cachequant_recipe_fits_a_tiny_ldm():
     """The CacheQuant recipe (DPS, per-step quantization, both DEC corrections) runs on an LDM UNet with context."""
+    from cq.fit.recipe import Recipe, cachequant
     from cq.quant import UniformQuantizer
     from cq.quant.modules import QConv2d
-    from cq.recipe import Recipe, cachequant
 
     unet = build("tiny-sd", seed=0)
     g = torch.Generator().manual_seed(0)

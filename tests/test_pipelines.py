@@ -472,7 +472,7 @@ def test_tokenizer_from_a_path(diffusers_sd, tmp_path):
 
 
 def test_a_missing_tokenizer_is_refused_at_load_time(diffusers_sd, tmp_path):
-    """Issue K 3: prompts through a text-conditioned model without a tokenizer used to fail only at sample()."""
+    """Prompts through a text-conditioned model without a tokenizer used to fail only at sample()."""
     source = LatentDiffusion.build("tiny-sd", seed=1)
     path = tmp_path / "sd.safetensors"
     save_file(_ldm_state(source), path)

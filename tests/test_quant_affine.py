@@ -154,7 +154,7 @@ def test_one_pass_search_equals_the_candidate_loop(x, bits, symmetric):
     bits=st.sampled_from([4, 6, 8]),
 )
 def test_the_sampled_range_search_is_nearly_as_good_as_the_full_one(seed, dist, bits):
-    """Issue H 5: calibration searches a weighted sample of a large activation (exact tails + strided middle);
+    """Calibration searches a weighted sample of a large activation (exact tails + strided middle);
     on the whole tensor its L_p error stays within 5% of the full search's optimum (the strided sample plus the
     two extremes over-weighted them: up to 3.9x the optimum on Student-t data at 4 bits)."""
     from cq.quant.calibrate import SEARCH_ELEMENTS, TAIL_ELEMENTS, _weighted_sample

@@ -11,7 +11,9 @@ from torch import nn
 import cq
 from cq.cache import UniformSchedule
 from cq.cache.deepcache import DeepCache
+from cq.calib.trace import seeded_noise
 from cq.compressed import CompressedUNet
+from cq.core.step import step_scope
 from cq.errors import ConfigError, StepNotSetError
 from cq.metrics.error import sqnr
 from cq.models.layers import MatMul
@@ -21,8 +23,6 @@ from cq.quant.ptq4dm import ndtc_steps
 from cq.quant.spec import QuantSpec
 from cq.registry import QUANTIZERS, from_dict, to_dict
 from cq.sampling import FullPrecision, ddim
-from cq.step import step_scope
-from cq.trace import seeded_noise
 
 
 STEPS = 6
@@ -209,7 +209,7 @@ def test_ptq4dm_feeds_the_true_timestep_of_each_calibration_step(unet, trace):
             self.w = nn.Parameter(torch.zeros(()))
 
         def forward(self, x, t, cond=None, *, cache=None):
-            from cq.step import current_step
+            from cq.core.step import current_step
 
             seen.append((current_step(), t.clone(), x.clone()))
             return x
@@ -222,7 +222,7 @@ def test_ptq4dm_feeds_the_true_timestep_of_each_calibration_step(unet, trace):
 
 
 def test_ptq4dm_warns_when_draws_exceed_the_stored_trajectories(trace):
-    """Issue H 2: NDTC draws beyond a step's stored trajectories were dropped silently; they are now counted and
+    """NDTC draws beyond a step's stored trajectories were dropped silently; they are now counted and
     reported, and every batch holds distinct rows."""
     keep = trace.x.shape[1]
     with pytest.warns(UserWarning, match="add no new samples"):
@@ -336,8 +336,8 @@ def test_version_1_quantizers_keep_their_io_layers_quantized():
 def test_shared_ranges_cover_every_step_in_any_order(unet, trace):
     """A shared (one-table) range is the union of the per-step ranges: independent of the order the steps are
     calibrated in, and never narrower than any step's own range."""
+    from cq.calib.replay import CalibrationBatch, replay
     from cq.quant.calibrate import RangeTables, observe
-    from cq.replay import CalibrationBatch, replay
 
     def tables(order):
         model = UniformQuantizer(per_step=False).prepare(unet, STEPS)
@@ -355,7 +355,7 @@ def test_shared_ranges_cover_every_step_in_any_order(unet, trace):
 
 
 def test_split_convs_quantize_each_input_half_on_its_own(unet):
-    """Issue H 1: a conv reading cat(cached, skip) has per-output-channel scales per half (CacheQuant), so a half
+    """A conv reading cat(cached, skip) has per-output-channel scales per half (CacheQuant), so a half
     with small weights is not quantized on the other half's scale; version-2 recipes keep one scale."""
     splits = unet.concat_splits()
     assert splits

@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 import cq
 from cq.cache import DPS, Power, UniformSchedule
 from cq.cache.deepcache import DeepCache
+from cq.calib.trace import seeded_noise
 from cq.correct import CacheErrorCorrector, QuantErrorCorrector
 from cq.errors import CheckpointFormatError, ConfigError, StepCountMismatchError
+from cq.fit.recipe import PRESET_RECIPES, Recipe, parse_bits
 from cq.quant import PTQ4DM, UniformQuantizer, quantized_modules
-from cq.recipe import PRESET_RECIPES, Recipe, parse_bits
 from cq.registry import from_dict, to_dict
 from cq.sampling import ddim
-from cq.trace import seeded_noise
 
 
 STEPS = 6

@@ -313,7 +313,7 @@ def test_diffusers_config_with_malformed_block_out_channels(tmp_path, value):
 
 def test_resuming_from_a_truncated_training_state_says_delete_it(tmp_path):
     pytest.importorskip("sklearn")
-    from cq.train import TrainConfig, train
+    from cq.models.train import TrainConfig, train
 
     out = tmp_path / "model.safetensors"
     state = out.with_suffix(".state.pt")

@@ -6,8 +6,8 @@ import pytest
 
 import cq
 from cq.cli import main
+from cq.fit.recipe import Recipe, deepcache
 from cq.metrics import predicted_speedup, unet_macs
-from cq.recipe import Recipe, deepcache
 
 
 STEPS = 6
@@ -135,7 +135,7 @@ def test_cli_refuses_bad_numbers_at_parse_time(argv, capsys):
 
 def test_sampling_defaults_and_train_config_refuse_bad_values(unet):
     from cq.models.presets import sampling_defaults
-    from cq.train import TrainConfig
+    from cq.models.train import TrainConfig
 
     with pytest.raises(cq.errors.ConfigError, match="steps"):
         sampling_defaults(unet, 0)
@@ -157,12 +157,12 @@ def test_report_describes_any_quantizer_subclass(unet, trace):
     """A user's Quantizer need not have weight_bits / act_bits: report() names it by class."""
     from dataclasses import dataclass
 
+    from cq.calib.replay import every_step
     from cq.quant import Quantizer
     from cq.quant.spec import QuantSpec
     from cq.registry import QUANTIZERS
-    from cq.replay import every_step
 
-    @QUANTIZERS.register("test_eight_bit_everywhere")  # Recipe refuses unregistered strategies (issue I 3)
+    @QUANTIZERS.register("test_eight_bit_everywhere")  # Recipe refuses unregistered strategies
     @dataclass(frozen=True, kw_only=True)
     class EightBitEverywhere(Quantizer):
         include: tuple[str, ...] = ("*",)
@@ -179,7 +179,7 @@ def test_report_describes_any_quantizer_subclass(unet, trace):
 
 
 def test_report_on_int8_models_counts_the_same_macs_and_labels_the_kernels(unet, trace, quantized):
-    """Issue H 14: converted layers count their MACs (they counted 0: ZeroDivisionError) and the summary says
+    """Converted layers count their MACs (they counted 0: ZeroDivisionError) and the summary says
     which quantized layers run on integer kernels."""
     import copy
 
@@ -195,7 +195,7 @@ def test_report_on_int8_models_counts_the_same_macs_and_labels_the_kernels(unet,
 
 @pytest.mark.parametrize("preset", ["tiny-sd", "tiny-ldm-cin"])
 def test_report_runs_on_conditional_unets_without_a_trace(preset):
-    """Issue H 14: MACs of a conditional UNet are counted with an example conditioning (they raised
+    """MACs of a conditional UNet are counted with an example conditioning (they raised
     InputShapeError without one)."""
     from cq.models.loading import build
 
@@ -207,7 +207,7 @@ def test_report_runs_on_conditional_unets_without_a_trace(preset):
 
 
 def test_cli_fit_with_int8_backend_saves_samples_and_reports(tmp_path, capsys):
-    """Issue H 14: the README's `cq fit --backend int8 -o out.cq` exits 0, and the saved model samples and reports
+    """The README's `cq fit --backend int8 -o out.cq` exits 0, and the saved model samples and reports
     on integer kernels."""
     out = tmp_path / "int8.cq"
     argv = ["fit", "--model", "demo", "--recipe", "cachequant", "--steps", "4", "--interval", "2"]

@@ -1,4 +1,4 @@
-"""Paper rows as data (cq.reproduce): every row's settings are valid for cq; ``cq reproduce --list``; the demo row
+"""Paper rows as data (cq.cli.reproduce): every row's settings are valid for cq; ``cq reproduce --list``; the demo row
 end to end at tiny sizes (8 DDIM steps instead of 50, 12 samples, 4 calibration trajectories)."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cq import reproduce
-from cq.cli import _recipe_of, build_parser, main
+from cq.cli import build_parser, main, reproduce
+from cq.cli.fit import _recipe_of
+from cq.cli.reproduce import ROWS, PaperRow, plan, row_named
 from cq.errors import ConfigError
 from cq.models.presets import PRESETS
-from cq.reproduce import ROWS, PaperRow, plan, row_named
 from cq.sampling.shards import read_samples
 
 

@@ -17,12 +17,12 @@ from torch import nn
 
 import cq
 from cq.cache import DeepCache, UniformSchedule
+from cq.core.step import step_scope
 from cq.errors import BackendUnavailableError, ConfigError, ExportUnsupportedError, StepCountMismatchError
+from cq.fit.recipe import Recipe
 from cq.quant import QConv2d, UniformQuantizer
 from cq.quant.spec import QuantSpec
-from cq.recipe import Recipe
 from cq.runtime import cpu_line, int8_weight_limit, layer_plan, lower_layers
-from cq.step import step_scope
 
 
 ov = pytest.importorskip("openvino")

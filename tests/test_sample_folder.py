@@ -1,4 +1,4 @@
-"""`cq sample --out DIR` (issue L 1-2): fixed shards of seeds + manifest, resumable after ``kill -9``,
+"""`cq sample --out DIR`: fixed shards of seeds + manifest, resumable after ``kill -9``,
 byte-identical to an uninterrupted run, and split over ``torchrun`` ranks (gloo) with the same union."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A fitted model records how it must be sampled; every sampler and the CLI refuse other settings (issue H 6)."""
+"""A fitted model records how it must be sampled; every sampler and the CLI refuse other settings."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cq
+from cq.calib.trace import seeded_noise
 from cq.cli import main
 from cq.errors import CheckpointFormatError, ConfigError, SamplerMismatchError
 from cq.models.presets import sampling_defaults
 from cq.sampling import NoiseSchedule, SamplerSettings, ddim, plms, sampler_of
 from cq.sampling.settings import planned_settings
-from cq.trace import seeded_noise
 
 
 STEPS = 10

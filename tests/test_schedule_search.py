@@ -19,10 +19,10 @@ from cq.cache.schedule import refresh_steps
 from cq.cache.search import coordinate_descent, end_to_end_db, even_steps
 from cq.correct import CacheErrorCorrector, QuantErrorCorrector
 from cq.errors import ConfigError, ScheduleInvalidError, StepCountMismatchError
+from cq.fit.recipe import Recipe
+from cq.fit.rollout import CalibrationRollout
 from cq.quant import UniformQuantizer, quantized_modules
-from cq.recipe import Recipe
 from cq.registry import SCHEDULES, from_dict, to_dict
-from cq.rollout import CalibrationRollout
 from cq.sampling import ddim
 
 

@@ -218,7 +218,7 @@ def test_every_registered_schedule_is_covered():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# DPS under PLMS (issue H 3): groups by sampler steps, not model calls
+# DPS under PLMS: groups by sampler steps, not model calls
 
 
 @given(steps=st.integers(4, 60), N=st.integers(1, 8), seed=st.integers(0, 10**6))

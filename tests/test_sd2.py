@@ -1,4 +1,4 @@
-"""Issue K item 2, step 2: SD 2.x -- v-prediction through the one shared conversion (`eps_from_output`) in DDIM and
+"""SD 2.x -- v-prediction through the one shared conversion (`eps_from_output`) in DDIM and
 PLMS, checked against diffusers' DDIMScheduler(prediction_type="v_prediction") on diffusers' own tiny SD 2 test
 pipeline; fp32 attention (``upcast_attention``) honoured in bf16; CompVis SD 2 checkpoints (``parameterization: v``)
 through an SD 2 preset or ``prediction=``. UNet parity of linear projections and per-block heads is in
@@ -18,7 +18,7 @@ from torch import nn
 
 from cq.errors import ConfigError
 from cq.models import LatentDiffusion, build, get_preset, load
-from cq.models.openai_unet import CrossAttention
+from cq.models.openai_blocks import CrossAttention
 from cq.sampling import FullPrecision, NoiseSchedule, ddim, plms
 from cq.sampling.noise import eps_from_output
 

@@ -1,4 +1,4 @@
-"""Issue K item 2, step 3: SDXL's UNet -- ``addition_embed_type="text_time"`` (the vector conditioning y = pooled
+"""SDXL's UNet -- ``addition_embed_type="text_time"`` (the vector conditioning y = pooled
 text + embedded size/crop ids, through ``label_emb``), transformer depth per level, no attention at the first level
 -- against diffusers' ``UNet2DConditionModel`` on the tiny config of diffusers' SDXL pipeline tests, and the
 CompVis/SGM key map against diffusers' single-file converter."""

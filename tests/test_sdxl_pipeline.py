@@ -1,4 +1,4 @@
-"""Issue K item 2, step 4: SDXL's conditioning -- the two CLIP text encoders (penultimate hidden states; the second
+"""SDXL's conditioning -- the two CLIP text encoders (penultimate hidden states; the second
 with ``text_projection`` of the pooled output), the vector conditioning y of size/crop ids, diffusers'
 ``force_zeros_for_empty_prompt`` unconditional branch -- and `LatentDiffusion.from_pretrained` on a tiny SDXL
 pipeline folder, against diffusers' ``StableDiffusionXLPipeline``."""

@@ -22,8 +22,8 @@ from cq.cache.search import end_to_end_db
 from cq.cache.sensitivity_dp import step_gains, weighted_distances
 from cq.correct import CacheErrorCorrector, QuantErrorCorrector
 from cq.errors import ConfigError, ScheduleInvalidError, StepCountMismatchError
+from cq.fit.recipe import Recipe
 from cq.quant import UniformQuantizer
-from cq.recipe import Recipe
 from cq.registry import SCHEDULES, from_dict, to_dict
 from cq.sampling import ddim
 

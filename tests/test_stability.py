@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 import cq
 from cq.errors import ConfigError, ReferenceMismatchError
 from cq.metrics import Stability, stability
-from cq.metrics.evaluate import STABLE_DB, Evaluation, nudge
+from cq.metrics.evaluate import STABLE_DB, Evaluation
+from cq.metrics.seed_stability import nudge
 from cq.sampling.seeded import seeded_noise
 
 
@@ -65,7 +66,7 @@ def test_stability_per_seed_does_not_depend_on_the_batch(unet):
     )
 )
 def test_bad_nudges_are_refused_naming_the_fix(eps):
-    from cq.metrics.evaluate import check_eps
+    from cq.metrics.seed_stability import check_eps
 
     with pytest.raises(ConfigError, match=r"eps must be a finite number > 0.*stability=1e-2"):
         check_eps(eps)
@@ -183,6 +184,6 @@ def test_stability_of_the_demo_model():
 
 @given(st.integers(min_value=-(2**40), max_value=2**40))
 def test_a_nudge_generator_is_never_its_seeds(seed):
-    from cq.metrics.evaluate import nudge_seed
+    from cq.metrics.seed_stability import nudge_seed
 
     assert 0 <= nudge_seed(seed) < 2**32 and nudge_seed(seed) != seed % 2**32

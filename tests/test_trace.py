@@ -9,11 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cq.cache.view import CacheView
+from cq.calib.trace import Trace, seeded_noise, trace
+from cq.core.view import CacheView
 from cq.errors import ConfigError, InputShapeError, TraceBudgetError
 from cq.models.ddpm import DDPMConfig, DDPMUNet
 from cq.sampling import FullPrecision, NoiseSchedule, ddim, ddim_timesteps
-from cq.trace import Trace, seeded_noise, trace
 
 
 RES = 16
@@ -324,7 +324,7 @@ def test_plms_trace_records_every_model_call_and_fits_a_recipe(unet):
     from cq.cache import DPS
     from cq.cache.deepcache import DeepCache
     from cq.correct import CacheErrorCorrector
-    from cq.recipe import Recipe
+    from cq.fit.recipe import Recipe
 
     recipe = Recipe(cacher=DeepCache(schedule=DPS(interval=2)), correctors=(CacheErrorCorrector(),))
     model = recipe.fit(unet, recorded, progress=False)

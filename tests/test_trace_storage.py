@@ -1,4 +1,4 @@
-"""Issue L 5: a trace kept on disk (``cq.trace(..., storage=FOLDER)``, memory-mapped ``.npy`` files) holds exactly
+"""A trace kept on disk (``cq.trace(..., storage=FOLDER)``, memory-mapped ``.npy`` files) holds exactly
 what the in-memory trace holds, fits exactly the same model, appears only when complete, reopens with
 `Trace.open`, and refuses what it cannot store or read with `TraceStorageError`."""
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import cq
+from cq.calib.trace import Trace
 from cq.errors import TraceStorageError
 from cq.models import LatentDiffusion
-from cq.trace import Trace
 
 
 def _same_trace(a: Trace, b: Trace) -> None:

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from cq.errors import ConfigError
-from cq.train import TrainConfig, train, x0_loss_weights
+from cq.models.train import TrainConfig, train, x0_loss_weights
 
 
 pytest.importorskip("sklearn")
@@ -23,12 +23,12 @@ def _weights(path):
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    """Issue H 9: the state file carries the data and the dropout RNG states; kill after the step-2 save and
+    """The state file carries the data and the dropout RNG states; kill after the step-2 save and
     re-run: bit-identical to an uninterrupted run (the demo preset has dropout 0.1)."""
     config = TrainConfig(**TINY)
     whole, _ = _weights(train(config, tmp_path / "whole.safetensors", progress=False))
 
-    import cq.train as module
+    import cq.models.train as module
 
     real = module.atomic_torch_save
     calls = []

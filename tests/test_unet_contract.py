@@ -1,4 +1,4 @@
-"""The UNet contract (issue I): `CacheableUNet` declares what consumers read, constructors set it, consumers refuse
+"""The UNet contract: `CacheableUNet` declares what consumers read, constructors set it, consumers refuse
 anything else with one message, presets split into the UNet part and the latent-pipeline part."""
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Feature caching: the `CacheView` slot models expose, refresh schedules and cachers."""
 
+from .._moved import package_getattr
+from ..core.view import CacheView
 from ..registry import deprecated_names
-from .budget_cache import BudgetCache
 from .cacher import Cacher, FeatureCache
 from .deepcache import DeepCache
 from .dps import DPS, dp_partition
@@ -10,14 +11,12 @@ from .schedule import Schedule
 from .search import TrajectorySearch
 from .sensitivity_dp import SensitivityDP
 from .uniform import UniformSchedule
-from .view import CacheView
 
 
 __all__ = [
     "CacheView",
     "Cacher",
     "DeepCache",
-    "BudgetCache",
     "FeatureCache",
     "Schedule",
     "UniformSchedule",
@@ -29,4 +28,7 @@ __all__ = [
 ]
 
 
-__getattr__ = deprecated_names(__name__, {"Uniform": UniformSchedule})  # its former name, for one release
+# former names, for one release: `Uniform` (now `UniformSchedule`), `BudgetCache` (now in `cq.fit`)
+__getattr__ = package_getattr(
+    __name__, {"BudgetCache": "cq.fit"}, deprecated_names(__name__, {"Uniform": UniformSchedule}, stacklevel=3)
+)

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
+from ..core.view import CacheView
 from ..errors import CacheEmptyError
 from .schedule import check_mask
-from .view import CacheView
 
 
 if TYPE_CHECKING:
-    from ..trace import Trace
+    from ..calib.trace import Trace
 
 __all__ = ["Cacher", "FeatureCache"]
 
@@ -39,7 +39,7 @@ class Cacher(ABC):
     def needs_rollout(self) -> bool:
         """True when `fit` needs ``rollout=`` (its schedule searches on the compressed model's own error):
         `Recipe.fit` then calls ``fit(unet, trace, rollout=r)`` with ``r(candidate_cacher, trajectories)`` ->
-        per-trajectory x0 MSE of the compressed model built with that cacher (`cq.rollout.CalibrationRollout`)."""
+        per-trajectory x0 MSE of the compressed model built with that cacher (`cq.fit.rollout.CalibrationRollout`)."""
         return False
 
     @property
@@ -65,7 +65,7 @@ class FeatureCache(nn.Module):
     """The one run-time cache: the cached feature of one point, the refresh mask deciding, per step, full vs
     shallow forward, and the correction applied to the cached feature before every shallow call.
 
-    Sampling (`run`), calibration and DEC fitting (`cq.replay`) all make shallow calls through `shallow`, so
+    Sampling (`run`), calibration and DEC fitting (`cq.calib.replay`) all make shallow calls through `shallow`, so
     they see exactly the same corrected feature.
 
     Args:

@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from ..core.unet import check_cacheable
 from ..errors import CachePointError, ConfigError, ScheduleInvalidError
-from ..models.unet import check_cacheable
 from ..registry import CACHERS
 from .cacher import Cacher, FeatureCache
 from .schedule import Schedule
 
 
 if TYPE_CHECKING:
-    from ..trace import Trace
+    from ..calib.trace import Trace
 
 __all__ = ["DeepCache"]
 

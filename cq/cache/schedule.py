@@ -35,7 +35,7 @@ class Schedule(ABC):
     registry_kind: ClassVar[str] = "schedule"  # the registry its subclasses register in
     VERSION: ClassVar[int] = 1
     #: for a schedule that `needs_rollout`: whether the candidates are rolled out with the recipe's quantizer
-    #: (calibrated once, tables shared by every candidate; `cq.rollout.CalibrationRollout.of`) or in full precision
+    #: (calibrated once, tables shared by every candidate; `cq.fit.rollout.CalibrationRollout.of`) or in full precision
     quantized_rollout: ClassVar[bool] = True
 
     @abstractmethod
@@ -67,7 +67,7 @@ class Schedule(ABC):
 
 #: ``rollout(candidate, trajectories) -> [trajectories]`` per-trajectory x0 MSE against full precision of the
 #: compressed model whose schedule is ``candidate`` (fitted), sampled end to end from the first ``trajectories``
-#: calibration trajectories' initial noise (`cq.rollout.CalibrationRollout`); ``trajectories=None``: all it kept.
+#: calibration trajectories' initial noise (`cq.fit.rollout.CalibrationRollout`); ``trajectories=None``: all it kept.
 ScheduleRollout: TypeAlias = Callable[["Schedule", int | None], Tensor]
 
 

@@ -1,4 +1,4 @@
-"""`TrajectorySearch`: the refresh steps that minimise the compressed model's own end-to-end error (cq, issue M).
+"""`TrajectorySearch`: the refresh steps that minimise the compressed model's own end-to-end error.
 
 DPS (CacheQuant) minimises the distance of each cached feature to its group's first feature; what a user sees is
 the error of the final sample of the *cached, quantized, corrected* model, which that distance predicts only

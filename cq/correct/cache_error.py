@@ -21,8 +21,8 @@ from .moments import ChannelMoments, affine_fit
 
 
 if TYPE_CHECKING:
+    from ..calib.trace import Trace
     from ..compressed import CompressedUNet
-    from ..trace import Trace
 
 __all__ = ["CacheErrorCorrector"]
 

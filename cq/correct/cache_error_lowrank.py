@@ -2,7 +2,7 @@
 
 CacheQuant's DEC (`CacheErrorCorrector`, Sec. 3.3) corrects the stale feature ``F_s(i)`` channel by channel. At a
 shallow cache point (the demo's ``up.0.block.2``: a 32-channel 16x16 feature) the stale feature's channels drift
-together and a per-channel gain cannot follow them (issue M 3). Here, for each cached step i,
+together and a per-channel gain cannot follow them. Here, for each cached step i,
 ``F_i ≈ a_i ∘ F_s(i) + M_i F_s(i) + b_i`` with ``M_i`` of rank <= r fitted in closed form from streamed second
 moments (`cq.correct.cross_moments`), ridge-regularised towards the per-channel affine, so on its fitting data it
 is never worse than DEC; identity at refresh steps. Applied to the cached tensor before the shallow call, like DEC.
@@ -23,8 +23,8 @@ from .low_rank_affine import LowRankAffine
 
 
 if TYPE_CHECKING:
+    from ..calib.trace import Trace
     from ..compressed import CompressedUNet
-    from ..trace import Trace
 
 __all__ = ["CacheErrorLowRank"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..step import step_row
+from ..core.step import step_row
 
 
 __all__ = ["ChannelAffine"]
@@ -23,7 +23,7 @@ class ChannelAffine(nn.Module):
         self.register_buffer("offset", torch.zeros(num_steps, channels))
 
     def forward(self, h: Tensor, step: int | Tensor) -> Tensor:
-        """``step``: an int, or the 0-d step tensor of `cq.step.current_step_index` (inside compiled graphs)."""
+        """``step``: an int, or the 0-d step tensor of `cq.core.step.current_step_index` (inside compiled graphs)."""
         shape = (1, -1) + (1,) * (h.ndim - 2)
         gain, offset = step_row(self.gain, step), step_row(self.offset, step)
         return h * gain.reshape(shape).to(h.dtype) + offset.reshape(shape).to(h.dtype)

@@ -15,8 +15,8 @@ from torch import nn
 
 
 if TYPE_CHECKING:
+    from ..calib.trace import Trace
     from ..compressed import CompressedUNet
-    from ..trace import Trace
 
 __all__ = ["Corrector", "Stage"]
 

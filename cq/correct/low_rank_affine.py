@@ -2,7 +2,7 @@
 
 DEC's per-channel affine (`ChannelAffine`) plus a rank-r map across channels, applied per pixel (two 1x1
 convolutions of r channels): what a stale feature needs when its channels drift together, as at the shallow
-cache points where a per-channel gain cannot follow the feature (issue M 3).
+cache points where a per-channel gain cannot follow the feature.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..step import step_row
+from ..core.step import step_row
 
 
 __all__ = ["LowRankAffine"]

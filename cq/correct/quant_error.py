@@ -27,19 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..calib.replay import CalibrationBatch, every_step, replay
+from ..core.step import current_step
 from ..errors import ConfigError
 from ..quant.modules import QConv2d
 from ..registry import CORRECTORS
-from ..replay import CalibrationBatch, every_step, replay
-from ..step import current_step
 from .correction import ChannelAffine
 from .corrector import Corrector, Stage
 from .moments import ChannelMoments, affine_fit
 
 
 if TYPE_CHECKING:
+    from ..calib.trace import Trace
     from ..compressed import CompressedUNet
-    from ..trace import Trace
 
 __all__ = ["QuantErrorCorrector"]
 

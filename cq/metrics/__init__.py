@@ -1,8 +1,8 @@
 """Measurements: MAC counts and predicted speedups; errors against full precision."""
 
 from .error import psnr, sample_error
-from .evaluate import Stability, stability
 from .macs import MacCount, count_macs, predicted_speedup, unet_macs
+from .seed_stability import Stability, stability
 
 
 __all__ = [

@@ -1,6 +1,6 @@
 """`call_seconds`: measured wall-clock of a full UNet call and of the shallow call at each cache point.
 
-What a wall-clock budget is planned on (`cq.cache.BudgetCache(measure="wall")`): MACs overstate the speedup of
+What a wall-clock budget is planned on (`cq.fit.BudgetCache(measure="wall")`): MACs overstate the speedup of
 small shallow calls, whose time is dominated by per-layer overhead rather than arithmetic (README, tiny-config
 table). Calls are timed interleaved -- full, then every point's shallow call, ``repeats`` times -- after one
 warm-up round, and the medians are returned, on the inputs given (the device, batch and dtype they will run on).
@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..cache.view import CacheView
+from ..core.step import step_scope
+from ..core.view import CacheView
 from ..errors import ConfigError
-from ..step import step_scope
 
 
 __all__ = ["call_seconds"]

@@ -1,6 +1,6 @@
 """Distribution-level metrics for the demo model: a small digits classifier trained by cq, and what it measures.
 
-The demo model generates 16x16 digits (`cq.train.digits_dataset`). Per-sample PSNR against full precision says
+The demo model generates 16x16 digits (`cq.models.train.digits_dataset`). Per-sample PSNR against full precision says
 how far each compressed sample moved; it does not say whether the *set* of samples is still distributed like
 the data. For that, FID's recipe with a feature extractor that fits the domain (Inception does not: it has
 never seen a 16x16 digit): `DigitsClassifier`, a CNN trained on scikit-learn's digits, gives
@@ -76,10 +76,10 @@ class DigitsClassifier(nn.Module):
 
 
 def digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(train_x, train_y, test_x, test_y)``: the 16x16 digits of `cq.train.digits_dataset`, seeded split."""
+    """``(train_x, train_y, test_x, test_y)``: the 16x16 digits of `cq.models.train.digits_dataset`, seeded split."""
     from sklearn.datasets import load_digits
 
-    from ..train import digits_dataset
+    from ..models.train import digits_dataset
 
     images = digits_dataset(16)
     labels = torch.from_numpy(load_digits().target).long()
@@ -138,7 +138,7 @@ def train_digits_classifier(
         "test_accuracy": f"{accuracy:.4f}",
         "train_seconds": f"{time.perf_counter() - start:.0f}",
     }
-    from ..train import digits_dataset
+    from ..models.train import digits_dataset
 
     with torch.no_grad():
         data = gaussian_stats(model.features(digits_dataset(16)))

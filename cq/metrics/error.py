@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 
-__all__ = ["sample_error", "psnr", "sqnr"]
+
+__all__ = ["sample_error", "psnr", "per_sample_psnr", "sqnr"]
 
 
 def sample_error(x: Tensor, reference: Tensor) -> dict[str, float]:
@@ -27,3 +30,11 @@ def sqnr(x: Tensor, reference: Tensor) -> float:
     noise = float((x - reference).pow(2).sum())
     signal = float(reference.pow(2).sum())
     return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+
+
+def per_sample_psnr(x: Tensor, reference: Tensor, data_range: float = 2.0) -> Tensor:
+    """``[N]`` PSNR in dB of each sample of ``x`` against the same row of ``reference`` (``inf`` where equal)."""
+    if x.shape != reference.shape:
+        raise ConfigError(f"samples {tuple(x.shape)} and reference {tuple(reference.shape)} differ in shape")
+    mse = (x.detach().double() - reference.detach().double()).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(data_range**2 / mse)).float()

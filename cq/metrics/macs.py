@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..cache.view import CacheView
+from ..core.step import step_scope
+from ..core.view import CacheView
 from ..quant.layer_table import LayerKind, kind_of
-from ..step import step_scope
 
 
 __all__ = ["MacCount", "count_macs", "unet_macs", "predicted_speedup"]

@@ -1,6 +1,8 @@
 """Self-contained UNets whose attribute names reproduce the original checkpoints (all `CacheableUNet`s), plus
 loaders, presets and the latent-diffusion pipeline."""
 
+from .._moved import package_getattr
+from ..core.unet import CacheableUNet, check_cacheable
 from .autoencoders import AutoencoderConfig, AutoencoderKL, VQModel
 from .clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from .conditioners import ClassEmbedder, ConditionerConfig, TextConditioner
@@ -10,7 +12,6 @@ from .openai_unet import LDMUNet, LDMUNetConfig
 from .pipelines import ClassifierFreeGuidance, LatentDiffusion
 from .presets import PRESETS, LatentPipelineSpec, Preset, get_preset
 from .tokenizer import CLIPTokenizer
-from .unet import CacheableUNet, check_cacheable
 
 
 __all__ = [
@@ -40,3 +41,5 @@ __all__ = [
     "LatentDiffusion",
     "ClassifierFreeGuidance",
 ]
+
+__getattr__ = package_getattr(__name__)  # `cq.models.unet`: the path of the previous release

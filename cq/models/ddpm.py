@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.unet import CacheableUNet, PresetInfo
 from ..errors import ConfigError, InputShapeError
 from .layers import MatMul, ddpm_timestep_embedding
-from .unet import CacheableUNet, PresetInfo
 
 
 if TYPE_CHECKING:
-    from ..cache.view import CacheView
+    from ..core.view import CacheView
     from ..sampling.noise import NoiseSchedule
 
 

@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..core.unet import CacheableUNet
 from ..errors import CheckpointFormatError, CheckpointKeyMismatchError, CheckpointValueError, ConfigError, CqError
 from ..sampling.noise import NoiseSchedule, Prediction
 from .checkpoint import read_diffusers_folder, read_state_dict
@@ -25,7 +26,6 @@ from .convert_ldm import (
 from .ddpm import DDPMConfig, DDPMUNet
 from .openai_unet import LDMUNet, LDMUNetConfig
 from .presets import FAMILIES, PRESETS, Preset, family_of, get_preset
-from .unet import CacheableUNet
 
 
 __all__ = [

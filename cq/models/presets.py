@@ -16,7 +16,7 @@ from .openai_unet import LDMUNetConfig
 
 
 if TYPE_CHECKING:
-    from .unet import CacheableUNet
+    from ..core.unet import CacheableUNet
 
 
 __all__ = ["Preset", "LatentPipelineSpec", "PRESETS", "FAMILIES", "family_of", "get_preset", "sampling_defaults"]

@@ -1,7 +1,7 @@
 """Post-training quantization by module replacement: specs, fake-quant modules, strategies, calibration."""
 
+from ..calib.replay import CalibrationBatch
 from ..registry import deprecated_names
-from ..replay import CalibrationBatch
 from .affine import fake_quantize, qparams
 from .backend import Backend
 from .layer_table import FLOAT_TO_FAKE, LAYERS, LayerKind, fake_quant_classes, float_classes, integer_classes, kind_of

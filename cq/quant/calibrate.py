@@ -8,8 +8,8 @@ hooks are removed; `RangeTables.apply` then writes scales and zero points into t
 inside the modules while observing and no tensor is kept: memory is two floats per table entry (per step).
 
 With ``groups`` (the refresh step each step reuses, `FeatureCache.source`), `RangeTables.apply` writes one range per
-cache group into every step of the group: the union of the group's observed per-step ranges (deployable tables,
-issue M 4: the scales change only at refresh steps).
+cache group into every step of the group: the union of the group's observed per-step ranges (deployable tables:
+the scales change only at refresh steps).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..core.step import current_step
 from ..errors import ConfigError
-from ..step import current_step
 from .affine import search_range
 from .modules import ActQuantizer
 
@@ -32,8 +32,7 @@ __all__ = ["RangeTables", "observe", "SEARCH_ELEMENTS"]
 # exactly (weight 1 each: clipping costs are decided by the tails, which a strided sample misses at 8 bits), plus
 # at most SEARCH_ELEMENTS strided values from between them, each standing for its share of the remaining elements.
 # Calibration time is dominated by this search (~12 ms at 65k elements vs ~2 ms at 8k, per quantizer-step).
-# Before (issue H 5): the strided sample plus the two extremes at weight 1 / 8194 each: N / 8192 times their
-# share, which pushed the search towards plain min-max on large tensors.
+# (Weighting the two extremes like any strided value would push the search towards plain min-max on large tensors.)
 SEARCH_ELEMENTS = 1 << 13
 TAIL_ELEMENTS = 256
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..step import step_row, table_step
+from ..core.step import step_row, table_step
 from .modules import ActQuantizer
 
 

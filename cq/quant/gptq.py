@@ -8,7 +8,7 @@ inputs is small rather than the weight error. Scales and zero points stay those 
 (per output channel, per split half), so the result is stored and run exactly as a round-to-nearest weight:
 int8 kernels, artifacts and MAC counts do not change.
 
-Inputs come from the calibration calls (`cq.replay`, the cached model's own calls: refresh steps full, cached
+Inputs come from the calibration calls (`cq.calib.replay`, the cached model's own calls: refresh steps full, cached
 steps shallow) with weights rounded to nearest and activations not yet quantized; a conv's input is unfolded
 into its ``C * kh * kw`` patch columns (``torch.nn.functional.unfold``), about `ROWS_PER_CALL` rows per call
 (evenly strided samples of the batch, then strided rows).

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..step import table_step
+from ..core.step import table_step
 from .codes import input_codes
 from .modules import ActQuantizer, QConv2d, QLinear, QMatMul, QuantizedWeight, adopt_conv_state
 

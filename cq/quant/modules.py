@@ -3,7 +3,7 @@
 Each module quantizes its weight (data-free, at construction) and its input activation(s) with an
 `ActQuantizer`. An activation quantizer passes values through until calibration gives it a range
 (``calibrated``); with ``per_step`` it holds one (scale, zero point) per sampling step and reads the step from
-`cq.step.current_step` -- never from a counter. Modules whose input is ``cat(cached, skip)`` get two activation
+`cq.core.step.current_step` -- never from a counter. Modules whose input is ``cat(cached, skip)`` get two activation
 quantizers split at the concat's channel boundary.
 
 Weights are quantized when the module is built (the search needs only the weight) and the float copy is
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.step import step_row, table_step
 from ..errors import CqError
 from ..models.layers import MatMul
-from ..step import step_row, table_step
 from .affine import fake_quantize, qparams, search_range
 from .spec import QuantSpec
 

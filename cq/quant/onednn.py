@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..step import table_step
+from ..core.step import table_step
 from .codes import input_codes, unsigned
 from .modules import ActQuantizer, QConv2d, QLinear, QuantizedWeight, adopt_conv_state
 

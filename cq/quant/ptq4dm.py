@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..calib.replay import CalibrationBatch
 from ..errors import ConfigError
 from ..models.layers import MatMul
 from ..registry import QUANTIZERS
-from ..replay import CalibrationBatch
 from .quantizer import Quantizer
 from .spec import QuantSpec
 
 
 if TYPE_CHECKING:
-    from ..trace import Trace
+    from ..calib.trace import Trace
 
 __all__ = ["PTQ4DM", "ndtc_steps"]
 

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from ..calib.replay import CalibrationBatch, replay
+from ..core.unet import check_cacheable
 from ..errors import ConfigError
-from ..models.unet import check_cacheable
-from ..replay import CalibrationBatch, replay
 from .adaround import adaround_round
 from .calibrate import RangeTables, observe
 from .gptq import apply_gptq, apply_rounding, record_hessians
@@ -37,7 +37,7 @@ from .spec import QuantSpec
 
 if TYPE_CHECKING:
     from ..cache.cacher import Cacher, FeatureCache
-    from ..trace import Trace
+    from ..calib.trace import Trace
 
 __all__ = ["Quantizer", "CalibrationBatch", "quantized_modules", "set_submodule", "WEIGHT_ROUNDINGS"]
 

@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ..calib.replay import CalibrationBatch, every_step
 from ..errors import ConfigError
 from ..models.layers import MatMul
 from ..registry import QUANTIZERS, deprecated_names
-from ..replay import CalibrationBatch, every_step
 from .quantizer import Quantizer
 from .spec import QuantSpec, ScaleMethod
 
 
 if TYPE_CHECKING:
-    from ..trace import Trace
+    from ..calib.trace import Trace
 
 __all__ = ["UniformQuantizer"]
 

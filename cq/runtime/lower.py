@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..cache.view import CacheView
+from ..core.view import CacheView
 from ..errors import ExportUnsupportedError
 from ..quant.affine import fake_quantize
 from ..quant.modules import ActQuantizer, QConv1d, QConv2d, QLinear, QMatMul, QuantizedWeight

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..cache.view import CacheView
+from ..core.step import current_step
+from ..core.view import CacheView
 from ..errors import BackendUnavailableError, ExportUnsupportedError
 from ..quant.modules import ActQuantizer
-from ..step import current_step
 from .lower import LoweredCall, layer_plan, lower_call, table_acts
 
 
@@ -110,6 +110,12 @@ class OpenVINOUNet:
         if cache is not None and not shallow:
             cache.store(self.point, torch.from_numpy(np.array(request.get_output_tensor(1).data, copy=True)))
         return out
+
+    @property
+    def compiled_graphs(self) -> int:
+        """How many graphs have been compiled so far: one per (full / shallow call, distinct activation table,
+        batch size)."""
+        return len(self._compiled)
 
     def describe(self) -> dict[str, str]:
         """Layer -> how it runs: ``"int8 (OpenVINO)"`` or ``"float weights (OpenVINO: <why>)"``."""

@@ -21,20 +21,20 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .metrics.error import sqnr
-from .metrics.evaluate import check_reference
-from .metrics.macs import unet_macs
-from .models.unet import check_cacheable
-from .quant.layer_table import float_classes, integer_classes, kind_of
-from .quant.quantizer import quantized_modules
+from ..core.unet import check_cacheable
+from ..errors import ConfigError
+from ..metrics.error import sqnr
+from ..metrics.evaluate import check_reference
+from ..metrics.macs import unet_macs
+from ..quant.layer_table import float_classes, integer_classes, kind_of
+from ..quant.quantizer import quantized_modules
 
 
 if TYPE_CHECKING:
-    from .compressed import CompressedUNet
-    from .metrics.evaluate import Evaluation
-    from .recipe import Recipe
-    from .trace import Trace
+    from ..calib.trace import Trace
+    from ..compressed import CompressedUNet
+    from ..fit.recipe import Recipe
+    from ..metrics.evaluate import Evaluation
 
 __all__ = ["Report", "StepReport", "report", "print_table", "tensor_bytes"]
 
@@ -124,7 +124,7 @@ class Report:
             import matplotlib.pyplot as plt
         except ImportError:
             raise ConfigError("plotting needs matplotlib: pip install 'cq[plot]'") from None
-        from .io import atomic_path
+        from ..io import atomic_path
 
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 4.5), sharex=True, gridspec_kw={"height_ratios": [1, 2]})
         idx = [s.step for s in self.steps]

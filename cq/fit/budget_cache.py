@@ -1,5 +1,5 @@
 """`BudgetCache`: meet a compute budget with the least error -- the cache point, the number of full calls and
-their placement chosen when the recipe is fitted (issue M 2: ``cq.cachequant(budget="5x")``).
+their placement chosen when the recipe is fitted (``cq.cachequant(budget="5x")``).
 
 A budget ``B`` (a speedup over the uncached model) fixes, for each candidate point p, the most full calls K a
 schedule may make: ``T F / (K F + (T - K) S_p) >= B``, with F and ``S_p`` the cost of a full call and of a shallow
@@ -8,8 +8,8 @@ call at p -- counted MACs (``measure="macs"``, `cq.metrics.macs.unet_macs`) or m
 More full calls never hurt, so each point gets its largest K and DPS places them (``DPS(refreshes=K)``). Every
 feasible point is then rolled out end to end on calibration trajectories by `Recipe.fit`'s rollout (the recipe's
 body -- quantized once, tables shared by every candidate, when it has a quantizer -- with its cache correction,
-`cq.rollout.CalibrationRollout`) and the lowest-error point is kept. The fitted cacher is a plain `DeepCache`: what is
-saved is the choice.
+`cq.fit.rollout.CalibrationRollout`) and the lowest-error point is kept. The fitted cacher is a plain `DeepCache`:
+what is saved is the choice.
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from ..cache.cacher import Cacher, FeatureCache
+from ..cache.deepcache import DeepCache
+from ..cache.dps import DPS
+from ..core.unet import check_cacheable
 from ..errors import BudgetError, ConfigError, ScheduleInvalidError
-from ..models.unet import check_cacheable
 from ..registry import CACHERS
-from .cacher import Cacher, FeatureCache
-from .deepcache import DeepCache
-from .dps import DPS
 
 
 if TYPE_CHECKING:
-    from ..trace import Trace
+    from ..calib.trace import Trace
 
 __all__ = ["BudgetCache", "feasible_refreshes", "parse_budget", "parse_budget_spec", "refreshes_for", "MEASURES"]
 

@@ -5,6 +5,7 @@ prints as one line."""
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,12 +14,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
-from .models.loading import load
-from .models.openai_unet import LDMUNet
-from .models.pipelines import LatentDiffusion
-from .models.presets import PRESETS, get_preset
-from .models.unet import CacheableUNet
+from ..core.unet import CacheableUNet
+from ..errors import ConfigError
+from ..models.loading import load
+from ..models.openai_unet import LDMUNet
+from ..models.pipelines import LatentDiffusion
+from ..models.presets import PRESETS, get_preset, sampling_defaults
 
 
 __all__ = ["Base", "Conditions", "Conditioning", "load_base", "base_of_artifact", "read_conditions", "device_of"]
@@ -39,7 +40,7 @@ class Base:
     @property
     def kind(self) -> str:
         """``"text"`` (prompts), ``"label"`` (class labels) or ``"none"`` (unconditional)."""
-        from .models.conditioners import ClassEmbedder, SDXLConditioner, TextConditioner
+        from ..models.conditioners import ClassEmbedder, SDXLConditioner, TextConditioner
 
         conditioner = self.pipe.conditioner if self.pipe is not None else None
         if isinstance(conditioner, TextConditioner | SDXLConditioner):
@@ -315,3 +316,74 @@ def device_of(text: str) -> torch.device:
     if device.index is not None and device.index >= count:
         raise ConfigError(f"--device {text}: there are {count} {device.type} device(s) here (0..{count - 1})")
     return device
+
+
+_LATENT_NOTE = "latent model: SQNR and PSNR are over the latents x0, before the first stage decodes them"
+
+
+def _default_batch(unet) -> int:
+    """Trajectories sampled together by default: 8 for latent UNets (SD's attention at 64x64 is large), else 64."""
+    from ..models.openai_unet import LDMUNet
+
+    return 8 if isinstance(unet, LDMUNet) else 64
+
+
+def _base_for(model, args: argparse.Namespace, *, required: bool):
+    """The full-precision base of a loaded model from ``--model`` / ``--weights`` (checked against the weights
+    fingerprint the model was fitted on), or None when neither is given and ``required`` is False."""
+    from ..errors import ConfigError
+    from ..io import fingerprint
+    from .models import base_of_artifact
+
+    base = None
+    if required or args.model or args.weights:
+        base = base_of_artifact(model.unet, args.path, args.model, args.weights, args.tokenizer)
+    if base is None:
+        if required:
+            raise ConfigError(
+                f"{args.path} needs its base model here (to condition and decode): pass --weights, the checkpoint "
+                "file or diffusers folder it was fitted from (and --model PRESET for a checkpoint file)"
+            )
+        return None
+    if model.base_fingerprint and fingerprint(base.unet) != model.base_fingerprint:
+        raise ConfigError(
+            f"{args.path} was fitted on other weights than {args.weights or args.model} (weights fingerprint "
+            "differs); pass the checkpoint it was fitted from"
+        )
+    return base
+
+
+def _refuse_conditions(args: argparse.Namespace, conditions) -> None:
+    """A pixel-space (DDPM) model is unconditional: prompts, labels and guidance are misuse."""
+    from ..errors import ConfigError
+
+    if conditions:
+        raise ConfigError(f"{args.path} is an unconditional model: drop {conditions.options()}")
+    if args.guidance is not None and args.guidance != 1.0:
+        raise ConfigError(f"{args.path} is an unconditional model: --guidance does not apply, drop it")
+
+
+def _guidance(args: argparse.Namespace, model) -> float | None:
+    """``--guidance``, else the scale the model was calibrated with (None: the preset's)."""
+    if args.guidance is None:
+        return model.calibration_guidance
+    fitted = model.calibration_guidance
+    if fitted is not None and fitted != args.guidance:
+        print(f"note: {args.path} was calibrated with guidance {fitted:g}; sampling with {args.guidance:g}")
+    return args.guidance
+
+
+def _fitted_sampler(model, spacing: str | None):
+    """``(sampler, steps, kwargs)`` a loaded model must be sampled with: its recorded `SamplerSettings`
+    (``--spacing`` other than the fitted one is refused by the sampler), else, for files written before those
+    were recorded, DDIM with the preset's defaults."""
+    from ..sampling import ddim, sampler_of
+
+    settings = model.sampler_settings
+    if settings is None:
+        steps, kwargs = sampling_defaults(model.unet, model.num_steps, spacing)
+        return ddim, steps, kwargs
+    kwargs = settings.call_kwargs()
+    if spacing is not None:
+        kwargs["spacing"] = spacing
+    return sampler_of(settings), kwargs.pop("steps"), kwargs

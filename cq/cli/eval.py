@@ -9,7 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .args import example
 
 
 __all__ = ["add_eval_parser", "run_eval", "extractor_named", "read_reference"]
@@ -19,7 +20,7 @@ EXTRACTORS = ("inception", "digits")
 
 def extractor_named(name: str, inception_weights: str | None, device: str):
     """The `FeatureExtractor` for ``--extractor``."""
-    from .metrics.extractors import DigitsExtractor, InceptionExtractor
+    from ..metrics.extractors import DigitsExtractor, InceptionExtractor
 
     if name == "digits":
         if inception_weights is not None:
@@ -35,9 +36,9 @@ def read_reference(path: str | None, extractor, *, batch_size: int, keep_feature
 
     import numpy as np
 
-    from .metrics.fidelity import make_reference
-    from .metrics.image_set import read_image_set
-    from .metrics.reference_stats import ReferenceStats
+    from ..metrics.fidelity import make_reference
+    from ..metrics.image_set import read_image_set
+    from ..metrics.reference_stats import ReferenceStats
 
     if path is None:
         own = getattr(extractor, "data_reference", None)
@@ -48,7 +49,7 @@ def read_reference(path: str | None, extractor, *, batch_size: int, keep_feature
             with np.load(file, allow_pickle=False) as z:
                 is_stats = "mu" in z.files
         except (OSError, ValueError, zipfile.BadZipFile) as e:
-            from .errors import ReferenceStatsError
+            from ..errors import ReferenceStatsError
 
             raise ReferenceStatsError(f"--ref {path}: not a readable .npz ({e})") from None
         if is_stats:
@@ -59,12 +60,12 @@ def read_reference(path: str | None, extractor, *, batch_size: int, keep_feature
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .io import atomic_path
-    from .metrics.clip_score import ClipScorer
-    from .metrics.extractors import has_spatial
-    from .metrics.fidelity import check_metrics, make_reference, measure
-    from .metrics.image_set import read_image_set
-    from .report import print_table
+    from ..io import atomic_path
+    from ..metrics.clip_score import ClipScorer
+    from ..metrics.extractors import has_spatial
+    from ..metrics.fidelity import check_metrics, make_reference, measure
+    from ..metrics.image_set import read_image_set
+    from ..report.summary import print_table
 
     if args.make_ref is not None:
         if args.path is not None or args.ref is not None:
@@ -115,7 +116,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _metrics_arg(text: str) -> list[str]:
-    from .metrics.fidelity import METRICS
+    from ..metrics.fidelity import METRICS
 
     names = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in names if m not in METRICS]
@@ -132,6 +133,7 @@ def add_eval_parser(sub, positive, non_negative) -> None:
         "(torch-fidelity, open_clip: pip install 'cq[eval]')",
         description="Weights of the feature extractors come from --inception-weights / --clip-weights. Without a "
         "path, torch-fidelity (open_clip: a pretrained tag) fetches them into the library's own cache when absent.",
+        **example("cq eval samples/ --ref ref_stats.npz"),
     )
     ev.add_argument("path", nargs="?", help="samples: a folder of shard-*.npz, a .npz (arr_0 uint8 NHWC), or images")
     ev.add_argument(

@@ -1,4 +1,4 @@
-"""`fit_to_budget`: compress to a MAC budget with the least measured error (issue M 2).
+"""`fit_to_budget`: compress to a MAC budget with the least measured error.
 
 A budget ``B`` (a predicted MAC speedup, ``"5x"``) fixes, for each cache point, the most full calls K a
 schedule may make: ``T F / (K F + (T - K) S_p) >= B`` with F the MACs of a full call and ``S_p`` those of a
@@ -14,13 +14,13 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from .cache.budget_cache import feasible_refreshes, parse_budget, refreshes_for
+from ..calib.trace import Trace
+from ..compressed import CompressedUNet
+from ..errors import ConfigError
+from ..metrics.macs import unet_macs
+from .budget_cache import feasible_refreshes, parse_budget, refreshes_for
 from .choose_point import PointChoice, choose_point
-from .compressed import CompressedUNet
-from .errors import ConfigError
-from .metrics.macs import unet_macs
 from .recipe import Recipe, cachequant
-from .trace import Trace
 
 
 __all__ = ["fit_to_budget", "parse_budget", "refreshes_for"]

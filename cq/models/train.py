@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .errors import CheckpointFormatError, ConfigError
-from .io import atomic_torch_save, save_safetensors
-from .models.checkpoint import read_pickle
-from .models.loading import build
-from .models.presets import get_preset
+from ..errors import CheckpointFormatError, ConfigError
+from ..io import atomic_torch_save, save_safetensors
+from .checkpoint import read_pickle
+from .loading import build
+from .presets import get_preset
 
 
 __all__ = ["TrainConfig", "digits_dataset", "train", "x0_loss_weights"]
@@ -183,8 +183,8 @@ def _load_init(model: torch.nn.Module, path: str) -> list:
     """Load ``path`` into ``model`` (`read_state_dict` + `load_weights`: any checkpoint format cq reads, every key
     and shape checked); returns the training configs of the stages that produced it (oldest first; a cq-trained
     safetensors file records them in its metadata, other files have none)."""
-    from .models.checkpoint import read_state_dict
-    from .models.loading import load_weights
+    from .checkpoint import read_state_dict
+    from .loading import load_weights
 
     load_weights(model, read_state_dict(path))
     if not path.endswith(".safetensors"):

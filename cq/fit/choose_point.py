@@ -1,4 +1,4 @@
-"""`choose_point`: pick the cache point by measured end-to-end error and MACs saved (issue M 3).
+"""`choose_point`: pick the cache point by measured end-to-end error and MACs saved.
 
 The shallowest point saves the most MACs on a cached step (92% on the demo model) but leaves the most to the
 correction; the deepest saves little. For each candidate point the recipe is fitted on the calibration trace,
@@ -21,15 +21,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .compressed import CompressedUNet
-from .correct import ChannelAffine, LowRankAffine
-from .errors import BudgetError, ConfigError
-from .metrics.evaluate import per_sample_psnr
-from .metrics.macs import predicted_speedup, unet_macs
-from .models.unet import check_cacheable
+from ..calib.trace import Trace
+from ..compressed import CompressedUNet
+from ..core.unet import check_cacheable
+from ..correct import ChannelAffine, LowRankAffine
+from ..errors import BudgetError, ConfigError
+from ..metrics.error import per_sample_psnr
+from ..metrics.macs import predicted_speedup, unet_macs
+from ..sampling.samplers import sampler_of
 from .recipe import Recipe
-from .sampling.samplers import sampler_of
-from .trace import Trace
 
 
 __all__ = ["PointCandidate", "PointChoice", "choose_point"]

@@ -28,17 +28,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .cache.cacher import Cacher
-from .compressed import CompressedUNet
-from .correct import Corrector, Stage
-from .errors import ConfigError
-from .quant import Quantizer
-from .sampling.guidance import ClassifierFreeGuidance
-from .sampling.samplers import sampler_of
+from ..cache.cacher import Cacher
+from ..compressed import CompressedUNet
+from ..correct import Corrector, Stage
+from ..errors import ConfigError
+from ..quant import Quantizer
+from ..sampling.guidance import ClassifierFreeGuidance
+from ..sampling.samplers import sampler_of
 
 
 if TYPE_CHECKING:
-    from .trace import Trace
+    from ..calib.trace import Trace
 
 __all__ = ["CalibrationRollout"]
 

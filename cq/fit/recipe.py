@@ -4,7 +4,7 @@
 
 1. the cacher fits its schedule on the trace (DPS needs the features at its point); a cacher that declares
    ``needs_rollout`` (its schedule searches on the compressed model's end-to-end error, `TrajectorySearch`) also
-   gets ``rollout=``, a `cq.rollout.CalibrationRollout` that builds candidate models with this recipe's
+   gets ``rollout=``, a `cq.fit.rollout.CalibrationRollout` that builds candidate models with this recipe's
    `Stage.BEFORE_QUANTIZATION` correctors -- on the body quantized once with every step a full call, when the
    recipe has a quantizer and the cacher's ``quantized_rollout`` -- and samples them on the trace's calibration
    trajectories;
@@ -27,21 +27,22 @@ from typing import TYPE_CHECKING, ClassVar
 
 from torch import nn
 
-from .cache import DPS, BudgetCache, UniformSchedule
-from .cache.cacher import Cacher
-from .cache.deepcache import DeepCache
-from .compressed import CompressedUNet
-from .correct import CacheErrorCorrector, Corrector, QuantErrorCorrector, Stage
-from .errors import ConfigError, ReferenceMismatchError
-from .io import fingerprint
-from .quant import Backend, Quantizer, UniformQuantizer
-from .registry import RECIPES, check_registered
+from ..cache import DPS, UniformSchedule
+from ..cache.cacher import Cacher
+from ..cache.deepcache import DeepCache
+from ..compressed import CompressedUNet
+from ..correct import CacheErrorCorrector, Corrector, QuantErrorCorrector, Stage
+from ..errors import ConfigError, ReferenceMismatchError
+from ..io import fingerprint
+from ..quant import Backend, Quantizer, UniformQuantizer
+from ..registry import RECIPES, check_registered
+from .budget_cache import BudgetCache
 from .rollout import CalibrationRollout
 
 
 if TYPE_CHECKING:
-    from .sampling.settings import SamplerSettings
-    from .trace import Trace
+    from ..calib.trace import Trace
+    from ..sampling.settings import SamplerSettings
 
 __all__ = ["Recipe", "cachequant", "deepcache", "quant_only", "naive", "parse_bits", "PRESET_RECIPES"]
 
@@ -239,7 +240,7 @@ def cachequant(
     ``interval``: the cache interval N (default 5); or ``refreshes``: the number of full calls K, DPS's compute
     budget; or ``budget``: a speedup to meet with the least error, ``"5x"`` (MACs) or ``"2.5x wall"`` (measured
     seconds on this machine) -- the cache point, K and the schedule are then chosen when the recipe is fitted
-    (`cq.cache.BudgetCache`). One of the three."""
+    (`cq.fit.BudgetCache`). One of the three."""
     given = [
         name for name, v in (("interval", interval), ("refreshes", refreshes), ("budget", budget)) if v is not None
     ]

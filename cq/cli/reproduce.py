@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .args import add_num_samples, example
 
 
 __all__ = ["Commands", "PaperNumbers", "PaperRow", "ROWS", "RunPlan", "row_named", "plan", "run_row", "list_rows"]
@@ -51,7 +52,7 @@ class PaperRow:
     name: str
     title: str
     preset: str
-    recipe: str = "cachequant"  # a `cq.recipe.PRESET_RECIPES` name
+    recipe: str = "cachequant"  # a `cq.fit.recipe.PRESET_RECIPES` name
     schedule: str | None = None  # a registered schedule replacing the recipe's (None: the recipe's)
     sampler: str = "ddim"
     steps: int
@@ -61,17 +62,17 @@ class PaperRow:
     interval: int
     bits: str = "w8a8"
     calibration: int  # calibration trajectories
-    num_samples: int | None  # None: the paper's count is not known; pass --num
+    num_samples: int | None  # None: the paper's count is not known; pass --num-samples
     metric: str  # "digits" | "inception" | "clip"
     conditions: str | None = None  # None | "imagenet-classes" (uniform over classes) | "prompts" (--prompts)
     paper: PaperNumbers = PaperNumbers()
     note: str = ""
 
     def __post_init__(self) -> None:
-        from .models.presets import PRESETS
-        from .recipe import PRESET_RECIPES, parse_bits
-        from .registry import SCHEDULES
-        from .sampling.samplers import SAMPLERS
+        from ..fit.recipe import PRESET_RECIPES, parse_bits
+        from ..models.presets import PRESETS
+        from ..registry import SCHEDULES
+        from ..sampling.samplers import SAMPLERS
 
         where = f"paper row {self.name!r}"
         if self.preset not in PRESETS:
@@ -92,7 +93,7 @@ class PaperRow:
             raise ConfigError(f"{where}: calibration and sample counts must be >= 2")
         if not (math.isfinite(self.eta) and self.eta >= 0):
             raise ConfigError(f"{where}: eta must be >= 0, got {self.eta}")
-        from .sampling.noise import ddim_timesteps
+        from ..sampling.noise import ddim_timesteps
 
         preset = PRESETS[self.preset]
         try:
@@ -112,13 +113,13 @@ class PaperRow:
     @property
     def embedded(self) -> bool:
         """True when the preset's weights ship with cq (no --weights needed)."""
-        from .models.presets import PRESETS
+        from ..models.presets import PRESETS
 
         return PRESETS[self.preset].embedded is not None
 
 
 _ABLATION = "ablation on LDM-4 ImageNet, 250 steps, N=20, W8A8"
-_ISSUE = "issue L's text (CacheQuant paper; not cross-checked against the paper's tables here)"
+_PAPER_SOURCE = "CacheQuant paper, as quoted to cq (not cross-checked against the paper's tables)"
 
 ROWS: tuple[PaperRow, ...] = (
     PaperRow(
@@ -180,7 +181,7 @@ ROWS: tuple[PaperRow, ...] = (
         num_samples=50_000,
         metric="inception",
         conditions="imagenet-classes",
-        paper=PaperNumbers(speedup=7.87, fid=4.03, source=_ISSUE),
+        paper=PaperNumbers(speedup=7.87, fid=4.03, source=_PAPER_SOURCE),
         note="50 samples per class; the paper's speedup definition is not in the reference notes",
     ),
     PaperRow(
@@ -210,7 +211,7 @@ ROWS: tuple[PaperRow, ...] = (
         num_samples=50_000,
         metric="inception",
         conditions="imagenet-classes",
-        paper=PaperNumbers(fid=15.36, source=_ISSUE),
+        paper=PaperNumbers(fid=15.36, source=_PAPER_SOURCE),
     ),
     PaperRow(
         name="imagenet-n20-dps",
@@ -225,7 +226,7 @@ ROWS: tuple[PaperRow, ...] = (
         num_samples=50_000,
         metric="inception",
         conditions="imagenet-classes",
-        paper=PaperNumbers(fid=8.47, source=_ISSUE),
+        paper=PaperNumbers(fid=8.47, source=_PAPER_SOURCE),
     ),
     PaperRow(
         name="imagenet-n20-dec",
@@ -238,7 +239,7 @@ ROWS: tuple[PaperRow, ...] = (
         num_samples=50_000,
         metric="inception",
         conditions="imagenet-classes",
-        paper=PaperNumbers(fid=7.21, source=_ISSUE),
+        paper=PaperNumbers(fid=7.21, source=_PAPER_SOURCE),
     ),
 )
 
@@ -256,7 +257,7 @@ def _known(value: float | None, fmt: str = "{:.2f}") -> str:
 
 def list_rows() -> list[list[str]]:
     """``cq reproduce --list``'s table rows."""
-    from .models.presets import PRESETS
+    from ..models.presets import PRESETS
 
     out = []
     for r in ROWS:
@@ -352,7 +353,7 @@ def plan(
 def _conditions(row: PaperRow, out: Path, num: int, calibration: int, prompts: str | None) -> list[str]:
     if row.conditions == "imagenet-classes":
         labels = out / "labels.txt"
-        from .io import atomic_path
+        from ..io import atomic_path
 
         with atomic_path(labels) as tmp:  # uniform over the 1000 classes: 50 each at 50k samples
             Path(tmp).write_text("\n".join(str(i % 1000) for i in range(max(num, calibration))) + "\n")
@@ -369,7 +370,7 @@ def _claim_folder(out: Path, settings: dict) -> None:
     model and samples would be reused)."""
     import json
 
-    from .io import atomic_path
+    from ..io import atomic_path
 
     record = out / "run.json"
     if record.exists():
@@ -410,14 +411,14 @@ def run_row(
     paper's setting -- the table says so). Finished steps (``model.cq``, the shards under ``samples/``) are reused when
     ``out/run.json`` records the same settings; a folder of another run is refused.
     """
-    from .metrics.clip_score import ClipScorer
-    from .metrics.extractors import DigitsExtractor, InceptionExtractor
-    from .metrics.fidelity import measure
-    from .metrics.image_set import read_image_set
+    from ..metrics.clip_score import ClipScorer
+    from ..metrics.extractors import DigitsExtractor, InceptionExtractor
+    from ..metrics.fidelity import measure
+    from ..metrics.image_set import read_image_set
 
     num = num or row.num_samples
     if num is None:
-        raise ConfigError(f"row {row.name}: the paper's sample count is not known; pass --num N")
+        raise ConfigError(f"row {row.name}: the paper's sample count is not known; pass --num-samples N")
     calibration = calibration or row.calibration
     if weights is None and not row.embedded:
         raise ConfigError(f"row {row.name} needs the {row.preset} checkpoint: pass --weights PATH")
@@ -464,7 +465,7 @@ def run_row(
         metrics = ["clip"]
         clip = ClipScorer.from_open_clip(clip_arch, clip_weights, device=device)
     if extractor is not None:
-        from .cli_eval import read_reference
+        from .eval import read_reference
 
         reference = read_reference(ref, extractor, batch_size=64, keep_features=10_000)
         if row.metric == "inception" and reference.features is not None:
@@ -512,7 +513,7 @@ def _table(row: PaperRow, fid, rep, num: int, calibration: int, psnr_samples: in
 
 def run_reproduce(args: argparse.Namespace, commands: Commands) -> int:
     """``cq reproduce`` (registered by `add_reproduce_parser`; the CLI passes ``commands``)."""
-    from .report import print_table
+    from ..report.summary import print_table
 
     if args.list:
         if args.row is not None:
@@ -552,11 +553,14 @@ def add_reproduce_parser(sub, positive) -> argparse.ArgumentParser:
     rp = sub.add_parser(
         "reproduce",
         help="the CacheQuant paper's rows: --list shows them with their settings; ROW runs fit -> sample -> eval",
+        **example("cq reproduce --list", "cq reproduce demo --out reproduce-demo"),
     )
     rp.add_argument("row", nargs="?", help="a row name from --list")
     rp.add_argument("--list", action="store_true", help="list the rows, their settings and the paper's numbers")
     rp.add_argument("--weights", default=None, help="checkpoint of the row's preset (not needed for demo)")
-    rp.add_argument("--num", type=positive, default=None, help="samples (default: the paper's count)")
+    add_num_samples(
+        rp, dest="num", former="--num", type=positive, default=None, help="samples (default: the paper's count)"
+    )
     rp.add_argument("--calib", type=positive, default=None, help="calibration trajectories (default: the paper's)")
     rp.add_argument(
         "--psnr-samples",

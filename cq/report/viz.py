@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .io import atomic_path
+from ..io import atomic_path
 
 
 __all__ = ["save_grid", "to_uint8_grid"]

@@ -13,8 +13,8 @@ Memory (``Trace.estimate_bytes``), with ``k = min(keep, num_samples)`` and ``T =
 (the last term is the final fp32 samples ``x0`` of the kept trajectories). ``max_bytes`` is checked after the
 first model call, when the feature shapes are known, before anything is stored.
 
-``storage=FOLDER`` keeps the trace on disk instead of in memory (issue L 5: the reference holds ~50 GB of
-features in RAM for LDM-4 ImageNet): every tensor is a ``.npy`` file, memory-mapped, written as the sampler runs
+``storage=FOLDER`` keeps the trace on disk instead of in memory (LDM-4 ImageNet's full trace is ~50 GB of
+features): every tensor is a ``.npy`` file, memory-mapped, written as the sampler runs
 and read back step by step by the fitting stages, so the memory a fit needs no longer grows with ``keep`` or the
 step count -- every trajectory can be kept and every statistic (DPS distances, DEC moments, calibration) is
 computed over all of them. The folder appears only when the trace is complete (written next to it, then renamed);
@@ -38,18 +38,18 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .cache.view import CacheView
-from .errors import ConfigError, InputShapeError, TraceBudgetError, TraceStorageError
-from .io import atomic_dir, fingerprint
-from .models.unet import check_cacheable
-from .sampling.adapter import FullPrecision
-from .sampling.ddim import ddim, resolve_noise_schedule
-from .sampling.guidance import check_guidance, guided
-from .sampling.model import SamplerModel
-from .sampling.noise import NoiseSchedule, check_steps
-from .sampling.samplers import model_calls, settings_of_call
-from .sampling.seeded import seeded_noise
-from .sampling.settings import SamplerSettings
+from ..core.unet import check_cacheable
+from ..core.view import CacheView
+from ..errors import ConfigError, InputShapeError, TraceBudgetError, TraceStorageError
+from ..io import atomic_dir, fingerprint
+from ..sampling.adapter import FullPrecision
+from ..sampling.ddim import ddim, resolve_noise_schedule
+from ..sampling.guidance import check_guidance, guided
+from ..sampling.model import SamplerModel
+from ..sampling.noise import NoiseSchedule, check_steps
+from ..sampling.samplers import model_calls, settings_of_call
+from ..sampling.seeded import seeded_noise
+from ..sampling.settings import SamplerSettings
 
 
 __all__ = ["Trace", "trace", "seeded_noise"]

@@ -15,12 +15,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .errors import ConfigError
-from .step import step_scope
+from ..core.step import step_scope
+from ..errors import ConfigError
 
 
 if TYPE_CHECKING:
-    from .cache.cacher import FeatureCache
+    from ..cache.cacher import FeatureCache
     from .trace import Trace
 
 __all__ = ["CalibrationBatch", "replay", "every_step"]

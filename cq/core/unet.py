@@ -19,8 +19,8 @@ from ..errors import CachePointError, ConfigError, InputShapeError, InputValueEr
 
 
 if TYPE_CHECKING:
-    from ..cache.view import CacheView
     from ..sampling.noise import NoiseSchedule
+    from .view import CacheView
 
 __all__ = ["CacheableUNet", "PresetInfo", "check_cacheable", "check_model_inputs", "check_timestep_values"]
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .errors import StepNotSetError
+from ..errors import StepNotSetError
 
 
 __all__ = ["step_scope", "current_step", "current_step_index", "table_step", "step_row"]
@@ -50,7 +50,7 @@ def current_step() -> int:
     if step is None:
         raise StepNotSetError(
             "no sampling step is set: per-step modules must run inside CompressedUNet.forward(x, t, cond, step=i) "
-            "or an explicit `with cq.step.step_scope(i):`"
+            "or an explicit `with cq.core.step.step_scope(i):`"
         )
     return step
 
