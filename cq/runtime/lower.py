@@ -154,15 +154,16 @@ class _SplitConv2d(nn.Module):
             self.weight = _ConstWeight(conv.weight, slice(0, c), limit)
             self.weight_skip = _ConstWeight(conv.weight, slice(c, None), limit)
         self.correction = _BoundAffine() if conv.correction is not None else None
+        self.sizes = [c, int(self.weight_skip.w.shape[1])]  # static sizes: one Split, foldable into a concat
 
     def forward(self, x: Tensor) -> Tensor:
         if self.split is None:
             return F.conv2d(self.act(x), self.weight.dequantized(), self.bias, *self.args)
-        c = self.split
-        cached = F.conv2d(self.act(x[:, :c]), self.weight.dequantized(), self.bias, *self.args)
+        head, tail = torch.split(x, self.sizes, dim=1)
+        cached = F.conv2d(self.act(head), self.weight.dequantized(), self.bias, *self.args)
         if self.correction is not None:
             cached = self.correction(cached)
-        return cached + F.conv2d(self.act_skip(x[:, c:]), self.weight_skip.dequantized(), None, *self.args)
+        return cached + F.conv2d(self.act_skip(tail), self.weight_skip.dequantized(), None, *self.args)
 
 
 def table_acts(module: nn.Module, fallback: bool) -> dict[str, _TableAct]:
