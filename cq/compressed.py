@@ -175,9 +175,9 @@ class CompressedUNet(SamplerModel):
         """Run quantized layers on integer kernels from now on (in place); returns each layer's execution mode.
 
         ``backend="int8"`` (alias ``"auto"``) picks the fastest exact path the model's device has: on the CPU
-        `cq.runtime.dispatch.cpu_int8_path` (OpenVINO where every layer runs int8 there, else PyTorch's oneDNN
-        kernels where they are exact (VNNI / AMX), else OpenVINO with float weights; `BackendUnavailableError`
-        naming ``pip install 'cq[openvino]'`` where none is faster than float); ``torch._int_mm`` on CUDA.
+        `cq.runtime.dispatch.cpu_int8_path` (OpenVINO wherever it is installed, else PyTorch's oneDNN kernels where
+        they are exact (VNNI / AMX); `BackendUnavailableError` naming ``pip install 'cq[openvino]'`` where neither
+        applies); ``torch._int_mm`` on CUDA.
         ``"openvino"``, ``"onednn"``, ``"int_mm"``: that path by name (`cq.quant.int8.to_int8`). The model computes
         the same function (up to float summation order and rounding-boundary codes) and saves the same file;
         ``cq.load(path, int8=True)`` converts a loaded one. `execution` (and ``cq report``) says what runs each

@@ -266,7 +266,7 @@ def test_int8_model_matches_fake_quant_and_reloads(setup, tmp_path):
     path = cq.save(model, tmp_path / "m.cq")
     # the PyTorch kernels by name where oneDNN is inexact: there `to_int8()` runs the OpenVINO runtime instead
     # (test_runtime_openvino.py; test_default_int8_is_the_fastest_exact_path below)
-    kernels = "int8" if int8_available() else "int_mm"
+    kernels = "onednn" if int8_available() else "int_mm"
     status = model.to_int8(kernels)
     assert int8_layers(model.unet)["int8"] > 0 and int8_layers(fake.unet)["int8"] == 0
     if int8_available():  # every layer on oneDNN / _int_mm; elsewhere 3x3 convs stay fake-quant (with the reason)
@@ -280,9 +280,8 @@ def test_int8_model_matches_fake_quant_and_reloads(setup, tmp_path):
         x, t = trace.x[step, :4], trace.timesteps[step].expand(4)
         expected, got = fake(x, t, step=step), model(x, t, step=step)  # in step order: caches fill alike
         assert sqnr(got, expected) > 25
-    loaded = cq.load(path, int8=True) if int8_available() else cq.load(path)
-    if not int8_available():
-        loaded.to_int8(kernels)
+    loaded = cq.load(path)
+    loaded.to_int8(kernels)
     noise = seeded_noise((1, 16, 16), range(2))
     assert torch.equal(
         cq.sampling.ddim(loaded, noise, steps=6, spacing="linspace"),
@@ -351,18 +350,18 @@ def test_to_int8_refuses_unknown_backends_and_keeps_uncalibrated_layers(setup):
 
 
 @onednn
-def test_recipe_backend_int8_fits_converts_saves_and_loads_converted(setup, tmp_path):
+def test_recipe_with_a_kernel_backend_fits_converts_saves_and_loads_converted(setup, tmp_path):
     unet, trace = setup
     assert cq.quant_only("w8a8", backend="int8").backend == "int8"
-    recipe = Recipe(quantizer=cq.quant.UniformQuantizer(refresh_samples=4, cached_samples=2), backend="int8")
+    recipe = Recipe(quantizer=cq.quant.UniformQuantizer(refresh_samples=4, cached_samples=2), backend="onednn")
     model = recipe.fit(unet, trace, progress=False)
     assert int8_layers(model.unet)["fake-quant"] == 0
     assert set(model.execution.values()) == {"int8 (oneDNN)", "int8 (torch._int_mm)"}
     summary = cq.report(model)
     assert summary.quantized_layers == len(model.execution)
     assert any(n.startswith("execution: ") and n.endswith("layer(s) int8 (oneDNN)") for n in summary.notes)
-    loaded = cq.load(cq.save(model, tmp_path / "m.cq"))  # the recipe says int8: no flag needed
-    assert loaded.recipe.backend == "int8" and int8_layers(loaded.unet) == int8_layers(model.unet)
+    loaded = cq.load(cq.save(model, tmp_path / "m.cq"))  # the recipe names its kernels: no flag needed
+    assert loaded.recipe.backend == "onednn" and int8_layers(loaded.unet) == int8_layers(model.unet)
     x, t = trace.x[2, :3], trace.timesteps[2].expand(3)
     assert torch.equal(loaded(x, t, step=2), model(x, t, step=2))
 
@@ -392,10 +391,11 @@ def test_auto_backend_picks_int_mm_gemms_for_cuda_layers(setup, monkeypatch):
 def test_onednn_is_used_only_where_it_is_exact(setup):
     """On CPUs without VNNI oneDNN's u8 x s8 kernels saturate (a silent wrong result): auto never picks them
     there, and asking for them by name is refused."""
+    import cq.quant.int8 as int8
     from cq.quant.int8 import onednn_exact
 
     model = _fit(setup, "w8a8")
-    status = copy.deepcopy(model).to_int8()  # auto
+    status = int8.to_int8(copy.deepcopy(model).unet, "int8")  # PyTorch's kernels, as auto picks without OpenVINO
     assert any(v == "int8 (oneDNN)" for v in status.values()) == onednn_exact()
     if not onednn_exact():
         with pytest.raises(ConfigError, match="saturate"):
@@ -403,9 +403,9 @@ def test_onednn_is_used_only_where_it_is_exact(setup):
 
 
 def test_default_int8_is_the_fastest_exact_path(setup, monkeypatch):
-    """``to_int8()`` on the CPU (`cpu_int8_path`): OpenVINO where every layer runs int8 there (symmetric weights
-    whose codes the CPU sums exactly), else oneDNN where it is exact, else OpenVINO with float weights; with
-    neither, a `BackendUnavailableError` naming the install and the by-name alternative."""
+    """``to_int8()`` on the CPU (`cpu_int8_path`): OpenVINO wherever it is installed (every layer in int8 where
+    the CPU sums its codes exactly), else oneDNN where it is exact; with neither, a `BackendUnavailableError`
+    naming the install and the by-name alternative."""
     import sys
 
     from cq.errors import BackendUnavailableError
@@ -421,10 +421,7 @@ def test_default_int8_is_the_fastest_exact_path(setup, monkeypatch):
     status = copy.deepcopy(symmetric).to_int8()
     assert set(status.values()) == {"int8 (OpenVINO)"}, status
     status = copy.deepcopy(base).to_int8()
-    if int8_available():
-        assert any(v == "int8 (oneDNN)" for v in status.values()), status
-    else:
-        assert all("(OpenVINO" in v for v in status.values()), status
+    assert all("(OpenVINO" in v for v in status.values()), status
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if it were not installed
     if int8_available():
         assert any(v == "int8 (oneDNN)" for v in copy.deepcopy(symmetric).to_int8().values())

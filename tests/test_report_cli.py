@@ -188,7 +188,7 @@ def test_report_on_int8_models_counts_the_same_macs_and_labels_the_kernels(unet,
     execution = converted.to_int8()
     after = cq.report(converted)
     assert after.total_macs == before.total_macs and after.full_macs == before.full_macs
-    integer = sum(not mode.startswith("fake-quant") for mode in execution.values())
+    integer = sum(mode.startswith("int8") for mode in execution.values())
     assert after.integer_layers == integer > 0 and before.integer_layers == 0
     assert f"{integer} on integer kernels" in after.summary()
 
