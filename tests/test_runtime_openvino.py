@@ -44,8 +44,8 @@ def _run_openvino(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(compiled(x.numpy())[0].copy())
 
 
-def _lowered_at(fake: nn.Module, step: int) -> nn.Module:
-    lowered = lower_layers(fake)
+def _lowered_at(fake: nn.Module, step: int, limit: int | None = None) -> nn.Module:
+    lowered = lower_layers(fake, limit=limit)
     for name, act in lowered.acts.items():
         source = fake.get_submodule(name)
         act.bound = (source.scale[step].clone(), source.zero_point[step].to(torch.int32))
@@ -62,15 +62,16 @@ def conv_cases(draw):
     k = draw(st.sampled_from([1, 3]))
     stride = draw(st.sampled_from([1, 2]))
     split = draw(st.sampled_from([None, cin // 2]))
-    weights = draw(st.sampled_from([(7, True), (8, True), (8, False), (4, True)]))
+    weights = draw(st.sampled_from([(7, True), (8, True), (8, False), (4, True), (4, False)]))
+    limit = draw(st.sampled_from([None, 64]))  # this CPU's exact range, and that of a CPU without VNNI
     extreme = draw(st.booleans())  # inputs at the top of the range: where int16 pair sums would saturate
     seed = draw(st.integers(0, 2**31 - 1))
-    return cin, cout, k, stride, split, weights, extreme, seed
+    return cin, cout, k, stride, split, weights, limit, extreme, seed
 
 
 @given(case=conv_cases(), step=st.integers(0, STEPS - 1))
 def test_lowered_conv_on_openvino_equals_fake_quant_within_one_quantum(case, step):
-    cin, cout, k, stride, split, (bits, symmetric), extreme, seed = case
+    cin, cout, k, stride, split, (bits, symmetric), limit, extreme, seed = case
     g = torch.Generator().manual_seed(seed)
     conv = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
     with torch.no_grad():
@@ -94,7 +95,7 @@ def test_lowered_conv_on_openvino_equals_fake_quant_within_one_quantum(case, ste
         x[:, half] = (codes + jitter - act.zero_point[step]) * act.scale[step]
     with torch.no_grad(), step_scope(step):
         expected = fake(x)
-    got = _run_openvino(_lowered_at(fake, step), x)
+    got = _run_openvino(_lowered_at(fake, step, limit), x)
     scales = [fake.act.scale[step]] + ([fake.act_skip.scale[step]] if split else [])
     weight_scales = [fake.weight.weight_scale] + (
         [fake.weight_skip.weight_scale] if fake.weight_skip is not None else []
@@ -111,18 +112,56 @@ def test_the_plan_keeps_float_weights_where_int8_would_not_be_exact():
     ).fit(unet, trace, progress=False)
     w8 = Recipe(quantizer=UniformQuantizer(refresh_samples=2, cached_samples=1)).fit(unet, trace, progress=False)
     assert set(layer_plan(w7.unet, limit=64).values()) == {"int8"}
+    # asymmetric 8-bit codes span 256 levels: shifted to int8 with VNNI, float without
+    assert set(layer_plan(w8.unet, limit=127).values()) == {"int8"}
     assert all(
-        m.startswith("float weights (asymmetric")
-        for n, m in layer_plan(w8.unet, limit=127).items()
+        m.startswith("float weights (weight codes span 256 levels > 129")
+        for n, m in layer_plan(w8.unet, limit=64).items()
         if not n.endswith(("qk", "av"))
     )
     w8s = Recipe(quantizer=UniformQuantizer(weight_symmetric=True, refresh_samples=2, cached_samples=1)).fit(
         unet, trace, progress=False
     )
     plan = layer_plan(w8s.unet, limit=64)
-    assert any("> 64" in m for m in plan.values())  # 8-bit codes on a CPU without VNNI
+    assert any("levels > 129" in m for m in plan.values())  # 8-bit codes on a CPU without VNNI
     assert set(layer_plan(w8s.unet, limit=127).values()) == {"int8"}
     assert int8_weight_limit() in (64, 127)
+
+
+def test_shifted_weight_codes_compute_the_asymmetric_weights():
+    """Asymmetric 8-bit weights lowered as shifted int8 codes plus the window-sum term (the VNNI range) compute
+    what the same layers with float weights compute (the range of a CPU without VNNI), layer by layer on the
+    inputs each sees in the UNet -- convs, split convs, linears -- to float rounding."""
+    from cq.quant import QConv1d, QLinear
+
+    unet = tiny_unet()
+    trace = cq.trace(unet, steps=2, num_samples=2, points=[unet.default_cache_point()], seed=5, progress=False)
+    fake = Recipe(quantizer=UniformQuantizer(refresh_samples=2, cached_samples=1)).fit(unet, trace, progress=False)
+    shifted, floats = _lowered_at(fake.unet, 0, 127), _lowered_at(fake.unet, 0, 64)
+    seen: dict[str, torch.Tensor] = {}
+    layers = {n: m for n, m in fake.unet.named_modules() if isinstance(m, QConv2d | QLinear | QConv1d)}
+
+    def keep(name):
+        def hook(module, args, out):
+            seen.setdefault(name, args[0])
+
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
+    with torch.no_grad(), step_scope(0):
+        fake.unet(trace.x[0], trace.timesteps[0].expand(2))
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == len(layers)
+
+    def remainders(module):
+        return sum(getattr(w, "remainder", None) is not None for w in module.modules())
+
+    assert remainders(shifted) > 0 and remainders(floats) == 0
+    for name, x in seen.items():
+        with torch.no_grad():
+            got, expected = shifted.get_submodule(name)(x), floats.get_submodule(name)(x)
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * (1 + float(expected.abs().max()))), name
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,14 @@ What each quantized layer becomes:
 
 * every calibrated unsigned 8-bit activation quantizer -> ``QuantizeLinear`` + ``DequantizeLinear`` with that
   step's scale and zero point (ONNX rounds half to even, cq half up: the two differ only on exact ties);
-* weights -> their dequantized values behind a per-output-channel ``QuantizeLinear`` + ``DequantizeLinear``
-  (``axis=0``, zero point 0) when the codes are symmetric and fit the CPU's exact int8 range
-  (`cq.runtime.cpu.int8_weight_limit`), so the runtime runs that layer on int8 kernels; otherwise the
-  dequantized weights as float constants (exact in float: the runtime keeps that layer's convolution float);
+* weights -> signed codes behind a per-output-channel ``QuantizeLinear`` + ``DequantizeLinear`` (``axis=0``,
+  zero point 0) when they fit the CPU's exact int8 range (`cq.runtime.cpu.int8_weight_limit`), so the runtime runs
+  that layer on int8 kernels. The int8 kernels take no weight zero points, so asymmetric codes ``q`` (zero point
+  ``z``) are shifted per channel to ``c = q - m`` within that range, and the remainder is a rank-one term:
+  ``op(x, s (q - z)) = op(x, s c) + s (m - z) * op(x, 1)``, the window sum of the input (one output channel, also
+  int8) scaled per output channel -- the same decomposition as PyTorch's oneDNN path (`cq.quant.onednn`). Codes
+  that do not fit (8-bit asymmetric codes span 255 levels: exact only with VNNI) stay float constants (exact in
+  float: the runtime keeps that layer float);
 * a split convolution (input ``cat(cached, skip)`` with one activation table per half, CacheQuant's split
   quantization) -> two convolutions, one per half, summed; the decoupled quantization-error correction of the
   cached half (`cq.correct.QuantErrorCorrector`) is a per-channel affine between them;
@@ -102,21 +106,61 @@ class _TableAct(nn.Module):
 
 
 class _ConstWeight(nn.Module):
-    """Export stand-in of a `QuantizedWeight`: its dequantized values, behind a per-channel Q/DQ pair when the
-    codes are symmetric and within the CPU's exact int8 range (else float constants)."""
+    """Export stand-in of a `QuantizedWeight`: signed codes behind a per-channel Q/DQ pair and the per-channel
+    remainder of the shift (`int8_codes`) where the codes fit the CPU's exact int8 range, else float constants."""
 
-    def __init__(self, weight: QuantizedWeight, columns: slice | None, limit: int):
+    def __init__(self, weight: QuantizedWeight, columns: slice | None, limit: int, groups: int = 1):
         super().__init__()
-        w = weight.dequantized()
-        self.register_buffer("w", (w if columns is None else w[:, columns]).contiguous())
-        self.int8 = not float_weight_reason(weight, limit)
-        self.register_buffer("scale", weight.weight_scale.float().clone())
-        self.register_buffer("zero_point", torch.zeros(w.shape[0], dtype=torch.int32))
+        q = weight.weight_q if columns is None else weight.weight_q[:, columns]
+        channels = q.shape[0]
+        scale = weight.weight_scale.float().expand(channels).clone()
+        zero_point = weight.weight_zero_point.float().expand(channels)
+        self.int8 = not float_weight_reason(weight, limit, groups)
+        shape = (-1,) + (1,) * (q.ndim - 1)
+        if self.int8:
+            codes, shift = int8_codes(q, zero_point, limit)
+            self.register_buffer("w", (codes.float() * scale.reshape(shape)).contiguous())
+            remainder = scale * (shift - zero_point)
+            self.remainder = remainder if bool(remainder.any()) else None
+        else:
+            self.register_buffer("w", ((q.float() - zero_point.reshape(shape)) * scale.reshape(shape)).contiguous())
+            self.remainder = None
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", torch.zeros(channels, dtype=torch.int32))
 
     def dequantized(self) -> Tensor:
         if not self.int8:
             return self.w
         return torch.fake_quantize_per_channel_affine(self.w, self.scale, self.zero_point, 0, -128, 127)
+
+    def window_term(self, xq: Tensor, op, *args) -> Tensor | float:
+        """``s (m - z) * op(xq, 1)``: what the shifted codes leave out (0 where nothing is shifted). ``op`` is
+        the layer's function (``F.conv2d`` / ``F.conv1d`` / ``F.linear``), ``args`` its stride etc."""
+        if self.remainder is None:
+            return 0.0
+        ones = torch.fake_quantize_per_channel_affine(
+            torch.ones((1, *self.w.shape[1:])), torch.ones(1), torch.zeros(1, dtype=torch.int32), 0, -128, 127
+        )
+        window = op(xq, ones, None, *args)  # one output channel: the input's sum under each output position
+        if op is F.linear:  # [..., 1] * [out]
+            return window * self.remainder
+        return window * self.remainder.reshape((1, -1) + (1,) * (window.ndim - 2))
+
+
+def int8_codes(q: Tensor, zero_point: Tensor, limit: int) -> tuple[Tensor, Tensor]:
+    """``(c, m)``: signed codes ``c = q - m`` per output channel and the shift ``m`` (as close to the zero point
+    as the range allows, so symmetric codes keep ``m = z = 0``), with ``c`` inside `_code_range(limit)`."""
+    lo, hi = _code_range(limit)
+    flat = q.reshape(q.shape[0], -1).float()
+    low, high = flat.amin(1), flat.amax(1)
+    shift = torch.maximum(torch.minimum(zero_point, low - lo), high - hi)
+    return (q.float() - shift.reshape((-1,) + (1,) * (q.ndim - 1))).to(torch.int8), shift
+
+
+def _code_range(limit: int) -> tuple[int, int]:
+    """The signed codes the CPU's int8 kernels sum exactly: all of int8 with VNNI (``limit >= 127``), else
+    ``[-limit, limit]``."""
+    return (-128, 127) if limit >= 127 else (-limit, limit)
 
 
 class _BoundAffine(nn.Module):
@@ -143,7 +187,7 @@ class _SplitConv2d(nn.Module):
         self.split = conv.split
         self.act = acts[_child(name, "act")]
         if conv.split is None:
-            self.weight = _ConstWeight(conv.weight, None, limit)
+            self.weight = _ConstWeight(conv.weight, None, limit, conv.groups)
             return
         c = conv.split
         self.act_skip = acts[_child(name, "act_skip")]
@@ -158,12 +202,33 @@ class _SplitConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.split is None:
-            return F.conv2d(self.act(x), self.weight.dequantized(), self.bias, *self.args)
+            return _weighted(F.conv2d, self.act(x), self.weight, self.bias, self.args)
         head, tail = torch.split(x, self.sizes, dim=1)
-        cached = F.conv2d(self.act(head), self.weight.dequantized(), self.bias, *self.args)
+        cached = _weighted(F.conv2d, self.act(head), self.weight, self.bias, self.args)
         if self.correction is not None:
             cached = self.correction(cached)
-        return cached + F.conv2d(self.act_skip(tail), self.weight_skip.dequantized(), None, *self.args)
+        return cached + _weighted(F.conv2d, self.act_skip(tail), self.weight_skip, None, self.args)
+
+
+class _LoweredLayer(nn.Module):
+    """Export form of a `QLinear` / `QConv1d`: its activation table, then the layer on `_ConstWeight`."""
+
+    def __init__(self, layer: QLinear | QConv1d, acts: dict[str, _TableAct], limit: int, name: str):
+        super().__init__()
+        conv = isinstance(layer, QConv1d)
+        self.op = F.conv1d if conv else F.linear
+        self.args = (layer.stride, layer.padding, layer.dilation, layer.groups) if conv else ()
+        self.act, self.bias = acts[_child(name, "act")], layer.bias
+        self.weight = _ConstWeight(layer.weight, None, limit, layer.groups if conv else 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _weighted(self.op, self.act(x), self.weight, self.bias, self.args)
+
+
+def _weighted(op, xq: Tensor, weight: _ConstWeight, bias: Tensor | None, args: tuple) -> Tensor:
+    """``op(xq, W) + bias`` with ``W`` as `_ConstWeight` holds it: shifted codes plus their window term."""
+    out = op(xq, weight.dequantized(), bias, *args)
+    return out if weight.remainder is None else out + weight.window_term(xq, op, *args)
 
 
 def table_acts(module: nn.Module, fallback: bool) -> dict[str, _TableAct]:
@@ -178,14 +243,18 @@ def _child(name: str, attr: str) -> str:
     return f"{name}.{attr}" if name else attr
 
 
-def float_weight_reason(weight: QuantizedWeight, limit: int) -> str:
-    """Why ``weight`` cannot run on the int8 kernels exactly ("" when it can): they take symmetric per-channel
-    codes, and without VNNI only codes up to ``limit`` (`cq.runtime.cpu.int8_weight_limit`)."""
-    if not (weight.spec.symmetric and weight.spec.per_channel):
-        return "asymmetric weights: the int8 kernels take no weight zero points"
-    peak = int(weight.weight_q.abs().max())
-    if peak > limit:
-        return f"weight codes up to {peak} > {limit}, the exact u8 x s8 range of a CPU without VNNI"
+def float_weight_reason(weight: QuantizedWeight, limit: int, groups: int = 1) -> str:
+    """Why ``weight`` cannot run on the int8 kernels exactly ("" when it can): its codes, shifted per channel to
+    signed ones (`int8_codes`), must fit the CPU's exact range (without VNNI ``[-limit, limit]``,
+    `cq.runtime.cpu`), and a shift needs an ungrouped layer (one window sum for every output channel)."""
+    lo, hi = _code_range(limit)
+    q = weight.weight_q.reshape(weight.weight_q.shape[0], -1).float()
+    span = int((q.amax(1) - q.amin(1)).max())
+    if span > hi - lo:
+        return f"weight codes span {span + 1} levels > {hi - lo + 1}, the exact u8 x s8 range of a CPU without VNNI"
+    zero_point = weight.weight_zero_point.float().expand(q.shape[0])
+    if groups != 1 and not torch.equal(int8_codes(weight.weight_q, zero_point, limit)[1], zero_point):
+        return "shifted weight codes in a grouped convolution: no single window sum"
     return ""
 
 
@@ -200,7 +269,8 @@ def layer_plan(unet: nn.Module, limit: int | None = None) -> dict[str, str]:
         if not isinstance(module, QConv2d | QLinear | QConv1d):
             continue
         weights = [module.weight] + ([module.weight_skip] if getattr(module, "weight_skip", None) else [])
-        reasons = [r for r in (float_weight_reason(w, limit) for w in weights) if r]
+        groups = getattr(module, "groups", 1)
+        reasons = [r for r in (float_weight_reason(w, limit, groups) for w in weights) if r]
         acts = [m for m in module.children() if isinstance(m, ActQuantizer)]
         if any(a.spec.bits != 8 or a.spec.symmetric for a in acts):
             reasons.append("activations are not unsigned 8-bit")
@@ -261,8 +331,7 @@ def lower_layers(module: nn.Module, *, fallback: bool = False, limit: int | None
             else:
                 body = lowered
         elif isinstance(sub, QLinear | QConv1d):
-            sub.weight = _ConstWeight(sub.weight, None, limit)
-            sub.act = acts[_child(name, "act")]
+            set_submodule(body, name, _LoweredLayer(sub, acts, limit, name))
         elif isinstance(sub, QMatMul):
             sub.act, sub.act_b = acts[_child(name, "act")], acts[_child(name, "act_b")]
     return LoweredLayers(body, acts, corrections)
