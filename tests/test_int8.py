@@ -416,7 +416,9 @@ def test_default_int8_is_the_fastest_exact_path(setup, monkeypatch):
     symmetric = cq.Recipe(
         cacher=base.recipe.cacher,
         correctors=base.recipe.correctors,
-        quantizer=cq.quant.UniformQuantizer(weight_bits=7, weight_symmetric=True, refresh_samples=4, cached_samples=2),
+        quantizer=cq.quant.UniformQuantizer(
+            weight_bits=7, weight_symmetric=True, attention_symmetric=True, refresh_samples=4, cached_samples=2
+        ),
     ).fit(unet, trace, progress=False)
     status = copy.deepcopy(symmetric).to_int8()
     assert set(status.values()) == {"int8 (OpenVINO)"}, status

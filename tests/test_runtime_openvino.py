@@ -20,7 +20,7 @@ from cq.cache import DeepCache, UniformSchedule
 from cq.core.step import step_scope
 from cq.errors import BackendUnavailableError, ConfigError, ExportUnsupportedError, StepCountMismatchError
 from cq.fit.recipe import Recipe
-from cq.quant import QConv2d, UniformQuantizer
+from cq.quant import QConv2d, QMatMul, UniformQuantizer
 from cq.quant.spec import QuantSpec
 from cq.runtime import cpu_line, int8_weight_limit, layer_plan, lower_layers
 
@@ -111,9 +111,23 @@ def test_the_plan_keeps_float_weights_where_int8_would_not_be_exact():
         quantizer=UniformQuantizer(weight_bits=7, weight_symmetric=True, refresh_samples=2, cached_samples=1)
     ).fit(unet, trace, progress=False)
     w8 = Recipe(quantizer=UniformQuantizer(refresh_samples=2, cached_samples=1)).fit(unet, trace, progress=False)
-    assert set(layer_plan(w7.unet, limit=64).values()) == {"int8"}
+    plan = layer_plan(w7.unet, limit=64)
+    assert {m for n, m in plan.items() if not n.endswith(("qk", "av"))} == {"int8"}
+    assert all("zero points" in m for n, m in plan.items() if n.endswith(("qk", "av")))  # asymmetric operands
+    signed = Recipe(
+        quantizer=UniformQuantizer(
+            weight_bits=7, weight_symmetric=True, attention_symmetric=True, refresh_samples=2, cached_samples=1
+        )
+    ).fit(unet, trace, progress=False)
+    assert set(layer_plan(signed.unet, limit=64).values()) == {"int8"}
+    matmuls = [m for m in signed.unet.modules() if isinstance(m, QMatMul)]
+    assert matmuls
+    for m in matmuls:  # q, k, v on signed grids; the softmax on its unsigned [0, 1] grid, zero point 0
+        for side, act in (("a", m.act), ("b", m.act_b)):
+            probabilities = m.probabilities == side
+            assert act.spec.symmetric != probabilities and bool((act.zero_point == 0).all())
     # asymmetric 8-bit codes span 256 levels: shifted to int8 with VNNI, float without
-    assert set(layer_plan(w8.unet, limit=127).values()) == {"int8"}
+    assert {m for n, m in layer_plan(w8.unet, limit=127).items() if not n.endswith(("qk", "av"))} == {"int8"}
     assert all(
         m.startswith("float weights (weight codes span 256 levels > 129")
         for n, m in layer_plan(w8.unet, limit=64).items()
@@ -124,7 +138,7 @@ def test_the_plan_keeps_float_weights_where_int8_would_not_be_exact():
     )
     plan = layer_plan(w8s.unet, limit=64)
     assert any("levels > 129" in m for m in plan.values())  # 8-bit codes on a CPU without VNNI
-    assert set(layer_plan(w8s.unet, limit=127).values()) == {"int8"}
+    assert {m for n, m in layer_plan(w8s.unet, limit=127).items() if not n.endswith(("qk", "av"))} == {"int8"}
     assert int8_weight_limit() in (64, 127)
 
 
@@ -166,12 +180,15 @@ def test_shifted_weight_codes_compute_the_asymmetric_weights():
 
 @pytest.fixture(scope="module")
 def fitted():
-    """A tiny UNet, DeepCache N=2 + W7A8 (int8 on every x86 CPU), fitted on a 5-step trace."""
+    """A tiny UNet, DeepCache N=2 + W7A8 with signed attention operands (every layer int8 on every x86 CPU),
+    fitted on a 5-step trace."""
     unet = tiny_unet()
     trace = cq.trace(unet, steps=5, num_samples=4, points=[unet.default_cache_point()], seed=11, progress=False)
     recipe = Recipe(
         cacher=DeepCache(schedule=UniformSchedule(interval=2)),
-        quantizer=UniformQuantizer(weight_bits=7, weight_symmetric=True, refresh_samples=4, cached_samples=2),
+        quantizer=UniformQuantizer(
+            weight_bits=7, weight_symmetric=True, attention_symmetric=True, refresh_samples=4, cached_samples=2
+        ),
     )
     return unet, recipe.fit(unet, trace, progress=False)
 
@@ -199,13 +216,19 @@ def test_full_and_shallow_graphs_sample_the_fake_quant_model(fitted):
 
 @pytest.fixture(scope="module")
 def demo_fitted():
-    """The embedded demo model, DeepCache N=5 + W7A8 with one activation table per cache group, 10 DDIM steps."""
+    """The embedded demo model, DeepCache N=5 + W7A8 (signed attention operands) with one activation table per
+    cache group, 10 DDIM steps."""
     unet = cq.models.load("demo").eval()
     trace = cq.trace(unet, steps=10, num_samples=4, points=[unet.default_cache_point()], seed=10_000, progress=False)
     recipe = Recipe(
         cacher=DeepCache(schedule=UniformSchedule(interval=5)),
         quantizer=UniformQuantizer(
-            weight_bits=7, weight_symmetric=True, activation_tables="per_group", refresh_samples=4, cached_samples=2
+            weight_bits=7,
+            weight_symmetric=True,
+            attention_symmetric=True,
+            activation_tables="per_group",
+            refresh_samples=4,
+            cached_samples=2,
         ),
     )
     return unet, recipe.fit(unet, trace, progress=False)

@@ -35,8 +35,8 @@ def _trace_for(unet, recipe, steps: int, samples: int, seed: int, sampler: dict,
 
 def _on_fastest_path(model) -> tuple[object, str]:
     """``(model to time, what runs it)``: a quantized model on the fastest exact int8 path this machine has
-    (`CompressedUNet.to_int8`: the OpenVINO runtime where installed, else oneDNN where its kernels are exact), or the fake-quant
-    model itself, saying why, where there is none; float models as they are."""
+    (`CompressedUNet.to_int8`: the OpenVINO runtime where installed, else oneDNN where its kernels are exact), or
+    the fake-quant model itself, saying why, where there is none; float models as they are."""
     from ..errors import BackendUnavailableError
     from ..quant.int8 import int8_layers
 

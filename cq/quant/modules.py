@@ -13,6 +13,8 @@ the quantized checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -252,8 +254,8 @@ class QLinear(nn.Module):
 
 
 class QMatMul(nn.Module):
-    """Fake-quant `MatMul` (attention q·kᵀ, softmax·v): both operands quantized; the softmax operand
-    (``matmul.probabilities``) on the fixed range [0, 1]."""
+    """Fake-quant `MatMul` (attention q·kᵀ, softmax·v): both operands quantized with ``act_spec``; the softmax
+    operand (``matmul.probabilities``) on the fixed range [0, 1] of an unsigned grid (zero point 0)."""
 
     def __init__(
         self,
@@ -265,9 +267,11 @@ class QMatMul(nn.Module):
         split_weights: bool = False,
     ):
         super().__init__()
-        unit = (0.0, 1.0)
-        self.act = ActQuantizer(act_spec, num_steps, unit if matmul.probabilities == "a" else None)
-        self.act_b = ActQuantizer(act_spec, num_steps, unit if matmul.probabilities == "b" else None)
+        unit, unsigned = (0.0, 1.0), dataclasses.replace(act_spec, symmetric=False)
+        self.probabilities = matmul.probabilities
+        a, b = (unsigned if matmul.probabilities == side else act_spec for side in "ab")
+        self.act = ActQuantizer(a, num_steps, unit if matmul.probabilities == "a" else None)
+        self.act_b = ActQuantizer(b, num_steps, unit if matmul.probabilities == "b" else None)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         return torch.matmul(self.act(a), self.act_b(b))

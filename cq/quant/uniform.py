@@ -38,6 +38,10 @@ class UniformQuantizer(Quantizer):
         weight_bits, act_bits: 2..8.
         weight_symmetric: signed weights with a zero point of 0 (CacheQuant's are asymmetric). Symmetric weights
             run on the int8 kernels without the window-sum term asymmetric weights need (`cq.quant.int8`).
+        attention_symmetric: signed 8-bit grids with a zero point of 0 for the attention matmuls' operands other
+            than the softmax (q, k, v; the softmax keeps its unsigned [0, 1] grid, whose zero point is 0 too).
+            OpenVINO's int8 matmul kernels take no zero points, so only such matmuls run on them
+            (`cq.runtime.lower`); CacheQuant's operands are asymmetric (default).
         weight_method, act_method: range search, ``"mse"`` (default), ``"minmax"`` or ``"percentile"``.
         per_step: one activation table per sampling step (False: one shared range).
         activation_tables: with ``per_step``, ``"per_step"`` (CacheQuant: one (scale, zero point) per step) or
@@ -68,6 +72,7 @@ class UniformQuantizer(Quantizer):
     weight_bits: int = 8
     act_bits: int = 8
     weight_symmetric: bool = False
+    attention_symmetric: bool = False
     weight_method: ScaleMethod = "mse"
     act_method: ScaleMethod = "mse"
     per_step: bool = True
@@ -105,8 +110,14 @@ class UniformQuantizer(Quantizer):
             per_channel=True,
             method=self.weight_method,
         )
-        act = QuantSpec(bits=8 if eight else self.act_bits, per_step=self.per_step, method=self.act_method)
-        return (None if isinstance(module, MatMul) else weight), act
+        matmul = isinstance(module, MatMul)
+        act = QuantSpec(
+            bits=8 if eight else self.act_bits,
+            symmetric=matmul and self.attention_symmetric,
+            per_step=self.per_step,
+            method=self.act_method,
+        )
+        return (None if matmul else weight), act
 
     def calibration_batches(
         self, trace: Trace, mask: tuple[bool, ...], source: list[int]

@@ -20,7 +20,12 @@ What each quantized layer becomes:
 * a split convolution (input ``cat(cached, skip)`` with one activation table per half, CacheQuant's split
   quantization) -> two convolutions, one per half, summed; the decoupled quantization-error correction of the
   cached half (`cq.correct.QuantErrorCorrector`) is a per-channel affine between them;
-* activation quantizers the ONNX operators cannot express (other bit widths, signed grids) -> cq's own rounding
+* a signed symmetric 8-bit activation quantizer -> a clamp at ``-127`` steps (cq's signed grid) and an int8
+  ``QuantizeLinear`` + ``DequantizeLinear``;
+* an attention matmul -> the matmul of its two quantized operands, transposed where that puts the softmax first
+  (`_LoweredMatMul`): OpenVINO runs it on int8 kernels when neither operand has a zero point
+  (`matmul_float_reason`; ``UniformQuantizer(attention_symmetric=True)``);
+* activation quantizers the ONNX operators cannot express (other bit widths) -> cq's own rounding
   formula in float operators (exact, not accelerated) when ``fallback=True``; otherwise `ExportUnsupportedError`
   naming the layer.
 
@@ -55,6 +60,7 @@ __all__ = [
     "lower_layers",
     "layer_plan",
     "float_weight_reason",
+    "matmul_float_reason",
     "table_acts",
 ]
 
@@ -84,12 +90,11 @@ class _TableAct(nn.Module):
     def __init__(self, act: ActQuantizer, name: str, fallback: bool):
         super().__init__()
         self.spec, self.name = act.spec, name
-        self.onnx_native = act.spec.bits == 8 and not act.spec.symmetric
+        self.onnx_native = act.spec.bits == 8
         if not self.onnx_native and not fallback:
             raise ExportUnsupportedError(
-                f"{name}: {'signed' if act.spec.symmetric else 'unsigned'} {act.spec.bits}-bit activations have "
-                "no ONNX QuantizeLinear form (it takes unsigned 8-bit grids with a zero point); quantize the "
-                "activations to unsigned 8 bits, or pass fallback=True to run this quantizer as float operators"
+                f"{name}: {act.spec.bits}-bit activations have no ONNX QuantizeLinear form (it takes 8-bit grids); "
+                "quantize the activations to 8 bits, or pass fallback=True to run this quantizer as float operators"
             )
         if not bool(act.calibrated.all()):
             raise ExportUnsupportedError(
@@ -100,9 +105,12 @@ class _TableAct(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         scale, zero_point = self.bound
-        if self.onnx_native:
-            return torch.fake_quantize_per_tensor_affine(x, scale, zero_point.to(torch.int32), 0, 255)
-        return fake_quantize(x, scale, zero_point.float(), self.spec)
+        if not self.onnx_native:
+            return fake_quantize(x, scale, zero_point.float(), self.spec)
+        if self.spec.symmetric:  # cq's signed grid stops at -127, int8's at -128: clamp first (fused by runtimes)
+            x = torch.maximum(x, -127 * scale)
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero_point.to(torch.int32), -128, 127)
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point.to(torch.int32), 0, 255)
 
 
 class _ConstWeight(nn.Module):
@@ -225,6 +233,36 @@ class _LoweredLayer(nn.Module):
         return _weighted(self.op, self.act(x), self.weight, self.bias, self.args)
 
 
+class _LoweredMatMul(nn.Module):
+    """Export form of a `QMatMul`. OpenVINO's int8 matmul takes a zero-point-free first operand (unsigned or
+    signed) and a signed second one: a signed first operand times the softmax is computed transposed,
+    ``a @ b = (bᵀ @ aᵀ)ᵀ``, so the softmax comes first."""
+
+    def __init__(self, matmul: QMatMul, acts: dict[str, _TableAct], name: str):
+        super().__init__()
+        self.act, self.act_b = acts[_child(name, "act")], acts[_child(name, "act_b")]
+        self.swap = matmul.probabilities == "b" and matmul.act.spec.symmetric
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if self.swap:
+            return torch.matmul(self.act_b(b).transpose(-1, -2), self.act(a).transpose(-1, -2)).transpose(-1, -2)
+        return torch.matmul(self.act(a), self.act_b(b))
+
+
+def matmul_float_reason(matmul: QMatMul) -> str:
+    """Why ``matmul`` runs in float on OpenVINO ("" when it runs int8): its int8 matmul takes operands without
+    zero points -- a signed or softmax first operand, a signed second (either order, `_LoweredMatMul`)."""
+    specs = {side: getattr(matmul, attr).spec for side, attr in (("a", "act"), ("b", "act_b"))}
+    if any(s.bits != 8 for s in specs.values()):
+        return "operands are not 8-bit"
+    if all(s.symmetric or matmul.probabilities == side for side, s in specs.items()):
+        return ""
+    return (
+        "operands with zero points: OpenVINO's int8 matmul takes none "
+        "(UniformQuantizer(attention_symmetric=True) gives signed ones)"
+    )
+
+
 def _weighted(op, xq: Tensor, weight: _ConstWeight, bias: Tensor | None, args: tuple) -> Tensor:
     """``op(xq, W) + bias`` with ``W`` as `_ConstWeight` holds it: shifted codes plus their window term."""
     out = op(xq, weight.dequantized(), bias, *args)
@@ -264,7 +302,8 @@ def layer_plan(unet: nn.Module, limit: int | None = None) -> dict[str, str]:
     plan = {}
     for name, module in unet.named_modules():
         if isinstance(module, QMatMul):
-            plan[name] = "int8"
+            reason = matmul_float_reason(module)
+            plan[name] = f"float ({reason})" if reason else "int8"
             continue
         if not isinstance(module, QConv2d | QLinear | QConv1d):
             continue
@@ -333,7 +372,7 @@ def lower_layers(module: nn.Module, *, fallback: bool = False, limit: int | None
         elif isinstance(sub, QLinear | QConv1d):
             set_submodule(body, name, _LoweredLayer(sub, acts, limit, name))
         elif isinstance(sub, QMatMul):
-            sub.act, sub.act_b = acts[_child(name, "act")], acts[_child(name, "act_b")]
+            set_submodule(body, name, _LoweredMatMul(sub, acts, name))
     return LoweredLayers(body, acts, corrections)
 
 

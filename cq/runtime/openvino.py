@@ -73,7 +73,6 @@ class OpenVINOUNet:
         self.plan = layer_plan(unet)
         self._core = self._ov.Core()
         self._lowered: dict[bool, LoweredCall] = {}
-        self._models: dict[bool, Any] = {}
         self._inputs: dict[bool, set[str]] = {}
         self._compiled: dict[tuple[bool, str, int], Any] = {}
         self._keys: dict[tuple[bool, int], tuple[str, dict[str, np.ndarray]]] = {}
@@ -136,8 +135,9 @@ class OpenVINOUNet:
                 feature_shape=None if feature is None else tuple(feature.shape),
                 fallback=self.fallback,
             )
-            self._models[shallow] = _fold_concat_splits(self._core.read_model(self._lowered[shallow].onnx, b""))
-            self._inputs[shallow] = {p.get_friendly_name() for p in self._models[shallow].get_parameters()}
+            import onnx
+
+            self._inputs[shallow] = {i.name for i in onnx.load_from_string(self._lowered[shallow].onnx).graph.input}
         return self._lowered[shallow]
 
     def _tables(self, shallow: bool, step: int) -> tuple[str, dict[str, np.ndarray]]:
@@ -159,14 +159,7 @@ class OpenVINOUNet:
         key = (shallow, digest, batch)
         if key not in self._compiled:
             ov = self._ov
-            import openvino.opset13 as ops
-
-            model = self._models[shallow].clone()
-            for param in list(model.get_parameters()):
-                name = param.get_friendly_name()
-                if name in values:
-                    param.output(0).replace(ops.constant(values[name]).output(0))
-                    model.remove_parameter(param)
+            model = _fold_concat_splits(self._core.read_model(_bind_inputs(self._lowered[shallow].onnx, values), b""))
             shapes = {}
             for param in model.get_parameters():
                 shape = param.get_partial_shape()
@@ -179,6 +172,24 @@ class OpenVINOUNet:
             )
             self._compiled[key] = compiled.create_infer_request()
         return self._compiled[key]
+
+
+def _bind_inputs(onnx_model: bytes, values: dict[str, np.ndarray]) -> bytes:
+    """``onnx_model`` with the named graph inputs turned into constants (initializers). Bound before OpenVINO
+    reads the model, its ONNX frontend sees constant quantize / dequantize pairs and makes each one FakeQuantize,
+    which its low-precision passes lower to int8 kernels everywhere (bound after reading, attention matmuls stay
+    float and each quantize step runs as a float subgraph)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(onnx_model)
+    kept = [i for i in model.graph.input if i.name not in values]
+    model.graph.initializer.extend(
+        numpy_helper.from_array(values[i.name], i.name) for i in model.graph.input if i.name in values
+    )
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    return model.SerializeToString()
 
 
 def _fold_concat_splits(model):
