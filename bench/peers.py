@@ -9,9 +9,11 @@ relative error of one forward against the exact quantized function, which an int
 
 Peers (each skipped with a line when its package is missing): fp32 ``torch.compile``; torchao PT2E static int8
 (X86InductorQuantizer) + compile; OpenVINO fp32 and int8 (NNCF post-training quantization); ONNX Runtime fp32 and
-int8 (static QDQ, per-channel weights). cq: W8A8 fake quantization (the accuracy reference), W8A8 on OpenVINO
-(asymmetric 8-bit weights: float weights where the CPU's int8 kernels would not sum them exactly), and W7A8
-(symmetric 7-bit weights, exact on every x86 int8 kernel) on OpenVINO.
+int8 (static QDQ, per-channel weights). cq: W8A8 fake quantization (the accuracy reference), W8A8 through
+``to_int8()`` (the dispatcher's pick) and on OpenVINO (asymmetric 8-bit weights: shifted int8 codes where the CPU
+sums them exactly, float weights elsewhere), and W7A8 (symmetric 7-bit weights, exact on every x86 int8 kernel) on
+OpenVINO; the "signed attention" rows quantize q, k, v on signed grids (``attention_symmetric=True``), which
+OpenVINO runs on int8 matmul kernels.
 
     python bench/peers.py --model cifar10 --batches 1,8,16
     python bench/peers.py --model demo --batches 16 --seeds 64
@@ -189,14 +191,16 @@ def peers(unet, trace, calib_count: int) -> dict[str, Callable[[int], Forward]]:
 
 def cq_models(unet, trace, runtime: bool) -> dict[str, cq.CompressedUNet]:
     """cq's W8A8 (CacheQuant's quantizer) and W7A8 (symmetric 7-bit weights), fitted on ``trace``."""
-    fitted = {
-        "W8A8": Recipe(quantizer=UniformQuantizer(refresh_samples=8, cached_samples=4)).fit(
-            unet, trace, progress=False
+    samples = {"refresh_samples": 8, "cached_samples": 4}
+    quantizers = {
+        "W8A8": UniformQuantizer(**samples),
+        "W8A8 signed attention": UniformQuantizer(attention_symmetric=True, **samples),
+        "W7A8": UniformQuantizer(weight_bits=7, weight_symmetric=True, **samples),
+        "W7A8 signed attention": UniformQuantizer(
+            weight_bits=7, weight_symmetric=True, attention_symmetric=True, **samples
         ),
-        "W7A8": Recipe(
-            quantizer=UniformQuantizer(weight_bits=7, weight_symmetric=True, refresh_samples=8, cached_samples=4)
-        ).fit(unet, trace, progress=False),
     }
+    fitted = {name: Recipe(quantizer=q).fit(unet, trace, progress=False) for name, q in quantizers.items()}
     models = {"cq W8A8 fake-quant": fitted["W8A8"]}
     default = copy.deepcopy(fitted["W8A8"])
     modes = default.to_int8()  # the dispatcher's pick for this CPU
@@ -244,14 +248,16 @@ def speed_table(unet, builders, models, batches: list[int], repeats: int) -> Non
 
 
 def cachequant_w7(unet, trace, interval: int) -> cq.CompressedUNet:
-    """CacheQuant (DPS + both DEC corrections) with symmetric 7-bit weights and one activation table per cache
-    group, on the OpenVINO runtime: at most two compiled graphs per group."""
+    """CacheQuant (DPS + both DEC corrections) with symmetric 7-bit weights, signed attention operands and one
+    activation table per cache group, on the OpenVINO runtime: at most two compiled graphs per group."""
     from cq.cache import DPS, DeepCache
     from cq.correct import CacheErrorCorrector, QuantErrorCorrector
 
     recipe = Recipe(
         cacher=DeepCache(schedule=DPS(interval=interval)),
-        quantizer=UniformQuantizer(weight_bits=7, weight_symmetric=True, activation_tables="per_group"),
+        quantizer=UniformQuantizer(
+            weight_bits=7, weight_symmetric=True, attention_symmetric=True, activation_tables="per_group"
+        ),
         correctors=(CacheErrorCorrector(), QuantErrorCorrector()),
     )
     model = recipe.fit(unet, trace, progress=False)
@@ -270,7 +276,7 @@ def e2e_table(unet, builders, trace, batch: int, repeats: int, intervals: list[i
             forward = build(batch)
             samplers[name] = lambda x, t, cond=None, *, step, f=forward: f(x, t.expand(x.shape[0]).contiguous())
     for n in intervals:
-        samplers[f"cq CacheQuant N={n} W7A8 OpenVINO"] = cachequant_w7(unet, trace, n)
+        samplers[f"cq CacheQuant N={n} W7A8 signed attention OpenVINO"] = cachequant_w7(unet, trace, n)
     runs = {}
     for name, model in samplers.items():
         start = time.perf_counter()
@@ -377,7 +383,9 @@ def main() -> None:
             )
             builders = {k: v for k, v in peers(demo, trace, 4 * args.calib).items() if re.search(args.only, k)}
             models = cq_models(demo, trace, runtime=True)
-        models.update({f"cq CacheQuant N={n} W7A8 OpenVINO": cachequant_w7(demo, trace, n) for n in intervals})
+        models.update(
+            {f"cq CacheQuant N={n} W7A8 signed attention OpenVINO": cachequant_w7(demo, trace, n) for n in intervals}
+        )
         quality_table(demo, builders, models, list(range(1000, 1000 + args.seeds)), batch=16)
 
 
