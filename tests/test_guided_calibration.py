@@ -57,7 +57,8 @@ def test_guided_trace_stores_both_halves_interleaved(pipe):
     noise = cq.sampling.seeded_noise(pipe.unet.sample_shape, [10_000 + int(k) for k in kept])
     guided = ClassifierFreeGuidance(cq.sampling.FullPrecision(pipe.unet), SCALE, pipe.unconditional(1))
     expected = ddim(guided, noise, steps=STEPS, cond=cond[kept], spacing="ldm")
-    assert torch.allclose(trace.x0, expected, atol=1e-5)
+    # x0 reaches ~100 on this random model: float32 summation order moves it by ulps of that scale
+    assert torch.allclose(trace.x0, expected, rtol=1e-5, atol=1e-6 * (1 + float(expected.abs().max())))
 
 
 def test_guidance_inside_the_sampler_is_refused_not_recorded_by_half(pipe):
@@ -135,6 +136,8 @@ def test_evaluate_with_guidance_wraps_both_models(pipe):
     assert torch.equal(result.samples, result.reference_samples)
     noise = cq.sampling.seeded_noise(pipe.unet.sample_shape, [70_000, 70_001])
     fp = ClassifierFreeGuidance(cq.sampling.FullPrecision(pipe.unet), SCALE, uncond)
-    assert torch.allclose(result.reference_samples, ddim(fp, noise, steps=STEPS, cond=cond, spacing="ldm"), atol=1e-5)
+    assert torch.allclose(
+        result.reference_samples, ddim(fp, noise, steps=STEPS, cond=cond, spacing="ldm"), rtol=1e-5, atol=1e-5
+    )
     with pytest.raises(ConfigError, match="needs cond and uncond"):
         cq.evaluate(model, pipe.unet, seeds=[70_000], guidance_scale=SCALE, progress=False)
