@@ -148,8 +148,10 @@ def test_matmul_and_conv1d_macs_are_equal_in_every_stage(m, k, n, batch):
 
 @pytest.mark.parametrize("backend", ["int8", "int_mm"])
 def test_a_model_counts_the_same_macs_per_layer_float_fake_and_converted(unet, backend):
-    """Per layer, and in `report`: converting to integer kernels changes no MAC count."""
-    fake = _calibrate(cq.quant.UniformQuantizer().prepare(unet, STEPS))
+    """Per layer, and in `report`: converting to integer kernels changes no MAC count. Symmetric 7-bit weights:
+    integer kernels on every x86 CPU (8-bit codes keep float weights on OpenVINO without VNNI)."""
+    quantizer = cq.quant.UniformQuantizer(weight_bits=7, weight_symmetric=True)
+    fake = _calibrate(quantizer.prepare(unet, STEPS))
     converted = copy.deepcopy(fake)
     status = to_int8(converted, backend)
     assert int8_layers(converted)["int8"] > 0 and any(v.startswith("int8") for v in status.values())
@@ -159,11 +161,12 @@ def test_a_model_counts_the_same_macs_per_layer_float_fake_and_converted(unet, b
     assert counts[0] and counts[0] == counts[1] == counts[2]
     before = cq.report(cq.CompressedUNet(fake, num_steps=STEPS))
     model = cq.CompressedUNet(copy.deepcopy(fake), num_steps=STEPS)
-    model.to_int8(backend)
+    execution = model.to_int8(backend)  # "int8" may run on a runtime holding its own graph
     after = cq.report(model)
     assert after.total_macs == before.total_macs and after.full_macs == before.full_macs
     assert after.quantized_layers == before.quantized_layers and after.float_layers == before.float_layers
-    assert after.integer_layers == int8_layers(model.unet)["int8"] > 0 == before.integer_layers
+    integer = sum(mode.startswith("int8") for mode in execution.values())
+    assert after.integer_layers == integer > 0 == before.integer_layers
 
 
 def test_backend_parse_accepts_the_values_and_auto_and_names_them_otherwise():
