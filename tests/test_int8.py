@@ -430,3 +430,16 @@ def test_default_int8_is_the_fastest_exact_path(setup, monkeypatch):
     else:
         with pytest.raises(BackendUnavailableError, match=r"cq\[openvino\].*int_mm"):
             copy.deepcopy(base).to_int8()
+
+
+def test_a_conditional_unet_without_exact_onednn_is_refused_naming_why(monkeypatch):
+    """OpenVINO's graphs take no conditioning: where oneDNN is inexact, a conditional UNet gets a
+    `BackendUnavailableError` that says so (not advice to install a runtime that would not help)."""
+    from cq.errors import BackendUnavailableError
+    from cq.models import build
+    from cq.runtime import dispatch
+
+    pytest.importorskip("openvino")
+    monkeypatch.setattr(dispatch, "int8_available", lambda: False)
+    with pytest.raises(BackendUnavailableError, match=r"take no conditioning.*'fake'.*int_mm"):
+        dispatch.cpu_int8_path(build("tiny-sd"))

@@ -45,10 +45,15 @@ def cpu_int8_path(unet: nn.Module) -> tuple[Backend, str]:
         )
     if int8_available():
         return Backend.INT8, "oneDNN: exact on this CPU (VNNI / AMX); pip install 'cq[openvino]' runs faster"
+    runtime = (
+        "cq's OpenVINO graphs take no conditioning, so they cannot run this conditional UNet"
+        if openvino_available()
+        else "install the OpenVINO runtime (pip install 'cq[openvino]') for unconditional UNets"
+    )
     raise BackendUnavailableError(
-        "no exact int8 path on this CPU runs faster than float: its oneDNN u8 x s8 kernels saturate (no VNNI). "
-        "Install the OpenVINO runtime (pip install 'cq[openvino]'), or ask for the exact but slower PyTorch "
-        "kernels by name: to_int8('int_mm')"
+        "no exact int8 path on this CPU runs faster than float: its oneDNN u8 x s8 kernels saturate (no VNNI); "
+        f"{runtime}. Keep fake quantization (backend='fake'), or ask for the exact but slower PyTorch kernels by "
+        "name: to_int8('int_mm')"
     )
 
 
