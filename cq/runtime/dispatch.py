@@ -4,10 +4,11 @@ and the CPU's features.
 Measured with ``bench/peers.py`` and ``cq demo`` (2 threads; docs/benchmarks.md), against fp32 eager:
 
 - OpenVINO with every weight in int8 (symmetric weights whose codes the CPU sums exactly): 2.7-3.5x on the DDPM
-  CIFAR-10 UNet on an AVX-512-VNNI EPYC, 2-2.5x on an AVX2 EPYC -- the fastest path wherever it applies;
+  CIFAR-10 UNet on an AVX-512-VNNI EPYC, 1.9-2.4x on an AVX2 EPYC (W7A8; NNCF's int8 1.7-2.0x there) -- the
+  fastest path wherever it applies;
 - OpenVINO keeping some weights float (8-bit codes without VNNI, or weights it cannot take in int8): 1.0-1.6x on
-  the CIFAR-10 UNet and 1.2x (W8A8) / 1.9x (CacheQuant) on the 1.6 M-parameter demo model -- never slower than
-  float on any model measured;
+  the CIFAR-10 UNet and 1.2x (W8A8) / 1.9x (CacheQuant) on the 1.6 M-parameter demo model (W8A8 on an AVX2
+  EPYC: 1.1-1.4x) -- never slower than float on any model measured;
 - PyTorch's oneDNN kernels (exact only with VNNI / AMX): 1.3-1.9x on the CIFAR-10 UNet but 0.7x on the demo
   model (a quantize and a dequantize per layer in eager PyTorch outweigh its small convolutions), so it runs only
   where OpenVINO is not installed;
