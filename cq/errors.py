@@ -17,6 +17,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "ConfigError",
     "StrategyNotRegisteredError",
+    "ModelFamilyNotRegisteredError",
     "ScheduleInvalidError",
     "StepNotSetError",
     "StepCountMismatchError",
@@ -123,6 +124,12 @@ class StrategyNotRegisteredError(CqError, KeyError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+class ModelFamilyNotRegisteredError(ConfigError):
+    """A saved model or a config names a model family that is not registered, or a UNet to save is of an
+    unregistered class. Fix: import the module that registers it (``@cq.models.register_family``) or pass
+    ``--plugin MODULE`` on the command line."""
 
 
 class PluginError(CqError, ImportError):

@@ -31,6 +31,7 @@ __all__ = ["main", "build_parser"]
 
 
 def _strategies(args: argparse.Namespace) -> int:
+    from ..models.families import MODEL_FAMILIES
     from ..plugins import load_entry_points
     from ..registry import CACHERS, CORRECTORS, QUANTIZERS, RECIPES, SCHEDULES
 
@@ -42,6 +43,8 @@ def _strategies(args: argparse.Namespace) -> int:
                 f"{n} ({c.__module__}.{c.__qualname__})" for n, c in zip(reg.names(), reg.classes(), strict=True)
             )
         )
+    families = (MODEL_FAMILIES.get(n) for n in MODEL_FAMILIES.names())
+    print("model families: " + ", ".join(f"{f.name} ({f.unet.__module__}.{f.unet.__qualname__})" for f in families))
     print("plugins from entry points: " + (", ".join(installed) or "none"))
     return 0
 

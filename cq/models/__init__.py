@@ -7,6 +7,7 @@ from .autoencoders import AutoencoderConfig, AutoencoderKL, VQModel
 from .clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from .conditioners import ClassEmbedder, ConditionerConfig, TextConditioner
 from .ddpm import DDPMConfig, DDPMUNet
+from .families import MODEL_FAMILIES, ModelFamily, register_family
 from .loading import build, load, load_weights
 from .openai_unet import LDMUNet, LDMUNetConfig
 from .pipelines import ClassifierFreeGuidance, LatentDiffusion
@@ -17,6 +18,9 @@ from .tokenizer import CLIPTokenizer
 __all__ = [
     "CacheableUNet",
     "check_cacheable",
+    "register_family",
+    "MODEL_FAMILIES",
+    "ModelFamily",
     "DDPMConfig",
     "DDPMUNet",
     "LDMUNetConfig",

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..core.unet import CacheableUNet, PresetInfo
 from ..errors import ConfigError, InputShapeError
+from .families import register_family
 from .layers import MatMul, ddpm_timestep_embedding
 
 
@@ -179,6 +180,17 @@ class _Mid(nn.Module):
 # The UNet
 
 
+def _checkpoint_keys(state: dict[str, Tensor], config: DDPMConfig, *, format: str, ema: bool) -> dict[str, Tensor]:
+    """A diffusers ``UNet2DModel`` state dict under this UNet's keys (``format="diffusers"``, or detected with
+    ``"auto"``); original keys as they are."""
+    from .convert import ddpm_from_diffusers, looks_like_diffusers_ddpm  # convert.py imports DDPMConfig from here
+
+    if format == "diffusers" or (format == "auto" and looks_like_diffusers_ddpm(state)):
+        return ddpm_from_diffusers(state, len(config.ch_mult), config.num_res_blocks)
+    return state
+
+
+@register_family("ddpm", config=DDPMConfig, convert_keys=_checkpoint_keys)
 class DDPMUNet(CacheableUNet):
     """The DDPM UNet (ddim ``Model``) with named cache points. Unconditional: ``cond`` must be None.
 

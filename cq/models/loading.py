@@ -6,7 +6,6 @@ import dataclasses
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -15,17 +14,12 @@ from ..core.unet import CacheableUNet
 from ..errors import CheckpointFormatError, CheckpointKeyMismatchError, CheckpointValueError, ConfigError, CqError
 from ..sampling.noise import NoiseSchedule, Prediction
 from .checkpoint import read_diffusers_folder, read_state_dict
-from .convert import ddpm_config_from_diffusers, ddpm_from_diffusers, looks_like_diffusers_ddpm
-from .convert_ldm import (
-    LDM_UNET_PREFIX,
-    ldm_unet_config_from_diffusers,
-    ldm_unet_from_diffusers,
-    ldm_unet_state,
-    looks_like_diffusers_ldm_unet,
-)
-from .ddpm import DDPMConfig, DDPMUNet
-from .openai_unet import LDMUNet, LDMUNetConfig
-from .presets import FAMILIES, PRESETS, Preset, family_of, get_preset
+from .convert import ddpm_config_from_diffusers
+from .convert_ldm import ldm_unet_config_from_diffusers
+from .ddpm import DDPMConfig
+from .families import MODEL_FAMILIES, KeyFormat
+from .openai_unet import LDMUNetConfig
+from .presets import PRESETS, Preset, get_preset
 
 
 __all__ = [
@@ -37,8 +31,6 @@ __all__ = [
     "build_from_description",
     "diffusers_noise_schedule",
 ]
-
-KeyFormat = Literal["auto", "original", "diffusers"]
 
 
 def build(preset: str | Preset, *, seed: int | None = None) -> CacheableUNet:
@@ -99,9 +91,7 @@ def load(
             path = embedded_weights_path(p)
         unet = build(p)
         state = read_state_dict(path, ema=ema, trust_pickle=trust_pickle)
-        if isinstance(unet, LDMUNet):
-            state = ldm_unet_state(state, ema=ema)
-        load_weights(unet, state, format=format, check_finite=check_finite)
+        load_weights(unet, state, format=format, check_finite=check_finite, ema=ema)
         return unet
     folder = Path(preset_or_path)
     if folder.is_dir():
@@ -158,21 +148,23 @@ def _build_from_diffusers(
 
 
 def load_weights(
-    unet: nn.Module, state: dict[str, Tensor], *, format: KeyFormat = "auto", check_finite: bool = True
+    unet: nn.Module,
+    state: dict[str, Tensor],
+    *,
+    format: KeyFormat = "auto",
+    check_finite: bool = True,
+    ema: bool = False,
 ) -> None:
-    """Copy ``state`` into ``unet`` after key conversion; every key and shape must match exactly, a float
-    parameter takes only a float tensor, and (``check_finite``) no weight may be NaN or inf
-    (`CheckpointValueError`, naming the tensors)."""
+    """Copy ``state`` into ``unet`` after key conversion (the ``convert_keys`` hook of the UNet's model family,
+    `cq.models.register_family`; other modules take their own keys); every key and shape must match exactly, a
+    float parameter takes only a float tensor, and (``check_finite``) no weight may be NaN or inf
+    (`CheckpointValueError`, naming the tensors). ``ema``: from a full checkpoint holding both, the EMA weights
+    (LDM's ``model_ema.*``)."""
     if format not in ("auto", "original", "diffusers"):
         raise ConfigError(f"format must be 'auto', 'original' or 'diffusers', got {format!r}")
-    diffusers_keys = format == "diffusers" or (format == "auto" and looks_like_diffusers_ddpm(state))
-    if isinstance(unet, DDPMUNet) and diffusers_keys:
-        state = ddpm_from_diffusers(state, len(unet.config.ch_mult), unet.config.num_res_blocks)
-    if isinstance(unet, LDMUNet):
-        if any(k.startswith(LDM_UNET_PREFIX) for k in state):  # a full LDM/SD checkpoint: its UNet part
-            state = ldm_unet_state(state, ema=False)
-        if format == "diffusers" or (format == "auto" and looks_like_diffusers_ldm_unet(state)):
-            state = ldm_unet_from_diffusers(state, unet.config)
+    family = MODEL_FAMILIES.find(unet)
+    if family is not None:
+        state = family.checkpoint_state(state, unet.config, format=format, ema=ema)
     expected = unet.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -215,28 +207,32 @@ def _check_weight_values(state: dict[str, Tensor], expected: dict[str, Tensor], 
 
 
 def describe_model(unet: nn.Module) -> dict:
-    """JSON-able description from which `build_from_description` rebuilds the architecture (random weights)."""
-    if isinstance(unet, DDPMUNet | LDMUNet):
-        noise, preset = unet.noise_schedule, unet.preset
-        return {
-            "family": family_of(unet.config),
-            "config": dataclasses.asdict(unet.config),
-            "noise": dataclasses.asdict(noise) if noise is not None else None,
-            # only a registered preset is named (equal, not identical: quantizing copies the UNet); a rebuilt
-            # "custom" one describes itself as it was saved
-            "preset": preset.name if preset is not None and PRESETS.get(preset.name) == preset else None,
-        }
-    raise ConfigError(f"cannot describe a {type(unet).__name__} for saving; only cq UNets can be saved")
+    """JSON-able description from which `build_from_description` rebuilds the architecture (random weights); the
+    UNet's class must be a registered model family (`cq.models.register_family`)."""
+    family = MODEL_FAMILIES.of_unet(unet)
+    config = getattr(unet, "config", None)
+    if type(config) is not family.config:
+        raise ConfigError(
+            f"{type(unet).__qualname__}.config is a {type(config).__qualname__}; model family {family.name!r} is "
+            f"built from a {family.config.__qualname__}: keep the config the UNet was constructed with as self.config"
+        )
+    noise, preset = unet.noise_schedule, unet.preset
+    return {
+        "family": family.name,
+        "config": dataclasses.asdict(config),
+        "noise": dataclasses.asdict(noise) if noise is not None else None,
+        # only a registered preset is named (equal, not identical: quantizing copies the UNet); a rebuilt
+        # "custom" one describes itself as it was saved
+        "preset": preset.name if preset is not None and PRESETS.get(preset.name) == preset else None,
+    }
 
 
 def build_from_description(desc: dict, *, device: str | torch.device | None = None) -> CacheableUNet:
     """Inverse of `describe_model` (weights are random, or unallocated with ``device="meta"``: load a state dict
     into the result)."""
-    family = desc.get("family")
-    if family not in FAMILIES:
-        raise ConfigError(f"unknown model family {family!r} in a saved model")
+    family = MODEL_FAMILIES.get(desc.get("family"))
     config = dict(desc["config"])
-    config = FAMILIES[family](**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    config = family.config(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
     noise = NoiseSchedule(**desc["noise"]) if desc.get("noise") else None
     name = desc.get("preset")
     preset = PRESETS[name] if name in PRESETS and PRESETS[name].config == config else None
@@ -257,18 +253,12 @@ def embedded_weights_path(preset: Preset) -> Path:
 
 def _construct(preset: Preset, noise: NoiseSchedule, seed: int | None) -> CacheableUNet:
     """The UNet of ``preset.config``, initialised under ``seed`` (None: the global RNG), in eval mode."""
-    config = preset.config
-    if isinstance(config, DDPMConfig):
-        kind = DDPMUNet
-    elif isinstance(config, LDMUNetConfig):
-        kind = LDMUNet
-    else:
-        raise ConfigError(f"no model family for config {type(config).__name__}")
+    kind = MODEL_FAMILIES.of_config(preset.config).unet
     if seed is None:
-        return kind(config, noise_schedule=noise, preset=preset).eval()
+        return kind(preset.config, noise_schedule=noise, preset=preset).eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return kind(config, noise_schedule=noise, preset=preset).eval()
+        return kind(preset.config, noise_schedule=noise, preset=preset).eval()
 
 
 def _is_ldm_diffusers_config(config: dict) -> bool:

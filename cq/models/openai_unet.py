@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..core.unet import CacheableUNet, PresetInfo
 from ..errors import ConfigError, InputShapeError
+from .families import register_family
 from .openai_blocks import (
     AttentionBlock,
     Downsample,
@@ -204,6 +205,20 @@ def ldm_timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> 
 # The UNet
 
 
+def _checkpoint_keys(state: dict[str, Tensor], config: LDMUNetConfig, *, format: str, ema: bool) -> dict[str, Tensor]:
+    """The UNet part of a full LDM/SD checkpoint (``model.diffusion_model.*``, the EMA copy with ``ema``), and
+    diffusers ``UNet2DConditionModel`` keys (``format="diffusers"``, or detected with ``"auto"``) under this UNet's
+    keys; original keys as they are."""
+    # convert_ldm.py imports LDMUNetConfig from here
+    from .convert_ldm import ldm_unet_from_diffusers, ldm_unet_state, looks_like_diffusers_ldm_unet
+
+    state = ldm_unet_state(state, ema=ema)
+    if format == "diffusers" or (format == "auto" and looks_like_diffusers_ldm_unet(state)):
+        return ldm_unet_from_diffusers(state, config)
+    return state
+
+
+@register_family("ldm", config=LDMUNetConfig, convert_keys=_checkpoint_keys)
 class LDMUNet(CacheableUNet):
     """LDM ``openaimodel.UNetModel`` with named cache points.
 

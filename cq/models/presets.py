@@ -12,6 +12,7 @@ from .autoencoders import AutoencoderConfig
 from .clip_text import CLIPTextConfig
 from .conditioners import ConditionerConfig
 from .ddpm import DDPMConfig
+from .families import family_of
 from .openai_unet import LDMUNetConfig
 
 
@@ -19,18 +20,7 @@ if TYPE_CHECKING:
     from ..core.unet import CacheableUNet
 
 
-__all__ = ["Preset", "LatentPipelineSpec", "PRESETS", "FAMILIES", "family_of", "get_preset", "sampling_defaults"]
-
-# model family -> UNet config type; the family names are what saved models store (`describe_model`)
-FAMILIES: dict[str, type] = {"ddpm": DDPMConfig, "ldm": LDMUNetConfig}
-
-
-def family_of(config: object) -> str:
-    """``"ddpm"`` or ``"ldm"``: the family of a UNet config, by its type."""
-    for family, kind in FAMILIES.items():
-        if isinstance(config, kind):
-            return family
-    raise ConfigError(f"no model family for config {type(config).__name__}; expected one of {list(FAMILIES)}")
+__all__ = ["Preset", "LatentPipelineSpec", "PRESETS", "get_preset", "sampling_defaults"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,7 +40,7 @@ class Preset:
     the latent-diffusion parts around it."""
 
     name: str
-    config: DDPMConfig | LDMUNetConfig
+    config: Any  # the config of a registered model family (`DDPMConfig`, `LDMUNetConfig`, ...)
     noise: NoiseSchedule
     sampling: dict[str, Any] = field(default_factory=dict)  # default sampler kwargs (steps, spacing, eta)
     embedded: str | None = None  # file under cq/models/weights/ shipped with the package
@@ -64,7 +54,7 @@ class Preset:
 
     @property
     def family(self) -> str:
-        """``"ddpm"`` | ``"ldm"``, from the config's type."""
+        """The model family's name (``"ddpm"``, ``"ldm"``, ...), from the config's type (`register_family`)."""
         return family_of(self.config)
 
 
