@@ -18,6 +18,7 @@ from cq.cache.schedule import check_mask
 from cq.cli import main
 from cq.correct import Corrector, Stage
 from cq.errors import ConfigError, PluginError, StrategyNotRegisteredError
+from cq.models import MODEL_FAMILIES
 from cq.registry import CORRECTORS, QUANTIZERS, SCHEDULES, from_dict, to_dict
 
 
@@ -33,9 +34,10 @@ def test_extending_md_runs_as_written(tmp_path, monkeypatch, capsys):
     namespace: dict = {"__name__": "extending_doc"}
     blocks = FENCE.findall(DOC.read_text())
     kinds = [(lang, info.strip()) for lang, info, _ in blocks]
-    assert ("python", "my_strategies.py") in kinds and ("bash", "") in kinds
+    assert ("python", "my_strategies.py") in kinds and ("python", "my_unet.py") in kinds and ("bash", "") in kinds
     registries = [SCHEDULES, QUANTIZERS, CORRECTORS]
     before = [dict(r._classes) for r in registries]
+    families = MODEL_FAMILIES.names()
     try:
         for lang, info, body in blocks:
             info = info.strip()
@@ -55,10 +57,14 @@ def test_extending_md_runs_as_written(tmp_path, monkeypatch, capsys):
         model = namespace["model"]
         assert model.refresh_mask() == (True, True, True, False, False, False, True, False, False, False)
         assert namespace["again"].recipe == model.recipe
+        assert type(namespace["back"].unet).__qualname__ == "MyUNet" and "my-unet" in MODEL_FAMILIES
     finally:
-        sys.modules.pop("my_strategies", None)  # forget the plugin and what it registered
+        for module in ("my_strategies", "my_unet"):  # forget the plugins and what they registered
+            sys.modules.pop(module, None)
         for registry, classes in zip(registries, before, strict=True):
             registry._classes = classes
+        for name in set(MODEL_FAMILIES.names()) - set(families):
+            MODEL_FAMILIES.unregister(name)
 
 
 # ------------------------------------------------------------------------------------------------------------
