@@ -13,10 +13,31 @@ import torch
 from torch import Tensor
 
 
-__all__ = ["ChannelMoments", "affine_fit"]
+__all__ = ["PairedSums", "ChannelMoments", "affine_fit"]
 
 
-class ChannelMoments:
+class PairedSums:
+    """Running sums per step of paired tensors ``x, y`` shaped ``[B, C, ...]`` (over batch and pixels, in float64
+    on the CPU): the count ``n`` and the first moments ``sx``, ``sy`` here, the products in `_add_products`."""
+
+    n: Tensor
+    sx: Tensor
+    sy: Tensor
+
+    def update(self, step: int, x: Tensor, y: Tensor) -> None:
+        x = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1).cpu()  # [C, B*H*W]
+        y = y.detach().double().transpose(0, 1).reshape(y.shape[1], -1).cpu()
+        self.n[step] += x.shape[1]
+        self.sx[step] += x.sum(1)
+        self.sy[step] += y.sum(1)
+        self._add_products(step, x, y)
+
+    def _add_products(self, step: int, x: Tensor, y: Tensor) -> None:
+        """Accumulate the second moments of ``x, y`` (``[C, N]`` each) at ``step``."""
+        raise NotImplementedError
+
+
+class ChannelMoments(PairedSums):
     """Running sums per (step, channel) of paired tensors ``x, y`` shaped ``[B, C, ...]``."""
 
     def __init__(self, num_steps: int, channels: int):
@@ -27,12 +48,7 @@ class ChannelMoments:
         self.sxx = torch.zeros(shape, dtype=torch.float64)
         self.sxy = torch.zeros(shape, dtype=torch.float64)
 
-    def update(self, step: int, x: Tensor, y: Tensor) -> None:
-        x = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1).cpu()  # [C, B*H*W]
-        y = y.detach().double().transpose(0, 1).reshape(y.shape[1], -1).cpu()
-        self.n[step] += x.shape[1]
-        self.sx[step] += x.sum(1)
-        self.sy[step] += y.sum(1)
+    def _add_products(self, step: int, x: Tensor, y: Tensor) -> None:
         self.sxx[step] += (x * x).sum(1)
         self.sxy[step] += (x * y).sum(1)
 
