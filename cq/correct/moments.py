@@ -4,16 +4,22 @@ CacheQuant's ``calculate_abCov`` fits ``y ≈ a*x + b`` per channel with ``a = C
 ``b = E[y] - a E[x]``, statistics over (batch, H, W). Here the five sums ``n, Σx, Σy, Σx², Σxy`` are accumulated
 batch by batch (no feature dump; CacheQuant keeps every step's features, ~50 GB for ImageNet) and covariance
 and variance use the *same* normalisation, so the fit equals ordinary least squares exactly (the reference
-divides a biased covariance by an unbiased variance).
+divides a biased covariance by an unbiased variance). `add_cached_steps` streams a cache's stale and fresh
+features into such sums (`PairedSums`: these and `cq.correct.cross_moments.CrossMoments`).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 
-__all__ = ["PairedSums", "ChannelMoments", "affine_fit"]
+if TYPE_CHECKING:
+    from ..cache.cacher import FeatureCache
+
+__all__ = ["PairedSums", "ChannelMoments", "affine_fit", "add_cached_steps"]
 
 
 class PairedSums:
@@ -71,3 +77,16 @@ def affine_fit(m: ChannelMoments, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
     a = torch.where(empty, torch.ones_like(a), a)
     b = torch.where(empty, torch.zeros_like(b), b)
     return a.float(), b.float()
+
+
+def add_cached_steps(moments: PairedSums, cache: FeatureCache, features: Tensor, chunk: int = 16) -> None:
+    """Stream what a cache correction is fitted on into ``moments``: at every cached step of ``cache``, the stale
+    feature the step reads (``features[cache.source[step]]``, its refresh step's) paired with the fresh one
+    (``features[step]``), ``chunk`` trajectories per update. ``features``: a trace's ``[T, k, C, ...]`` features
+    at the cache point."""
+    for step, refresh in enumerate(cache.mask):
+        if refresh:
+            continue
+        for start in range(0, features.shape[1], chunk):
+            rows = slice(start, start + chunk)
+            moments.update(step, features[cache.source[step], rows], features[step, rows])
