@@ -6,7 +6,7 @@ from .correction import ChannelAffine
 from .corrector import Corrector, Stage
 from .cross_moments import CrossMoments, low_rank_affine_fit
 from .low_rank_affine import LowRankAffine
-from .moments import ChannelMoments, affine_fit
+from .moments import ChannelMoments, add_cached_steps, affine_fit
 from .quant_error import QuantErrorCorrector
 
 
@@ -15,6 +15,7 @@ __all__ = [
     "Stage",
     "CacheErrorCorrector",
     "CacheErrorLowRank",
+    "add_cached_steps",
     "QuantErrorCorrector",
     "ChannelAffine",
     "ChannelMoments",

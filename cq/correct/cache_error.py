@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..registry import CORRECTORS
 from .correction import ChannelAffine
 from .corrector import Corrector, Stage
-from .moments import ChannelMoments, affine_fit
+from .moments import ChannelMoments, add_cached_steps, affine_fit
 
 
 if TYPE_CHECKING:
@@ -56,12 +56,7 @@ class CacheErrorCorrector(Corrector):
             raise ConfigError(f"CacheErrorCorrector needs trace features at {cache.point!r}")
         features = trace.features[cache.point]  # [T, k, C, ...]
         moments = ChannelMoments(model.num_steps, features.shape[2])
-        for step, refresh in enumerate(cache.mask):
-            if refresh:
-                continue
-            for start in range(0, features.shape[1], self.chunk):
-                rows = slice(start, start + self.chunk)
-                moments.update(step, features[cache.source[step], rows], features[step, rows])
+        add_cached_steps(moments, cache, features, self.chunk)
         gain, offset = affine_fit(moments)
         model.cache.correction.gain.copy_(gain)
         model.cache.correction.offset.copy_(offset)

@@ -20,6 +20,7 @@ from ..registry import CORRECTORS
 from .corrector import Corrector, Stage
 from .cross_moments import CrossMoments, low_rank_affine_fit
 from .low_rank_affine import LowRankAffine
+from .moments import add_cached_steps
 
 
 if TYPE_CHECKING:
@@ -74,10 +75,5 @@ class CacheErrorLowRank(Corrector):
             )
         features = trace.features[cache.point]  # [T, k, C, ...]
         moments = CrossMoments(model.num_steps, features.shape[2])
-        for step, refresh in enumerate(cache.mask):
-            if refresh:
-                continue
-            for start in range(0, features.shape[1], self.chunk):
-                rows = slice(start, start + self.chunk)
-                moments.update(step, features[cache.source[step], rows], features[step, rows])
+        add_cached_steps(moments, cache, features, self.chunk)
         cache.correction.fill(*low_rank_affine_fit(moments, cache.correction.rank, float(self.ridge)))

@@ -14,11 +14,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .moments import PairedSums
+
 
 __all__ = ["CrossMoments", "low_rank_affine_fit"]
 
 
-class CrossMoments:
+class CrossMoments(PairedSums):
     """Running sums per step of paired tensors ``x, y`` shaped ``[B, C, ...]``, across channels."""
 
     def __init__(self, num_steps: int, channels: int):
@@ -32,12 +34,7 @@ class CrossMoments:
     def channels(self) -> int:
         return self.sx.shape[1]
 
-    def update(self, step: int, x: Tensor, y: Tensor) -> None:
-        x = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1).cpu()  # [C, B*H*W]
-        y = y.detach().double().transpose(0, 1).reshape(y.shape[1], -1).cpu()
-        self.n[step] += x.shape[1]
-        self.sx[step] += x.sum(1)
-        self.sy[step] += y.sum(1)
+    def _add_products(self, step: int, x: Tensor, y: Tensor) -> None:
         self.sxx[step] += x @ x.T
         self.sxy[step] += x @ y.T
 

@@ -54,13 +54,24 @@ def _module_to_diffusers(module: str, num_levels: int) -> str:
         if kind == "block":
             return f"{side}_blocks.{level}.resnets.{idx}.{_RESNET[leaf]}"
         return f"{side}_blocks.{level}.attentions.{idx}.{_ATTN[leaf]}"
+    resampler = resampler_to_diffusers(module, num_levels)
+    if resampler is None:
+        raise KeyError(module)
+    return resampler
+
+
+def resampler_to_diffusers(module: str, num_levels: int) -> str | None:
+    """``down.{l}.downsample.conv`` / ``up.{l}.upsample.conv`` (the original layout of the DDPM UNet and of the
+    first-stage autoencoders) -> diffusers' ``down_blocks.{l}.downsamplers.0.conv`` /
+    ``up_blocks.{num_levels - 1 - l}.upsamplers.0.conv`` (diffusers counts up blocks from the deepest); None for
+    any other module."""
     m = re.fullmatch(r"down\.(\d+)\.downsample\.conv", module)
     if m:
         return f"down_blocks.{m.group(1)}.downsamplers.0.conv"
     m = re.fullmatch(r"up\.(\d+)\.upsample\.conv", module)
     if m:
         return f"up_blocks.{num_levels - 1 - int(m.group(1))}.upsamplers.0.conv"
-    raise KeyError(module)
+    return None
 
 
 def _split(key: str) -> tuple[str, str]:
@@ -74,14 +85,23 @@ def _is_attn_proj(orig_module: str) -> bool:
 
 def ddpm_to_diffusers(state: dict[str, Tensor], num_levels: int) -> dict[str, Tensor]:
     """Original DDPM keys -> diffusers ``UNet2DModel`` keys (``num_levels = len(ch_mult)``)."""
+    return rename_to_diffusers(state, lambda module: _module_to_diffusers(module, num_levels), _is_attn_proj, "DDPM")
+
+
+def rename_to_diffusers(
+    state: dict[str, Tensor], to_diffusers: Callable[[str], str], is_attn_proj: Callable[[str], bool], model: str
+) -> dict[str, Tensor]:
+    """Rename original keys through ``to_diffusers`` (original module -> diffusers module, `KeyError` for an
+    unknown one); attention projections lose their 1x1-conv shape. An original key with no diffusers name raises
+    `CheckpointFormatError` (``model``: what the keys are of, for the message). Inverse: `rename_from_diffusers`."""
     out = {}
     for key, value in state.items():
         module, leaf = _split(key)
         try:
-            new = _module_to_diffusers(module, num_levels)
+            new = to_diffusers(module)
         except KeyError:
-            raise CheckpointFormatError(f"no diffusers name for original DDPM key {key!r}") from None
-        if _is_attn_proj(module) and leaf == "weight":
+            raise CheckpointFormatError(f"no diffusers name for original {model} key {key!r}") from None
+        if is_attn_proj(module) and leaf == "weight":
             value = value.reshape(value.shape[0], value.shape[1])
         out[f"{new}.{leaf}"] = value
     return out

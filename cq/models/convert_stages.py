@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import CheckpointFormatError
-from .convert import rename_from_diffusers
+from .convert import _ATTN, _FIXED, _RESNET, rename_from_diffusers, rename_to_diffusers, resampler_to_diffusers
 
 
 LDM_UNET_PREFIX = "model.diffusion_model."
@@ -27,16 +27,11 @@ SDXL_CONDITIONER_PREFIX = "conditioner."  # sgm (SDXL) single-file checkpoints: 
 # ----------------------------------------------------------------------------------------------------------------
 # Autoencoders (ldm.modules.diffusionmodules.model Encoder/Decoder <-> diffusers AutoencoderKL / VQModel)
 
-_AE_RES = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
-_AE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_AE_FIXED = {
-    "conv_in": "conv_in",
-    "conv_out": "conv_out",
-    "norm_out": "conv_norm_out",
-    "mid.block_1": "mid_block.resnets.0",
-    "mid.block_2": "mid_block.resnets.1",
-    "mid.attn_1": "mid_block.attentions.0",
-}
+# the Encoder / Decoder are built of the DDPM UNet's blocks (the same ldm file) and diffusers names them alike: the
+# DDPM maps without the time embedding
+_AE_RES = {k: v for k, v in _RESNET.items() if k != "temb_proj"}
+_AE_ATTN = _ATTN
+_AE_FIXED = {k: v for k, v in _FIXED.items() if not k.startswith("temb.")}
 _AE_TOP = ("quant_conv", "post_quant_conv", "quantize.embedding")
 
 
@@ -58,13 +53,10 @@ def _ae_module_to_diffusers(module: str, num_levels: int) -> str:
         kind, level, idx, leaf = m.groups()
         level = int(level) if kind == "down" else num_levels - 1 - int(level)
         return f"{side}.{kind}_blocks.{level}.resnets.{idx}.{_AE_RES[leaf]}"
-    m = re.fullmatch(r"down\.(\d+)\.downsample\.conv", rest)
-    if m:
-        return f"{side}.down_blocks.{m.group(1)}.downsamplers.0.conv"
-    m = re.fullmatch(r"up\.(\d+)\.upsample\.conv", rest)
-    if m:
-        return f"{side}.up_blocks.{num_levels - 1 - int(m.group(1))}.upsamplers.0.conv"
-    raise KeyError(module)
+    resampler = resampler_to_diffusers(rest, num_levels)
+    if resampler is None:
+        raise KeyError(module)
+    return f"{side}.{resampler}"
 
 
 def _is_ae_attn_proj(module: str) -> bool:
@@ -77,17 +69,9 @@ def autoencoder_to_diffusers(state: dict[str, Tensor], num_levels: int) -> dict[
 
     Level attention (``down.l.attn``) has no diffusers counterpart and is refused.
     """
-    out = {}
-    for key, value in state.items():
-        module, _, leaf = key.rpartition(".")
-        try:
-            new = _ae_module_to_diffusers(module, num_levels)
-        except KeyError:
-            raise CheckpointFormatError(f"no diffusers name for original autoencoder key {key!r}") from None
-        if _is_ae_attn_proj(module) and leaf == "weight":
-            value = value.reshape(value.shape[0], value.shape[1])
-        out[f"{new}.{leaf}"] = value
-    return out
+    return rename_to_diffusers(
+        state, lambda module: _ae_module_to_diffusers(module, num_levels), _is_ae_attn_proj, "autoencoder"
+    )
 
 
 def autoencoder_from_diffusers(state: dict[str, Tensor], num_levels: int, num_res_blocks: int) -> dict[str, Tensor]:

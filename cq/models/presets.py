@@ -72,23 +72,21 @@ PRESETS: dict[str, Preset] = {
             sampling={"steps": 100, "spacing": "quad", "eta": 0.0},
             source="ddim/pytorch_diffusion ema_diffusion_cifar10_model/model-790000.ckpt or google/ddpm-cifar10-32",
         ),
-        Preset(
-            name="church",
-            config=DDPMConfig(
-                resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,)
-            ),
-            noise=_DDPM_NOISE,
-            sampling={"steps": 100, "spacing": "uniform", "eta": 0.0},
-            source="ddim ema_diffusion_lsun_church_model/model-4432000.ckpt or google/ddpm-church-256",
-        ),
-        Preset(
-            name="bedroom",
-            config=DDPMConfig(
-                resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,)
-            ),
-            noise=_DDPM_NOISE,
-            sampling={"steps": 100, "spacing": "uniform", "eta": 0.0},
-            source="ddim ema_diffusion_lsun_bedroom_model/model-2388000.ckpt or google/ddpm-bedroom-256",
+        # the two LSUN 256x256 DDPMs: one architecture and sampling, their own weights
+        *(
+            Preset(
+                name=name,
+                config=DDPMConfig(
+                    resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,)
+                ),
+                noise=_DDPM_NOISE,
+                sampling={"steps": 100, "spacing": "uniform", "eta": 0.0},
+                source=source,
+            )
+            for name, source in (
+                ("church", "ddim ema_diffusion_lsun_church_model/model-4432000.ckpt or google/ddpm-church-256"),
+                ("bedroom", "ddim ema_diffusion_lsun_bedroom_model/model-2388000.ckpt or google/ddpm-bedroom-256"),
+            )
         ),
         Preset(
             name="demo",

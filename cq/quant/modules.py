@@ -120,7 +120,26 @@ class QuantizedWeight(nn.Module):
         )
 
 
-class QConv2d(nn.Module):
+def _frozen_bias(layer: nn.Conv1d | nn.Conv2d | nn.Linear) -> nn.Parameter | None:
+    """A float layer's bias as its fake-quant replacement keeps it: a copy, not trained (None without a bias)."""
+    return None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+
+
+class _QConv(nn.Module):
+    """What a fake-quant convolution takes over from the float one whatever its dimension: zero padding only, the
+    geometry (shape fields) and the bias. The subclass quantizes the weight and the input."""
+
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d):
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise CqError(f"{type(self).__name__} supports zero padding only, got {conv.padding_mode!r}")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self.bias = _frozen_bias(conv)
+
+
+class QConv2d(_QConv):
     """Fake-quant ``nn.Conv2d``: input activation(s) and weight quantized; ``split`` splits a concat input.
 
     ``split_weights`` (with ``split``): the weight columns of the two input halves are quantized separately
@@ -138,17 +157,12 @@ class QConv2d(nn.Module):
         split: int | None = None,
         split_weights: bool = False,
     ):
-        super().__init__()
-        if conv.padding_mode != "zeros":
-            raise CqError(f"QConv2d supports zero padding only, got {conv.padding_mode!r}")
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
-        self.dilation, self.groups, self.split = conv.dilation, conv.groups, split
+        super().__init__(conv)
+        self.split = split
         halves = bool(split) and split_weights
         w = conv.weight
         self.weight = QuantizedWeight(w[:, :split] if halves else w, weight_spec)
         self.weight_skip = QuantizedWeight(w[:, split:], weight_spec) if halves else None
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         self.act = ActQuantizer(act_spec, num_steps)
         self.act_skip = ActQuantizer(act_spec, num_steps) if split else None
         self.correction: nn.Module | None = None  # DEC: per-step affine of the cached half's output
@@ -197,7 +211,7 @@ def adopt_conv_state(target: nn.Module, conv: QConv2d) -> None:
     target.weight_skip, target.correction = conv.weight_skip, conv.correction
 
 
-class QConv1d(nn.Module):
+class QConv1d(_QConv):
     """Fake-quant ``nn.Conv1d`` (LDM's legacy attention ``qkv`` / ``proj_out``); runs as fake quantization."""
 
     def __init__(
@@ -209,14 +223,8 @@ class QConv1d(nn.Module):
         split: int | None = None,
         split_weights: bool = False,
     ):
-        super().__init__()
-        if conv.padding_mode != "zeros":
-            raise CqError(f"QConv1d supports zero padding only, got {conv.padding_mode!r}")
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
-        self.dilation, self.groups = conv.dilation, conv.groups
+        super().__init__(conv)
         self.weight = QuantizedWeight(conv.weight, weight_spec)
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         self.act = ActQuantizer(act_spec, num_steps)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -243,7 +251,7 @@ class QLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = QuantizedWeight(linear.weight, weight_spec)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.bias = _frozen_bias(linear)
         self.act = ActQuantizer(act_spec, num_steps)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -201,10 +201,7 @@ class Quantizer(ABC):
                     "prepare the model with the trace's step count"
                 )
         cache = _cache_for(model, num_steps, cache, cacher)
-        if cache is not None:
-            mask, source = cache.mask, cache.source
-        else:
-            mask, source = (True,) * num_steps, list(range(num_steps))
+        mask, source = _refresh_plan(cache, num_steps)
         batches = self.calibration_batches(trace, mask, source)
         groups = source if self.activation_tables == "per_group" else None
         with observe(model, RangeTables(groups=groups)) as tables:
@@ -233,8 +230,7 @@ class Quantizer(ABC):
             raise ConfigError("round_weights runs before calibration: its inputs must not be quantized yet")
         method = "adaround" if self.rounding() == "adaround" else "gptq"
         cache = _cache_for(model, trace.steps, cache, cacher)
-        mask, source = (cache.mask, cache.source) if cache is not None else ((True,) * trace.steps, None)
-        source = source if source is not None else list(range(trace.steps))
+        mask, source = _refresh_plan(cache, trace.steps)
         with record_hessians(model) as tables:
             replay(
                 model,
@@ -286,6 +282,14 @@ def _cache_for(
     if cache is not None and cache.num_steps != num_steps:
         raise ConfigError(f"the cache is built for {cache.num_steps} steps but the trace has {num_steps}")
     return cache
+
+
+def _refresh_plan(cache: FeatureCache | None, num_steps: int) -> tuple[tuple[bool, ...], list[int]]:
+    """``(refresh mask, source step of every step)`` the calibration calls follow: the cache's, or without a cache
+    every step a full call (its own source)."""
+    if cache is not None:
+        return cache.mask, cache.source
+    return (True,) * num_steps, list(range(num_steps))
 
 
 def quantized_modules(model: nn.Module) -> dict[str, str]:
