@@ -2,7 +2,7 @@
 
 What a schedule that `needs_rollout` (e.g. `cq.cache.search.TrajectorySearch`) searches on. `Recipe.fit` builds
 one per fit (`Recipe.rollout`) and hands it to the cacher. A call builds the model the recipe would build with
-the candidate cacher, through `Recipe.fit`'s own steps (`model`) -- its ``body`` with the correctors of
+the candidate cacher, through `Recipe.fit`'s own steps (`measure`) -- its ``body`` with the correctors of
 `Stage.BEFORE_QUANTIZATION` (the DEC cache correction, cheap: it is fitted from the trace's features alone) --,
 samples it end to end with the trace's own sampler settings from the initial noise of the trace's first
 trajectories, and returns each trajectory's x0 MSE against the trace's full-precision x0 (`errors`). Only
@@ -117,8 +117,19 @@ class CalibrationRollout:
 
     @torch.no_grad()
     def __call__(self, cacher: Cacher, trajectories: int | None) -> Tensor:
+        return self.measure(cacher, trajectories)[1]
+
+    @torch.no_grad()
+    def measure(self, cacher: Cacher, trajectories: int | None) -> tuple[CompressedUNet, Tensor]:
+        """The candidate with ``cacher`` (fitted) -- what `Recipe.fit` builds after its cacher, here for a recipe of
+        the `correctors` alone on `body`, through the same code -- and its x0 MSE (`errors`)."""
+        from .recipe import Recipe  # recipe.py builds rollouts
+
         trajectories = self.trajectories(trajectories)
-        return self.errors(self.model(cacher), trajectories)
+        model = Recipe(cacher=cacher, correctors=self.correctors)._fit_after_cacher(
+            self.unet, self.trace, body=self.body
+        )
+        return model, self.errors(model, trajectories)
 
     def trajectories(self, trajectories: int | None) -> int:
         """``trajectories`` checked against the trace's kept ones (None: all of them)."""
@@ -130,14 +141,6 @@ class CalibrationRollout:
                 "more (cq.trace(..., num_samples=, keep=)) or lower the schedule's trajectories"
             )
         return trajectories
-
-    def model(self, cacher: Cacher) -> CompressedUNet:
-        """The candidate with ``cacher`` (fitted): what `Recipe.fit` builds after its cacher -- here a recipe of
-        the `correctors` alone, on `body` -- through the same code."""
-        from .recipe import Recipe  # recipe.py builds rollouts
-
-        recipe = Recipe(cacher=cacher, correctors=self.correctors)
-        return recipe._fit_after_cacher(self.unet, self.trace, body=self.body)
 
     @torch.no_grad()
     def errors(self, model: nn.Module, trajectories: int | None) -> Tensor:
