@@ -26,6 +26,7 @@ from ..metrics.error import mse_psnr
 from .budget_cache import BudgetCache, parse_budget, refreshes_for
 from .choose_point import PointCandidate, PointChoice, point_candidate
 from .recipe import Recipe, cachequant
+from .rollout import CalibrationRollout
 
 
 __all__ = ["fit_to_budget", "parse_budget", "refreshes_for"]
@@ -55,8 +56,8 @@ def fit_to_budget(
     Returns the model fitted at the chosen point and the `PointChoice`: every feasible point's rollout, its
     ``mean_db`` the PSNR of the mean x0 MSE (what the choice minimises), ``min_db`` the worst trajectory's, and
     its speedup counting the cache correction's MACs too (the budget is met on the UNet's MACs, as `cq.report`
-    counts them). Raises `BudgetError` when no point can meet the budget. Cost: one quantizer calibration and one
-    rollout per feasible point, then the final fit.
+    counts them). Raises `BudgetError` when no point can meet the budget. Cost: the rollouts' quantizer calibration
+    (once), one rollout per feasible point, then the final fit.
     """
     min_speedup = parse_budget(budget)
     recipe_for = recipe_for or (lambda p, k: cachequant(point=p, refreshes=k))
@@ -77,17 +78,20 @@ def fit_to_budget(
     refreshes = cacher.refreshes(unet, trace, costs)
     recipe = replace(_recipe_of(recipe_for, refreshes), cacher=cacher)
 
-    shared = recipe.rollout(unet, trace, progress=progress)
     found: dict[str, PointCandidate] = {}
 
-    def rollout(candidate: Cacher, trajectories: int | None) -> Tensor:  # BudgetCache's, recording its table
-        start = time.perf_counter()
-        model, mse = shared.measure(candidate, trajectories)
-        mean_db, min_db = float(mse_psnr(mse.mean())), float(mse_psnr(mse).min())
-        found[model.cache.point] = point_candidate(model, mean_db, min_db, costs, trace, time.perf_counter() - start)
-        return mse
+    def recording(shared: CalibrationRollout) -> Callable[[Cacher, int | None], Tensor]:
+        def rollout(candidate: Cacher, trajectories: int | None) -> Tensor:  # BudgetCache's, recording its table
+            start = time.perf_counter()
+            model, mse = shared.measure(candidate, trajectories)
+            mean_db, min_db = float(mse_psnr(mse.mean())), float(mse_psnr(mse).min())
+            seconds = time.perf_counter() - start
+            found[model.cache.point] = point_candidate(model, mean_db, min_db, costs, trace, seconds)
+            return mse
 
-    model = recipe.fit(unet, trace, progress=progress, rollout=rollout)
+        return rollout
+
+    model = recipe.fit(unet, trace, progress=progress, wrap_rollout=recording)
     choice = PointChoice(
         point=model.cache.point,
         min_speedup=min_speedup,

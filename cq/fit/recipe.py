@@ -123,17 +123,17 @@ class Recipe:
         trace: Trace,
         *,
         progress: bool = True,
-        rollout: Callable[[Cacher, int | None], Tensor] | None = None,
+        wrap_rollout: Callable[[CalibrationRollout], Callable[[Cacher, int | None], Tensor]] | None = None,
     ) -> CompressedUNet:
         """Fit every component on ``trace`` (recorded from ``unet`` in full precision) in the order above.
 
         A cacher that `needs_rollout` is fitted with ``rollout=`` `rollout` (candidate models sampled end to end on
-        the trace's trajectories; quantized if the cacher's `quantized_rollout`); pass ``rollout`` to fit it on
-        another one instead, e.g. a wrapper of ``recipe.rollout(unet, trace)`` that records every candidate
-        (`cq.fit_to_budget` builds its table so). One `CompressedUNet` (and so one `FeatureCache`) is built next,
-        on the full-precision UNet; correctors of `Stage.BEFORE_QUANTIZATION` fit on it, the quantizer calibrates
-        through its cache (their corrections on), its body becomes the quantized copy, and correctors of
-        `Stage.AFTER_QUANTIZATION` fit on that."""
+        the trace's trajectories; quantized if the cacher's `quantized_rollout`), or with
+        ``wrap_rollout(that rollout)``, e.g. a wrapper recording every candidate (`cq.fit_to_budget` builds its
+        table so); either is dropped, and its quantized body with it, once the cacher is fitted. One
+        `CompressedUNet` (and so one `FeatureCache`) is built next, on the full-precision UNet; correctors of
+        `Stage.BEFORE_QUANTIZATION` fit on it, the quantizer calibrates through its cache (their corrections on),
+        its body becomes the quantized copy, and correctors of `Stage.AFTER_QUANTIZATION` fit on that."""
         if trace.x.shape[1] == 0:
             raise ConfigError(
                 "the trace stores no trajectories (recorded with keep=0: only its observers saw the samples); "
@@ -149,16 +149,16 @@ class Recipe:
                 "differs); record the trace with cq.trace(unet, ...) of this UNet"
             )
         needs_rollout = self.cacher is not None and self.cacher.needs_rollout
-        if rollout is not None and not needs_rollout:
+        if wrap_rollout is not None and not needs_rollout:
             raise ConfigError(
-                f"Recipe.fit: rollout= is for a cacher that searches on rollouts (needs_rollout); "
+                f"Recipe.fit: wrap_rollout= is for a cacher that searches on rollouts (needs_rollout); "
                 f"{self.cacher.label() if self.cacher is not None else 'no cacher'} does not"
             )
         cacher = self.cacher
         if needs_rollout:
             # passed, not kept: its quantized body (a UNet copy) is freed before the final calibration
-            rollout = self.rollout(unet, trace, progress=progress) if rollout is None else rollout
-            cacher = cacher.fit(unet, trace, rollout=rollout)
+            wrap = wrap_rollout or (lambda rollout: rollout)
+            cacher = cacher.fit(unet, trace, rollout=wrap(self.rollout(unet, trace, progress=progress)))
         elif cacher is not None:
             cacher = cacher.fit(unet, trace)
         return replace(self, cacher=cacher)._fit_after_cacher(unet, trace, base_fingerprint=base, progress=progress)
