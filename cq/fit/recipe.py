@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -238,28 +238,12 @@ class Recipe:
             calibration_guidance=calibration_guidance,
         )
 
-    def build(
-        self,
-        unet: nn.Module,
-        num_steps: int,
-        *,
-        calibration_seeds: tuple[int, ...] = (),
-        sampler_settings: SamplerSettings | None = None,
-        base_fingerprint: str = "",
-        calibration_guidance: float | None = None,
-    ) -> CompressedUNet:
+    def build(self, unet: nn.Module, num_steps: int, **fields: Any) -> CompressedUNet:
         """The structure of a fitted model with identity corrections and unfitted tables (for loading saved
-        tensors into). The cacher must be fitted (its schedule part of the recipe); the keyword arguments are the
-        fitted model's `CompressedUNet` fields."""
+        tensors into). The cacher must be fitted (its schedule part of the recipe); ``fields`` are the fitted
+        model's `CompressedUNet` fields, the keyword arguments of `assemble`."""
         body = self.quantizer.prepare(unet, num_steps) if self.quantizer is not None else unet
-        model = self.assemble(
-            body,
-            num_steps,
-            calibration_seeds=calibration_seeds,
-            sampler_settings=sampler_settings,
-            base_fingerprint=base_fingerprint,
-            calibration_guidance=calibration_guidance,
-        )
+        model = self.assemble(body, num_steps, **fields)
         for corrector in self.correctors:
             corrector.attach(model)
         return model
