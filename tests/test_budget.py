@@ -85,6 +85,29 @@ def test_fit_to_budget_meets_the_budget_with_the_least_error(unet, trace):
         cq.fit_to_budget(unet, trace, 50, recipe_for=full_precision, progress=False)
 
 
+def test_fit_to_budget_and_cachequant_budget_choose_the_same_schedule(unet, trace):
+    """The two spellings of a MAC budget are one implementation (`BudgetCache` fitted through `Recipe.fit`):
+    the same inputs choose the same point and schedule and fit the same model; `fit_to_budget` adds the table."""
+
+    def corrected(point, refreshes):
+        return _rollout_recipe(DeepCache(schedule=DPS(refreshes=refreshes), point=point))
+
+    for recipe_for, samples, recipe in (
+        (corrected, 1, _rollout_recipe(BudgetCache(speedup=1.5, trajectories=1))),
+        (None, None, cq.cachequant(budget="1.5x")),  # quantized: the rollout's body and the final calibration
+    ):
+        direct = recipe.fit(unet, trace, progress=False)
+        model, choice = cq.fit_to_budget(unet, trace, "1.5x", recipe_for=recipe_for, samples=samples, progress=False)
+        assert model.recipe == direct.recipe and isinstance(model.recipe.cacher, DeepCache)
+        assert model.refresh_mask() == direct.refresh_mask() and choice.point == direct.cache.point
+        expected, got = direct.state_dict(), model.state_dict()
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+        chosen = next(c for c in choice.candidates if c.point == choice.point)
+        assert all(c.mean_db <= chosen.mean_db for c in choice.candidates)  # the least mean MSE
+    with pytest.raises(ConfigError, match="must return a Recipe caching with"):
+        cq.fit_to_budget(unet, trace, "1.5x", recipe_for=lambda p, k: cq.cachequant(point=p), progress=False)
+
+
 def test_cli_fit_with_a_budget(tmp_path, capsys):
     out = tmp_path / "budget.cq"
     argv = ["fit", "--model", "demo", "--steps", "4", "--samples", "2", "--budget", "3x", "-o", str(out)]

@@ -162,6 +162,17 @@ class BudgetCache(Cacher):
         cond = trace.cond[0, rows].to(device) if trace.cond is not None else None
         return call_seconds(unet, x, t, cond, points=points, repeats=self.repeats)
 
+    def refreshes(self, unet: nn.Module, trace: Trace, costs: dict[str, float] | None = None) -> dict[str, int]:
+        """``{point: K}``: the most full calls meeting the budget at each point where one does (`feasible_refreshes`
+        on ``costs``, default `costs`); `BudgetError` when none does."""
+        costs = self.costs(unet, trace) if costs is None else costs
+        return feasible_refreshes(costs, self.points(unet), trace.steps, self.speedup, self.measure)
+
+    @staticmethod
+    def candidate(point: str, refreshes: int) -> DeepCache:
+        """The cacher rolled out at ``point`` (unfitted): ``refreshes`` full calls placed by DPS."""
+        return DeepCache(schedule=DPS(refreshes=refreshes), point=point)
+
     def fit(
         self, unet: nn.Module, trace: Trace | None, *, rollout: Callable[[Cacher, int], Tensor] | None = None
     ) -> DeepCache:
@@ -170,16 +181,14 @@ class BudgetCache(Cacher):
                 "BudgetCache chooses the point and schedule on the compressed model's end-to-end error: fit it "
                 "through Recipe.fit(unet, trace) on a trace recorded with points=recipe.points(unet)"
             )
-        points = self.points(unet)
-        missing = [p for p in points if p not in trace.features]
+        missing = [p for p in self.points(unet) if p not in trace.features]
         if missing:
             raise ConfigError(f"BudgetCache needs trace features at {missing}; record with points=recipe.points(unet)")
-        refreshes = feasible_refreshes(self.costs(unet, trace), points, trace.steps, self.speedup, self.measure)
         trajectories = min(self.trajectories, trace.x0.shape[0])
         chosen, lowest = None, math.inf
-        for point, k in refreshes.items():
+        for point, k in self.refreshes(unet, trace).items():
             # DeepCache.fit plans DPS on the point's features (and a PLMS trace's sampler steps)
-            candidate = DeepCache(schedule=DPS(refreshes=k), point=point).fit(unet, trace)
+            candidate = self.candidate(point, k).fit(unet, trace)
             error = float(rollout(candidate, trajectories).mean())
             if error < lowest:
                 chosen, lowest = candidate, error

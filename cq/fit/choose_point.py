@@ -26,10 +26,10 @@ from ..compressed import CompressedUNet
 from ..core.unet import check_cacheable
 from ..correct import ChannelAffine, LowRankAffine
 from ..errors import BudgetError, ConfigError
-from ..metrics.error import per_sample_psnr
+from ..metrics.error import mse_psnr
 from ..metrics.macs import predicted_speedup, unet_macs
-from ..sampling.samplers import sampler_of
 from .recipe import Recipe
+from .rollout import CalibrationRollout
 
 
 __all__ = ["PointCandidate", "PointChoice", "choose_point"]
@@ -41,11 +41,12 @@ class PointCandidate:
 
     Attributes:
         point: the cache point.
-        mean_db, min_db: x0 PSNR vs the trace's full-precision x0 over the trajectories used (mean, worst).
+        mean_db, min_db: x0 PSNR vs the trace's full-precision x0 over the trajectories used (mean, worst); in
+            `cq.fit_to_budget`'s table the mean is the PSNR of the mean x0 MSE, what its choice minimises.
         speedup: predicted MAC speedup of the fitted schedule at this point (full calls vs shallow calls).
         shallow_fraction: MACs of a shallow call at this point (correction included) / MACs of a full call.
         correction_macs: MACs of the cache correction per cached call (batch 1).
-        seconds: fit + sampling time of this candidate.
+        seconds: fit + sampling time of this candidate (`cq.fit_to_budget`: its rollout's).
     """
 
     point: str
@@ -131,9 +132,7 @@ def choose_point(
         raise ConfigError(
             f"choose_point: samples must be in [1, {trace.x.shape[1]}] (kept trajectories), got {samples}"
         )
-    sampler, kwargs = sampler_of(trace.settings), trace.settings.call_kwargs()
-    noise, reference = trace.x[0, :samples].float(), trace.x0[:samples].float()
-    cond = None if trace.cond is None else trace.cond[0, :samples]
+    rollout = CalibrationRollout((), unet, trace)  # samples each fitted model on the calibration trajectories
     macs = unet_macs(unet, points=candidates)
     measured = {} if measured is None else measured
     best_model: tuple[PointCandidate, CompressedUNet] | None = None  # the best feasible model fitted so far
@@ -148,20 +147,9 @@ def choose_point(
             )
         start = time.perf_counter()
         model = recipe.fit(unet, trace, progress=False)
-        x0 = sampler(model, noise.clone(), cond=cond, **kwargs)
-        psnr = per_sample_psnr(x0.float(), reference)
-        correction = model.cache.correction
-        pixels = math.prod(trace.features[point].shape[3:])
-        extra = correction.macs_per_pixel * pixels if isinstance(correction, (ChannelAffine, LowRankAffine)) else 0
-        shallow = macs[point] + extra
-        measured[point] = PointCandidate(
-            point=point,
-            mean_db=float(psnr.mean()),
-            min_db=float(psnr.min()),
-            speedup=predicted_speedup(macs["full"], shallow, model.refresh_mask()),
-            shallow_fraction=shallow / macs["full"],
-            correction_macs=extra,
-            seconds=time.perf_counter() - start,
+        psnr = mse_psnr(rollout.errors(model, samples))
+        measured[point] = point_candidate(
+            model, float(psnr.mean()), float(psnr.min()), macs, trace, time.perf_counter() - start
         )
         candidate = measured[point]
         if candidate.speedup >= min_speedup and (best_model is None or candidate.mean_db > best_model[0].mean_db):
@@ -178,3 +166,24 @@ def choose_point(
     best = max(feasible, key=lambda c: (c.mean_db, c.speedup))
     model = best_model[1] if best_model is not None and best_model[0] is best else None
     return PointChoice(point=best.point, min_speedup=float(min_speedup), candidates=found, model=model)
+
+
+def point_candidate(
+    model: CompressedUNet, mean_db: float, min_db: float, macs: dict[str, float], trace: Trace, seconds: float
+) -> PointCandidate:
+    """The `PointCandidate` of ``model`` (fitted at its cache point), measured at ``mean_db`` / ``min_db``: its
+    predicted MAC speedup from ``macs`` (`unet_macs`) and the cache correction's MACs on the trace's features."""
+    point = model.cache.point
+    correction = model.cache.correction
+    pixels = math.prod(trace.features[point].shape[3:])
+    extra = correction.macs_per_pixel * pixels if isinstance(correction, (ChannelAffine, LowRankAffine)) else 0
+    shallow = macs[point] + extra
+    return PointCandidate(
+        point=point,
+        mean_db=mean_db,
+        min_db=min_db,
+        speedup=predicted_speedup(macs["full"], shallow, model.refresh_mask()),
+        shallow_fraction=shallow / macs["full"],
+        correction_macs=extra,
+        seconds=seconds,
+    )

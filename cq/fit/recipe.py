@@ -16,16 +16,22 @@
    quantized cached model;
 5. with ``backend="int8"`` the quantized layers are moved to integer kernels (`CompressedUNet.to_int8`).
 
+This is the one fitting path: a rollout's candidate is the model steps 2-5 build here with the candidate cacher
+(on the shared quantized body, without the correctors after quantization), and everything else that fits --
+`cq.choose_point`, `cq.fit_to_budget` (``cachequant(budget=)`` with its table), `cq.diffusers.compress`, the CLI --
+calls `Recipe.fit`. `Recipe.assemble` is the one place a `CompressedUNet` is put together.
+
 Presets: `cachequant`, `deepcache`, `quant_only`, `naive`.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..cache import DPS, UniformSchedule
 from ..cache.cacher import Cacher
@@ -111,13 +117,21 @@ class Recipe:
         """The correctors fitted at ``stage``, in the recipe's order."""
         return tuple(c for c in self.correctors if c.stage is stage)
 
-    def fit(self, unet: nn.Module, trace: Trace, *, progress: bool = True) -> CompressedUNet:
+    def fit(
+        self,
+        unet: nn.Module,
+        trace: Trace,
+        *,
+        progress: bool = True,
+        wrap_rollout: Callable[[CalibrationRollout], Callable[[Cacher, int | None], Tensor]] | None = None,
+    ) -> CompressedUNet:
         """Fit every component on ``trace`` (recorded from ``unet`` in full precision) in the order above.
 
-        A cacher that `needs_rollout` is fitted with ``rollout=`` a `CalibrationRollout.of(unet, trace, ...)`
-        (candidate models sampled end to end on the trace's trajectories; quantized if the cacher's
-        `quantized_rollout`). One `CompressedUNet` (and so one
-        `FeatureCache`) is built next, on the full-precision UNet; correctors of
+        A cacher that `needs_rollout` is fitted with ``rollout=`` `rollout` (candidate models sampled end to end on
+        the trace's trajectories; quantized if the cacher's `quantized_rollout`), or with
+        ``wrap_rollout(that rollout)``, e.g. a wrapper recording every candidate (`cq.fit_to_budget` builds its
+        table so); either is dropped, and its quantized body with it, once the cacher is fitted. One
+        `CompressedUNet` (and so one `FeatureCache`) is built next, on the full-precision UNet; correctors of
         `Stage.BEFORE_QUANTIZATION` fit on it, the quantizer calibrates through its cache (their corrections on),
         its body becomes the quantized copy, and correctors of `Stage.AFTER_QUANTIZATION` fit on that."""
         if trace.x.shape[1] == 0:
@@ -134,35 +148,60 @@ class Recipe:
                 "the trace was recorded from another model than the UNet being fitted (weights fingerprint "
                 "differs); record the trace with cq.trace(unet, ...) of this UNet"
             )
-        cacher = None
-        if self.cacher is not None and self.cacher.needs_rollout:
-            # passed, not kept: its quantized body (a UNet copy) is freed before the final calibration
-            cacher = self.cacher.fit(
-                unet,
-                trace,
-                rollout=CalibrationRollout.of(
-                    unet,
-                    trace,
-                    correctors=self.stage(Stage.BEFORE_QUANTIZATION),
-                    quantizer=self.quantizer if self.cacher.quantized_rollout else None,
-                    progress=progress,
-                ),
+        needs_rollout = self.cacher is not None and self.cacher.needs_rollout
+        if wrap_rollout is not None and not needs_rollout:
+            raise ConfigError(
+                f"Recipe.fit: wrap_rollout= is for a cacher that searches on rollouts (needs_rollout); "
+                f"{self.cacher.label() if self.cacher is not None else 'no cacher'} does not"
             )
-        elif self.cacher is not None:
-            cacher = self.cacher.fit(unet, trace)
-        model = CompressedUNet(
+        cacher = self.cacher
+        if needs_rollout:
+            # passed, not kept: its quantized body (a UNet copy) is freed before the final calibration
+            wrap = wrap_rollout or (lambda rollout: rollout)
+            cacher = cacher.fit(unet, trace, rollout=wrap(self.rollout(unet, trace, progress=progress)))
+        elif cacher is not None:
+            cacher = cacher.fit(unet, trace)
+        return replace(self, cacher=cacher)._fit_after_cacher(unet, trace, base_fingerprint=base, progress=progress)
+
+    def rollout(self, unet: nn.Module, trace: Trace, *, progress: bool = False) -> CalibrationRollout:
+        """What `fit` hands a cacher that `needs_rollout`: `CalibrationRollout.of` with this recipe's
+        `Stage.BEFORE_QUANTIZATION` correctors and, when the cacher's `quantized_rollout`, its quantizer."""
+        quantized = self.cacher is None or self.cacher.quantized_rollout
+        return CalibrationRollout.of(
             unet,
-            num_steps=trace.steps,
-            cacher=cacher,
+            trace,
+            correctors=self.stage(Stage.BEFORE_QUANTIZATION),
+            quantizer=self.quantizer if quantized else None,
+            progress=progress,
+        )
+
+    def _fit_after_cacher(
+        self,
+        unet: nn.Module,
+        trace: Trace,
+        *,
+        body: nn.Module | None = None,
+        base_fingerprint: str = "",
+        progress: bool = False,
+    ) -> CompressedUNet:
+        """Steps 2-5 of `fit` for this recipe, whose cacher is fitted: the model assembled on ``unet``, the
+        correctors of `Stage.BEFORE_QUANTIZATION` fitted on it, the quantized body swapped in (calibrated through
+        the model's cache; or ``body``, a quantized copy of ``unet`` calibrated before: a rollout's shared one),
+        the correctors of `Stage.AFTER_QUANTIZATION` fitted, integer kernels. `fit` and every
+        `CalibrationRollout` candidate go through here."""
+        model = self.assemble(
+            unet,
+            trace.steps,
             calibration_seeds=trace.seeds,
             sampler_settings=trace.settings,
-            recipe=replace(self, cacher=cacher),
-            base_fingerprint=base,
+            base_fingerprint=base_fingerprint,
             calibration_guidance=trace.guidance_scale,
         )
         for corrector in self.stage(Stage.BEFORE_QUANTIZATION):
             corrector.fit(model, unet, trace, progress=progress)
-        if self.quantizer is not None:
+        if body is not None:
+            model.unet = body
+        elif self.quantizer is not None:
             model.unet = self.quantizer.quantize(unet, trace, cache=model.cache, progress=progress)
         for corrector in self.stage(Stage.AFTER_QUANTIZATION):
             corrector.fit(model, unet, trace, progress=progress)
@@ -175,9 +214,9 @@ class Recipe:
         """The `to_int8` backend this recipe runs on, or None for fake quantization."""
         return self.backend.kernels
 
-    def build(
+    def assemble(
         self,
-        unet: nn.Module,
+        body: nn.Module,
         num_steps: int,
         *,
         calibration_seeds: tuple[int, ...] = (),
@@ -185,11 +224,10 @@ class Recipe:
         base_fingerprint: str = "",
         calibration_guidance: float | None = None,
     ) -> CompressedUNet:
-        """The structure of a fitted model with identity corrections and unfitted tables (for loading saved
-        tensors into). The cacher must be fitted (its schedule part of the recipe); the keyword arguments are the
-        fitted model's `CompressedUNet` fields."""
-        body = self.quantizer.prepare(unet, num_steps) if self.quantizer is not None else unet
-        model = CompressedUNet(
+        """The `CompressedUNet` of this recipe (its cacher fitted) around ``body``, corrections not yet installed:
+        the one place one is put together (`fit`, `build` and the rollouts' candidates). The keyword arguments are
+        the model's fields."""
+        return CompressedUNet(
             body,
             num_steps=num_steps,
             cacher=self.cacher,
@@ -199,6 +237,13 @@ class Recipe:
             base_fingerprint=base_fingerprint,
             calibration_guidance=calibration_guidance,
         )
+
+    def build(self, unet: nn.Module, num_steps: int, **fields: Any) -> CompressedUNet:
+        """The structure of a fitted model with identity corrections and unfitted tables (for loading saved
+        tensors into). The cacher must be fitted (its schedule part of the recipe); ``fields`` are the fitted
+        model's `CompressedUNet` fields, the keyword arguments of `assemble`."""
+        body = self.quantizer.prepare(unet, num_steps) if self.quantizer is not None else unet
+        model = self.assemble(body, num_steps, **fields)
         for corrector in self.correctors:
             corrector.attach(model)
         return model

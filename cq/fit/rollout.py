@@ -1,13 +1,14 @@
 """`CalibrationRollout`: the end-to-end error of a candidate compressed model on calibration trajectories.
 
 What a schedule that `needs_rollout` (e.g. `cq.cache.search.TrajectorySearch`) searches on. `Recipe.fit` builds
-one per fit (`CalibrationRollout.of`) and hands it to the cacher. A call builds the model the recipe would build
-with the candidate cacher -- its ``body`` with the correctors of `Stage.BEFORE_QUANTIZATION` (the DEC cache
-correction, cheap: it is fitted from the trace's features alone) -- samples it end to end with the trace's own
-sampler settings from the initial noise of the trace's first trajectories, and returns each trajectory's x0 MSE
-against the trace's full-precision x0. Only calibration trajectories are used, never held-out seeds. A guided
-trace (rows ``2i`` / ``2i + 1``: the unconditional / conditional halves of trajectory ``i``) is rolled out guided,
-with the trace's scale and the unconditional context of its first row.
+one per fit (`Recipe.rollout`) and hands it to the cacher. A call builds the model the recipe would build with
+the candidate cacher, through `Recipe.fit`'s own steps (`measure`) -- its ``body`` with the correctors of
+`Stage.BEFORE_QUANTIZATION` (the DEC cache correction, cheap: it is fitted from the trace's features alone) --,
+samples it end to end with the trace's own sampler settings from the initial noise of the trace's first
+trajectories, and returns each trajectory's x0 MSE against the trace's full-precision x0 (`errors`). Only
+calibration trajectories are used, never held-out seeds. A guided trace (rows ``2i`` / ``2i + 1``: the
+unconditional / conditional halves of trajectory ``i``) is rolled out guided, with the trace's scale and the
+unconditional context of its first row.
 
 Quantization is in the loop with tables shared by every candidate: `CalibrationRollout.of` calibrates the recipe's
 quantizer once on the trace with every step a full call, and each candidate samples that quantized body through
@@ -29,7 +30,6 @@ import torch
 from torch import Tensor, nn
 
 from ..cache.cacher import Cacher
-from ..compressed import CompressedUNet
 from ..correct import Corrector, Stage
 from ..errors import ConfigError
 from ..quant import Quantizer
@@ -39,6 +39,7 @@ from ..sampling.samplers import sampler_of
 
 if TYPE_CHECKING:
     from ..calib.trace import Trace
+    from ..compressed import CompressedUNet
 
 __all__ = ["CalibrationRollout"]
 
@@ -116,6 +117,22 @@ class CalibrationRollout:
 
     @torch.no_grad()
     def __call__(self, cacher: Cacher, trajectories: int | None) -> Tensor:
+        return self.measure(cacher, trajectories)[1]
+
+    @torch.no_grad()
+    def measure(self, cacher: Cacher, trajectories: int | None) -> tuple[CompressedUNet, Tensor]:
+        """The candidate with ``cacher`` (fitted) -- what `Recipe.fit` builds after its cacher, here for a recipe of
+        the `correctors` alone on `body`, through the same code -- and its x0 MSE (`errors`)."""
+        from .recipe import Recipe  # recipe.py builds rollouts
+
+        trajectories = self.trajectories(trajectories)
+        model = Recipe(cacher=cacher, correctors=self.correctors)._fit_after_cacher(
+            self.unet, self.trace, body=self.body
+        )
+        return model, self.errors(model, trajectories)
+
+    def trajectories(self, trajectories: int | None) -> int:
+        """``trajectories`` checked against the trace's kept ones (None: all of them)."""
         kept = self.trace.x0.shape[0]
         trajectories = kept if trajectories is None else trajectories
         if isinstance(trajectories, bool) or not isinstance(trajectories, int) or not 1 <= trajectories <= kept:
@@ -123,16 +140,14 @@ class CalibrationRollout:
                 f"a rollout uses 1..{kept} of the trace's kept trajectories, asked for {trajectories!r}; record "
                 "more (cq.trace(..., num_samples=, keep=)) or lower the schedule's trajectories"
             )
+        return trajectories
+
+    @torch.no_grad()
+    def errors(self, model: nn.Module, trajectories: int | None) -> Tensor:
+        """``[trajectories]`` x0 MSE of ``model`` sampled end to end from the trace's first calibration
+        trajectories (their initial noise, the trace's sampler settings and guidance) against the trace's x0."""
+        trajectories = self.trajectories(trajectories)
         trace = self.trace
-        model = CompressedUNet(
-            self.unet if self.body is None else self.body,
-            num_steps=trace.steps,
-            cacher=cacher,
-            sampler_settings=trace.settings,
-            calibration_seeds=trace.seeds,
-        )
-        for corrector in self.correctors:
-            corrector.fit(model, self.unet, trace, progress=False)
         device = next(self.unet.parameters(), torch.empty(0)).device
         rows = slice(1, 2 * trajectories, 2) if self.guided else slice(0, trajectories)  # guided: conditional rows
         noise = trace.x[0, rows].to(device=device, dtype=torch.float32)

@@ -10,7 +10,7 @@ from torch import Tensor
 from ..errors import ConfigError
 
 
-__all__ = ["sample_error", "psnr", "per_sample_psnr", "sqnr"]
+__all__ = ["sample_error", "psnr", "per_sample_psnr", "mse_psnr", "sqnr"]
 
 
 def sample_error(x: Tensor, reference: Tensor) -> dict[str, float]:
@@ -37,4 +37,10 @@ def per_sample_psnr(x: Tensor, reference: Tensor, data_range: float = 2.0) -> Te
     if x.shape != reference.shape:
         raise ConfigError(f"samples {tuple(x.shape)} and reference {tuple(reference.shape)} differ in shape")
     mse = (x.detach().double() - reference.detach().double()).pow(2).flatten(1).mean(1)
+    return mse_psnr(mse, data_range)
+
+
+def mse_psnr(mse: Tensor, data_range: float = 2.0) -> Tensor:
+    """PSNR in dB (float32) of each MSE in ``mse`` (``inf`` where 0): `per_sample_psnr` of errors already
+    reduced, e.g. a `cq.fit.rollout.CalibrationRollout`'s."""
     return (10 * torch.log10(data_range**2 / mse)).float()
