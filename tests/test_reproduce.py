@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cq.cli import build_parser, main, reproduce
-from cq.cli.fit import _recipe_of
+from cq.fit.plan import fit_plan
 from cq.cli.reproduce import ROWS, PaperRow, plan, row_named
 from cq.errors import ConfigError
 from cq.models.presets import PRESETS
@@ -35,7 +35,7 @@ def test_every_row_is_valid_for_cq(row, tmp_path):
     fit = parser.parse_args(commands.fit)
     for argv in (commands.sample, commands.report):
         parser.parse_args(argv)
-    recipe, _ = _recipe_of(fit)
+    recipe = fit_plan(fit.recipe, interval=fit.interval, bits=fit.bits, schedule=fit.schedule).recipe
     assert recipe.cacher.schedule.interval == row.interval
     expected = row.schedule or ("dps" if row.recipe == "cachequant" else "uniform")
     assert type(recipe.cacher.schedule).__name__.lower().startswith(expected[:3])
