@@ -88,32 +88,13 @@ def run_row(
     print(f"[2/4] sample: {num} samples, seeds {SAMPLE_SEED}..{SAMPLE_SEED + num - 1} (finished shards are kept)")
     model = load(model_file)
     base = base_for(model, str(model_file), model=row.preset, weights=weights)
-    sample_folder(
-        model,
-        model_file,
-        samples,
-        num=num,
-        seed=SAMPLE_SEED,
-        base=base,
-        conditions=conditions,
-        device=device,
-        batch_size=batch_size,
-        log=print,
-    )
+    # sampling and the report condition, batch and run alike
+    shared = {"conditions": conditions, "batch_size": batch_size, "device": device, "log": print}
+    sample_folder(model, model_file, samples, num=num, seed=SAMPLE_SEED, base=base, **shared)
     print(f"[3/4] eval: {row.metric} metrics of {samples}")
     fidelity = _measure(row, samples, ref, inception_weights, clip_weights, clip_arch, device)
     print(f"[4/4] report: MAC speedup and per-sample PSNR on {psnr_samples} held-out seeds")
-    rep = build_report(
-        load(model_file),
-        base,
-        conditions=conditions,
-        samples=4,
-        eval_samples=psnr_samples,
-        eval_seed=HELD_OUT_SEED,
-        batch_size=batch_size,
-        device=device,
-        log=print,
-    )
+    rep = build_report(load(model_file), base, samples=4, eval_samples=psnr_samples, eval_seed=HELD_OUT_SEED, **shared)
     return _table(row, fidelity, rep, num, calibration, psnr_samples)
 
 
