@@ -1,8 +1,10 @@
-"""Paper rows as data (cq.cli.reproduce): every row's settings are valid for cq; ``cq reproduce --list``; the demo row
-end to end at tiny sizes (8 DDIM steps instead of 50, 12 samples, 4 calibration trajectories)."""
+"""Paper rows as data (cq.report.paper_rows): every row's settings are valid for cq; ``cq reproduce --list``; the demo
+row end to end at tiny sizes (8 DDIM steps instead of 50, 12 samples, 4 calibration trajectories), through the
+library's typed calls (cq.report.reproduce), never the argument parser again."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -12,35 +14,37 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cq.cli import build_parser, main, reproduce
-from cq.cli.fit import _recipe_of
-from cq.cli.reproduce import ROWS, PaperRow, plan, row_named
+import cq
+from cq.cli import build_parser, main, parser
 from cq.errors import ConfigError
 from cq.models.presets import PRESETS
+from cq.report import paper_rows
+from cq.report.paper_rows import ROWS, PaperRow, row_named
+from cq.report.reproduce import fit_plan_of
+from cq.sampling.resolve import sampler_named
 from cq.sampling.shards import read_samples
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
-def test_every_row_is_valid_for_cq(row, tmp_path):
+def test_every_row_is_valid_for_cq(row):
     preset = PRESETS[row.preset]
     assert row.steps <= preset.noise.num_timesteps
     conditioner = preset.pipeline.conditioner.kind if preset.pipeline and preset.pipeline.conditioner else None
     assert {None: None, "class_embedder": "imagenet-classes", "clip_text": "prompts"}[conditioner] == row.conditions
     assert (row.metric == "digits") == (preset.name == "demo")  # the digits classifier only fits the demo model
     assert row.embedded == (preset.embedded is not None)
-    cond = ["--class-labels", "1,2"] if row.conditions == "imagenet-classes" else []
-    cond = ["--prompts", "p.txt"] if row.conditions == "prompts" else cond
-    commands = plan(row, tmp_path, num=8, calibration=4, psnr_samples=4, weights="w.ckpt", conditions=cond)
-    parser = build_parser()
-    fit = parser.parse_args(commands.fit)
-    for argv in (commands.sample, commands.report):
-        parser.parse_args(argv)
-    recipe, _ = _recipe_of(fit)
-    assert recipe.cacher.schedule.interval == row.interval
+    plan = fit_plan_of(row)  # what run_row fits
+    recipe = plan.recipe
+    assert plan.budget is None and recipe.cacher.schedule.interval == row.interval
     expected = row.schedule or ("dps" if row.recipe == "cachequant" else "uniform")
     assert type(recipe.cacher.schedule).__name__.lower().startswith(expected[:3])
     assert (recipe.quantizer.weight_bits, recipe.quantizer.act_bits) == (8, 8)
-    assert (fit.steps, fit.sampler, fit.guidance) == (row.steps, row.sampler, row.guidance)
+    # the row's sampler takes the preset's sampling settings, which the calibration runs with
+    sampling = {k: v for k, v in preset.sampling.items() if k != "steps"} | (
+        {"spacing": row.spacing} if row.spacing else {}
+    )
+    fn, kwargs = sampler_named(row.sampler, sampling)
+    assert fn.__name__ == row.sampler and set(kwargs) <= set(sampling)
     numbers = [v for k, v in dataclasses.asdict(row.paper).items() if k != "source" and v is not None]
     assert all(math.isfinite(v) for v in numbers)
     assert row.paper.speedup is None or row.paper.speedup > 1
@@ -115,9 +119,32 @@ def _table_value(out: str, quantity: str) -> str:
     return line.strip("|").split("|")[1].strip()
 
 
-def test_demo_row_end_to_end_at_tiny_sizes(tmp_path, capsys, monkeypatch):
+def _quick_demo_row(monkeypatch) -> PaperRow:
     quick = dataclasses.replace(row_named("demo"), steps=8, interval=4)  # 50 steps take minutes here
-    monkeypatch.setattr(reproduce, "ROWS", (quick,))
+    monkeypatch.setattr(paper_rows, "ROWS", (quick,))
+    return quick
+
+
+def _refuse_parsing(*args, **kwargs):
+    raise AssertionError("cq reproduce parsed a command line again")
+
+
+def test_reproduce_builds_its_rows_without_parsing_command_lines(tmp_path, capsys, monkeypatch):
+    _quick_demo_row(monkeypatch)
+    out = tmp_path / "run"
+    args = build_parser().parse_args(["reproduce", "demo", "-n", "4", "--calib", "4", "--out", str(out)])
+    monkeypatch.setattr(parser, "build_parser", _refuse_parsing)
+    for method in ("parse_args", "parse_known_args", "parse_intermixed_args"):
+        monkeypatch.setattr(argparse.ArgumentParser, method, _refuse_parsing)
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    for quantity in ("MAC speedup", "digits FID", "IS analogue", "PSNR vs full precision, mean", "settings"):
+        assert _table_value(printed, quantity)
+    assert read_samples(out / "samples")[0].shape[0] == 4
+
+
+def test_demo_row_end_to_end_at_tiny_sizes(tmp_path, capsys, monkeypatch):
+    quick = _quick_demo_row(monkeypatch)
     out = tmp_path / "run"
     argv = ["reproduce", "demo", "--num", "12", "--calib", "4", "--out", str(out)]
     assert main(argv) == 0
@@ -129,6 +156,8 @@ def test_demo_row_end_to_end_at_tiny_sizes(tmp_path, capsys, monkeypatch):
     worst_db = float(_table_value(printed, "PSNR vs full precision, worst").split()[0])
     assert math.isfinite(fid) and fid > 0 and worst_db <= mean_db
     assert _table_value(printed, "settings") == "12 samples, 4 calibration"
+    settings = cq.load(out / "model.cq").sampler_settings  # fitted on the row's sampler and steps
+    assert (settings.sampler, settings.steps) == (quick.sampler, quick.steps)
     images, seeds, _ = read_samples(out / "samples")
     assert images.shape == (12, 16, 16, 1) and images.dtype == np.uint8 and list(seeds) == sorted(seeds)
     # the table's FID is cq eval's on the same samples

@@ -27,35 +27,29 @@ def _count(minimum: int):
     return parse
 
 
-def _positive_float(text: str) -> float:
+def _float(text: str, ok, must: str, expected: str = "a number") -> float:
+    """``float(text)`` when ``ok`` of it, else a usage error: ``expected ..., got TEXT`` / ``{must} TEXT``."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{must} {text}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    return _float(text, lambda v: v > 0 and math.isfinite(v), "must be a finite number > 0, got")
 
 
 def _stability_eps(text: str) -> float:
     """``--stability``: a nudge > 0, or 0 to skip."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number (e.g. 0.01; 0 skips), got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (e.g. 0.01), or 0 to skip; got {text}")
-    return value
+    must = "must be a finite number > 0 (e.g. 0.01), or 0 to skip; got"
+    return _float(text, lambda v: math.isfinite(v) and v >= 0, must, "a number (e.g. 0.01; 0 skips)")
 
 
 def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
+    return _float(text, math.isfinite, "must be a finite number, got")
 
 
 def _add_model_args(parser: argparse.ArgumentParser, *, fit: bool) -> None:

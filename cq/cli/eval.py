@@ -1,6 +1,6 @@
 """``cq eval``: FID / IS / precision-recall / CLIP score of a sample set; ``cq eval --make-ref`` for the reference.
 
-The library side is `cq.metrics.fidelity`; this module parses options and prints.
+The library side is `cq.metrics.fidelity` and `cq.metrics.reference`; this module parses options and prints.
 """
 
 from __future__ import annotations
@@ -10,53 +10,11 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..metrics.reference import EXTRACTORS, extractor_named, read_reference
 from .args import example
 
 
 __all__ = ["add_eval_parser", "run_eval", "extractor_named", "read_reference"]
-
-EXTRACTORS = ("inception", "digits")
-
-
-def extractor_named(name: str, inception_weights: str | None, device: str):
-    """The `FeatureExtractor` for ``--extractor``."""
-    from ..metrics.extractors import DigitsExtractor, InceptionExtractor
-
-    if name == "digits":
-        if inception_weights is not None:
-            raise ConfigError("--inception-weights applies to --extractor inception, not digits")
-        return DigitsExtractor.embedded()
-    return InceptionExtractor.load(inception_weights, device=device)
-
-
-def read_reference(path: str | None, extractor, *, batch_size: int, keep_features: int, progress: bool = True):
-    """``--ref``: a statistics ``.npz`` (``mu`` / ``sigma``), a set of real images (statistics computed here), or,
-    when omitted, the extractor's own data statistics (the digits classifier has them), else None."""
-    import zipfile
-
-    import numpy as np
-
-    from ..metrics.fidelity import make_reference
-    from ..metrics.image_set import read_image_set
-    from ..metrics.reference_stats import ReferenceStats
-
-    if path is None:
-        own = getattr(extractor, "data_reference", None)
-        return own() if own is not None else None
-    file = Path(path)
-    if file.is_file() and file.suffix == ".npz":
-        try:
-            with np.load(file, allow_pickle=False) as z:
-                is_stats = "mu" in z.files
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            from ..errors import ReferenceStatsError
-
-            raise ReferenceStatsError(f"--ref {path}: not a readable .npz ({e})") from None
-        if is_stats:
-            return ReferenceStats.load(file)
-    images = read_image_set(file)
-    print(f"reference: {images.count} real images from {path} (statistics computed now)")
-    return make_reference(images, extractor, keep_features=keep_features, batch_size=batch_size, progress=progress)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -91,7 +49,9 @@ def run_eval(args: argparse.Namespace) -> int:
         check_metrics(args.metrics)  # before loading Inception / CLIP
     images = read_image_set(args.path)
     extractor = extractor_named(args.extractor, args.inception_weights, args.device)
-    reference = read_reference(args.ref, extractor, batch_size=args.batch_size, keep_features=args.keep_features)
+    reference = read_reference(
+        args.ref, extractor, batch_size=args.batch_size, keep_features=args.keep_features, log=print
+    )
     clip = None
     if args.clip_weights is not None:
         clip = ClipScorer.from_open_clip(args.clip_arch, args.clip_weights, device=args.device)

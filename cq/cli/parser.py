@@ -22,7 +22,7 @@ from .args import (
 )
 from .demo import _demo
 from .fit import _fit
-from .report import _report, build_report
+from .report import _report
 from .sample import _sample
 from .train import _train, _train_classifier
 
@@ -47,23 +47,6 @@ def _strategies(args: argparse.Namespace) -> int:
     print("model families: " + ", ".join(f"{f.name} ({f.unet.__module__}.{f.unet.__qualname__})" for f in families))
     print("plugins from entry points: " + (", ".join(installed) or "none"))
     return 0
-
-
-class _InProcess:
-    """`cq.cli.reproduce.Commands`: ``cq`` sub-commands run in this process (their `CqError`s propagate)."""
-
-    def run(self, argv: list[str]) -> int:
-        args = build_parser().parse_args(argv)
-        return args.func(args)
-
-    def report(self, argv: list[str]):
-        return build_report(build_parser().parse_args(argv))[0]
-
-
-def _reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import run_reproduce
-
-    return run_reproduce(args, _InProcess())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub, POSITIVE, NON_NEGATIVE)
     from .reproduce import add_reproduce_parser
 
-    add_reproduce_parser(sub, POSITIVE).set_defaults(func=_reproduce)
+    add_reproduce_parser(sub, POSITIVE)
 
     st = sub.add_parser(
         "strategies",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 
 
@@ -17,16 +18,8 @@ def _train_classifier(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from ..models.train import TrainConfig, train
 
-    config = TrainConfig(
-        preset=args.preset,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        warmup=args.warmup,
-        x0_weight_cap=args.x0_weight_cap,
-        init=args.init,
-    )
+    # the options of cq train are named as TrainConfig's fields (those not offered keep their defaults)
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
     out = train(config, args.out)
     print(f"wrote {out} (resumable state: {Path(args.out).with_suffix('.state.pt')})")
     return 0

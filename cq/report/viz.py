@@ -1,4 +1,4 @@
-"""Pictures: image grids of samples (PNG, written atomically)."""
+"""Samples written as pictures: image grids (PNG) and the images themselves (uint8 npz), atomically."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import Tensor
 from ..io import atomic_path
 
 
-__all__ = ["save_grid", "to_uint8_grid"]
+__all__ = ["save_grid", "to_uint8_grid", "save_npz"]
 
 
 def to_uint8_grid(images: Tensor, nrow: int = 8, padding: int = 2, scale: int = 1) -> Tensor:
@@ -54,3 +54,21 @@ def save_grid(
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
     return path
+
+
+def save_npz(path: str | Path, images: Tensor, per_sample: Sequence = ()) -> Path:
+    """Images in [-1, 1] as uint8 ``[N, H, W, C]`` under ``arr_0`` (the layout of the ADM / torch-fidelity
+    evaluation batches), with what each was conditioned on: class labels under ``arr_1``, prompts under
+    ``prompts``."""
+    import numpy as np
+
+    from ..sampling.shards import to_uint8_nhwc
+
+    arrays = {"arr_0": to_uint8_nhwc(images)}
+    if per_sample and isinstance(per_sample[0], int):
+        arrays["arr_1"] = np.asarray(per_sample, dtype=np.int64)
+    elif per_sample and isinstance(per_sample[0], str):
+        arrays["prompts"] = np.asarray(per_sample, dtype=str)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    return Path(path)
