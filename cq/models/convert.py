@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import CheckpointFormatError, CheckpointKeyMismatchError, ConfigError
-from .ddpm import DDPMConfig
+from .ddpm_config import DDPMConfig
 
 
 __all__ = ["ddpm_to_diffusers", "ddpm_from_diffusers", "ddpm_config_from_diffusers", "looks_like_diffusers_ddpm"]

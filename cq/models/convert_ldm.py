@@ -43,7 +43,7 @@ from .convert_stages import (
     open_clip_num_layers,
     open_clip_text_state,
 )
-from .openai_unet import LDMUNetConfig
+from .ldm_config import LDMUNetConfig
 
 
 __all__ = [
