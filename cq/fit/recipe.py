@@ -19,7 +19,7 @@
 This is the one fitting path: a rollout's candidate is the model steps 2-5 build here with the candidate cacher
 (on the shared quantized body, without the correctors after quantization), and everything else that fits --
 `cq.choose_point`, `cq.fit_to_budget` (``cachequant(budget=)`` with its table), `cq.diffusers.compress`, the CLI --
-calls `Recipe.fit`. `Recipe.assemble` is the one place a `CompressedUNet` is put together.
+calls `Recipe.fit`. `cq.fit.steps.assemble` is the one place a `CompressedUNet` is put together.
 
 Presets: `cachequant`, `deepcache`, `quant_only`, `naive`.
 """
@@ -44,6 +44,7 @@ from ..quant import Backend, Quantizer, UniformQuantizer
 from ..registry import RECIPES, check_registered
 from .budget_cache import BudgetCache
 from .rollout import CalibrationRollout
+from .steps import assemble, fit_after_cacher
 
 
 if TYPE_CHECKING:
@@ -189,25 +190,18 @@ class Recipe:
         the model's cache; or ``body``, a quantized copy of ``unet`` calibrated before: a rollout's shared one),
         the correctors of `Stage.AFTER_QUANTIZATION` fitted, integer kernels. `fit` and every
         `CalibrationRollout` candidate go through here."""
-        model = self.assemble(
+        return fit_after_cacher(
             unet,
-            trace.steps,
-            calibration_seeds=trace.seeds,
-            sampler_settings=trace.settings,
+            trace,
+            cacher=self.cacher,
+            correctors=self.correctors,
+            quantizer=self.quantizer,
+            int8_kernels=self.int8_kernels,
+            recipe=self,
+            body=body,
             base_fingerprint=base_fingerprint,
-            calibration_guidance=trace.guidance_scale,
+            progress=progress,
         )
-        for corrector in self.stage(Stage.BEFORE_QUANTIZATION):
-            corrector.fit(model, unet, trace, progress=progress)
-        if body is not None:
-            model.unet = body
-        elif self.quantizer is not None:
-            model.unet = self.quantizer.quantize(unet, trace, cache=model.cache, progress=progress)
-        for corrector in self.stage(Stage.AFTER_QUANTIZATION):
-            corrector.fit(model, unet, trace, progress=progress)
-        if self.int8_kernels is not None:
-            model.to_int8(self.int8_kernels)
-        return model
 
     @property
     def int8_kernels(self) -> Backend | None:
@@ -225,15 +219,15 @@ class Recipe:
         calibration_guidance: float | None = None,
     ) -> CompressedUNet:
         """The `CompressedUNet` of this recipe (its cacher fitted) around ``body``, corrections not yet installed:
-        the one place one is put together (`fit`, `build` and the rollouts' candidates). The keyword arguments are
+        through `cq.fit.steps.assemble`, the one place one is put together. The keyword arguments are
         the model's fields."""
-        return CompressedUNet(
+        return assemble(
             body,
-            num_steps=num_steps,
+            num_steps,
             cacher=self.cacher,
+            recipe=self,
             calibration_seeds=calibration_seeds,
             sampler_settings=sampler_settings,
-            recipe=self,
             base_fingerprint=base_fingerprint,
             calibration_guidance=calibration_guidance,
         )

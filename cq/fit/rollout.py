@@ -35,6 +35,7 @@ from ..errors import ConfigError
 from ..quant import Quantizer
 from ..sampling.guidance import ClassifierFreeGuidance
 from ..sampling.samplers import sampler_of
+from .steps import fit_after_cacher
 
 
 if TYPE_CHECKING:
@@ -123,12 +124,8 @@ class CalibrationRollout:
     def measure(self, cacher: Cacher, trajectories: int | None) -> tuple[CompressedUNet, Tensor]:
         """The candidate with ``cacher`` (fitted) -- what `Recipe.fit` builds after its cacher, here for a recipe of
         the `correctors` alone on `body`, through the same code -- and its x0 MSE (`errors`)."""
-        from .recipe import Recipe  # recipe.py builds rollouts
-
         trajectories = self.trajectories(trajectories)
-        model = Recipe(cacher=cacher, correctors=self.correctors)._fit_after_cacher(
-            self.unet, self.trace, body=self.body
-        )
+        model = fit_after_cacher(self.unet, self.trace, cacher=cacher, correctors=self.correctors, body=self.body)
         return model, self.errors(model, trajectories)
 
     def trajectories(self, trajectories: int | None) -> int:
