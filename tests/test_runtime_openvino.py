@@ -212,6 +212,14 @@ def test_full_and_shallow_graphs_sample_the_fake_quant_model(fitted):
         # on a trained model: the demo test below. Here: no further from fake quantization than it is from float.
         assert float((got - expected).norm()) <= float((expected - full).norm())
     assert {key[0] for key in fast.runtime._compiled} == {False, True}  # both graphs ran
+    compiled = fast.runtime.compiled_models()
+    assert len(compiled) == fast.runtime.compiled_graphs == 2
+    for graph in compiled:  # what OpenVINO made of them: int8 convolutions (bench/openvino_graph.py counts them)
+        kinds = {
+            (op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+            for op in graph.get_runtime_model().get_ordered_ops()
+        }
+        assert ("Convolution", "u8") in kinds
 
 
 @pytest.fixture(scope="module")

@@ -116,6 +116,11 @@ class OpenVINOUNet:
         batch size)."""
         return len(self._compiled)
 
+    def compiled_models(self) -> list[Any]:
+        """The OpenVINO ``CompiledModel`` of each graph compiled so far, in compile order (to inspect what the
+        runtime made of them: ``get_runtime_model()``, ``bench/openvino_graph.py``)."""
+        return [request.get_compiled_model() for request in self._compiled.values()]
+
     def describe(self) -> dict[str, str]:
         """Layer -> how it runs: ``"int8 (OpenVINO)"`` or ``"float weights (OpenVINO: <why>)"``."""
         return {
