@@ -49,7 +49,6 @@ from .steps import assemble, fit_after_cacher
 
 if TYPE_CHECKING:
     from ..calib.trace import Trace
-    from ..sampling.settings import SamplerSettings
 
 __all__ = ["Recipe", "cachequant", "deepcache", "quant_only", "naive", "parse_bits", "PRESET_RECIPES"]
 
@@ -208,29 +207,11 @@ class Recipe:
         """The `to_int8` backend this recipe runs on, or None for fake quantization."""
         return self.backend.kernels
 
-    def assemble(
-        self,
-        body: nn.Module,
-        num_steps: int,
-        *,
-        calibration_seeds: tuple[int, ...] = (),
-        sampler_settings: SamplerSettings | None = None,
-        base_fingerprint: str = "",
-        calibration_guidance: float | None = None,
-    ) -> CompressedUNet:
-        """The `CompressedUNet` of this recipe (its cacher fitted) around ``body``, corrections not yet installed:
-        through `cq.fit.steps.assemble`, the one place one is put together. The keyword arguments are
-        the model's fields."""
-        return assemble(
-            body,
-            num_steps,
-            cacher=self.cacher,
-            recipe=self,
-            calibration_seeds=calibration_seeds,
-            sampler_settings=sampler_settings,
-            base_fingerprint=base_fingerprint,
-            calibration_guidance=calibration_guidance,
-        )
+    def assemble(self, body: nn.Module, num_steps: int, **fields: Any) -> CompressedUNet:
+        """The `CompressedUNet` of this recipe (its cacher fitted) around ``body``, corrections not yet installed,
+        through `cq.fit.steps.assemble`, the one place one is put together; ``fields``: the model's other fields
+        (``calibration_seeds``, ``sampler_settings``, ``base_fingerprint``, ``calibration_guidance``)."""
+        return assemble(body, num_steps, cacher=self.cacher, recipe=self, **fields)
 
     def build(self, unet: nn.Module, num_steps: int, **fields: Any) -> CompressedUNet:
         """The structure of a fitted model with identity corrections and unfitted tables (for loading saved
