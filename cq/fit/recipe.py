@@ -187,8 +187,8 @@ class Recipe:
         """Steps 2-5 of `fit` for this recipe, whose cacher is fitted: the model assembled on ``unet``, the
         correctors of `Stage.BEFORE_QUANTIZATION` fitted on it, the quantized body swapped in (calibrated through
         the model's cache; or ``body``, a quantized copy of ``unet`` calibrated before: a rollout's shared one),
-        the correctors of `Stage.AFTER_QUANTIZATION` fitted, integer kernels. `fit` and every
-        `CalibrationRollout` candidate go through here."""
+        the correctors of `Stage.AFTER_QUANTIZATION` fitted, integer kernels: `cq.fit.steps.fit_after_cacher`, which
+        every `CalibrationRollout` candidate runs too."""
         return fit_after_cacher(
             unet,
             trace,
