@@ -161,7 +161,17 @@ class Recipe:
             cacher = cacher.fit(unet, trace, rollout=wrap(self.rollout(unet, trace, progress=progress)))
         elif cacher is not None:
             cacher = cacher.fit(unet, trace)
-        return replace(self, cacher=cacher)._fit_after_cacher(unet, trace, base_fingerprint=base, progress=progress)
+        return fit_after_cacher(  # steps 2-5, the code every rollout candidate runs too
+            unet,
+            trace,
+            cacher=cacher,
+            correctors=self.correctors,
+            quantizer=self.quantizer,
+            int8_kernels=self.int8_kernels,
+            recipe=replace(self, cacher=cacher),
+            base_fingerprint=base,
+            progress=progress,
+        )
 
     def rollout(self, unet: nn.Module, trace: Trace, *, progress: bool = False) -> CalibrationRollout:
         """What `fit` hands a cacher that `needs_rollout`: `CalibrationRollout.of` with this recipe's
@@ -175,50 +185,17 @@ class Recipe:
             progress=progress,
         )
 
-    def _fit_after_cacher(
-        self,
-        unet: nn.Module,
-        trace: Trace,
-        *,
-        body: nn.Module | None = None,
-        base_fingerprint: str = "",
-        progress: bool = False,
-    ) -> CompressedUNet:
-        """Steps 2-5 of `fit` for this recipe, whose cacher is fitted: the model assembled on ``unet``, the
-        correctors of `Stage.BEFORE_QUANTIZATION` fitted on it, the quantized body swapped in (calibrated through
-        the model's cache; or ``body``, a quantized copy of ``unet`` calibrated before: a rollout's shared one),
-        the correctors of `Stage.AFTER_QUANTIZATION` fitted, integer kernels: `cq.fit.steps.fit_after_cacher`, which
-        every `CalibrationRollout` candidate runs too."""
-        return fit_after_cacher(
-            unet,
-            trace,
-            cacher=self.cacher,
-            correctors=self.correctors,
-            quantizer=self.quantizer,
-            int8_kernels=self.int8_kernels,
-            recipe=self,
-            body=body,
-            base_fingerprint=base_fingerprint,
-            progress=progress,
-        )
-
     @property
     def int8_kernels(self) -> Backend | None:
         """The `to_int8` backend this recipe runs on, or None for fake quantization."""
         return self.backend.kernels
 
-    def assemble(self, body: nn.Module, num_steps: int, **fields: Any) -> CompressedUNet:
-        """The `CompressedUNet` of this recipe (its cacher fitted) around ``body``, corrections not yet installed,
-        through `cq.fit.steps.assemble`, the one place one is put together; ``fields``: the model's other fields
-        (``calibration_seeds``, ``sampler_settings``, ``base_fingerprint``, ``calibration_guidance``)."""
-        return assemble(body, num_steps, cacher=self.cacher, recipe=self, **fields)
-
     def build(self, unet: nn.Module, num_steps: int, **fields: Any) -> CompressedUNet:
         """The structure of a fitted model with identity corrections and unfitted tables (for loading saved
         tensors into). The cacher must be fitted (its schedule part of the recipe); ``fields`` are the fitted
-        model's `CompressedUNet` fields, the keyword arguments of `assemble`."""
+        model's `CompressedUNet` fields (`cq.fit.steps.assemble`)."""
         body = self.quantizer.prepare(unet, num_steps) if self.quantizer is not None else unet
-        model = self.assemble(body, num_steps, **fields)
+        model = assemble(body, num_steps, cacher=self.cacher, recipe=self, **fields)
         for corrector in self.correctors:
             corrector.attach(model)
         return model

@@ -2,13 +2,13 @@
 
 What a schedule that `needs_rollout` (e.g. `cq.cache.search.TrajectorySearch`) searches on. `Recipe.fit` builds
 one per fit (`Recipe.rollout`) and hands it to the cacher. A call builds the model the recipe would build with
-the candidate cacher, through `Recipe.fit`'s own steps (`measure`) -- its ``body`` with the correctors of
-`Stage.BEFORE_QUANTIZATION` (the DEC cache correction, cheap: it is fitted from the trace's features alone) --,
-samples it end to end with the trace's own sampler settings from the initial noise of the trace's first
-trajectories, and returns each trajectory's x0 MSE against the trace's full-precision x0 (`errors`). Only
-calibration trajectories are used, never held-out seeds. A guided trace (rows ``2i`` / ``2i + 1``: the
-unconditional / conditional halves of trajectory ``i``) is rolled out guided, with the trace's scale and the
-unconditional context of its first row.
+the candidate cacher, through `Recipe.fit`'s own steps (`measure`: `cq.fit.steps.fit_after_cacher`) -- its
+``body`` with the correctors of `Stage.BEFORE_QUANTIZATION` (the DEC cache correction, cheap: it is fitted from
+the trace's features alone) --, samples it end to end with the trace's own sampler settings from the initial noise
+of the trace's first trajectories, and returns each trajectory's x0 MSE against the trace's full-precision x0
+(`errors`). Only calibration trajectories are used, never held-out seeds. A guided trace (rows ``2i`` /
+``2i + 1``: the unconditional / conditional halves of trajectory ``i``) is rolled out guided, with the trace's
+scale and the unconditional context of its first row.
 
 Quantization is in the loop with tables shared by every candidate: `CalibrationRollout.of` calibrates the recipe's
 quantizer once on the trace with every step a full call, and each candidate samples that quantized body through
