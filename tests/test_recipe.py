@@ -217,3 +217,9 @@ def test_saved_files_get_ordinary_permissions(fitted, tmp_path):
     os.umask(umask)
     path = cq.save(fitted["deepcache"], tmp_path / "m.cq")
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # like any new file, not a private temp file's 0o600
+
+
+def test_wrap_rollout_is_refused_for_a_cacher_that_does_not_search_on_rollouts(unet, trace):
+    for recipe in (cq.deepcache(interval=2), cq.quant_only("w8a8")):  # a uniform schedule; no cacher at all
+        with pytest.raises(ConfigError, match="wrap_rollout= is for a cacher that searches on rollouts"):
+            recipe.fit(unet, trace, progress=False, wrap_rollout=lambda rollout: rollout)
